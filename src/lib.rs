@@ -1,0 +1,6 @@
+//! acode-ec2: provisions one EC2 instance per coding-agent session and leaves
+//! either a Ready instance it tracks, or nothing at all.
+pub mod machine;
+pub mod request;
+pub mod config;
+pub mod store;

@@ -1,0 +1,277 @@
+//! The typed phases: each holds exactly the data its phase needs.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::token::ClientToken;
+use super::Timestamp;
+
+/// The key pair an instance is launched with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPairHandle {
+    pub key_name: String,
+    /// Created by this session, so cleanup deletes it (and its key file).
+    pub owned: bool,
+    /// Where the private key lives on this machine; never its contents.
+    pub private_key_path: Option<String>,
+}
+
+/// The fingerprints (`SHA256:…`) that the instance's SSH server may present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleFingerprints(pub Vec<String>);
+
+/// One RunInstances attempt: a new attempt number means a new `ClientToken`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchAttempt {
+    pub ami_id: String,
+    pub key: KeyPairHandle,
+    pub attempt: u32,
+    pub subnet_index: usize,
+    pub client_token: ClientToken,
+}
+
+/// An instance EC2 has accepted for this session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchedInstance {
+    pub instance_id: String,
+    pub key: KeyPairHandle,
+    pub was_spot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Validating;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparingKeyPair {
+    pub ami_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestingSpot {
+    pub launch: LaunchAttempt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launching {
+    pub launch: LaunchAttempt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingForRunning {
+    pub instance: LaunchedInstance,
+    pub deadline: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingForSsh {
+    pub instance: LaunchedInstance,
+    pub public_ip: Option<String>,
+    /// `host:port` the probe connects to.
+    pub ssh_endpoint: String,
+    /// Known once the console (or the pinned config) has told us.
+    pub trusted_host_keys: Option<ConsoleFingerprints>,
+    pub deadline: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    pub instance: LaunchedInstance,
+    pub public_ip: Option<String>,
+    pub ssh_endpoint: String,
+    /// The fingerprint of the host key the server presented and we trusted.
+    pub host_key_fingerprint: String,
+}
+
+/// Why cleanup runs: it decides where cleanup ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cause", content = "reason", rename_all = "snake_case")]
+pub enum CleanupCause {
+    /// Provisioning failed: cleanup ends in `Failed`.
+    Failure(String),
+    /// The caller asked for teardown: cleanup ends in `TornDown`.
+    Teardown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminatingInstance {
+    pub instance_id: String,
+    pub key: Option<KeyPairHandle>,
+    pub cause: CleanupCause,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletingKeyPair {
+    pub key: KeyPairHandle,
+    pub cause: CleanupCause,
+}
+
+/// Terminal: provisioning failed and everything it created is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failed {
+    pub reason: String,
+}
+
+/// Terminal: a teardown removed everything the session created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TornDown;
+
+/// Every phase of a provisioning session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase")]
+pub enum ProvisionPhase {
+    Validating(Validating),
+    PreparingKeyPair(PreparingKeyPair),
+    RequestingSpot(RequestingSpot),
+    Launching(Launching),
+    WaitingForRunning(WaitingForRunning),
+    WaitingForSsh(WaitingForSsh),
+    Ready(Ready),
+    TerminatingInstance(TerminatingInstance),
+    DeletingKeyPair(DeletingKeyPair),
+    Failed(Failed),
+    TornDown(TornDown),
+}
+
+/// The name of a phase without its data: what the table and diagrams use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PhaseKind {
+    Validating,
+    PreparingKeyPair,
+    RequestingSpot,
+    Launching,
+    WaitingForRunning,
+    WaitingForSsh,
+    Ready,
+    TerminatingInstance,
+    DeletingKeyPair,
+    Failed,
+    TornDown,
+}
+
+impl PhaseKind {
+    pub const ALL: [PhaseKind; 11] = [
+        PhaseKind::Validating,
+        PhaseKind::PreparingKeyPair,
+        PhaseKind::RequestingSpot,
+        PhaseKind::Launching,
+        PhaseKind::WaitingForRunning,
+        PhaseKind::WaitingForSsh,
+        PhaseKind::Ready,
+        PhaseKind::TerminatingInstance,
+        PhaseKind::DeletingKeyPair,
+        PhaseKind::Failed,
+        PhaseKind::TornDown,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PhaseKind::Validating => "Validating",
+            PhaseKind::PreparingKeyPair => "PreparingKeyPair",
+            PhaseKind::RequestingSpot => "RequestingSpot",
+            PhaseKind::Launching => "Launching",
+            PhaseKind::WaitingForRunning => "WaitingForRunning",
+            PhaseKind::WaitingForSsh => "WaitingForSsh",
+            PhaseKind::Ready => "Ready",
+            PhaseKind::TerminatingInstance => "TerminatingInstance",
+            PhaseKind::DeletingKeyPair => "DeletingKeyPair",
+            PhaseKind::Failed => "Failed",
+            PhaseKind::TornDown => "TornDown",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<PhaseKind> {
+        PhaseKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// No input leaves these phases.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, PhaseKind::Failed | PhaseKind::TornDown)
+    }
+
+    /// A session that `recover` leaves alone: finished, or Ready and tracked.
+    pub fn is_settled(self) -> bool {
+        self.is_terminal() || self == PhaseKind::Ready
+    }
+
+    pub fn is_cleanup(self) -> bool {
+        matches!(self, PhaseKind::TerminatingInstance | PhaseKind::DeletingKeyPair)
+    }
+
+    /// A rough share of the work done when this phase starts, for progress bars.
+    pub fn percent_complete(self) -> u8 {
+        match self {
+            PhaseKind::Validating => 5,
+            PhaseKind::PreparingKeyPair => 15,
+            PhaseKind::RequestingSpot | PhaseKind::Launching => 30,
+            PhaseKind::WaitingForRunning => 50,
+            PhaseKind::WaitingForSsh => 75,
+            PhaseKind::TerminatingInstance => 80,
+            PhaseKind::DeletingKeyPair => 90,
+            PhaseKind::Ready | PhaseKind::Failed | PhaseKind::TornDown => 100,
+        }
+    }
+}
+
+impl fmt::Display for PhaseKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl ProvisionPhase {
+    pub fn kind(&self) -> PhaseKind {
+        match self {
+            ProvisionPhase::Validating(_) => PhaseKind::Validating,
+            ProvisionPhase::PreparingKeyPair(_) => PhaseKind::PreparingKeyPair,
+            ProvisionPhase::RequestingSpot(_) => PhaseKind::RequestingSpot,
+            ProvisionPhase::Launching(_) => PhaseKind::Launching,
+            ProvisionPhase::WaitingForRunning(_) => PhaseKind::WaitingForRunning,
+            ProvisionPhase::WaitingForSsh(_) => PhaseKind::WaitingForSsh,
+            ProvisionPhase::Ready(_) => PhaseKind::Ready,
+            ProvisionPhase::TerminatingInstance(_) => PhaseKind::TerminatingInstance,
+            ProvisionPhase::DeletingKeyPair(_) => PhaseKind::DeletingKeyPair,
+            ProvisionPhase::Failed(_) => PhaseKind::Failed,
+            ProvisionPhase::TornDown(_) => PhaseKind::TornDown,
+        }
+    }
+
+    /// The instance this phase knows of, if any.
+    pub fn instance(&self) -> Option<&LaunchedInstance> {
+        match self {
+            ProvisionPhase::WaitingForRunning(p) => Some(&p.instance),
+            ProvisionPhase::WaitingForSsh(p) => Some(&p.instance),
+            ProvisionPhase::Ready(p) => Some(&p.instance),
+            _ => None,
+        }
+    }
+
+    pub fn instance_id(&self) -> Option<&str> {
+        match self {
+            ProvisionPhase::TerminatingInstance(p) => Some(&p.instance_id),
+            other => other.instance().map(|i| i.instance_id.as_str()),
+        }
+    }
+
+    pub fn public_ip(&self) -> Option<&str> {
+        match self {
+            ProvisionPhase::WaitingForSsh(p) => p.public_ip.as_deref(),
+            ProvisionPhase::Ready(p) => p.public_ip.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub fn key(&self) -> Option<&KeyPairHandle> {
+        match self {
+            ProvisionPhase::RequestingSpot(p) => Some(&p.launch.key),
+            ProvisionPhase::Launching(p) => Some(&p.launch.key),
+            ProvisionPhase::TerminatingInstance(p) => p.key.as_ref(),
+            ProvisionPhase::DeletingKeyPair(p) => Some(&p.key),
+            other => other.instance().map(|i| &i.key),
+        }
+    }
+
+    pub fn was_spot(&self) -> bool {
+        self.instance().is_some_and(|i| i.was_spot)
+    }
+}

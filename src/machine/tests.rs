@@ -1,0 +1,444 @@
+//! Deterministic tests of the pure machine, with a fake clock (plain numbers).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::table::{self, TRANSITIONS};
+use super::*;
+use crate::request::{sample, KeyAlgorithm, SpotPolicy};
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    spot: Option<bool>, // Some(fallback)
+    subnets: usize,
+    owned_key: bool,
+    policy: u8, // 0 console, 1 pinned, 2 insecure
+}
+
+fn ctx(shape: Shape) -> SessionContext {
+    let mut request = sample::request();
+    request.spot = shape.spot.map(|fallback| SpotPolicy {
+        max_price: None,
+        fallback_to_on_demand: fallback,
+        request_timeout: Duration::from_secs(120),
+    });
+    request.subnet_ids = (0..shape.subnets).map(|i| format!("subnet-{i}")).collect();
+    request.key_pair = if shape.owned_key {
+        KeyPairMode::Temporary {
+            algorithm: KeyAlgorithm::Ed25519,
+        }
+    } else {
+        KeyPairMode::Existing {
+            key_name: "team-key".into(),
+            private_key_path: "/keys/team.pem".into(),
+        }
+    };
+    request.ssh.host_key_policy = match shape.policy {
+        0 => HostKeyPolicy::Console,
+        1 => HostKeyPolicy::Pinned(vec!["SHA256:pinned".into()]),
+        _ => HostKeyPolicy::InsecureAcceptAny,
+    };
+    SessionContext {
+        session_id: "0f0e0d0c-0000-4000-8000-000000000001".into(),
+        request,
+        key_dir: "/var/lib/acode/keys".into(),
+    }
+}
+
+fn shapes() -> Vec<Shape> {
+    let mut all = Vec::new();
+    for spot in [None, Some(true), Some(false)] {
+        for subnets in [1, 2] {
+            for owned_key in [true, false] {
+                for policy in [0, 1, 2] {
+                    all.push(Shape {
+                        spot,
+                        subnets,
+                        owned_key,
+                        policy,
+                    });
+                }
+            }
+        }
+    }
+    all
+}
+
+fn instance(ctx: &SessionContext) -> LaunchedInstance {
+    LaunchedInstance {
+        instance_id: "i-0123".into(),
+        key: ctx.planned_key(),
+        was_spot: false,
+    }
+}
+
+/// A sample of every phase a context can be in, with each kind of data.
+fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
+    let launch = |subnet_index| LaunchAttempt {
+        ami_id: "ami-1".into(),
+        key: ctx.planned_key(),
+        attempt: 0,
+        subnet_index,
+        client_token: ClientToken::derive(&ctx.session_id, 0, true, "subnet-0"),
+    };
+    let mut all = vec![
+        ProvisionPhase::Validating(Validating),
+        ProvisionPhase::PreparingKeyPair(PreparingKeyPair { ami_id: "ami-1".into() }),
+    ];
+    for index in 0..ctx.request.subnet_ids.len() {
+        all.push(ProvisionPhase::RequestingSpot(RequestingSpot { launch: launch(index) }));
+        all.push(ProvisionPhase::Launching(Launching { launch: launch(index) }));
+    }
+    all.push(ProvisionPhase::WaitingForRunning(WaitingForRunning {
+        instance: instance(ctx),
+        deadline: T0.plus(Duration::from_secs(60)),
+    }));
+    for trusted in [None, Some(ConsoleFingerprints(vec!["SHA256:abc".into()]))] {
+        all.push(ProvisionPhase::WaitingForSsh(WaitingForSsh {
+            instance: instance(ctx),
+            public_ip: Some("54.1.2.3".into()),
+            ssh_endpoint: "127.0.0.1:2222".into(),
+            trusted_host_keys: trusted,
+            deadline: T0.plus(Duration::from_secs(60)),
+        }));
+    }
+    all.push(ProvisionPhase::Ready(Ready {
+        instance: instance(ctx),
+        public_ip: None,
+        ssh_endpoint: "127.0.0.1:2222".into(),
+        host_key_fingerprint: "SHA256:abc".into(),
+    }));
+    for cause in [CleanupCause::Failure("x".into()), CleanupCause::Teardown] {
+        all.push(ProvisionPhase::TerminatingInstance(TerminatingInstance {
+            instance_id: "i-0123".into(),
+            key: Some(ctx.planned_key()),
+            cause: cause.clone(),
+        }));
+        all.push(ProvisionPhase::DeletingKeyPair(DeletingKeyPair {
+            key: ctx.planned_key(),
+            cause,
+        }));
+    }
+    all.push(ProvisionPhase::Failed(Failed { reason: "x".into() }));
+    all.push(ProvisionPhase::TornDown(TornDown));
+    all
+}
+
+fn sample_input(kind: InputKind) -> Input {
+    match kind {
+        InputKind::Validated => Input::Validated { ami_id: "ami-1".into() },
+        InputKind::Rejected => Input::Rejected {
+            code: "InvalidAMIID.NotFound".into(),
+            message: "no such image".into(),
+        },
+        InputKind::KeyPairReady => Input::KeyPairReady {
+            key: KeyPairHandle {
+                key_name: "acode-x".into(),
+                owned: true,
+                private_key_path: Some("/k".into()),
+            },
+        },
+        InputKind::Launched => Input::Launched {
+            instance_id: "i-0123".into(),
+            was_spot: true,
+        },
+        InputKind::CapacityUnavailable => Input::CapacityUnavailable {
+            code: "InsufficientInstanceCapacity".into(),
+            message: "none".into(),
+        },
+        InputKind::InstancePending => Input::InstancePending,
+        InputKind::InstanceRunning => Input::InstanceRunning {
+            public_ip: Some("54.1.2.3".into()),
+            private_ip: Some("10.0.0.5".into()),
+        },
+        InputKind::InstanceNotVisible => Input::InstanceNotVisible,
+        InputKind::InstanceGone => Input::InstanceGone {
+            state: "terminated".into(),
+        },
+        InputKind::ConsoleHostKeys => Input::ConsoleHostKeys {
+            fingerprints: ConsoleFingerprints(vec!["SHA256:abc".into()]),
+        },
+        InputKind::ConsoleNotReady => Input::ConsoleNotReady,
+        InputKind::SshReady => Input::SshReady {
+            host_key_fingerprint: "SHA256:abc".into(),
+        },
+        InputKind::SshNotReady => Input::SshNotReady {
+            reason: "connection refused".into(),
+        },
+        InputKind::HostKeyMismatch => Input::HostKeyMismatch {
+            presented: "SHA256:evil".into(),
+        },
+        InputKind::InstanceTerminated => Input::InstanceTerminated,
+        InputKind::KeyPairDeleted => Input::KeyPairDeleted,
+        InputKind::TransientFailure => Input::TransientFailure {
+            message: "RequestLimitExceeded".into(),
+        },
+        InputKind::TeardownRequested => Input::TeardownRequested,
+    }
+}
+
+const ALL_INPUTS: [InputKind; 18] = [
+    InputKind::Validated,
+    InputKind::Rejected,
+    InputKind::KeyPairReady,
+    InputKind::Launched,
+    InputKind::CapacityUnavailable,
+    InputKind::InstancePending,
+    InputKind::InstanceRunning,
+    InputKind::InstanceNotVisible,
+    InputKind::InstanceGone,
+    InputKind::ConsoleHostKeys,
+    InputKind::ConsoleNotReady,
+    InputKind::SshReady,
+    InputKind::SshNotReady,
+    InputKind::HostKeyMismatch,
+    InputKind::InstanceTerminated,
+    InputKind::KeyPairDeleted,
+    InputKind::TransientFailure,
+    InputKind::TeardownRequested,
+];
+
+/// Every row of the table is taken by some (context, phase, input, time), and
+/// every input a phase has no row for is refused without a new state.
+#[test]
+fn every_table_row_is_exercised_and_nothing_else_happens() {
+    let mut taken = BTreeSet::new();
+    for shape in shapes() {
+        let ctx = ctx(shape);
+        for phase in phases(&ctx) {
+            for failures in [0, MAX_TRANSIENT_FAILURES] {
+                let state = SessionState {
+                    phase: phase.clone(),
+                    transient_failures: failures,
+                };
+                for now in [T0, T0.plus(Duration::from_secs(3600))] {
+                    for kind in ALL_INPUTS {
+                        match step(&ctx, &state, sample_input(kind), now) {
+                            Ok(out) => {
+                                let row = (phase.kind(), kind, out.state.phase.kind());
+                                assert!(table::contains(row.0, row.1, row.2), "{row:?}");
+                                taken.insert(row);
+                            }
+                            Err(MachineError::InputNotAllowed { phase: p, input }) => {
+                                assert_eq!((p, input), (phase.kind(), kind));
+                                assert!(!table::accepts(p, input), "{p} refused {input}");
+                            }
+                            Err(other) => panic!("{other}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let all: BTreeSet<_> = TRANSITIONS.iter().map(|r| (r.from, r.input, r.to)).collect();
+    let missed: Vec<_> = all.difference(&taken).collect();
+    assert!(missed.is_empty(), "rows never taken: {missed:?}");
+}
+
+#[test]
+fn table_has_no_duplicate_rows_and_terminal_phases_have_none() {
+    let mut seen = BTreeSet::new();
+    for row in TRANSITIONS {
+        assert!(seen.insert((row.from, row.input, row.to)), "duplicate {row:?}");
+        assert!(!row.from.is_terminal(), "{row:?} leaves a terminal phase");
+    }
+}
+
+#[test]
+fn spot_capacity_failure_falls_back_to_on_demand_with_a_new_token() {
+    let ctx = ctx(Shape {
+        spot: Some(true),
+        subnets: 1,
+        owned_key: true,
+        policy: 0,
+    });
+    let first = start(&ctx);
+    let s = step(&ctx, &first.state, sample_input(InputKind::Validated), T0).unwrap();
+    let s = step(&ctx, &s.state, sample_input(InputKind::KeyPairReady), T0).unwrap();
+    let Some(Effect::RunInstance { client_token: spot_token, spot: true, .. }) = s.effect.clone() else {
+        panic!("expected a spot RunInstance, got {:?}", s.effect)
+    };
+    let s = step(&ctx, &s.state, sample_input(InputKind::CapacityUnavailable), T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::Launching);
+    assert!(matches!(s.notices.as_slice(), [Notice::SpotFallback { .. }]));
+    let Some(Effect::RunInstance { client_token, spot: false, .. }) = s.effect else {
+        panic!("expected an on-demand RunInstance")
+    };
+    assert_ne!(client_token, spot_token);
+}
+
+#[test]
+fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
+    let ctx = ctx(shapes()[0]);
+    let phase = phases(&ctx)
+        .into_iter()
+        .find(|p| p.kind() == PhaseKind::WaitingForRunning)
+        .unwrap();
+    let state = SessionState::fresh(phase);
+    let s = step(&ctx, &state, Input::InstancePending, T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::WaitingForRunning);
+    assert_eq!(s.wake_at, Some(T0.plus(ctx.request.timeouts.poll_interval)));
+    let late = T0.plus(Duration::from_secs(61));
+    let s = step(&ctx, &state, Input::InstancePending, late).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
+    assert_eq!(s.effect, Some(Effect::TerminateInstance { instance_id: "i-0123".into() }));
+}
+
+#[test]
+fn host_key_mismatch_terminates_and_names_the_presented_key() {
+    let ctx = ctx(shapes()[0]);
+    let phase = phases(&ctx)
+        .into_iter()
+        .find(|p| matches!(p, ProvisionPhase::WaitingForSsh(w) if w.trusted_host_keys.is_some()))
+        .unwrap();
+    let s = step(&ctx, &SessionState::fresh(phase), sample_input(InputKind::HostKeyMismatch), T0).unwrap();
+    let ProvisionPhase::TerminatingInstance(t) = &s.state.phase else {
+        panic!("{:?}", s.state.phase)
+    };
+    let CleanupCause::Failure(reason) = &t.cause else { panic!() };
+    assert!(reason.contains("SHA256:evil") && reason.contains("man in the middle"), "{reason}");
+}
+
+#[test]
+fn transient_failures_back_off_then_clean_up() {
+    assert_eq!(retry_delay(1), Duration::from_secs(1));
+    assert_eq!(retry_delay(3), Duration::from_secs(4));
+    assert_eq!(retry_delay(40), RETRY_CAP);
+    let ctx = ctx(shapes()[0]);
+    let mut state = start(&ctx).state;
+    for n in 1..=MAX_TRANSIENT_FAILURES {
+        let s = step(&ctx, &state, sample_input(InputKind::TransientFailure), T0).unwrap();
+        assert_eq!(s.state.transient_failures, n);
+        assert_eq!(s.wake_at, Some(T0.plus(retry_delay(n))));
+        state = s.state;
+    }
+    let s = step(&ctx, &state, sample_input(InputKind::TransientFailure), T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::Failed);
+}
+
+#[test]
+fn cleanup_never_gives_up_on_its_own() {
+    let ctx = ctx(shapes()[0]);
+    let mut state = SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
+        instance_id: "i-1".into(),
+        key: None,
+        cause: CleanupCause::Teardown,
+    }));
+    for _ in 0..50 {
+        state = step(&ctx, &state, sample_input(InputKind::TransientFailure), T0).unwrap().state;
+        assert_eq!(state.phase.kind(), PhaseKind::TerminatingInstance);
+    }
+}
+
+#[test]
+fn refused_input_reports_phase_and_input() {
+    let ctx = ctx(shapes()[0]);
+    let err = step(&ctx, &start(&ctx).state, Input::KeyPairDeleted, T0).unwrap_err();
+    assert_eq!(
+        err,
+        MachineError::InputNotAllowed {
+            phase: PhaseKind::Validating,
+            input: InputKind::KeyPairDeleted
+        }
+    );
+}
+
+/// What the world has left behind so far, tracked from the effects' answers.
+#[derive(Debug, Default)]
+struct World {
+    instance_alive: bool,
+    key_may_exist: bool,
+}
+
+fn outcome_for(effect: &Effect, kind: InputKind) -> Input {
+    match (effect, kind) {
+        (Effect::EnsureKeyPair { key_name, private_key_path }, InputKind::KeyPairReady) => Input::KeyPairReady {
+            key: KeyPairHandle {
+                key_name: key_name.clone(),
+                owned: key_name.starts_with("acode-"),
+                private_key_path: private_key_path.clone(),
+            },
+        },
+        (Effect::RunInstance { spot, .. }, InputKind::Launched) => Input::Launched {
+            instance_id: "i-0123".into(),
+            was_spot: *spot,
+        },
+        _ => sample_input(kind),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Random outcomes (and random stray inputs) never take a step outside
+    /// the table, and every run ends Ready (instance tracked) or Failed /
+    /// TornDown with nothing left behind, within a bounded number of steps.
+    #[test]
+    fn random_runs_stay_in_the_table_and_end_clean(
+        shape_index in 0usize..36,
+        choices in prop::collection::vec((0usize..8, 0u64..90_000, 0usize..40), 600),
+        teardown_when_ready in any::<bool>(),
+    ) {
+        let ctx = ctx(shapes()[shape_index]);
+        let mut now = T0;
+        let mut current = start(&ctx);
+        let mut world = World::default();
+        let mut cleanup_failures_in_a_row = 0;
+        let mut steps = 0;
+        for (pick, advance, stray) in choices {
+            let Some(effect) = current.effect.clone() else { break };
+            now = now.plus(Duration::from_millis(advance)).max(current.wake_at.unwrap_or(now));
+            // A stray input now and then: refused unless the table has a row.
+            if stray == 0 {
+                let kind = ALL_INPUTS[pick % ALL_INPUTS.len()];
+                let from = current.state.phase.kind();
+                match step(&ctx, &current.state, sample_input(kind), now) {
+                    Err(MachineError::InputNotAllowed { .. }) => prop_assert!(!table::accepts(from, kind)),
+                    Err(e) => prop_assert!(false, "{e}"),
+                    Ok(_) => prop_assert!(table::accepts(from, kind)),
+                }
+            }
+            let outcomes = effect.possible_outcomes();
+            let mut kind = outcomes[pick % outcomes.len()];
+            // The world answers cleanup eventually: no more than 3 failures in a row.
+            if current.state.phase.kind().is_cleanup() && kind == InputKind::TransientFailure {
+                cleanup_failures_in_a_row += 1;
+                if cleanup_failures_in_a_row > 3 {
+                    kind = outcomes[0];
+                    cleanup_failures_in_a_row = 0;
+                }
+            }
+            match (&effect, kind) {
+                (Effect::EnsureKeyPair { .. }, _) if ctx.request.key_pair.is_owned() => world.key_may_exist = true,
+                (Effect::RunInstance { .. }, InputKind::Launched) => world.instance_alive = true,
+                (Effect::TerminateInstance { .. }, InputKind::InstanceTerminated) => world.instance_alive = false,
+                (Effect::DeleteKeyPair { .. }, InputKind::KeyPairDeleted) => world.key_may_exist = false,
+                _ => {}
+            }
+            let from = current.state.phase.kind();
+            let next = step(&ctx, &current.state, outcome_for(&effect, kind), now);
+            prop_assert!(next.is_ok(), "{from} refused its own effect's outcome {kind}: {next:?}");
+            let next = next.unwrap();
+            prop_assert!(table::contains(from, kind, next.state.phase.kind()));
+            current = next;
+            steps += 1;
+            if current.state.phase.kind() == PhaseKind::Ready && teardown_when_ready {
+                prop_assert!(world.instance_alive, "Ready without a live instance");
+                current = step(&ctx, &current.state, Input::TeardownRequested, now).unwrap();
+            }
+        }
+        let end = current.state.phase.kind();
+        prop_assert!(end.is_settled(), "not settled after {steps} steps: {end}");
+        match end {
+            PhaseKind::Ready => prop_assert!(world.instance_alive),
+            _ => {
+                prop_assert!(!world.instance_alive, "{end} left an instance running");
+                prop_assert!(!world.key_may_exist, "{end} left a key pair behind");
+            }
+        }
+    }
+}

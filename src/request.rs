@@ -1,0 +1,385 @@
+//! What a caller asks for: one validated, immutable provisioning request.
+//!
+//! Invariant: a `ProvisionRequest` only exists in a valid state (non-empty
+//! instance type, at least one subnet, sane timeouts); `config` builds it from
+//! YAML and library callers build it directly and call [`ProvisionRequest::check`].
+//! It is stored once per session and never changes afterwards, so every
+//! effect of a resumed session sees the same parameters (and EC2 sees the same
+//! `ClientToken` parameters).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Which machine image to boot: an explicit id or a well-known OS alias that
+/// validation resolves to the newest matching public image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum AmiSelector {
+    Id(String),
+    Alias(OsAlias),
+}
+
+/// OS aliases accepted in place of an AMI id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OsAlias {
+    #[serde(rename = "amazon-linux-2")]
+    AmazonLinux2,
+    #[serde(rename = "ubuntu-22.04")]
+    Ubuntu2204,
+    #[serde(rename = "debian-11")]
+    Debian11,
+}
+
+impl OsAlias {
+    pub const ALL: [OsAlias; 3] = [OsAlias::AmazonLinux2, OsAlias::Ubuntu2204, OsAlias::Debian11];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OsAlias::AmazonLinux2 => "amazon-linux-2",
+            OsAlias::Ubuntu2204 => "ubuntu-22.04",
+            OsAlias::Debian11 => "debian-11",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<OsAlias> {
+        OsAlias::ALL.into_iter().find(|alias| alias.name() == text)
+    }
+
+    /// `(owner account, image name pattern)` of the publisher's official images.
+    pub fn image_filter(self) -> (&'static str, &'static str) {
+        match self {
+            OsAlias::AmazonLinux2 => ("amazon", "amzn2-ami-hvm-*-x86_64-gp2"),
+            OsAlias::Ubuntu2204 => (
+                "099720109477",
+                "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*",
+            ),
+            OsAlias::Debian11 => ("136693071363", "debian-11-amd64-*"),
+        }
+    }
+}
+
+/// Key algorithm for key pairs the engine creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyAlgorithm {
+    #[default]
+    Ed25519,
+    Rsa,
+}
+
+impl KeyAlgorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyAlgorithm::Ed25519 => "ed25519",
+            KeyAlgorithm::Rsa => "rsa",
+        }
+    }
+}
+
+/// Where the instance's SSH key pair comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum KeyPairMode {
+    /// A key pair that already exists in EC2; the engine never deletes it.
+    Existing {
+        key_name: String,
+        private_key_path: String,
+    },
+    /// EC2 generates the pair (`CreateKeyPair`); the engine writes the private
+    /// key file and deletes both at cleanup.
+    Temporary { algorithm: KeyAlgorithm },
+    /// The engine generates the pair locally, writes the private key file and
+    /// imports the public half (`ImportKeyPair`); deleted at cleanup. The
+    /// private key never crosses the network.
+    Import { algorithm: KeyAlgorithm },
+}
+
+impl KeyPairMode {
+    /// Whether the engine created the pair and so must delete it at cleanup.
+    pub fn is_owned(&self) -> bool {
+        !matches!(self, KeyPairMode::Existing { .. })
+    }
+}
+
+/// Spot settings; `None` in the request means on-demand only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpotPolicy {
+    pub max_price: Option<String>,
+    pub fallback_to_on_demand: bool,
+    /// How long a spot instance may take to reach `running`.
+    #[serde(with = "duration_ms")]
+    pub request_timeout: Duration,
+}
+
+/// How the SSH host key the instance presents is trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "mode", content = "fingerprints", rename_all = "kebab-case")]
+pub enum HostKeyPolicy {
+    /// Trust only the fingerprints cloud-init printed to the instance console.
+    #[default]
+    Console,
+    /// Trust only these `SHA256:…` fingerprints.
+    Pinned(Vec<String>),
+    /// Accept any host key. Vulnerable to a man in the middle; for labs only.
+    InsecureAcceptAny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshSettings {
+    pub user: String,
+    pub port: u16,
+    /// `host:port` to probe instead of the instance's public IP (labs,
+    /// bastions, port forwards).
+    pub endpoint_override: Option<String>,
+    pub host_key_policy: HostKeyPolicy,
+}
+
+/// How long each waiting phase may take before the session is cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    #[serde(with = "duration_ms")]
+    pub running: Duration,
+    #[serde(with = "duration_ms")]
+    pub ssh: Duration,
+    #[serde(with = "duration_ms")]
+    pub poll_interval: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            running: Duration::from_secs(300),
+            ssh: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A complete request to provision one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionRequest {
+    pub ami: AmiSelector,
+    pub instance_type: String,
+    /// Primary subnet first, then failover subnets in order.
+    pub subnet_ids: Vec<String>,
+    pub security_group_ids: Vec<String>,
+    pub key_pair: KeyPairMode,
+    pub ebs_size_gb: u32,
+    pub user_data: Option<String>,
+    pub spot: Option<SpotPolicy>,
+    pub tags: BTreeMap<String, String>,
+    pub enforce_imds_v2: bool,
+    pub iam_instance_profile_arn: Option<String>,
+    pub ssh: SshSettings,
+    pub timeouts: Timeouts,
+}
+
+/// A request field that cannot work, named as in the YAML config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{key}`: {problem}")]
+pub struct InvalidRequest {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> InvalidRequest {
+    InvalidRequest {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// Tag keys the engine sets itself; callers may not override them.
+pub const RESERVED_TAG_KEYS: [&str; 3] = ["acode", "acode-session-id", "acode-timestamp"];
+
+impl ProvisionRequest {
+    /// Rejects values EC2 or the engine could never accept, naming the key.
+    pub fn check(&self) -> Result<(), InvalidRequest> {
+        if let AmiSelector::Id(id) = &self.ami
+            && !id.starts_with("ami-")
+        {
+            return Err(invalid(
+                "amiId",
+                format!("`{id}` is neither an AMI id (ami-…) nor a known OS alias"),
+            ));
+        }
+        if self.instance_type.trim().is_empty() {
+            return Err(invalid("instanceType", "must not be empty"));
+        }
+        if self.subnet_ids.is_empty() {
+            return Err(invalid("subnetId", "at least one subnet is required"));
+        }
+        if let Some(bad) = self.subnet_ids.iter().find(|s| !s.starts_with("subnet-")) {
+            return Err(invalid("subnetId", format!("`{bad}` is not a subnet id (subnet-…)")));
+        }
+        if let Some(bad) = self.security_group_ids.iter().find(|s| !s.starts_with("sg-")) {
+            return Err(invalid(
+                "securityGroupIds",
+                format!("`{bad}` is not a security group id (sg-…)"),
+            ));
+        }
+        if !(1..=16_384).contains(&self.ebs_size_gb) {
+            return Err(invalid("ebsSizeGb", "must be between 1 and 16384 GiB"));
+        }
+        if let Some(spot) = &self.spot {
+            if let Some(price) = &spot.max_price
+                && !price.parse::<f64>().is_ok_and(|p| p > 0.0)
+            {
+                return Err(invalid("spotMaxPrice", format!("`{price}` is not a positive price")));
+            }
+            if spot.request_timeout.is_zero() {
+                return Err(invalid("spotRequestTimeout", "must be longer than zero"));
+            }
+        }
+        if let Some(key) = self.tags.keys().find(|k| RESERVED_TAG_KEYS.contains(&k.as_str())) {
+            return Err(invalid("tags", format!("`{key}` is set by acode-ec2 itself")));
+        }
+        if self.ssh.user.trim().is_empty() {
+            return Err(invalid("ssh.user", "must not be empty"));
+        }
+        if self.ssh.port == 0 {
+            return Err(invalid("ssh.port", "must be 1–65535"));
+        }
+        if let Some(endpoint) = &self.ssh.endpoint_override
+            && parse_host_port(endpoint).is_none()
+        {
+            return Err(invalid(
+                "ssh.endpointOverride",
+                format!("`{endpoint}` is not host:port"),
+            ));
+        }
+        if let HostKeyPolicy::Pinned(prints) = &self.ssh.host_key_policy {
+            if prints.is_empty() {
+                return Err(invalid("ssh.hostKeyFingerprints", "pinned mode needs at least one"));
+            }
+            if let Some(bad) = prints.iter().find(|p| !p.starts_with("SHA256:")) {
+                return Err(invalid(
+                    "ssh.hostKeyFingerprints",
+                    format!("`{bad}` is not an OpenSSH SHA256:… fingerprint"),
+                ));
+            }
+        }
+        if self.timeouts.running.is_zero() || self.timeouts.ssh.is_zero() {
+            return Err(invalid("timeouts", "must be longer than zero"));
+        }
+        if self.timeouts.poll_interval < Duration::from_millis(50) {
+            return Err(invalid("pollInterval", "must be at least 50ms"));
+        }
+        Ok(())
+    }
+}
+
+/// Splits `host:port` (IPv6 as `[::1]:22`).
+pub fn parse_host_port(text: &str) -> Option<(String, u16)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| (host.to_string(), port))
+}
+
+/// Durations stored as whole milliseconds, so the JSON is readable and exact.
+pub(crate) mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(value.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod sample {
+    use super::*;
+
+    /// A valid request for unit tests of pure logic.
+    pub fn request() -> ProvisionRequest {
+        ProvisionRequest {
+            ami: AmiSelector::Id("ami-12345678".into()),
+            instance_type: "t3.micro".into(),
+            subnet_ids: vec!["subnet-aaaa".into(), "subnet-bbbb".into()],
+            security_group_ids: vec!["sg-1234".into()],
+            key_pair: KeyPairMode::Temporary {
+                algorithm: KeyAlgorithm::Ed25519,
+            },
+            ebs_size_gb: 20,
+            user_data: None,
+            spot: Some(SpotPolicy {
+                max_price: None,
+                fallback_to_on_demand: true,
+                request_timeout: Duration::from_secs(300),
+            }),
+            tags: BTreeMap::new(),
+            enforce_imds_v2: true,
+            iam_instance_profile_arn: None,
+            ssh: SshSettings {
+                user: "ec2-user".into(),
+                port: 22,
+                endpoint_override: None,
+                host_key_policy: HostKeyPolicy::Console,
+            },
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_request_is_valid() {
+        assert_eq!(sample::request().check(), Ok(()));
+    }
+
+    #[test]
+    fn each_impossible_value_names_its_key() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut ProvisionRequest)>)> = vec![
+            ("amiId", Box::new(|r| r.ami = AmiSelector::Id("centos".into()))),
+            ("instanceType", Box::new(|r| r.instance_type = " ".into())),
+            ("subnetId", Box::new(|r| r.subnet_ids.clear())),
+            ("subnetId", Box::new(|r| r.subnet_ids = vec!["vpc-1".into()])),
+            ("securityGroupIds", Box::new(|r| r.security_group_ids = vec!["x".into()])),
+            ("ebsSizeGb", Box::new(|r| r.ebs_size_gb = 0)),
+            (
+                "spotMaxPrice",
+                Box::new(|r| {
+                    if let Some(s) = r.spot.as_mut() {
+                        s.max_price = Some("-1".into())
+                    }
+                }),
+            ),
+            ("tags", Box::new(|r| {
+                r.tags.insert("acode-session-id".into(), "x".into());
+            })),
+            ("ssh.port", Box::new(|r| r.ssh.port = 0)),
+            ("ssh.endpointOverride", Box::new(|r| r.ssh.endpoint_override = Some("nohost".into()))),
+            (
+                "ssh.hostKeyFingerprints",
+                Box::new(|r| r.ssh.host_key_policy = HostKeyPolicy::Pinned(vec!["MD5:aa".into()])),
+            ),
+            ("pollInterval", Box::new(|r| r.timeouts.poll_interval = Duration::from_millis(1))),
+        ];
+        for (key, spoil) in cases {
+            let mut request = sample::request();
+            spoil(&mut request);
+            let err = request.check().expect_err(key);
+            assert_eq!(err.key, key, "{err}");
+        }
+    }
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(parse_host_port("127.0.0.1:2222"), Some(("127.0.0.1".into(), 2222)));
+        assert_eq!(parse_host_port("[::1]:22"), Some(("::1".into(), 22)));
+        assert_eq!(parse_host_port("host"), None);
+        assert_eq!(parse_host_port("host:0"), None);
+        assert_eq!(parse_host_port(":22"), None);
+    }
+}

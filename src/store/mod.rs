@@ -1,0 +1,182 @@
+//! Durable session state: an append-only event log per session (the truth)
+//! and a session row (a cache for listing and status), after steno's saga log.
+//!
+//! Invariants:
+//! - a phase change and the intent of the effect it needs commit in one
+//!   transaction before the effect runs; the effect's outcome commits with the
+//!   next phase change (one fsync per transition);
+//! - a session has at most one live driver: every commit is fenced by the
+//!   lease, and a lease whose holder died (expired, or its process is gone)
+//!   may be taken over;
+//! - nothing secret is stored: key pairs appear by name and file path only.
+
+mod sqlite;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteStore;
+
+use crate::machine::{Effect, Input, PhaseKind, SessionContext, SessionState, Timestamp};
+
+/// An effect recorded before it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub effect: Effect,
+    /// Not to be run before this time (polls and backoff).
+    pub not_before: Option<Timestamp>,
+}
+
+/// One atomic checkpoint: what the last effect answered, the state it led
+/// to, and the intent of the next effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub outcome: Option<Input>,
+    pub state: SessionState,
+    pub intent: Option<Intent>,
+}
+
+/// One entry of a session's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event")]
+pub enum LogEntry {
+    Created { context: Box<SessionContext> },
+    Outcome { input: Input },
+    Transition { state: SessionState },
+    Intent { intent: Intent },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub seq: i64,
+    pub at: Timestamp,
+    pub entry: LogEntry,
+}
+
+/// A session as the log says it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedSession {
+    pub context: SessionContext,
+    pub state: SessionState,
+    /// The intent recorded last and not yet answered: resume re-runs it.
+    pub pending: Option<Intent>,
+    pub created_at: Timestamp,
+}
+
+/// What `sessions` and `status` show, from the cached row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionSummary {
+    pub session_id: String,
+    pub phase: PhaseKind,
+    pub instance_id: Option<String>,
+    pub public_ip: Option<String>,
+    pub key_path: Option<String>,
+    pub was_spot: bool,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub detail: Option<String>,
+}
+
+/// Who drives a session: one id per engine, plus where it runs so a dead
+/// holder on this host is noticed without waiting for the lease to expire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub owner_id: String,
+    pub pid: u32,
+    pub host: String,
+}
+
+impl LeaseHolder {
+    /// A fresh holder for this process.
+    pub fn for_this_process() -> LeaseHolder {
+        LeaseHolder {
+            owner_id: uuid::Uuid::new_v4().to_string(),
+            pid: std::process::id(),
+            host: this_host(),
+        }
+    }
+}
+
+pub fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open state database {path}: {detail}; check the path (--state-db / ACODE_EC2_STATE_DB) and its permissions")]
+    Open { path: String, detail: String },
+    #[error(
+        "state database {path} has schema version {found}, newer than this acode-ec2 supports ({supported}); \
+         use a newer acode-ec2 or another --state-db"
+    )]
+    NewerSchema { path: String, found: i64, supported: i64 },
+    #[error("state database error: {0}; if it persists, check disk space and that no other program holds the file")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("no session {0} in the state database; `acode-ec2 sessions` lists them")]
+    NotFound(String),
+    #[error("session {session_id} already exists")]
+    AlreadyExists { session_id: String },
+    #[error(
+        "session {session_id} is being driven by another process (pid {pid} on {host}, lease for {remaining_ms} ms more); \
+         wait for it to finish, or stop it and retry once its lease expires"
+    )]
+    Leased {
+        session_id: String,
+        pid: u32,
+        host: String,
+        remaining_ms: u64,
+    },
+    #[error("lost the lease on session {0} to another process; this driver stopped without touching it further")]
+    LeaseLost(String),
+    #[error("session {session_id} has an unreadable event log ({detail}); it was written by an incompatible version or damaged")]
+    Corrupt { session_id: String, detail: String },
+}
+
+/// Durable storage of sessions. The SQLite store is the embedded default.
+pub trait CheckpointStore: Send + Sync {
+    /// Records a new session with its first checkpoint, leased to `holder`.
+    fn create(
+        &self,
+        context: &SessionContext,
+        first: &Checkpoint,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Appends one checkpoint; refused unless `holder` still holds the lease.
+    fn commit(
+        &self,
+        session_id: &str,
+        checkpoint: &Checkpoint,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    fn load(&self, session_id: &str) -> Result<LoadedSession, StoreError>;
+
+    fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError>;
+
+    fn summary(&self, session_id: &str) -> Result<SessionSummary, StoreError>;
+
+    fn list(&self) -> Result<Vec<SessionSummary>, StoreError>;
+
+    /// Takes the lease, or explains who holds it.
+    fn acquire_lease(
+        &self,
+        session_id: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Extends a lease this holder has; `LeaseLost` if it has not.
+    fn renew_lease(&self, session_id: &str, holder: &LeaseHolder, ttl: Duration, now: Timestamp)
+    -> Result<(), StoreError>;
+
+    fn release_lease(&self, session_id: &str, holder: &LeaseHolder) -> Result<(), StoreError>;
+}

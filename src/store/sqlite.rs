@@ -1,0 +1,447 @@
+//! The SQLite checkpoint store: WAL, `synchronous=FULL`, a busy timeout,
+//! versioned migrations, a file created mode 0600.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::{
+    this_host, Checkpoint, CheckpointStore, LeaseHolder, LoadedSession, LogEntry, LoggedEvent, SessionSummary,
+    StoreError,
+};
+use crate::machine::{PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts them.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE sessions (
+    session_id      TEXT PRIMARY KEY,
+    created_at_ms   INTEGER NOT NULL,
+    updated_at_ms   INTEGER NOT NULL,
+    context_json    TEXT NOT NULL,
+    -- Cache of the newest transition in `events`, for listing and status.
+    phase           TEXT NOT NULL,
+    detail          TEXT,
+    instance_id     TEXT,
+    public_ip       TEXT,
+    key_path        TEXT,
+    was_spot        INTEGER NOT NULL DEFAULT 0,
+    last_seq        INTEGER NOT NULL,
+    lease_owner     TEXT,
+    lease_pid       INTEGER,
+    lease_host      TEXT,
+    lease_expires_ms INTEGER
+) STRICT;
+CREATE TABLE events (
+    session_id  TEXT NOT NULL REFERENCES sessions(session_id),
+    seq         INTEGER NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('created', 'outcome', 'transition', 'intent')),
+    body_json   TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX sessions_by_phase ON sessions(phase);
+"#];
+
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed, mode 0600, parent folder 0700) and migrates.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let shown = path.display().to_string();
+        let open_err = |detail: String| StoreError::Open {
+            path: shown.clone(),
+            detail,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+            && !parent.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| open_err(e.to_string()))?;
+        }
+        // Create the file ourselves so it is never world-readable, even briefly.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| open_err(e.to_string()))?;
+        let mut conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: the WAL is fsynced at every commit, so a checkpoint survives power loss.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn, &shown)?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (the
+        // transaction rolls back on drop), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
+    let supported = MIGRATIONS.len() as i64;
+    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > supported {
+        return Err(StoreError::NewerSchema {
+            path: path.to_string(),
+            found,
+            supported,
+        });
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Serializing plain data structs to a String cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"unserializable\":\"{e}\"}}"))
+}
+
+fn kind_of(entry: &LogEntry) -> &'static str {
+    match entry {
+        LogEntry::Created { .. } => "created",
+        LogEntry::Outcome { .. } => "outcome",
+        LogEntry::Transition { .. } => "transition",
+        LogEntry::Intent { .. } => "intent",
+    }
+}
+
+fn append(tx: &Transaction<'_>, session_id: &str, seq: &mut i64, now: Timestamp, entry: &LogEntry) -> Result<(), StoreError> {
+    *seq += 1;
+    tx.execute(
+        "INSERT INTO events (session_id, seq, at_ms, kind, body_json) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![session_id, *seq, now.0 as i64, kind_of(entry), to_json(entry)],
+    )?;
+    Ok(())
+}
+
+fn detail_of(state: &SessionState) -> Option<String> {
+    match &state.phase {
+        ProvisionPhase::Failed(f) => Some(f.reason.clone()),
+        _ => None,
+    }
+}
+
+/// Appends the checkpoint's entries and refreshes the cached row.
+fn write_checkpoint(
+    tx: &Transaction<'_>,
+    session_id: &str,
+    mut seq: i64,
+    checkpoint: &Checkpoint,
+    now: Timestamp,
+) -> Result<i64, StoreError> {
+    if let Some(input) = &checkpoint.outcome {
+        append(tx, session_id, &mut seq, now, &LogEntry::Outcome { input: input.clone() })?;
+    }
+    append(tx, session_id, &mut seq, now, &LogEntry::Transition {
+        state: checkpoint.state.clone(),
+    })?;
+    if let Some(intent) = &checkpoint.intent {
+        append(tx, session_id, &mut seq, now, &LogEntry::Intent { intent: intent.clone() })?;
+    }
+    let phase = &checkpoint.state.phase;
+    // Keep the last known instance and key in the row even once cleanup
+    // phases stop carrying them, so `status` still shows what existed.
+    tx.execute(
+        "UPDATE sessions SET updated_at_ms = ?2, phase = ?3, detail = ?4, last_seq = ?5,
+             instance_id = COALESCE(?6, instance_id), public_ip = COALESCE(?7, public_ip),
+             key_path = COALESCE(?8, key_path), was_spot = (was_spot OR ?9)
+         WHERE session_id = ?1",
+        params![
+            session_id,
+            now.0 as i64,
+            phase.kind().name(),
+            detail_of(&checkpoint.state),
+            seq,
+            phase.instance_id(),
+            phase.public_ip(),
+            phase.key().and_then(|k| k.private_key_path.clone()),
+            phase.was_spot(),
+        ],
+    )?;
+    Ok(seq)
+}
+
+/// Whether the recorded holder can no longer be driving the session.
+fn holder_is_gone(pid: Option<i64>, host: Option<&str>, expires_ms: Option<i64>, now: Timestamp) -> bool {
+    if expires_ms.is_none_or(|e| e <= now.0 as i64) {
+        return true;
+    }
+    // Same host and the process is gone: no need to wait for expiry.
+    host == Some(this_host().as_str()) && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+fn lease_check(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder, now: Timestamp) -> Result<(), StoreError> {
+    type Row = (Option<String>, Option<i64>, Option<String>, Option<i64>);
+    let row: Option<Row> = tx
+        .query_row(
+            "SELECT lease_owner, lease_pid, lease_host, lease_expires_ms FROM sessions WHERE session_id = ?1",
+            [session_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((owner, pid, host, expires)) = row else {
+        return Err(StoreError::NotFound(session_id.to_string()));
+    };
+    let free = owner.is_none() || owner.as_deref() == Some(holder.owner_id.as_str());
+    if free || holder_is_gone(pid, host.as_deref(), expires, now) {
+        return Ok(());
+    }
+    Err(StoreError::Leased {
+        session_id: session_id.to_string(),
+        pid: pid.unwrap_or_default() as u32,
+        host: host.unwrap_or_default(),
+        remaining_ms: (expires.unwrap_or_default() - now.0 as i64).max(0) as u64,
+    })
+}
+
+fn set_lease(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder, ttl: Duration, now: Timestamp) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE sessions SET lease_owner = ?2, lease_pid = ?3, lease_host = ?4, lease_expires_ms = ?5 WHERE session_id = ?1",
+        params![
+            session_id,
+            holder.owner_id,
+            holder.pid,
+            holder.host,
+            now.plus(ttl).0 as i64
+        ],
+    )?;
+    Ok(())
+}
+
+/// Fails with `LeaseLost` unless `holder` holds the lease right now.
+fn require_own_lease(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder) -> Result<i64, StoreError> {
+    let row: Option<(Option<String>, i64)> = tx
+        .query_row(
+            "SELECT lease_owner, last_seq FROM sessions WHERE session_id = ?1",
+            [session_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match row {
+        None => Err(StoreError::NotFound(session_id.to_string())),
+        Some((Some(owner), seq)) if owner == holder.owner_id => Ok(seq),
+        Some(_) => Err(StoreError::LeaseLost(session_id.to_string())),
+    }
+}
+
+fn corrupt(session_id: &str, detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        session_id: session_id.to_string(),
+        detail: detail.into(),
+    }
+}
+
+fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(SessionSummary, String)> {
+    let phase_name: String = row.get(1)?;
+    Ok((
+        SessionSummary {
+            session_id: row.get(0)?,
+            phase: PhaseKind::Validating,
+            instance_id: row.get(2)?,
+            public_ip: row.get(3)?,
+            key_path: row.get(4)?,
+            was_spot: row.get(5)?,
+            created_at_ms: row.get::<_, i64>(6)? as u64,
+            updated_at_ms: row.get::<_, i64>(7)? as u64,
+            detail: row.get(8)?,
+        },
+        phase_name,
+    ))
+}
+
+fn with_phase((mut summary, name): (SessionSummary, String)) -> Result<SessionSummary, StoreError> {
+    summary.phase = PhaseKind::parse(&name).ok_or_else(|| corrupt(&summary.session_id, format!("unknown phase {name}")))?;
+    Ok(summary)
+}
+
+const SUMMARY_COLUMNS: &str =
+    "session_id, phase, instance_id, public_ip, key_path, was_spot, created_at_ms, updated_at_ms, detail";
+
+impl CheckpointStore for SqliteStore {
+    fn create(
+        &self,
+        context: &SessionContext,
+        first: &Checkpoint,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = &context.session_id;
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO sessions (session_id, created_at_ms, updated_at_ms, context_json, phase, last_seq)
+             VALUES (?1, ?2, ?2, ?3, ?4, 0)",
+            params![id, now.0 as i64, to_json(context), first.state.phase.kind().name()],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::AlreadyExists { session_id: id.clone() });
+        }
+        let mut seq = 0;
+        append(&tx, id, &mut seq, now, &LogEntry::Created {
+            context: Box::new(context.clone()),
+        })?;
+        set_lease(&tx, id, holder, lease_ttl, now)?;
+        write_checkpoint(&tx, id, seq, first, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn commit(
+        &self,
+        session_id: &str,
+        checkpoint: &Checkpoint,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seq = require_own_lease(&tx, session_id, holder)?;
+        write_checkpoint(&tx, session_id, seq, checkpoint, now)?;
+        set_lease(&tx, session_id, holder, lease_ttl, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn load(&self, session_id: &str) -> Result<LoadedSession, StoreError> {
+        let guard = self.conn();
+        // One read transaction: a consistent snapshot even if another process writes.
+        let conn = guard.unchecked_transaction()?;
+        let created_at: Option<i64> = conn
+            .query_row("SELECT created_at_ms FROM sessions WHERE session_id = ?1", [session_id], |r| r.get(0))
+            .optional()?;
+        let created_at = created_at.ok_or_else(|| StoreError::NotFound(session_id.to_string()))?;
+        let body = |kind: &str| -> Result<Option<(i64, String)>, StoreError> {
+            Ok(conn
+                .query_row(
+                    "SELECT seq, body_json FROM events WHERE session_id = ?1 AND kind = ?2 ORDER BY seq DESC LIMIT 1",
+                    params![session_id, kind],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?)
+        };
+        let parse = |text: &str| serde_json::from_str::<LogEntry>(text).map_err(|e| corrupt(session_id, e.to_string()));
+        let Some((_, created)) = body("created")? else {
+            return Err(corrupt(session_id, "no creation event"));
+        };
+        let LogEntry::Created { context } = parse(&created)? else {
+            return Err(corrupt(session_id, "creation event of another kind"));
+        };
+        let Some((_, transition)) = body("transition")? else {
+            return Err(corrupt(session_id, "no transition event"));
+        };
+        let LogEntry::Transition { state } = parse(&transition)? else {
+            return Err(corrupt(session_id, "transition event of another kind"));
+        };
+        // The newest intent is pending unless an outcome was logged after it.
+        let pending = match (body("intent")?, body("outcome")?) {
+            (Some((intent_seq, text)), outcome) if outcome.as_ref().is_none_or(|(seq, _)| *seq < intent_seq) => {
+                let LogEntry::Intent { intent } = parse(&text)? else {
+                    return Err(corrupt(session_id, "intent event of another kind"));
+                };
+                Some(intent)
+            }
+            _ => None,
+        };
+        Ok(LoadedSession {
+            context: *context,
+            state,
+            pending,
+            created_at: Timestamp(created_at as u64),
+        })
+    }
+
+    fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT seq, at_ms, body_json FROM events WHERE session_id = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map([session_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+        let mut events = Vec::new();
+        for row in rows {
+            let (seq, at, body) = row?;
+            let entry = serde_json::from_str(&body).map_err(|e| corrupt(session_id, e.to_string()))?;
+            events.push(LoggedEvent {
+                seq,
+                at: Timestamp(at as u64),
+                entry,
+            });
+        }
+        Ok(events)
+    }
+
+    fn summary(&self, session_id: &str) -> Result<SessionSummary, StoreError> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                &format!("SELECT {SUMMARY_COLUMNS} FROM sessions WHERE session_id = ?1"),
+                [session_id],
+                summary_from_row,
+            )
+            .optional()?;
+        with_phase(row.ok_or_else(|| StoreError::NotFound(session_id.to_string()))?)
+    }
+
+    fn list(&self) -> Result<Vec<SessionSummary>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {SUMMARY_COLUMNS} FROM sessions ORDER BY created_at_ms, session_id"))?;
+        let rows = stmt.query_map([], summary_from_row)?;
+        rows.map(|row| with_phase(row?)).collect()
+    }
+
+    fn acquire_lease(&self, session_id: &str, holder: &LeaseHolder, ttl: Duration, now: Timestamp) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        lease_check(&tx, session_id, holder, now)?;
+        set_lease(&tx, session_id, holder, ttl, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn renew_lease(&self, session_id: &str, holder: &LeaseHolder, ttl: Duration, now: Timestamp) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        require_own_lease(&tx, session_id, holder)?;
+        set_lease(&tx, session_id, holder, ttl, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn release_lease(&self, session_id: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sessions SET lease_owner = NULL, lease_pid = NULL, lease_host = NULL, lease_expires_ms = NULL
+             WHERE session_id = ?1 AND lease_owner = ?2",
+            params![session_id, holder.owner_id],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

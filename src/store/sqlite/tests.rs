@@ -1,0 +1,195 @@
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+use crate::machine::{self, Effect, Input, Validating};
+use crate::request::sample;
+use crate::store::Intent;
+
+const NOW: Timestamp = Timestamp(1_700_000_000_000);
+const TTL: Duration = Duration::from_secs(30);
+
+fn context(id: &str) -> SessionContext {
+    SessionContext {
+        session_id: id.into(),
+        request: sample::request(),
+        key_dir: "/tmp/keys".into(),
+    }
+}
+
+fn first_checkpoint(ctx: &SessionContext) -> Checkpoint {
+    let step = machine::start(ctx);
+    Checkpoint {
+        outcome: None,
+        state: step.state,
+        intent: step.effect.map(|effect| Intent { effect, not_before: None }),
+    }
+}
+
+fn validated(ctx: &SessionContext) -> Checkpoint {
+    let state = machine::start(ctx).state;
+    let input = Input::Validated { ami_id: "ami-1".into() };
+    let step = machine::step(ctx, &state, input.clone(), NOW).unwrap();
+    Checkpoint {
+        outcome: Some(input),
+        state: step.state,
+        intent: step.effect.map(|effect| Intent { effect, not_before: None }),
+    }
+}
+
+fn new_store(dir: &tempfile::TempDir) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("state.db")).unwrap()
+}
+
+#[test]
+fn a_session_survives_closing_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context("s1");
+    let holder = LeaseHolder::for_this_process();
+    {
+        let store = new_store(&dir);
+        store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
+        store.commit("s1", &validated(&ctx), &holder, TTL, NOW).unwrap();
+    }
+    let store = new_store(&dir);
+    let loaded = store.load("s1").unwrap();
+    assert_eq!(loaded.context, ctx);
+    assert_eq!(loaded.state.phase.kind(), PhaseKind::PreparingKeyPair);
+    assert!(matches!(loaded.pending, Some(Intent { effect: Effect::EnsureKeyPair { .. }, .. })));
+    assert_eq!(store.summary("s1").unwrap().phase, PhaseKind::PreparingKeyPair);
+    let kinds: Vec<&str> = store.events("s1").unwrap().iter().map(|e| kind_of(&e.entry)).collect();
+    assert_eq!(kinds, ["created", "transition", "intent", "outcome", "transition", "intent"]);
+}
+
+#[test]
+fn an_answered_intent_is_not_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let ctx = context("s1");
+    let holder = LeaseHolder::for_this_process();
+    store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
+    assert_eq!(store.load("s1").unwrap().pending.map(|i| i.effect), Some(Effect::ValidateRequest));
+    let settled = Checkpoint {
+        outcome: Some(Input::Rejected {
+            code: "InvalidAMIID.NotFound".into(),
+            message: "gone".into(),
+        }),
+        state: SessionState::fresh(ProvisionPhase::Failed(machine::Failed { reason: "gone".into() })),
+        intent: None,
+    };
+    store.commit("s1", &settled, &holder, TTL, NOW).unwrap();
+    let loaded = store.load("s1").unwrap();
+    assert_eq!(loaded.pending, None);
+    assert_eq!(store.summary("s1").unwrap().detail.as_deref(), Some("gone"));
+}
+
+#[test]
+fn a_second_driver_is_refused_while_the_first_holds_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let ctx = context("s1");
+    let first = LeaseHolder::for_this_process();
+    let second = LeaseHolder::for_this_process();
+    store.create(&ctx, &first_checkpoint(&ctx), &first, TTL, NOW).unwrap();
+    let err = store.acquire_lease("s1", &second, TTL, NOW).unwrap_err();
+    assert!(matches!(err, StoreError::Leased { .. }), "{err}");
+    assert!(err.to_string().contains("another process"), "{err}");
+    // The second may not commit either: commits are fenced by the lease.
+    let err = store.commit("s1", &validated(&ctx), &second, TTL, NOW).unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost(_)), "{err}");
+    // Once released, the second takes over and the first is fenced out.
+    store.release_lease("s1", &first).unwrap();
+    store.acquire_lease("s1", &second, TTL, NOW).unwrap();
+    assert!(matches!(store.commit("s1", &validated(&ctx), &first, TTL, NOW), Err(StoreError::LeaseLost(_))));
+}
+
+#[test]
+fn a_lease_whose_holder_died_can_be_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let ctx = context("s1");
+    let alive_elsewhere = LeaseHolder {
+        owner_id: "other".into(),
+        pid: 1,
+        host: "another-host".into(),
+    };
+    let me = LeaseHolder::for_this_process();
+    store.create(&ctx, &first_checkpoint(&ctx), &alive_elsewhere, TTL, NOW).unwrap();
+    assert!(store.acquire_lease("s1", &me, TTL, NOW).is_err());
+    // After expiry the lease is free.
+    store.acquire_lease("s1", &me, TTL, NOW.plus(TTL)).unwrap();
+
+    // On this host, a holder whose process is gone is noticed at once.
+    let ctx2 = context("s2");
+    let dead_here = LeaseHolder {
+        owner_id: "dead".into(),
+        pid: u32::MAX - 1,
+        host: this_host(),
+    };
+    store.create(&ctx2, &first_checkpoint(&ctx2), &dead_here, TTL, NOW).unwrap();
+    store.acquire_lease("s2", &me, TTL, NOW).unwrap();
+}
+
+#[test]
+fn a_torn_write_leaves_the_previous_checkpoint_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let ctx = context("s1");
+    let holder = LeaseHolder::for_this_process();
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
+    }
+    {
+        // A writer dies mid-transaction: the connection goes away uncommitted.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             INSERT INTO events (session_id, seq, at_ms, kind, body_json)
+                 VALUES ('s1', 99, 0, 'transition', '{\"event\":\"Transition\",\"state\":{}}');
+             UPDATE sessions SET phase = 'Ready', last_seq = 99 WHERE session_id = 's1';",
+        )
+        .unwrap();
+        drop(conn);
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let loaded = store.load("s1").unwrap();
+    assert_eq!(loaded.state.phase, ProvisionPhase::Validating(Validating));
+    assert_eq!(loaded.pending.map(|i| i.effect), Some(Effect::ValidateRequest));
+    assert_eq!(store.summary("s1").unwrap().phase, PhaseKind::Validating);
+    assert_eq!(store.events("s1").unwrap().len(), 3);
+}
+
+#[test]
+fn the_database_file_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/state.db");
+    SqliteStore::open(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+}
+
+#[test]
+fn a_newer_schema_is_refused_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+    let err = SqliteStore::open(&path).err().unwrap();
+    assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
+}
+
+#[test]
+fn duplicate_and_unknown_sessions_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let ctx = context("s1");
+    let holder = LeaseHolder::for_this_process();
+    store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
+    assert!(matches!(
+        store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(store.load("nope"), Err(StoreError::NotFound(_))));
+    assert_eq!(store.list().unwrap().len(), 1);
+}
