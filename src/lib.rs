@@ -4,3 +4,7 @@ pub mod machine;
 pub mod request;
 pub mod config;
 pub mod store;
+pub mod effects;
+pub mod net_guard;
+pub mod driver;
+pub mod events;

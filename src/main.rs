@@ -1,1 +1,319 @@
-fn main() {}
+//! `acode-ec2`: the command-line edge. Errors become `anyhow` here and only here.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use acode_ec2::driver::{Engine, EngineError, EngineOptions};
+use acode_ec2::effects::AwsEffects;
+use acode_ec2::events::{ProgressSink, ProvisionProgress};
+use acode_ec2::machine::diagram;
+use acode_ec2::net_guard::ConnectGuard;
+use acode_ec2::store::{CheckpointStore, SessionSummary, SqliteStore};
+
+/// Provision EC2 instances for coding-agent sessions: each session ends with
+/// a Ready instance whose SSH host key was verified, or with nothing left
+/// behind. Every step is checkpointed, so an interrupted session can be
+/// resumed or cleaned up with `recover`.
+///
+/// Region, credentials and endpoint come from the AWS SDK's standard chain
+/// (AWS_REGION, AWS_PROFILE, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL_EC2, ...).
+#[derive(Parser)]
+#[command(name = "acode-ec2", version, about, long_about)]
+struct Cli {
+    /// SQLite file holding sessions and their event logs.
+    #[arg(long, global = true, env = "ACODE_EC2_STATE_DB", value_name = "PATH")]
+    state_db: Option<PathBuf>,
+
+    /// Folder for private key files of key pairs acode-ec2 creates
+    /// [default: `keys/` beside the state database].
+    #[arg(long, global = true, env = "ACODE_EC2_KEY_DIR", value_name = "DIR")]
+    key_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Launch one instance as the config file describes and wait until SSH works.
+    Provision {
+        /// YAML file with a top-level `ec2Target:` (see fixtures/ec2-target.example.yaml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the ready instance as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one session (the newest if none is named).
+    Status {
+        session: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List all sessions.
+    Sessions {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Terminate a session's instance and delete the key pair it created.
+    Teardown { session: String },
+    /// Resume or clean up every session that is neither Ready nor finished.
+    Recover,
+    /// Print the state diagram generated from the transition table.
+    Diagram {
+        #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]
+        format: DiagramFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DiagramFormat {
+    Mermaid,
+    Dot,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ACODE_EC2_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_state_db() -> Result<PathBuf> {
+    let dirs = directories::ProjectDirs::from("", "", "acode-ec2")
+        .context("cannot find a data folder for this user; pass --state-db PATH")?;
+    Ok(dirs.data_dir().join("state.db"))
+}
+
+fn open_store(cli: &Cli) -> Result<(Arc<SqliteStore>, String)> {
+    let path = match &cli.state_db {
+        Some(p) => p.clone(),
+        None => default_state_db()?,
+    };
+    let key_dir = match &cli.key_dir {
+        Some(dir) => dir.clone(),
+        None => path.parent().unwrap_or(Path::new(".")).join("keys"),
+    };
+    let store = SqliteStore::open(&path)?;
+    Ok((Arc::new(store), key_dir.to_string_lossy().into_owned()))
+}
+
+async fn engine(cli: &Cli) -> Result<Engine<AwsEffects>> {
+    let (store, key_dir) = open_store(cli)?;
+    let effects = AwsEffects::from_environment(ConnectGuard::from_env()).await?;
+    Ok(Engine::new(
+        Arc::new(effects),
+        store,
+        EngineOptions {
+            key_dir,
+            lease_ttl: Duration::from_secs(30),
+        },
+    ))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Diagram { format } => {
+            print!(
+                "{}",
+                match format {
+                    DiagramFormat::Mermaid => diagram::mermaid(),
+                    DiagramFormat::Dot => diagram::dot(),
+                }
+            );
+            Ok(())
+        }
+        Command::Provision { config, json } => {
+            let request = acode_ec2::config::load(config)?;
+            let engine = engine(&cli).await?;
+            let display = ProgressDisplay::new();
+            let outcome = tokio::select! {
+                outcome = engine.provision(request, &display) => outcome,
+                _ = tokio::signal::ctrl_c() => {
+                    display.finish();
+                    let hint = display.session().map_or_else(String::new, |id| {
+                        format!("; session {id} is checkpointed: `acode-ec2 recover` resumes it, `acode-ec2 teardown {id}` removes it")
+                    });
+                    bail!("interrupted{hint}");
+                }
+            };
+            display.finish();
+            let ready = outcome?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&ready)?);
+            } else {
+                println!("session {} is Ready", ready.session_id);
+                println!("  instance  {}{}", ready.instance_id, if ready.was_spot { " (spot)" } else { "" });
+                println!("  ssh       {} (host key {})", ready.ssh_endpoint, ready.host_key_fingerprint);
+                if let Some(path) = &ready.key_path {
+                    println!("  key       {path}");
+                }
+            }
+            Ok(())
+        }
+        Command::Status { session, json } => {
+            let (store, _) = open_store(&cli)?;
+            let summary = match session {
+                Some(id) => store.summary(id)?,
+                None => store.list()?.pop().context("no sessions yet; start one with `acode-ec2 provision`")?,
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print_summary(&summary);
+            }
+            Ok(())
+        }
+        Command::Sessions { json } => {
+            let (store, _) = open_store(&cli)?;
+            let sessions = store.list()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else if sessions.is_empty() {
+                println!("no sessions");
+            } else {
+                println!("{:<36}  {:<19}  {:<20}  {}", "SESSION", "PHASE", "INSTANCE", "PUBLIC IP");
+                for s in &sessions {
+                    println!(
+                        "{:<36}  {:<19}  {:<20}  {}",
+                        s.session_id,
+                        s.phase.name(),
+                        s.instance_id.as_deref().unwrap_or("-"),
+                        s.public_ip.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Teardown { session } => {
+            let engine = engine(&cli).await?;
+            let display = ProgressDisplay::new();
+            let end = engine.teardown(session, &display).await;
+            display.finish();
+            println!("session {session} is {}", end?);
+            Ok(())
+        }
+        Command::Recover => {
+            let engine = engine(&cli).await?;
+            let display = ProgressDisplay::new();
+            let report = engine.recover(&display).await;
+            display.finish();
+            let report = report?;
+            if report.is_empty() {
+                println!("nothing to recover");
+            }
+            let mut failures = 0;
+            for item in report {
+                match item.result {
+                    Ok(phase) => println!("session {} is {phase}", item.session_id),
+                    Err(EngineError::ProvisionFailed { reason, .. }) => {
+                        println!("session {} is Failed (cleaned up): {reason}", item.session_id)
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        println!("session {} not recovered: {e}", item.session_id);
+                    }
+                }
+            }
+            if failures > 0 {
+                bail!("{failures} session(s) could not be recovered; see above");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_summary(s: &SessionSummary) {
+    println!("session   {}", s.session_id);
+    println!("phase     {}", s.phase);
+    println!("instance  {}", s.instance_id.as_deref().unwrap_or("-"));
+    println!("public ip {}", s.public_ip.as_deref().unwrap_or("-"));
+    println!("key       {}", s.key_path.as_deref().unwrap_or("-"));
+    println!("spot      {}", s.was_spot);
+    if let Some(detail) = &s.detail {
+        println!("detail    {detail}");
+    }
+}
+
+/// A live bar with phase and elapsed time on a terminal; plain lines otherwise.
+struct ProgressDisplay {
+    bar: Option<ProgressBar>,
+    last_line: Mutex<String>,
+    session: Mutex<Option<String>>,
+}
+
+impl ProgressDisplay {
+    fn new() -> ProgressDisplay {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(100);
+            let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos:>3}% {prefix:<19} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        ProgressDisplay {
+            bar,
+            last_line: Mutex::new(String::new()),
+            session: Mutex::new(None),
+        }
+    }
+
+    fn session(&self) -> Option<String> {
+        self.session.lock().ok().and_then(|s| s.clone())
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl ProgressSink for ProgressDisplay {
+    fn progress(&self, p: &ProvisionProgress) {
+        if let Ok(mut slot) = self.session.lock() {
+            slot.get_or_insert_with(|| p.session_id.clone());
+        }
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(u64::from(p.percent_complete));
+                bar.set_prefix(p.phase.name());
+                bar.set_message(p.message.clone());
+            }
+            None => {
+                let line = format!("{:<19} {}", p.phase.name(), p.message);
+                let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
+                // Polls repeat the same line; print it once.
+                if *last != line {
+                    eprintln!("[{:>6.1}s] {line}", p.elapsed.as_secs_f64());
+                    *last = line;
+                }
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::phase::{ConsoleFingerprints, KeyPairHandle};
+use super::phase::{ConsoleFingerprints, ImageChoice, KeyPairHandle};
 use super::token::ClientToken;
 
 /// One side effect, as recorded in the intent log before it runs.
@@ -27,7 +27,7 @@ pub enum Effect {
         client_token: ClientToken,
         spot: bool,
         subnet_id: String,
-        ami_id: String,
+        image: ImageChoice,
         key_name: String,
     },
     DescribeInstance {
@@ -60,7 +60,7 @@ pub enum Effect {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "input")]
 pub enum Input {
-    Validated { ami_id: String },
+    Validated { image: ImageChoice },
     /// The request cannot succeed as asked (bad AMI, unknown subnet, …).
     Rejected { code: String, message: String },
     KeyPairReady { key: KeyPairHandle },

@@ -186,7 +186,7 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
             client_token: launch.client_token.clone(),
             spot: matches!(phase, ProvisionPhase::RequestingSpot(_)),
             subnet_id: subnet(ctx, launch.subnet_index),
-            ami_id: launch.ami_id.clone(),
+            image: launch.image.clone(),
             key_name: launch.key.key_name.clone(),
         }),
         ProvisionPhase::WaitingForRunning(p) => Some(Effect::DescribeInstance {
@@ -264,10 +264,10 @@ fn subnet(ctx: &SessionContext, index: usize) -> String {
     ctx.request.subnet_ids.get(index).cloned().unwrap_or_default()
 }
 
-fn launch_attempt(ctx: &SessionContext, ami_id: String, key: KeyPairHandle, attempt: u32, subnet_index: usize, spot: bool) -> LaunchAttempt {
+fn launch_attempt(ctx: &SessionContext, image: ImageChoice, key: KeyPairHandle, attempt: u32, subnet_index: usize, spot: bool) -> LaunchAttempt {
     LaunchAttempt {
         client_token: ClientToken::derive(&ctx.session_id, attempt, spot, &subnet(ctx, subnet_index)),
-        ami_id,
+        image,
         key,
         attempt,
         subnet_index,
@@ -346,19 +346,19 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
             Decision::go(cleanup_from(ctx, phase, failure(reason)))
         }
 
-        (ProvisionPhase::Validating(_), Input::Validated { ami_id }) => {
-            Decision::go(ProvisionPhase::PreparingKeyPair(PreparingKeyPair { ami_id }))
+        (ProvisionPhase::Validating(_), Input::Validated { image }) => {
+            Decision::go(ProvisionPhase::PreparingKeyPair(PreparingKeyPair { image }))
         }
 
         (ProvisionPhase::PreparingKeyPair(p), Input::KeyPairReady { key }) => {
-            let ami_id = p.ami_id.clone();
+            let image = p.image.clone();
             Decision::go(if ctx.request.spot.is_some() {
                 ProvisionPhase::RequestingSpot(RequestingSpot {
-                    launch: launch_attempt(ctx, ami_id, key, 0, 0, true),
+                    launch: launch_attempt(ctx, image.clone(), key.clone(), 0, 0, true),
                 })
             } else {
                 ProvisionPhase::Launching(Launching {
-                    launch: launch_attempt(ctx, ami_id, key, 0, 0, false),
+                    launch: launch_attempt(ctx, image, key, 0, 0, false),
                 })
             })
         }
@@ -381,7 +381,7 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
 
         (ProvisionPhase::RequestingSpot(RequestingSpot { launch }), Input::CapacityUnavailable { code, message }) => {
             let next_subnet = launch.subnet_index + 1;
-            let (ami, key, attempt) = (launch.ami_id.clone(), launch.key.clone(), launch.attempt + 1);
+            let (ami, key, attempt) = (launch.image.clone(), launch.key.clone(), launch.attempt + 1);
             if next_subnet < ctx.request.subnet_ids.len() {
                 return Some(Decision::go(ProvisionPhase::RequestingSpot(RequestingSpot {
                     launch: launch_attempt(ctx, ami, key, attempt, next_subnet, true),
@@ -403,7 +403,7 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
         (ProvisionPhase::Launching(Launching { launch }), Input::CapacityUnavailable { code, message }) => {
             let next_subnet = launch.subnet_index + 1;
             if next_subnet < ctx.request.subnet_ids.len() {
-                let (ami, key, attempt) = (launch.ami_id.clone(), launch.key.clone(), launch.attempt + 1);
+                let (ami, key, attempt) = (launch.image.clone(), launch.key.clone(), launch.attempt + 1);
                 return Some(Decision::go(ProvisionPhase::Launching(Launching {
                     launch: launch_attempt(ctx, ami, key, attempt, next_subnet, false),
                 })));

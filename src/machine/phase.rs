@@ -21,10 +21,18 @@ pub struct KeyPairHandle {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleFingerprints(pub Vec<String>);
 
+/// The image chosen at validation, with what RunInstances needs of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageChoice {
+    pub ami_id: String,
+    /// The root volume's device name (`/dev/xvda`, `/dev/sda1`), for sizing it.
+    pub root_device_name: Option<String>,
+}
+
 /// One RunInstances attempt: a new attempt number means a new `ClientToken`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchAttempt {
-    pub ami_id: String,
+    pub image: ImageChoice,
     pub key: KeyPairHandle,
     pub attempt: u32,
     pub subnet_index: usize,
@@ -44,7 +52,7 @@ pub struct Validating;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreparingKeyPair {
-    pub ami_id: String,
+    pub image: ImageChoice,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

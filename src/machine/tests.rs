@@ -68,6 +68,13 @@ fn shapes() -> Vec<Shape> {
     all
 }
 
+fn image() -> ImageChoice {
+    ImageChoice {
+        ami_id: "ami-1".into(),
+        root_device_name: Some("/dev/xvda".into()),
+    }
+}
+
 fn instance(ctx: &SessionContext) -> LaunchedInstance {
     LaunchedInstance {
         instance_id: "i-0123".into(),
@@ -79,7 +86,7 @@ fn instance(ctx: &SessionContext) -> LaunchedInstance {
 /// A sample of every phase a context can be in, with each kind of data.
 fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     let launch = |subnet_index| LaunchAttempt {
-        ami_id: "ami-1".into(),
+        image: image(),
         key: ctx.planned_key(),
         attempt: 0,
         subnet_index,
@@ -87,7 +94,7 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     };
     let mut all = vec![
         ProvisionPhase::Validating(Validating),
-        ProvisionPhase::PreparingKeyPair(PreparingKeyPair { ami_id: "ami-1".into() }),
+        ProvisionPhase::PreparingKeyPair(PreparingKeyPair { image: image() }),
     ];
     for index in 0..ctx.request.subnet_ids.len() {
         all.push(ProvisionPhase::RequestingSpot(RequestingSpot { launch: launch(index) }));
@@ -130,7 +137,7 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
 
 fn sample_input(kind: InputKind) -> Input {
     match kind {
-        InputKind::Validated => Input::Validated { ami_id: "ami-1".into() },
+        InputKind::Validated => Input::Validated { image: image() },
         InputKind::Rejected => Input::Rejected {
             code: "InvalidAMIID.NotFound".into(),
             message: "no such image".into(),

@@ -27,7 +27,12 @@ fn first_checkpoint(ctx: &SessionContext) -> Checkpoint {
 
 fn validated(ctx: &SessionContext) -> Checkpoint {
     let state = machine::start(ctx).state;
-    let input = Input::Validated { ami_id: "ami-1".into() };
+    let input = Input::Validated {
+        image: machine::ImageChoice {
+            ami_id: "ami-1".into(),
+            root_device_name: None,
+        },
+    };
     let step = machine::step(ctx, &state, input.clone(), NOW).unwrap();
     Checkpoint {
         outcome: Some(input),

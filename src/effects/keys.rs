@@ -1,0 +1,221 @@
+//! Key pairs and private key files.
+//!
+//! Invariants:
+//! - a private key lives only in memory wrapped in `Zeroizing` and in its key
+//!   file (mode 0600, written before the key is ever used); it never reaches a
+//!   log, an event, an error or the database;
+//! - `ensure` is idempotent and repairs a half-done earlier run: EC2 returns
+//!   a created private key exactly once, so a pair whose key file is missing
+//!   is deleted and created again, and a key file without its pair is
+//!   replaced.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+use aws_sdk_ec2::primitives::Blob;
+use aws_sdk_ec2::types::{KeyFormat, KeyType};
+use aws_sdk_ec2::Client;
+use ssh_key::rand_core::UnwrapErr;
+use ssh_key::{Algorithm, LineEnding, PrivateKey};
+use zeroize::Zeroizing;
+
+use super::ec2;
+use crate::machine::{Input, KeyPairHandle, SessionContext, Timestamp};
+use crate::request::{KeyAlgorithm, KeyPairMode};
+
+fn file_failure(what: &str, path: &str, err: std::io::Error) -> Input {
+    Input::Rejected {
+        code: "KeyFile".into(),
+        message: format!("cannot {what} key file {path}: {err}; check the key folder and its permissions"),
+    }
+}
+
+/// Writes a private key to a new file readable only by its owner.
+pub fn write_private_key(path: &str, pem: &Zeroizing<String>) -> std::io::Result<()> {
+    if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(pem.as_bytes())?;
+    if !pem.ends_with('\n') {
+        file.write_all(b"\n")?;
+    }
+    file.sync_all()
+}
+
+fn remove_file_if_present(path: &str) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Generates a key locally: (private key in OpenSSH format, public key line).
+pub fn generate(algorithm: KeyAlgorithm) -> Result<(Zeroizing<String>, String), ssh_key::Error> {
+    let mut rng = UnwrapErr(ssh_key::getrandom::SysRng);
+    let algorithm = match algorithm {
+        KeyAlgorithm::Ed25519 => Algorithm::Ed25519,
+        KeyAlgorithm::Rsa => Algorithm::Rsa { hash: None },
+    };
+    let key = PrivateKey::random(&mut rng, algorithm)?;
+    let public = key.public_key().to_openssh()?;
+    Ok((key.to_openssh(LineEnding::LF)?, public))
+}
+
+fn public_key_of(path: &str) -> Result<String, String> {
+    let key = PrivateKey::read_openssh_file(Path::new(path)).map_err(|e| e.to_string())?;
+    key.public_key().to_openssh().map_err(|e| e.to_string())
+}
+
+pub async fn ensure(ec2: &Client, ctx: &SessionContext, created: Timestamp, key_name: &str, path: Option<&str>) -> Input {
+    let handle = |owned| KeyPairHandle {
+        key_name: key_name.to_string(),
+        owned,
+        private_key_path: path.map(str::to_string),
+    };
+    let exists = match ec2::key_pair_exists(ec2, key_name).await {
+        Ok(exists) => exists,
+        Err(input) => return input,
+    };
+    let (algorithm, import) = match &ctx.request.key_pair {
+        KeyPairMode::Existing { private_key_path, .. } => {
+            if !exists {
+                return Input::Rejected {
+                    code: "InvalidKeyPair.NotFound".into(),
+                    message: format!("key pair {key_name} does not exist in this region; create it or use keyPair mode temporary"),
+                };
+            }
+            if let Err(e) = std::fs::metadata(private_key_path) {
+                return file_failure("read", private_key_path, e);
+            }
+            return Input::KeyPairReady { key: handle(false) };
+        }
+        KeyPairMode::Temporary { algorithm } => (*algorithm, false),
+        KeyPairMode::Import { algorithm } => (*algorithm, true),
+    };
+    let Some(path) = path else {
+        return Input::Rejected {
+            code: "KeyFile".into(),
+            message: "an owned key pair needs a key file path".into(),
+        };
+    };
+    let file_exists = Path::new(path).exists();
+    if exists && file_exists {
+        return Input::KeyPairReady { key: handle(true) };
+    }
+    // Import mode can finish a run that wrote the file but crashed before the import.
+    if import && file_exists {
+        return match public_key_of(path) {
+            Ok(public) => import_pair(ec2, ctx, created, key_name, public).await.map_or_else(|i| i, |()| Input::KeyPairReady { key: handle(true) }),
+            Err(_) => start_over(ec2, ctx, created, key_name, path, algorithm, import).await.unwrap_or_else(|i| i),
+        };
+    }
+    match start_over(ec2, ctx, created, key_name, path, algorithm, import).await {
+        Ok(input) | Err(input) => input,
+    }
+}
+
+/// Deletes whatever half exists, then creates pair and file afresh.
+async fn start_over(
+    ec2: &Client,
+    ctx: &SessionContext,
+    created: Timestamp,
+    key_name: &str,
+    path: &str,
+    algorithm: KeyAlgorithm,
+    import: bool,
+) -> Result<Input, Input> {
+    ec2::delete_key_pair(ec2, key_name).await?;
+    remove_file_if_present(path).map_err(|e| file_failure("remove stale", path, e))?;
+    let ready = Input::KeyPairReady {
+        key: KeyPairHandle {
+            key_name: key_name.to_string(),
+            owned: true,
+            private_key_path: Some(path.to_string()),
+        },
+    };
+    if import {
+        let (private, public) = generate(algorithm).map_err(|e| Input::Rejected {
+            code: "KeyGeneration".into(),
+            message: e.to_string(),
+        })?;
+        // File first: the pair is useless without it, and the import can be redone from it.
+        write_private_key(path, &private).map_err(|e| file_failure("write", path, e))?;
+        import_pair(ec2, ctx, created, key_name, public).await?;
+        return Ok(ready);
+    }
+    let key_type = match algorithm {
+        KeyAlgorithm::Ed25519 => KeyType::Ed25519,
+        KeyAlgorithm::Rsa => KeyType::Rsa,
+    };
+    let out = ec2
+        .create_key_pair()
+        .key_name(key_name)
+        .key_type(key_type)
+        .key_format(KeyFormat::Pem)
+        .tag_specifications(ec2::key_pair_tags(ctx, created))
+        .send()
+        .await
+        .map_err(|e| ec2::key_call_failure(&e))?;
+    let material = Zeroizing::new(out.key_material.unwrap_or_default());
+    if material.is_empty() {
+        return Err(Input::TransientFailure {
+            message: "CreateKeyPair answered without key material".into(),
+        });
+    }
+    write_private_key(path, &material).map_err(|e| file_failure("write", path, e))?;
+    Ok(ready)
+}
+
+async fn import_pair(ec2: &Client, ctx: &SessionContext, created: Timestamp, key_name: &str, public: String) -> Result<(), Input> {
+    match ec2
+        .import_key_pair()
+        .key_name(key_name)
+        .public_key_material(Blob::new(public.into_bytes()))
+        .tag_specifications(ec2::key_pair_tags(ctx, created))
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.as_service_error().and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s)) == Some("InvalidKeyPair.Duplicate") => Ok(()),
+        Err(e) => Err(ec2::key_call_failure(&e)),
+    }
+}
+
+/// Deletes the pair and its key file; both already gone is success.
+pub async fn delete(ec2: &Client, key_name: &str, path: Option<&str>) -> Input {
+    if let Err(input) = ec2::delete_key_pair(ec2, key_name).await {
+        return input;
+    }
+    if let Some(path) = path
+        && let Err(e) = remove_file_if_present(path)
+    {
+        return Input::TransientFailure {
+            message: format!("cannot remove key file {path}: {e}"),
+        };
+    }
+    Input::KeyPairDeleted
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn generated_keys_round_trip_and_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        for algorithm in [KeyAlgorithm::Ed25519, KeyAlgorithm::Rsa] {
+            let (private, public) = generate(algorithm).unwrap();
+            let path = dir.path().join(format!("{}.pem", algorithm.name()));
+            let path = path.to_str().unwrap();
+            write_private_key(path, &private).unwrap();
+            assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(public_key_of(path).unwrap(), public);
+            // Never overwrite: a second write of the same path is refused.
+            assert!(write_private_key(path, &private).is_err());
+        }
+    }
+}

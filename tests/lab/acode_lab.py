@@ -1,0 +1,1439 @@
+#!/usr/bin/env python3
+"""The acode EC2 lab: real EC2 behaviour on 127.0.0.1, with nothing reaching AWS.
+
+moto's EC2 (pinned to moto 5.2.5) answers the API. This program wraps it in a
+WSGI middleware and a few patches of moto's in-process models to add what
+moto lacks: boot/terminate timing, status checks, ClientToken idempotency,
+cloud-init console output with real host keys, spot request behaviour, spot
+placement scores and fault injection. Next to it run a real OpenSSH sshd
+(behind a small TCP gate that can refuse or reset connections) and an
+IMDSv2-style endpoint.
+
+    python tests/lab/acode_lab.py --state-dir DIR [--boot-delay-s F] ...
+
+One JSON ready line goes to stdout; logs go to DIR/lab.log (warnings also to
+stderr). The lab exits on SIGTERM, SIGINT, SIGHUP or EOF on stdin.
+README.md in this directory documents the ready line and the control API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import pwd
+import secrets
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+from xml.sax.saxutils import escape
+
+# moto reads these once, at import (moto 5.2.5 moto/settings.py). With them
+# RunInstances rejects unknown key pairs and AMIs, as EC2 does.
+os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey  # noqa: E402
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key  # noqa: E402
+from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
+from moto.ec2 import utils as moto_ec2_utils  # noqa: E402
+from moto.ec2.models import EC2Backend, ec2_backends  # noqa: E402
+from moto.ec2.models.instances import Instance, InstanceState  # noqa: E402
+from moto.ec2.models.spot_requests import SpotInstanceRequest  # noqa: E402
+from moto.ec2.responses._base_response import EC2BaseResponse  # noqa: E402
+from moto.ec2.utils import random_spot_request_id  # noqa: E402
+from moto.moto_server.werkzeug_app import (  # noqa: E402
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.exceptions import HTTPException  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
+from werkzeug.test import run_wsgi_app  # noqa: E402
+from werkzeug.wrappers import Request, Response  # noqa: E402
+
+log = logging.getLogger("acode-lab")
+
+LOOPBACK = "127.0.0.1"
+REGION = "us-east-1"
+EC2_XMLNS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+# An Amazon Linux 2 image from moto's built-in AMI list (moto/ec2/resources/amis.json.gz).
+LAB_AMI_NAME = "amzn2-ami-hvm-2.0.20180810-x86_64-gp2"
+
+PENDING = ("pending", 0)
+RUNNING = ("running", 16)
+SHUTTING_DOWN = ("shutting-down", 32)
+TERMINATED = ("terminated", 48)
+
+CONSOLE_MODES = ("ok", "wrong-fingerprint", "no-keys")
+SPOT_MODES = ("fulfilled", "capacity-not-available", "price-too-low")
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "boot_delay_s": 0.0,
+    "status_ok_delay_s": 0.0,
+    "terminate_delay_s": 0.0,
+    "console_lag_s": 0.0,
+    "console_mode": "ok",
+    "ssh_start_delay_s": 0.0,
+    "ssh_refuse_s": 0.0,
+    "spot_mode": "fulfilled",
+    "spot_fulfill_delay_s": 0.0,
+    "placement_scores": {"us-east-1a": 9, "us-east-1b": 3},
+}
+
+# HTTP status EC2 uses for an error code; anything else is a client error.
+ERROR_STATUS = {
+    "RequestLimitExceeded": 503,
+    "InsufficientInstanceCapacity": 500,
+    "InternalError": 500,
+    "Unavailable": 503,
+}
+ERROR_MESSAGES = {
+    "RequestLimitExceeded": "Request limit exceeded.",
+    "InsufficientInstanceCapacity": "We currently do not have sufficient capacity "
+    "in the Availability Zone you requested.",
+    "InternalError": "An internal error has occurred.",
+    "Unavailable": "The server is overloaded and can't handle the request.",
+}
+
+# Spot request status codes and messages as DescribeSpotInstanceRequests shows them.
+SPOT_STATUS = {
+    "pending-evaluation": "Your Spot request has been submitted for review, and is pending evaluation.",
+    "pending-fulfillment": "Your Spot request is pending fulfillment.",
+    "fulfilled": "Your spot request is fulfilled.",
+    "capacity-not-available": "There is no Spot capacity available that matches your request.",
+    "price-too-low": "Your Spot request price is lower than the minimum required Spot request fulfillment price.",
+    "marked-for-termination": "Spot Instance is marked for termination.",
+    "canceled-before-fulfillment": "The Spot request was canceled before it was fulfilled.",
+    "request-canceled-and-instance-running": "Spot request canceled but instance is still running.",
+}
+# What RunInstances with InstanceMarketOptions.MarketType=spot answers per spot_mode.
+SPOT_LAUNCH_ERRORS = {
+    "capacity-not-available": (
+        "InsufficientInstanceCapacity",
+        "There is no Spot capacity available that matches your request.",
+    ),
+    "price-too-low": (
+        "SpotMaxPriceTooLow",
+        "Your Spot request price is lower than the minimum required Spot request fulfillment price.",
+    ),
+}
+
+
+class BadRequest(Exception):
+    """A control-API request the lab rejects with HTTP 400."""
+
+
+# --------------------------------------------------------------------------
+# EC2 wire format helpers
+# --------------------------------------------------------------------------
+
+
+def ec2_error_xml(code: str, message: str) -> str:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{escape(code)}</Code>"
+        f"<Message>{escape(message)}</Message></Error></Errors>"
+        f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+    )
+
+
+def ec2_error_response(code: str, message: str | None = None, status: int | None = None) -> Response:
+    body = ec2_error_xml(code, message or ERROR_MESSAGES.get(code, f"{code} (injected by the acode lab)"))
+    return Response(body, status=status or ERROR_STATUS.get(code, 400), content_type="text/xml;charset=UTF-8")
+
+
+def ec2_result_response(action: str, inner_xml: str) -> Response:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<{action}Response xmlns="{EC2_XMLNS}"><requestId>{uuid.uuid4()}</requestId>'
+        f"{inner_xml}</{action}Response>"
+    )
+    return Response(body, status=200, content_type="text/xml;charset=UTF-8")
+
+
+class Ec2HttpError(HTTPException):
+    """An EC2 error raised from inside moto's request handling.
+
+    moto 5.2.5 (core/responses.py, BaseResponse.call_action) answers a werkzeug
+    HTTPException with its `description` as body and its `code` as status, so
+    this gives the lab's own error XML and any status (a moto ServiceException
+    would always be 400).
+    """
+
+    def __init__(self, code: str, message: str, status: int | None = None):
+        super().__init__(description=ec2_error_xml(code, message))
+        self.code = status or ERROR_STATUS.get(code, 400)
+
+    def get_headers(self, environ: Any = None, scope: Any = None) -> list[tuple[str, str]]:
+        return [("Content-Type", "text/xml;charset=UTF-8")]
+
+
+def utc_iso(when: datetime.datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def request_fingerprint(form: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """What makes two RunInstances calls "the same request" for ClientToken idempotency."""
+    return tuple(sorted((k, v) for k, v in form.items() if k != "ClientToken"))
+
+
+def form_values(form: dict[str, str], prefix: str) -> list[str]:
+    """Values of a query-protocol list such as RegionName.1, RegionName.2, ..."""
+    return [v for k, v in sorted(form.items()) if k.startswith(prefix + ".")]
+
+
+# --------------------------------------------------------------------------
+# Host keys and console output
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HostKey:
+    key_type: str  # "ssh-ed25519" or "ssh-rsa"
+    blob_b64: str
+    bits: int
+
+    @classmethod
+    def from_public_file(cls, path: Path) -> HostKey:
+        key_type, blob_b64 = path.read_text().split()[:2]
+        public_key = load_ssh_public_key(f"{key_type} {blob_b64}".encode())
+        bits = public_key.key_size if isinstance(public_key, RSAPublicKey) else 256
+        return cls(key_type, blob_b64, bits)
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenSSH's SHA256 fingerprint, the token `ssh-keygen -lf` prints."""
+        digest = hashlib.sha256(base64.b64decode(self.blob_b64)).digest()
+        return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+    @property
+    def label(self) -> str:
+        return {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA"}[self.key_type]
+
+
+def generate_key_pair(path: Path) -> list[HostKey]:
+    """Creates an ed25519 and an RSA-3072 key under `path`, unless they exist; returns the public halves."""
+    keys = []
+    for key_type, extra in (("ed25519", []), ("rsa", ["-b", "3072"])):
+        key_file = path.with_name(f"{path.name}_{key_type}_key")
+        if not key_file.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", key_type, *extra, "-N", "", "-C", "root@acode-lab", "-f", str(key_file)],
+                check=True,
+                stdin=subprocess.DEVNULL,
+            )
+        keys.append(HostKey.from_public_file(key_file.with_suffix(".pub")))
+    return keys
+
+
+KERNEL_NOISE = [
+    b"[    0.000000] Linux version 5.10.223-211.872.amzn2.x86_64 (mockbuild@ip-10-0-43-74) (gcc10-gcc (GCC) 10.5.0) #1 SMP",
+    b"[    0.000000] Command line: BOOT_IMAGE=/boot/vmlinuz-5.10.223 root=UUID=9ad4d5b1 ro console=tty0 console=ttyS0,115200n8",
+    b"[    0.000000] x86/fpu: Supporting XSAVE feature 0x001: 'x87 floating point registers'",
+    b"[    0.412217] ACPI: Early table checksum verification disabled",
+    # Serial consoles carry stray bytes; 0xff and 0xfe are never valid UTF-8.
+    b"[    0.861034] serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A \xff\xfe",
+    b"[    1.502336] EXT4-fs (nvme0n1p1): mounted filesystem with ordered data mode. Opts: (null)",
+    b"[\x1b[0;32m  OK  \x1b[0m] Started OpenSSH server daemon.",
+    b"Cloud-init v. 19.3-46.amzn2 running 'modules:final' at Mon, 01 Jan 2024 00:00:12 +0000. Up 12.34 seconds.",
+]
+
+
+def render_console(hostname: str, keys: list[HostKey] | None) -> bytes:
+    """cloud-init style console text: kernel noise, then (unless keys is None) the host key blocks; CRLF ends."""
+    lines = list(KERNEL_NOISE)
+    if keys is not None:
+        lines.append(b"ec2: #############################################################")
+        lines.append(b"ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----")
+        lines += [f"ec2: {k.bits} {k.fingerprint} root@{hostname} ({k.label})".encode() for k in keys]
+        lines.append(b"ec2: -----END SSH HOST KEY FINGERPRINTS-----")
+        lines.append(b"ec2: #############################################################")
+        lines.append(b"-----BEGIN SSH HOST KEY KEYS-----")
+        lines += [f"{k.key_type} {k.blob_b64} root@{hostname}".encode() for k in keys]
+        lines.append(b"-----END SSH HOST KEY KEYS-----")
+    lines.append(b"Cloud-init v. 19.3-46.amzn2 finished at Mon, 01 Jan 2024 00:00:13 +0000. Up 13.02 seconds")
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def instance_hostname(instance: Instance) -> str:
+    return "ip-" + (instance.private_ip or "10-0-0-1").replace(".", "-")
+
+
+# --------------------------------------------------------------------------
+# Lab state
+# --------------------------------------------------------------------------
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise BadRequest(f"config key '{key}': expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def validate(key: str, value: Any) -> str:
+        if value not in choices:
+            raise BadRequest(f"config key '{key}': expected one of {list(choices)}, got {value!r}")
+        return value
+
+    return validate
+
+
+def _scores(key: str, value: Any) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(
+        isinstance(az, str) and type(score) is int and 1 <= score <= 10 for az, score in value.items()
+    ):
+        raise BadRequest(f"config key '{key}': expected a map of availability zone to an integer 1..10")
+    return dict(value)
+
+
+CONFIG_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
+    "boot_delay_s": _number,
+    "status_ok_delay_s": _number,
+    "terminate_delay_s": _number,
+    "console_lag_s": _number,
+    "console_mode": _choice(CONSOLE_MODES),
+    "ssh_start_delay_s": _number,
+    "ssh_refuse_s": _number,
+    "spot_mode": _choice(SPOT_MODES),
+    "spot_fulfill_delay_s": _number,
+    "placement_scores": _scores,
+}
+
+
+def validate_config(changes: Any) -> dict[str, Any]:
+    if not isinstance(changes, dict):
+        raise BadRequest("config: expected a JSON object")
+    unknown = sorted(set(changes) - set(CONFIG_VALIDATORS))
+    if unknown:
+        raise BadRequest(f"unknown config key '{unknown[0]}'")
+    return {key: CONFIG_VALIDATORS[key](key, value) for key, value in changes.items()}
+
+
+@dataclasses.dataclass
+class FaultRule:
+    action: str
+    remaining: int = 1
+    code: str | None = None
+    http_status: int | None = None
+    message: str | None = None
+    subnet_id: str | None = None
+    availability_zone: str | None = None
+    latency_ms: float = 0.0
+    drop_connection: bool = False
+    # "before": the call never reaches moto. "after": moto runs it (the instance
+    # exists), then the fault replaces the answer, as when a response is lost.
+    when: str = "before"
+
+    FIELD_TYPES = {
+        "action": str,
+        "count": int,
+        "code": str,
+        "http_status": int,
+        "message": str,
+        "subnet_id": str,
+        "availability_zone": str,
+        "latency_ms": (int, float),
+        "drop_connection": bool,
+        "when": str,
+    }
+
+    @classmethod
+    def parse(cls, body: Any) -> FaultRule:
+        if not isinstance(body, dict):
+            raise BadRequest("fault: expected a JSON object")
+        for key, value in body.items():
+            expected = cls.FIELD_TYPES.get(key)
+            if expected is None:
+                raise BadRequest(f"unknown fault key '{key}'")
+            if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                raise BadRequest(f"fault key '{key}': wrong type {type(value).__name__}")
+        if "action" not in body:
+            raise BadRequest("fault key 'action' is required")
+        fields = dict(body)
+        rule = cls(remaining=fields.pop("count", 1), **fields)
+        if rule.remaining < 1 or rule.latency_ms < 0 or rule.when not in ("before", "after"):
+            raise BadRequest("fault: count must be >= 1, latency_ms >= 0, when 'before' or 'after'")
+        if not (rule.code or rule.http_status or rule.latency_ms or rule.drop_connection):
+            raise BadRequest("fault: give at least one of code, http_status, latency_ms, drop_connection")
+        return rule
+
+    def matches(self, action: str, subnet_id: str | None, availability_zone: str | None) -> bool:
+        return (
+            self.action == action
+            and self.subnet_id in (None, subnet_id)
+            and self.availability_zone in (None, availability_zone)
+        )
+
+    def error_response(self) -> Response | None:
+        if self.code:
+            return ec2_error_response(self.code, self.message, self.http_status)
+        if self.http_status:
+            return Response(b"", status=self.http_status)  # a bare server error, no EC2 XML
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class InstanceTimeline:
+    """When a launched instance reaches each state; fixed from the config at launch/terminate time."""
+
+    instance: Instance
+    running_at: float
+    status_ok_at: float
+    console_at: float
+    terminated_at: float | None = None
+
+    def state(self, now: float) -> tuple[str, int]:
+        # Strict comparisons: even with zero delays the RunInstances answer says
+        # pending and the TerminateInstances one shutting-down, as EC2's do.
+        if self.terminated_at is not None:
+            return TERMINATED if now > self.terminated_at else SHUTTING_DOWN
+        return RUNNING if now > self.running_at else PENDING
+
+
+@dataclasses.dataclass
+class TokenRecord:
+    fingerprint: tuple[tuple[str, str], ...]
+    reservation: Any
+
+
+@dataclasses.dataclass
+class SpotTimeline:
+    request: SpotInstanceRequest
+    fulfill_at: float
+
+
+class Lab:
+    """All lab state. Every method takes `lock`, which is re-entrant because moto calls back into the lab."""
+
+    def __init__(
+        self,
+        backend: EC2Backend,
+        config: dict[str, Any],
+        host_keys: list[HostKey],
+        mitm_keys: list[HostKey],
+        authorized_keys_path: Path,
+    ):
+        self.lock = threading.RLock()
+        self.backend = backend
+        self.config = config
+        self.host_keys = host_keys
+        self.mitm_keys = mitm_keys
+        self.authorized_keys_path = authorized_keys_path
+        self.authorized_keys: list[str] = []
+        self.faults: list[FaultRule] = []
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.instances: dict[str, InstanceTimeline] = {}
+        self.tokens: dict[str, TokenRecord] = {}
+        self.spot_requests: dict[str, SpotTimeline] = {}
+        self.instance_action: dict[str, str] | None = None
+        self.last_launch_at: float | None = None
+        self.latest_instance_id: str | None = None
+        self.imds_tokens: dict[str, float] = {}
+        self.on_launch: Callable[[], None] = lambda: None  # the SSH gate's hook
+        authorized_keys_path.write_text("")
+        authorized_keys_path.chmod(0o600)
+
+    # -- config, counters, faults ------------------------------------------
+
+    def update_config(self, changes: Any) -> dict[str, Any]:
+        valid = validate_config(changes)
+        with self.lock:
+            self.config.update(valid)
+            log.info("config updated: %s", valid)
+            return self.config_snapshot()
+
+    def config_snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return json.loads(json.dumps(self.config))
+
+    def count(self, action: str) -> None:
+        with self.lock:
+            self.counters[action] += 1
+
+    def add_fault(self, rule: FaultRule) -> None:
+        with self.lock:
+            self.faults.append(rule)
+            log.info("fault added: %s", rule)
+
+    def take_fault(self, action: str, form: dict[str, str]) -> FaultRule | None:
+        """The first rule matching this call, with one use consumed."""
+        subnet_id = form.get("SubnetId") or form.get("NetworkInterface.1.SubnetId") or form.get(
+            "LaunchSpecification.SubnetId"
+        )
+        with self.lock:
+            if not any(rule.action == action for rule in self.faults):
+                return None
+            zone = self._request_zone(form, subnet_id)
+            for rule in self.faults:
+                if rule.matches(action, subnet_id, zone):
+                    rule.remaining -= 1
+                    if rule.remaining == 0:
+                        self.faults.remove(rule)
+                    log.info("fault fires on %s: %s", action, rule)
+                    return rule
+        return None
+
+    def _request_zone(self, form: dict[str, str], subnet_id: str | None) -> str | None:
+        zone = form.get("Placement.AvailabilityZone") or form.get("LaunchSpecification.Placement.AvailabilityZone")
+        if zone or not subnet_id:
+            return zone
+        try:
+            return self.backend.get_subnet(subnet_id).availability_zone
+        except Exception:  # moto raises InvalidSubnetIdError; the call itself will report it
+            return None
+
+    # -- the timeline --------------------------------------------------------
+
+    def advance(self) -> None:
+        """Brings moto's objects up to date with the lab timeline; runs before every EC2 call."""
+        now = time.monotonic()
+        with self.lock:
+            for timeline in self.instances.values():
+                self._apply(timeline, now)
+            for spot in list(self.spot_requests.values()):
+                self._advance_spot(spot, now)
+
+    def _apply(self, timeline: InstanceTimeline, now: float) -> None:
+        instance = timeline.instance
+        if instance.state in ("stopping", "stopped"):
+            return  # moto's own stop/start; the lab does not model them
+        name, code = timeline.state(now)
+        if instance.state != name:
+            # A new object, never an in-place edit: moto threads may be serializing the old one.
+            instance._state = InstanceState(name, code)
+        instance.lab_checks_ok = now > timeline.status_ok_at
+
+    def _advance_spot(self, spot: SpotTimeline, now: float) -> None:
+        request = spot.request
+        if request.state != "open":
+            return
+        mode = self.config["spot_mode"]
+        if mode != "fulfilled":
+            self._set_spot_status(request, mode)
+        elif now > spot.fulfill_at:
+            request.lab_release = True
+            request.instance = request.launch_instance()
+            request.state = "active"
+            self._set_spot_status(request, "fulfilled")
+            log.info("spot request %s fulfilled by %s", request.id, request.instance.id)
+        else:
+            self._set_spot_status(request, "pending-fulfillment")
+
+    @staticmethod
+    def _set_spot_status(request: SpotInstanceRequest, code: str) -> None:
+        request._status_code = code
+        request.status_message = SPOT_STATUS[code]
+
+    # -- hooks called from inside moto ----------------------------------------
+
+    def launch(self, run: Callable[..., Any], backend: EC2Backend, args: tuple, kwargs: dict) -> Any:
+        """Wraps moto's run_instances: idempotency, pending state, spot refusals, key install."""
+        form = take_launch_form()
+        token = form.get("ClientToken") if form else None
+        with self.lock:
+            if token and token in self.tokens:
+                return self._replay(self.tokens[token], request_fingerprint(form))
+            if form and form.get("InstanceMarketOptions.MarketType") == "spot":
+                self._refuse_spot_launch()
+            reservation = run(backend, *args, **kwargs)
+            now = time.monotonic()
+            for instance in reservation.instances:
+                instance.client_token = token  # moto 5.2.5 stores "ABCDE" when no token was sent
+                self._track(instance, now)
+                if form and instance.lifecycle == "spot":
+                    self._attach_spot_request(backend, instance, form)
+            if token:
+                self.tokens[token] = TokenRecord(request_fingerprint(form), reservation)
+            self.last_launch_at = now
+            self.on_launch()
+            self._install_key(backend, kwargs.get("key_name"))
+            log.info("launched %s (token %s)", [i.id for i in reservation.instances], token)
+            return reservation
+
+    def _replay(self, record: TokenRecord, fingerprint: tuple) -> Any:
+        if record.fingerprint != fingerprint:
+            raise Ec2HttpError(
+                "IdempotentParameterMismatch",
+                "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
+            )
+        if any(i.state in ("shutting-down", "terminated") for i in record.reservation.instances):
+            raise Ec2HttpError(
+                "IdempotentInstanceTerminated",
+                "The client token has already been used for an instance that has been terminated.",
+            )
+        return record.reservation
+
+    def _refuse_spot_launch(self) -> None:
+        refusal = SPOT_LAUNCH_ERRORS.get(self.config["spot_mode"])
+        if refusal:
+            raise Ec2HttpError(*refusal)
+
+    def _track(self, instance: Instance, now: float) -> None:
+        running_at = now + self.config["boot_delay_s"]
+        timeline = InstanceTimeline(
+            instance,
+            running_at=running_at,
+            status_ok_at=running_at + self.config["status_ok_delay_s"],
+            console_at=running_at + self.config["console_lag_s"],
+        )
+        self.instances[instance.id] = timeline
+        self.latest_instance_id = instance.id
+        self._apply(timeline, now)
+
+    def _attach_spot_request(self, backend: EC2Backend, instance: Instance, form: dict[str, str]) -> None:
+        """EC2 backs a RunInstances spot launch with a one-time spot request; moto 5.2.5 does not."""
+        request = SpotInstanceRequest(
+            ec2_backend=backend,
+            spot_request_id=random_spot_request_id(),
+            price=form.get("InstanceMarketOptions.SpotOptions.MaxPrice"),
+            image_id=instance.image_id,
+            spot_instance_type=form.get("InstanceMarketOptions.SpotOptions.SpotInstanceType", "one-time"),
+            valid_from=None,
+            valid_until=None,
+            launch_group=None,
+            availability_zone_group=None,
+            key_name=instance.key_name,
+            security_groups=[],
+            user_data=None,
+            instance_type=instance.instance_type,
+            placement=instance.placement.zone,
+            kernel_id=None,
+            ramdisk_id=None,
+            monitoring_enabled=False,
+            subnet_id=instance.subnet_id,
+            tags={},
+            spot_fleet_id=None,
+            instance_interruption_behaviour=form.get("InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"),
+        )
+        request.instance = instance
+        self._set_spot_status(request, "fulfilled")
+        backend.spot_instance_requests[request.id] = request
+        instance.spot_instance_request_id = request.id
+
+    def _install_key(self, backend: EC2Backend, key_name: str | None) -> None:
+        """Appends the key pair's public key to sshd's authorized_keys, as cloud-init would."""
+        key_pair = backend.key_pairs.get(key_name) if key_name else None
+        if key_pair is None:
+            return
+        key_type, blob = key_pair.public_key.split()[:2]
+        if any(line.split()[:2] == [key_type, blob] for line in self.authorized_keys):
+            return
+        self.authorized_keys.append(f"{key_type} {blob} {key_name}")
+        staging = self.authorized_keys_path.with_suffix(".tmp")
+        staging.write_text("".join(line + "\n" for line in self.authorized_keys))
+        staging.chmod(0o600)
+        os.replace(staging, self.authorized_keys_path)
+
+    def begin_termination(self, results: list[tuple[Instance, InstanceState]]) -> None:
+        """moto 5.2.5 terminates at once; the lab turns that into shutting-down, then terminated."""
+        now = time.monotonic()
+        with self.lock:
+            for instance, _previous in results:
+                timeline = self.instances.get(instance.id)
+                if timeline is None:
+                    continue
+                if timeline.terminated_at is None:
+                    timeline.terminated_at = now + self.config["terminate_delay_s"]
+                self._apply(timeline, now)
+
+    def track_spot_requests(self, requests: list[SpotInstanceRequest]) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for request in requests:
+                request.state = "open"
+                self._set_spot_status(request, "pending-evaluation")
+                self.spot_requests[request.id] = SpotTimeline(request, now + self.config["spot_fulfill_delay_s"])
+
+    def cancel_spot_requests(self, backend: EC2Backend, request_ids: list[str]) -> list[SpotInstanceRequest]:
+        """Keeps cancelled requests visible as `cancelled` (moto 5.2.5 deletes them)."""
+        with self.lock:
+            missing = [rid for rid in request_ids if rid not in backend.spot_instance_requests]
+            if missing:
+                raise Ec2HttpError(
+                    "InvalidSpotInstanceRequestID.NotFound",
+                    f"The spot instance request ID '{missing[0]}' does not exist",
+                )
+            requests = [backend.spot_instance_requests[rid] for rid in request_ids]
+            for request in requests:
+                if request.state in ("open", "active"):
+                    running = request.instance is not None
+                    self._set_spot_status(
+                        request, "request-canceled-and-instance-running" if running else "canceled-before-fulfillment"
+                    )
+                request.state = "cancelled"
+            return requests
+
+    # -- spot interruption and IMDS -------------------------------------------
+
+    def interrupt(self, instance_id: str | None) -> dict[str, Any]:
+        self.advance()
+        with self.lock:
+            when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=2)
+            self.instance_action = {"action": "terminate", "time": utc_iso(when)}
+            marked = []
+            for request in self.backend.spot_instance_requests.values():
+                target = request.instance
+                if request.state == "active" and target and instance_id in (None, target.id):
+                    self._set_spot_status(request, "marked-for-termination")
+                    marked.append(request.id)
+            log.info("spot interruption: %s, marked %s", self.instance_action, marked)
+            return {"instance_action": self.instance_action, "marked_requests": marked}
+
+    def imds_issue_token(self, ttl_s: int) -> str:
+        token = secrets.token_urlsafe(32)
+        with self.lock:
+            self.imds_tokens[token] = time.monotonic() + ttl_s
+        return token
+
+    def imds_token_valid(self, token: str | None) -> bool:
+        with self.lock:
+            return token is not None and self.imds_tokens.get(token, 0.0) > time.monotonic()
+
+    def imds_get(self, path: str) -> tuple[int, str]:
+        with self.lock:
+            if path == "/latest/meta-data/spot/instance-action" and self.instance_action:
+                return 200, json.dumps(self.instance_action)
+            if path == "/latest/meta-data/instance-id" and self.latest_instance_id:
+                return 200, self.latest_instance_id
+        return 404, ""
+
+    # -- views -----------------------------------------------------------------
+
+    def console_output(self, instance_id: str) -> tuple[bool, bytes | None]:
+        """(known, output): output is None until console_lag_s after the instance runs."""
+        with self.lock:
+            timeline = self.instances.get(instance_id)
+            if timeline is None:
+                return False, None
+            if time.monotonic() <= timeline.console_at:
+                return True, None
+            mode = self.config["console_mode"]
+            keys = {"ok": self.host_keys, "wrong-fingerprint": self.mitm_keys, "no-keys": None}[mode]
+            return True, render_console(instance_hostname(timeline.instance), keys)
+
+    def ssh_gate_mode(self) -> str:
+        """"closed" (refused), "reset" (accepted then reset) or "open", measured from the latest launch."""
+        with self.lock:
+            if self.last_launch_at is None:
+                return "open"
+            age = time.monotonic() - self.last_launch_at
+            if age < self.config["ssh_start_delay_s"]:
+                return "closed"
+            if age < self.config["ssh_refuse_s"]:
+                return "reset"
+            return "open"
+
+    def instances_view(self) -> list[dict[str, Any]]:
+        self.advance()
+        with self.lock:
+            return [
+                {
+                    "instance_id": i.id,
+                    "state": i.state,
+                    "client_token": i.client_token,
+                    "key_name": i.key_name,
+                    "subnet_id": i.subnet_id,
+                    "tags": {t["key"]: t["value"] for t in i.get_tags()},
+                    "lifecycle": i.lifecycle or "on-demand",
+                }
+                for i in self.backend.all_instances()
+            ]
+
+    def placement_scores(self, form: dict[str, str]) -> Response:
+        """GetSpotPlacementScores, which moto 5.2.5 does not implement."""
+        if "TargetCapacity" not in form:
+            return ec2_error_response("MissingParameter", "The request must contain the parameter TargetCapacity")
+        with self.lock:
+            scores = dict(self.config["placement_scores"])
+        items = []
+        if REGION in (form_values(form, "RegionName") or [REGION]):
+            if form.get("SingleAvailabilityZone") == "true":
+                # EC2 names zones by ID here (use1-az6), not by name (us-east-1a).
+                zone_ids = {z.name: z.zone_id for z in self.backend.describe_availability_zones()}
+                ranked = sorted(scores.items(), key=lambda item: -item[1])
+                items = [
+                    f"<item><region>{REGION}</region><availabilityZoneId>{zone_ids[az]}</availabilityZoneId>"
+                    f"<score>{score}</score></item>"
+                    for az, score in ranked
+                    if az in zone_ids
+                ]
+            else:
+                items = [f"<item><region>{REGION}</region><score>{max(scores.values(), default=1)}</score></item>"]
+        return ec2_result_response("GetSpotPlacementScores", f"<spotPlacementScoreSet>{''.join(items)}</spotPlacementScoreSet>")
+
+
+# --------------------------------------------------------------------------
+# Patches of moto 5.2.5 internals
+# --------------------------------------------------------------------------
+
+_launch_request = threading.local()
+
+
+@contextlib.contextmanager
+def launch_request(form: dict[str, str]):
+    """Hands a RunInstances form to Lab.launch, which moto calls in this same thread."""
+    _launch_request.form = form
+    try:
+        yield
+    finally:
+        _launch_request.form = None
+
+
+def take_launch_form() -> dict[str, str] | None:
+    """The RunInstances form, once; None for moto's internal launches (spot requests)."""
+    form = getattr(_launch_request, "form", None)
+    _launch_request.form = None
+    return form
+
+
+def _status_checks(instance: Instance) -> dict[str, Any]:
+    if instance.state_code != RUNNING[1]:
+        return {"Status": "not-applicable"}
+    ok = getattr(instance, "lab_checks_ok", True)
+    return {
+        "Status": "ok" if ok else "initializing",
+        "Details": [{"Name": "reachability", "Status": "passed" if ok else "initializing"}],
+    }
+
+
+def install_moto_patches(lab: Lab) -> None:
+    """Routes moto's EC2 model calls through the lab. Each patch targets moto 5.2.5."""
+    run_instances = EC2Backend.run_instances
+    terminate_instances = EC2Backend.terminate_instances
+    request_spot_instances = EC2Backend.request_spot_instances
+    launch_spot_instance = SpotInstanceRequest.launch_instance
+
+    # InstanceBackend.run_instances: every launch, including spot fulfilment.
+    def patched_run_instances(backend: EC2Backend, *args: Any, **kwargs: Any) -> Any:
+        return lab.launch(run_instances, backend, args, kwargs)
+
+    # InstanceBackend.terminate_instances sets `terminated` at once.
+    def patched_terminate_instances(backend: EC2Backend, instance_ids: list[str]) -> Any:
+        with lab.lock:
+            results = terminate_instances(backend, instance_ids)
+            lab.begin_termination(results)
+            return results
+
+    # SpotRequestBackend.request_spot_instances fulfils at once.
+    def patched_request_spot_instances(backend: EC2Backend, *args: Any, **kwargs: Any) -> Any:
+        with lab.lock:
+            requests = request_spot_instances(backend, *args, **kwargs)
+            lab.track_spot_requests(requests)
+            return requests
+
+    # SpotRequestBackend.cancel_spot_instance_requests deletes the requests.
+    def patched_cancel_spot_instance_requests(backend: EC2Backend, request_ids: list[str]) -> Any:
+        return lab.cancel_spot_requests(backend, request_ids)
+
+    # SpotInstanceRequest.__init__ calls launch_instance(); the lab launches later,
+    # when its timeline sets lab_release.
+    def patched_launch_instance(request: SpotInstanceRequest) -> Instance | None:
+        return launch_spot_instance(request) if getattr(request, "lab_release", False) else None
+
+    EC2Backend.run_instances = patched_run_instances
+    EC2Backend.terminate_instances = patched_terminate_instances
+    EC2Backend.request_spot_instances = patched_request_spot_instances
+    EC2Backend.cancel_spot_instance_requests = patched_cancel_spot_instance_requests
+    SpotInstanceRequest.launch_instance = patched_launch_instance
+    # SpotInstanceRequest.instance_id assumes an instance exists.
+    SpotInstanceRequest.instance_id = property(lambda r: r.instance.id if r.instance else None)
+    # Instance.instance_status / system_status say "ok" as soon as the instance runs.
+    Instance.instance_status = property(_status_checks)
+    Instance.system_status = property(_status_checks)
+    # The `client-token` filter raises NotImplementedError (HTTP 500); map it to
+    # the attribute Lab.launch keeps accurate.
+    moto_ec2_utils.filter_dict_attribute_mapping["client-token"] = "client_token"
+    # RunInstances answers always claim "pending"; drop that so an idempotent
+    # replay shows the instance's current state (a new launch is pending anyway).
+    EC2BaseResponse.RESPONSE_KEY_PATH_TO_TRANSFORMER.pop("RunInstances.Reservation.Instances.Instance.State")
+
+
+# --------------------------------------------------------------------------
+# HTTP: the EC2 middleware and the control API
+# --------------------------------------------------------------------------
+
+
+def drop_connection(environ: dict[str, Any]) -> None:
+    """Closes the client's socket with no response at all; the client sees EOF."""
+    environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
+    # werkzeug's request handler treats ConnectionError as a vanished client and writes nothing.
+    raise ConnectionAbortedError("acode lab: drop_connection fault")
+
+
+class Ec2Middleware:
+    """Sits in front of moto: control API, counters, faults, and the actions the lab answers itself."""
+
+    def __init__(self, lab: Lab, moto_app: Callable, control: Callable):
+        self.lab = lab
+        self.moto_app = moto_app
+        self.control = control
+        self.own_actions = {
+            "GetConsoleOutput": self._console_output,
+            "GetSpotPlacementScores": self.lab.placement_scores,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
+        if environ.get("PATH_INFO", "").startswith("/_lab/"):
+            return self.control(environ, start_response)
+        form = self._read_form(environ)
+        action = form.get("Action")
+        if not action:
+            return self.moto_app(environ, start_response)
+        self.lab.count(action)
+        rule = self.lab.take_fault(action, form)
+        response = self._faulted(rule, action, form, environ) if rule else self._answer(action, form, environ)
+        return response(environ, start_response)
+
+    @staticmethod
+    def _read_form(environ: dict[str, Any]) -> dict[str, str]:
+        """Parses the query-protocol form and puts the body back for moto."""
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        text = body.decode("utf-8", "replace") or environ.get("QUERY_STRING", "")
+        return dict(parse_qsl(text, keep_blank_values=True))
+
+    def _faulted(self, rule: FaultRule, action: str, form: dict[str, str], environ: dict[str, Any]) -> Response:
+        answer = self._answer(action, form, environ) if rule.when == "after" else None
+        time.sleep(rule.latency_ms / 1000.0)
+        if rule.drop_connection:
+            drop_connection(environ)
+        error = rule.error_response()
+        if error is not None:
+            return error
+        return answer if answer is not None else self._answer(action, form, environ)
+
+    def _answer(self, action: str, form: dict[str, str], environ: dict[str, Any]) -> Response:
+        self.lab.advance()
+        own = self.own_actions.get(action)
+        if own is not None:
+            response = own(form)
+            if response is not None:
+                return response
+        if action == "RunInstances":
+            with launch_request(form):
+                return self._call_moto(environ)
+        return self._call_moto(environ)
+
+    def _call_moto(self, environ: dict[str, Any]) -> Response:
+        app_iter, status, headers = run_wsgi_app(self.moto_app, environ, buffered=True)
+        try:
+            body = b"".join(app_iter)
+        finally:
+            if hasattr(app_iter, "close"):
+                app_iter.close()
+        return Response(body, status=status, headers=headers)
+
+    def _console_output(self, form: dict[str, str]) -> Response | None:
+        instance_id = form.get("InstanceId", "")
+        known, output = self.lab.console_output(instance_id)
+        if not known:
+            return None  # moto answers InvalidInstanceID.NotFound
+        now = utc_iso(datetime.datetime.now(datetime.timezone.utc))
+        inner = f"<instanceId>{escape(instance_id)}</instanceId><timestamp>{now}</timestamp>"
+        if output is not None:
+            inner += f"<output>{base64.b64encode(output).decode()}</output>"
+        return ec2_result_response("GetConsoleOutput", inner)
+
+
+class ControlApi:
+    """JSON over HTTP under /_lab/ (see README.md)."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.routes: dict[tuple[str, str], Callable[[Request], Any]] = {
+            ("GET", "/_lab/health"): lambda req: {"ok": True},
+            ("GET", "/_lab/config"): lambda req: lab.config_snapshot(),
+            ("POST", "/_lab/config"): lambda req: lab.update_config(self._json(req)),
+            ("GET", "/_lab/faults"): self._list_faults,
+            ("POST", "/_lab/faults"): self._add_fault,
+            ("DELETE", "/_lab/faults"): self._clear_faults,
+            ("GET", "/_lab/counters"): self._counters,
+            ("POST", "/_lab/counters/reset"): self._reset_counters,
+            ("POST", "/_lab/spot/interrupt"): self._interrupt,
+            ("GET", "/_lab/instances"): lambda req: lab.instances_view(),
+            ("GET", "/_lab/authorized_keys"): self._authorized_keys,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
+        request = Request(environ)
+        handler = self.routes.get((request.method, request.path))
+        if handler is None:
+            status, payload = 404, {"error": f"no control endpoint {request.method} {request.path}"}
+        else:
+            try:
+                status, payload = 200, handler(request)
+            except BadRequest as error:
+                status, payload = 400, {"error": str(error)}
+        return Response(json.dumps(payload), status=status, mimetype="application/json")(environ, start_response)
+
+    @staticmethod
+    def _json(request: Request, default: Any = None) -> Any:
+        raw = request.get_data(as_text=True)
+        if not raw.strip():
+            if default is None:
+                raise BadRequest("expected a JSON body")
+            return default
+        try:
+            return json.loads(raw)
+        except ValueError as error:
+            raise BadRequest(f"bad JSON: {error}") from None
+
+    def _list_faults(self, request: Request) -> list[dict[str, Any]]:
+        with self.lab.lock:
+            return [rule.to_json() for rule in self.lab.faults]
+
+    def _add_fault(self, request: Request) -> dict[str, Any]:
+        rule = FaultRule.parse(self._json(request))
+        self.lab.add_fault(rule)
+        return rule.to_json()
+
+    def _clear_faults(self, request: Request) -> dict[str, Any]:
+        with self.lab.lock:
+            self.lab.faults.clear()
+        return {"ok": True}
+
+    def _counters(self, request: Request) -> dict[str, int]:
+        with self.lab.lock:
+            return dict(self.lab.counters)
+
+    def _reset_counters(self, request: Request) -> dict[str, Any]:
+        with self.lab.lock:
+            self.lab.counters.clear()
+        return {"ok": True}
+
+    def _interrupt(self, request: Request) -> dict[str, Any]:
+        body = self._json(request, default={})
+        if not isinstance(body, dict) or set(body) - {"instance_id"}:
+            raise BadRequest("spot/interrupt: body may only hold 'instance_id'")
+        return self.lab.interrupt(body.get("instance_id"))
+
+    def _authorized_keys(self, request: Request) -> list[str]:
+        with self.lab.lock:
+            return list(self.lab.authorized_keys)
+
+
+# --------------------------------------------------------------------------
+# IMDSv2-style endpoint
+# --------------------------------------------------------------------------
+
+
+class ImdsHandler(BaseHTTPRequestHandler):
+    server_version = "EC2ws"
+    lab: Lab  # set on the subclass made by start_imds
+
+    def do_PUT(self) -> None:
+        if self.path != "/latest/api/token":
+            return self._send(404, "")
+        ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
+        if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+            return self._send(400, "")
+        token = self.lab.imds_issue_token(int(ttl))
+        self._send(200, token, {"X-aws-ec2-metadata-token-ttl-seconds": ttl})
+
+    def do_GET(self) -> None:
+        if not self.lab.imds_token_valid(self.headers.get("X-aws-ec2-metadata-token")):
+            return self._send(401, "")
+        self._send(*self.lab.imds_get(self.path))
+
+    def _send(self, status: int, body: str, headers: dict[str, str] | None = None) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("imds: " + format, *args)
+
+
+def start_imds(lab: Lab) -> ThreadingHTTPServer:
+    handler = type("LabImdsHandler", (ImdsHandler,), {"lab": lab})
+    server = ThreadingHTTPServer((LOOPBACK, 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="imds", daemon=True).start()
+    return server
+
+
+# --------------------------------------------------------------------------
+# sshd and the gate in front of it
+# --------------------------------------------------------------------------
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # resolved before any fork
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: sshd gets SIGTERM when the lab dies, even by SIGKILL.
+
+    The kernel ties this to the thread that forked, so sshd is started from the main thread.
+    """
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def read_ssh_banner(port: int, timeout_s: float) -> bytes:
+    with socket.create_connection((LOOPBACK, port), timeout=timeout_s) as conn:
+        return conn.recv(64)
+
+
+class Sshd:
+    """A real OpenSSH sshd on a private loopback port, owned by the lab."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.config_path = state_dir / "sshd_config"
+        self.log_path = state_dir / "sshd.log"
+        self.pid_path = state_dir / "sshd.pid"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        privsep = Path("/run/sshd")  # sshd refuses to start without its privilege separation dir
+        if not privsep.exists():
+            privsep.mkdir(mode=0o755, parents=True)
+        self.port = free_port()
+        self._write_config()
+        check = subprocess.run(
+            ["/usr/sbin/sshd", "-t", "-f", str(self.config_path)], capture_output=True, text=True
+        )
+        if check.returncode != 0:
+            raise RuntimeError(f"sshd -t failed: {check.stderr.strip()}")
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                ["/usr/sbin/sshd", "-D", "-e", "-f", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,  # its own process group, so stop() also reaches session children
+                preexec_fn=_die_with_parent,
+            )
+        self._wait_listening()
+        log.info("sshd pid %s on port %s", self.proc.pid, self.port)
+
+    def _write_config(self) -> None:
+        d = self.state_dir
+        self.config_path.write_text(
+            f"Port {self.port}\n"
+            f"ListenAddress {LOOPBACK}\n"
+            f"HostKey {d / 'ssh_host_ed25519_key'}\n"
+            f"HostKey {d / 'ssh_host_rsa_key'}\n"
+            f"PidFile {self.pid_path}\n"
+            f"AuthorizedKeysFile {d / 'authorized_keys'}\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "PubkeyAuthentication yes\n"
+            "PermitRootLogin prohibit-password\n"
+            "StrictModes no\n"
+            "UsePAM no\n"
+            "LogLevel VERBOSE\n"
+            # Tests probe many sessions at once; the default (10:30:100) drops some.
+            "MaxStartups 200\n"
+        )
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited with {self.proc.returncode}; see {self.log_path}")
+            with contextlib.suppress(OSError):
+                if read_ssh_banner(self.port, 1.0).startswith(b"SSH-"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"sshd did not answer on port {self.port}; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def reset_connection(conn: socket.socket) -> None:
+    """Closes with RST instead of FIN: the client reads "connection reset by peer"."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def splice(client: socket.socket, target_port: int) -> None:
+    try:
+        upstream = socket.create_connection((LOOPBACK, target_port), timeout=5)
+    except OSError:
+        reset_connection(client)
+        return
+    upstream.settimeout(None)
+    back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+    back.start()
+    pump(client, upstream)
+    back.join()
+    client.close()
+    upstream.close()
+
+
+class SshGate(threading.Thread):
+    """The public SSH port. Splices to sshd, or stops listening ("closed") or resets
+    connections ("reset") while the lab's ssh_start_delay_s / ssh_refuse_s windows last."""
+
+    def __init__(self, lab: Lab, target_port: int):
+        super().__init__(name="ssh-gate", daemon=True)
+        self.lab = lab
+        self.target_port = target_port
+        self.stopping = threading.Event()
+        # Guards `listener` between this thread and on_launch; never held while calling the lab.
+        self.listener_lock = threading.Lock()
+        self.listener: socket.socket | None = self._listen(0)
+        self.port = self.listener.getsockname()[1]
+
+    @staticmethod
+    def _listen(port: int) -> socket.socket:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebinding after "closed"
+        listener.bind((LOOPBACK, port))
+        listener.listen(128)
+        return listener
+
+    def on_launch(self) -> None:
+        """Called inside RunInstances: stop listening before the call returns, so no probe
+        slips in between. On Linux, shutdown() of a listening socket refuses new connections
+        at once and wakes select(); the gate thread then closes it."""
+        if self.lab.ssh_gate_mode() != "closed":
+            return
+        with self.listener_lock:
+            if self.listener is not None:
+                self.listener.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            listener = self._listener_for(self.lab.ssh_gate_mode())
+            if listener is None:
+                time.sleep(0.02)
+                continue
+            ready, _, _ = select.select([listener], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue  # shut down by on_launch
+            self._handle(conn)
+        self._listener_for("closed")
+
+    def _listener_for(self, mode: str) -> socket.socket | None:
+        with self.listener_lock:
+            if mode == "closed" and self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            elif mode != "closed" and self.listener is None:
+                self.listener = self._listen(self.port)
+            return self.listener
+
+    def _handle(self, conn: socket.socket) -> None:
+        if self.lab.ssh_gate_mode() == "open":
+            threading.Thread(target=splice, args=(conn, self.target_port), daemon=True).start()
+        else:
+            reset_connection(conn)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=2)
+
+
+# --------------------------------------------------------------------------
+# Startup and shutdown
+# --------------------------------------------------------------------------
+
+
+def claim_stdout() -> io.TextIOWrapper:
+    """Keeps the real stdout for the ready line alone; fd 1 and sys.stdout then point at
+    stderr, so moto's stray prints and child processes never write to stdout."""
+    ready_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return ready_out
+
+
+def setup_logging(state_dir: Path) -> None:
+    file_handler = logging.FileHandler(state_dir / "lab.log")
+    file_handler.setLevel(logging.INFO)
+    stderr_handler = logging.StreamHandler(sys.stderr)
+    # Warnings only: a parent that pipes stderr without reading it must not block the lab.
+    stderr_handler.setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        handlers=[file_handler, stderr_handler],
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="acode EC2 lab (moto + sshd + IMDS on loopback)")
+    parser.add_argument("--state-dir", required=True, type=Path)
+    for key in ("boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s"):
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, type=float, default=DEFAULT_CONFIG[key])
+    return parser.parse_args(argv)
+
+
+def start_ec2_server(lab: Lab) -> Any:
+    moto_app = DomainDispatcherApplication(create_backend_app)
+    app = Ec2Middleware(lab, moto_app, ControlApi(lab))
+    server = make_server(LOOPBACK, 0, app, threaded=True, request_handler=MotoRequestHandler)
+    threading.Thread(target=server.serve_forever, name="ec2", daemon=True).start()
+    return server
+
+
+def wait_until_answering(ec2_port: int, imds_port: int, ssh_port: int) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            urllib.request.urlopen(f"http://{LOOPBACK}:{ec2_port}/_lab/health", timeout=2).read()
+            token_request = urllib.request.Request(
+                f"http://{LOOPBACK}:{imds_port}/latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+            )
+            urllib.request.urlopen(token_request, timeout=2).read()
+            if read_ssh_banner(ssh_port, 2).startswith(b"SSH-"):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
+def lab_ami_id(backend: EC2Backend) -> str:
+    images = backend.describe_images(filters={"name": [LAB_AMI_NAME]})
+    if not images:
+        raise RuntimeError(f"moto has no AMI named {LAB_AMI_NAME}")
+    return images[0].id
+
+
+def ready_line(lab: Lab, ec2_port: int, imds_port: int, ssh_port: int, ssh_user: str) -> dict[str, Any]:
+    backend = lab.backend
+    subnets = {az: subnet.id for az, subnet in sorted(backend.get_default_subnets().items())}
+    return {
+        "ec2_endpoint": f"http://{LOOPBACK}:{ec2_port}",
+        "control_url": f"http://{LOOPBACK}:{ec2_port}/_lab",
+        "sshd_port": ssh_port,
+        "ssh_user": ssh_user,
+        "imds_endpoint": f"http://{LOOPBACK}:{imds_port}",
+        "region": REGION,
+        "subnets": subnets,
+        "security_group_id": backend.get_security_group_by_name_or_id("default").id,
+        "ami_id": lab_ami_id(backend),
+        "host_key_fingerprints": [key.fingerprint for key in lab.host_keys],
+    }
+
+
+def watch_stdin(shutdown: threading.Event) -> None:
+    """The parent holds our stdin; EOF means it is gone."""
+    with contextlib.suppress(OSError):
+        while os.read(0, 4096):
+            pass
+    log.info("stdin closed")
+    shutdown.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ready_out = claim_stdout()
+    state_dir = args.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(state_dir)
+
+    shutdown = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: shutdown.set())
+
+    host_keys = generate_key_pair(state_dir / "ssh_host")
+    # The keys a man in the middle would show: fresh for every lab run.
+    for stale in state_dir.glob("mitm_*"):
+        stale.unlink()
+    mitm_keys = generate_key_pair(state_dir / "mitm")
+
+    sshd = Sshd(state_dir)
+    atexit.register(sshd.stop)
+    sshd.start()  # from the main thread: see _die_with_parent
+
+    config = json.loads(json.dumps(DEFAULT_CONFIG))
+    config.update({key: getattr(args, key) for key in ("boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s")})
+    backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+    lab = Lab(backend, config, host_keys, mitm_keys, state_dir / "authorized_keys")
+    install_moto_patches(lab)
+
+    gate = SshGate(lab, sshd.port)
+    lab.on_launch = gate.on_launch
+    gate.start()
+    imds = start_imds(lab)
+    ec2 = start_ec2_server(lab)
+    imds_port = imds.server_address[1]
+    wait_until_answering(ec2.port, imds_port, gate.port)
+
+    ssh_user = pwd.getpwuid(os.geteuid()).pw_name  # sshd only lets in the user it runs as
+    ready_out.write(json.dumps(ready_line(lab, ec2.port, imds_port, gate.port, ssh_user), separators=(",", ":")) + "\n")
+    ready_out.flush()
+    log.info("ready")
+    threading.Thread(target=watch_stdin, args=(shutdown,), name="stdin", daemon=True).start()
+
+    while not shutdown.wait(0.5):
+        pass
+    log.info("shutting down")
+    ec2.shutdown()
+    imds.shutdown()
+    gate.stop()
+    sshd.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
