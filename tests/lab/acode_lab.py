@@ -332,6 +332,21 @@ def validate_config(changes: Any) -> dict[str, Any]:
     return {key: CONFIG_VALIDATORS[key](key, value) for key, value in changes.items()}
 
 
+# The JSON body of POST /_lab/faults: key -> accepted type(s). `count` becomes FaultRule.remaining.
+FAULT_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "action": str,
+    "count": int,
+    "code": str,
+    "http_status": int,
+    "message": str,
+    "subnet_id": str,
+    "availability_zone": str,
+    "latency_ms": (int, float),
+    "drop_connection": bool,
+    "when": str,
+}
+
+
 @dataclasses.dataclass
 class FaultRule:
     action: str
@@ -347,25 +362,12 @@ class FaultRule:
     # exists), then the fault replaces the answer, as when a response is lost.
     when: str = "before"
 
-    FIELD_TYPES = {
-        "action": str,
-        "count": int,
-        "code": str,
-        "http_status": int,
-        "message": str,
-        "subnet_id": str,
-        "availability_zone": str,
-        "latency_ms": (int, float),
-        "drop_connection": bool,
-        "when": str,
-    }
-
     @classmethod
     def parse(cls, body: Any) -> FaultRule:
         if not isinstance(body, dict):
             raise BadRequest("fault: expected a JSON object")
         for key, value in body.items():
-            expected = cls.FIELD_TYPES.get(key)
+            expected = FAULT_FIELD_TYPES.get(key)
             if expected is None:
                 raise BadRequest(f"unknown fault key '{key}'")
             if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):

@@ -1,0 +1,6 @@
+//! Integration tests: the driver against a scripted world (crash injection)
+//! and the whole engine and CLI against the local EC2 lab (moto + sshd).
+
+mod common;
+mod crash;
+mod fake_world;
