@@ -86,6 +86,8 @@ RUNNING = ("running", 16)
 SHUTTING_DOWN = ("shutting-down", 32)
 TERMINATED = ("terminated", 48)
 
+# Config keys that also have a command-line flag (--boot-delay-s etc.).
+CLI_CONFIG_KEYS = ("boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s")
 CONSOLE_MODES = ("ok", "wrong-fingerprint", "no-keys")
 SPOT_MODES = ("fulfilled", "capacity-not-available", "price-too-low")
 
@@ -249,8 +251,8 @@ def generate_key_pair(path: Path) -> list[HostKey]:
 
 
 KERNEL_NOISE = [
-    b"[    0.000000] Linux version 5.10.223-211.872.amzn2.x86_64 (mockbuild@ip-10-0-43-74) (gcc10-gcc (GCC) 10.5.0) #1 SMP",
-    b"[    0.000000] Command line: BOOT_IMAGE=/boot/vmlinuz-5.10.223 root=UUID=9ad4d5b1 ro console=tty0 console=ttyS0,115200n8",
+    b"[    0.000000] Linux version 5.10.223-211.872.amzn2.x86_64 (mockbuild@ip-10-0-43-74) #1 SMP",
+    b"[    0.000000] Command line: BOOT_IMAGE=/boot/vmlinuz-5.10.223 ro console=tty0 console=ttyS0,115200n8",
     b"[    0.000000] x86/fpu: Supporting XSAVE feature 0x001: 'x87 floating point registers'",
     b"[    0.412217] ACPI: Early table checksum verification disabled",
     # Serial consoles carry stray bytes; 0xff and 0xfe are never valid UTF-8.
@@ -787,7 +789,8 @@ class Lab:
                 ]
             else:
                 items = [f"<item><region>{REGION}</region><score>{max(scores.values(), default=1)}</score></item>"]
-        return ec2_result_response("GetSpotPlacementScores", f"<spotPlacementScoreSet>{''.join(items)}</spotPlacementScoreSet>")
+        inner = f"<spotPlacementScoreSet>{''.join(items)}</spotPlacementScoreSet>"
+        return ec2_result_response("GetSpotPlacementScores", inner)
 
 
 # --------------------------------------------------------------------------
@@ -868,9 +871,10 @@ def install_moto_patches(lab: Lab) -> None:
     # Instance.instance_status / system_status say "ok" as soon as the instance runs.
     Instance.instance_status = property(_status_checks)
     Instance.system_status = property(_status_checks)
-    # The `client-token` filter raises NotImplementedError (HTTP 500); map it to
-    # the attribute Lab.launch keeps accurate.
+    # The `client-token` and `instance-lifecycle` filters raise NotImplementedError
+    # (HTTP 500); map them to the attributes (Lab.launch keeps client_token accurate).
     moto_ec2_utils.filter_dict_attribute_mapping["client-token"] = "client_token"
+    moto_ec2_utils.filter_dict_attribute_mapping["instance-lifecycle"] = "lifecycle"
     # RunInstances answers always claim "pending"; drop that so an idempotent
     # replay shows the instance's current state (a new launch is pending anyway).
     EC2BaseResponse.RESPONSE_KEY_PATH_TO_TRANSFORMER.pop("RunInstances.Reservation.Instances.Instance.State")
@@ -1321,7 +1325,7 @@ def setup_logging(state_dir: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="acode EC2 lab (moto + sshd + IMDS on loopback)")
     parser.add_argument("--state-dir", required=True, type=Path)
-    for key in ("boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s"):
+    for key in CLI_CONFIG_KEYS:
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=float, default=DEFAULT_CONFIG[key])
     return parser.parse_args(argv)
 
@@ -1408,7 +1412,7 @@ def main(argv: list[str] | None = None) -> int:
     sshd.start()  # from the main thread: see _die_with_parent
 
     config = json.loads(json.dumps(DEFAULT_CONFIG))
-    config.update({key: getattr(args, key) for key in ("boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s")})
+    config.update({key: getattr(args, key) for key in CLI_CONFIG_KEYS})
     backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
     lab = Lab(backend, config, host_keys, mitm_keys, state_dir / "authorized_keys")
     install_moto_patches(lab)

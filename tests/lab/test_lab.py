@@ -118,6 +118,7 @@ class LabTest(unittest.TestCase):
                 "ssh_refuse_s": 0,
                 "spot_mode": "fulfilled",
                 "spot_fulfill_delay_s": 0,
+                "placement_scores": {"us-east-1a": 9, "us-east-1b": 3},
             },
         )
 
@@ -134,7 +135,7 @@ class LabTest(unittest.TestCase):
         self.assertEqual(status, expect, payload)
         return payload
 
-    def run_instance(self, ec2=None, **params):
+    def run_instance(self, **params):
         args = {
             "ImageId": self.ready["ami_id"],
             "MinCount": 1,
@@ -143,7 +144,7 @@ class LabTest(unittest.TestCase):
             "SubnetId": self.ready["subnets"]["us-east-1a"],
         }
         args.update(params)
-        return (ec2 or self.ec2).run_instances(**args)
+        return self.ec2.run_instances(**args)
 
     def describe(self, instance_id: str) -> dict:
         return self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
@@ -164,6 +165,9 @@ class LabTest(unittest.TestCase):
     def console_text(self, instance_id: str) -> bytes | None:
         output = self.ec2.get_console_output(InstanceId=instance_id).get("Output")
         return None if output is None else base64.b64decode(output)
+
+    def spot_request(self, request_id: str) -> dict:
+        return self.ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])["SpotInstanceRequests"][0]
 
     def imds(self, method: str, path: str, headers: dict) -> tuple[int, str]:
         request = urllib.request.Request(self.ready["imds_endpoint"] + path, method=method, headers=headers)
@@ -200,7 +204,8 @@ class LabTest(unittest.TestCase):
     # -- boot and terminate timing ----------------------------------------------------
 
     def test_boot_status_and_terminate_timing(self) -> None:
-        self.control("POST", "/config", {"boot_delay_s": WINDOW_S, "status_ok_delay_s": WINDOW_S, "terminate_delay_s": WINDOW_S})
+        delays = {"boot_delay_s": WINDOW_S, "status_ok_delay_s": WINDOW_S, "terminate_delay_s": WINDOW_S}
+        self.control("POST", "/config", delays)
         session = "timing-1"
         instance = self.run_instance(
             TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "acode-session-id", "Value": session}]}]
@@ -264,9 +269,8 @@ class LabTest(unittest.TestCase):
             ]
         )["Reservations"]
         self.assertEqual(combined, [])
-        self.assertEqual(
-            self.ec2.describe_instances(Filters=[{"Name": "client-token", "Values": ["no-such-token"]}])["Reservations"], []
-        )
+        unknown = self.ec2.describe_instances(Filters=[{"Name": "client-token", "Values": ["no-such-token"]}])
+        self.assertEqual(unknown["Reservations"], [])
 
         self.assert_error(
             lambda: self.run_instance(ClientToken=token, SubnetId=self.ready["subnets"]["us-east-1b"]),
@@ -313,7 +317,8 @@ class LabTest(unittest.TestCase):
         self.assertIsNotNone(bare)
         self.assertNotIn(b"BEGIN SSH HOST KEY", bare)
 
-        self.assert_error(lambda: self.ec2.get_console_output(InstanceId="i-0123456789abcdef0"), "InvalidInstanceID.NotFound", 400)
+        unknown = "i-0123456789abcdef0"
+        self.assert_error(lambda: self.ec2.get_console_output(InstanceId=unknown), "InvalidInstanceID.NotFound", 400)
 
     # -- ssh ------------------------------------------------------------------------------
 
@@ -341,7 +346,8 @@ class LabTest(unittest.TestCase):
         return path
 
     def test_ssh_with_created_and_imported_keys(self) -> None:
-        for key_type, header in (("ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----"), ("rsa", "-----BEGIN RSA PRIVATE KEY-----")):
+        headers = {"ed25519": "-----BEGIN OPENSSH PRIVATE KEY-----", "rsa": "-----BEGIN RSA PRIVATE KEY-----"}
+        for key_type, header in headers.items():
             with self.subTest(key_type=key_type):
                 name = f"acode-ssh-{key_type}"
                 material = self.ec2.create_key_pair(KeyName=name, KeyType=key_type)["KeyMaterial"]
@@ -406,24 +412,23 @@ class LabTest(unittest.TestCase):
             ],
         )
         self.control("POST", "/config", {"placement_scores": {"us-east-1b": 10}})
-        scores = self.ec2.get_spot_placement_scores(InstanceTypes=["t3.micro"], TargetCapacity=1, SingleAvailabilityZone=True)
-        self.assertEqual([s["Score"] for s in scores["SpotPlacementScores"]], [10])
-        self.control("POST", "/config", {"placement_scores": {"us-east-1a": 9, "us-east-1b": 3}})
+        scores = self.ec2.get_spot_placement_scores(
+            InstanceTypes=["t3.micro"], TargetCapacity=1, SingleAvailabilityZone=True
+        )["SpotPlacementScores"]
+        self.assertEqual([s["Score"] for s in scores], [10])
         self.assertTrue(self.ec2.describe_spot_price_history(InstanceTypes=["t3.micro"])["SpotPriceHistory"])
 
         # RequestSpotInstances: open, then fulfilled after spot_fulfill_delay_s.
         self.control("POST", "/config", {"spot_fulfill_delay_s": WINDOW_S})
-        spec = {"ImageId": self.ready["ami_id"], "InstanceType": "t3.micro", "SubnetId": self.ready["subnets"]["us-east-1a"]}
+        subnet_b = self.ready["subnets"]["us-east-1b"]
+        spec = {"ImageId": self.ready["ami_id"], "InstanceType": "t3.micro", "SubnetId": subnet_b}
         request = self.ec2.request_spot_instances(SpotPrice="0.05", LaunchSpecification=spec)["SpotInstanceRequests"][0]
         request_id = request["SpotInstanceRequestId"]
         self.assertEqual(request["State"], "open")
         self.assertNotIn("InstanceId", request)
 
-        def describe_request():
-            return self.ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])["SpotInstanceRequests"][0]
-
-        self.assertEqual(describe_request()["Status"]["Code"], "pending-fulfillment")
-        fulfilled = wait_for(lambda: (r := describe_request())["Status"]["Code"] == "fulfilled" and r)
+        self.assertEqual(self.spot_request(request_id)["Status"]["Code"], "pending-fulfillment")
+        fulfilled = wait_for(lambda: (r := self.spot_request(request_id))["Status"]["Code"] == "fulfilled" and r)
         self.assertEqual(fulfilled["State"], "active")
         self.assertEqual(self.describe(fulfilled["InstanceId"])["InstanceLifecycle"], "spot")
 
@@ -435,23 +440,27 @@ class LabTest(unittest.TestCase):
         ):
             with self.subTest(spot_mode=mode):
                 self.control("POST", "/config", {"spot_mode": mode, "spot_fulfill_delay_s": 0})
-                rid = self.ec2.request_spot_instances(LaunchSpecification=spec)["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
-                waiting = self.ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[rid])["SpotInstanceRequests"][0]
+                requested = self.ec2.request_spot_instances(LaunchSpecification=spec)["SpotInstanceRequests"]
+                rid = requested[0]["SpotInstanceRequestId"]
+                waiting = self.spot_request(rid)
                 self.assertEqual((waiting["State"], waiting["Status"]["Code"]), ("open", mode))
                 self.assert_error(lambda: self.run_instance(InstanceMarketOptions=spot_market), code, status)
                 cancelled = self.ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[rid])
                 self.assertEqual(cancelled["CancelledSpotInstanceRequests"][0]["State"], "cancelled")
-                after = self.ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[rid])["SpotInstanceRequests"][0]
-                self.assertEqual((after["State"], after["Status"]["Code"]), ("cancelled", "canceled-before-fulfillment"))
+                after = self.spot_request(rid)
+                self.assertEqual(after["State"], "cancelled")
+                self.assertEqual(after["Status"]["Code"], "canceled-before-fulfillment")
 
         # RunInstances with spot market options: a spot instance backed by a spot request.
         self.control("POST", "/config", {"spot_mode": "fulfilled"})
         spot_instance = self.run_instance(InstanceMarketOptions=spot_market)["Instances"][0]
         self.assertEqual(spot_instance["InstanceLifecycle"], "spot")
-        backing = self.ec2.describe_spot_instance_requests(
-            SpotInstanceRequestIds=[spot_instance["SpotInstanceRequestId"]]
-        )["SpotInstanceRequests"][0]
+        backing = self.spot_request(spot_instance["SpotInstanceRequestId"])
         self.assertEqual(backing["InstanceId"], spot_instance["InstanceId"])
+        spot_only = self.ec2.describe_instances(Filters=[{"Name": "instance-lifecycle", "Values": ["spot"]}])
+        spot_ids = {i["InstanceId"] for r in spot_only["Reservations"] for i in r["Instances"]}
+        self.assertIn(spot_instance["InstanceId"], spot_ids)
+        self.assertNotIn(self.run_instance()["Instances"][0]["InstanceId"], spot_ids)
         lifecycles = {i["instance_id"]: i["lifecycle"] for i in self.control("GET", "/instances")}
         self.assertEqual(lifecycles[spot_instance["InstanceId"]], "spot")
 
@@ -461,8 +470,8 @@ class LabTest(unittest.TestCase):
         self.assertEqual(self.imds("GET", action_path, {"X-aws-ec2-metadata-token": token})[0], 404)
         result = self.control("POST", "/spot/interrupt", {"instance_id": spot_instance["InstanceId"]})
         self.assertEqual(result["marked_requests"], [spot_instance["SpotInstanceRequestId"]])
-        marked = self.ec2.describe_spot_instance_requests(SpotInstanceRequestIds=result["marked_requests"])
-        self.assertEqual(marked["SpotInstanceRequests"][0]["Status"]["Code"], "marked-for-termination")
+        marked = self.spot_request(result["marked_requests"][0])
+        self.assertEqual(marked["Status"]["Code"], "marked-for-termination")
         status, body = self.imds("GET", action_path, {"X-aws-ec2-metadata-token": token})
         self.assertEqual(status, 200)
         action = json.loads(body)
@@ -474,7 +483,8 @@ class LabTest(unittest.TestCase):
     def test_imds_token_rules(self) -> None:
         self.assertEqual(self.imds("PUT", "/latest/api/token", {})[0], 400)
         self.assertEqual(self.imds("GET", "/latest/meta-data/instance-id", {})[0], 401)
-        self.assertEqual(self.imds("GET", "/latest/meta-data/instance-id", {"X-aws-ec2-metadata-token": "forged"})[0], 401)
+        forged = {"X-aws-ec2-metadata-token": "forged"}
+        self.assertEqual(self.imds("GET", "/latest/meta-data/instance-id", forged)[0], 401)
         instance_id = self.run_instance()["Instances"][0]["InstanceId"]
         status, token = self.imds("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
         self.assertEqual(status, 200)
@@ -492,7 +502,11 @@ class LabTest(unittest.TestCase):
         self.ec2.describe_instances()
         self.assertEqual(self.control("GET", "/faults"), [])
 
-        self.control("POST", "/faults", {"action": "DescribeImages", "code": "InvalidAMIID.Malformed", "message": "bad ami", "http_status": 409})
+        self.control(
+            "POST",
+            "/faults",
+            {"action": "DescribeImages", "code": "InvalidAMIID.Malformed", "message": "bad ami", "http_status": 409},
+        )
         with self.assertRaises(ClientError) as caught:
             self.ec2.describe_images(ImageIds=[self.ready["ami_id"]])
         self.assertEqual(caught.exception.response["Error"], {"Code": "InvalidAMIID.Malformed", "Message": "bad ami"})
@@ -505,14 +519,18 @@ class LabTest(unittest.TestCase):
 
         # Subnet and AZ scoping: only launches into the named subnet / zone fail.
         subnets = self.ready["subnets"]
-        self.control("POST", "/faults", {"action": "RunInstances", "code": "InsufficientInstanceCapacity", "subnet_id": subnets["us-east-1b"]})
+        no_capacity = {"action": "RunInstances", "code": "InsufficientInstanceCapacity"}
+        self.control("POST", "/faults", {**no_capacity, "subnet_id": subnets["us-east-1b"]})
         self.run_instance(SubnetId=subnets["us-east-1a"])
-        self.assert_error(lambda: self.run_instance(SubnetId=subnets["us-east-1b"]), "InsufficientInstanceCapacity", 500)
-        self.control("POST", "/faults", {"action": "RunInstances", "code": "InsufficientInstanceCapacity", "availability_zone": "us-east-1c"})
+        self.assert_error(lambda: self.run_instance(SubnetId=subnets["us-east-1b"]), no_capacity["code"], 500)
+        self.control("POST", "/faults", {**no_capacity, "availability_zone": "us-east-1c"})
         self.run_instance(SubnetId=subnets["us-east-1a"])
-        self.assert_error(lambda: self.run_instance(SubnetId=subnets["us-east-1c"]), "InsufficientInstanceCapacity", 500)
-        self.control("POST", "/faults", {"action": "RunInstances", "code": "Unavailable", "availability_zone": "us-east-1d"})
-        placed = {"ImageId": self.ready["ami_id"], "MinCount": 1, "MaxCount": 1, "Placement": {"AvailabilityZone": "us-east-1d"}}
+        self.assert_error(lambda: self.run_instance(SubnetId=subnets["us-east-1c"]), no_capacity["code"], 500)
+        # Without a subnet, the zone comes from Placement.
+        unavailable = {"action": "RunInstances", "code": "Unavailable", "availability_zone": "us-east-1d"}
+        self.control("POST", "/faults", unavailable)
+        placed = {"ImageId": self.ready["ami_id"], "MinCount": 1, "MaxCount": 1}
+        placed["Placement"] = {"AvailabilityZone": "us-east-1d"}
         self.assert_error(lambda: self.ec2.run_instances(**placed), "Unavailable", 503)
 
     def test_latency_and_dropped_connections(self) -> None:
@@ -553,10 +571,16 @@ class LabTest(unittest.TestCase):
         self.assertIn("bad JSON", self.control("POST", "/config", b"{nope", expect=400)["error"])
         self.assertIn("'boot_delay'", self.control("POST", "/config", {"boot_delay": 1}, expect=400)["error"])
         self.assertIn("'spot_mode'", self.control("POST", "/config", {"spot_mode": "maybe"}, expect=400)["error"])
-        self.assertIn("'colour'", self.control("POST", "/faults", {"action": "X", "code": "Y", "colour": 1}, expect=400)["error"])
+        bad_fault = {"action": "X", "code": "Y", "colour": 1}
+        self.assertIn("'colour'", self.control("POST", "/faults", bad_fault, expect=400)["error"])
         self.control("GET", "/nothing-here", expect=404)
         config = self.control("GET", "/config")
-        self.assertEqual(config["placement_scores"], {"us-east-1a": 9, "us-east-1b": 3})
+        expected_keys = {
+            "boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s", "console_mode",
+            "ssh_start_delay_s", "ssh_refuse_s", "spot_mode", "spot_fulfill_delay_s", "placement_scores",
+        }  # fmt: skip
+        self.assertEqual(set(config), expected_keys)
+        self.assertEqual(config["console_mode"], "ok")
 
     # Named to sort last: it ends the lab the other tests share.
     def test_zz_shutdown_on_stdin_eof(self) -> None:
@@ -574,7 +598,10 @@ class LabLifetimeTest(unittest.TestCase):
     def check_end(self, end) -> None:
         with tempfile.TemporaryDirectory(prefix="acode-lab-life-") as tmp:
             state_dir = Path(tmp) / "state"
-            proc, _ready = start_lab(state_dir)
+            proc, ready = start_lab(state_dir, "--boot-delay-s", "1.5", "--console-lag-s", "2")
+            with urllib.request.urlopen(ready["control_url"] + "/config", timeout=10) as response:
+                config = json.load(response)
+            self.assertEqual((config["boot_delay_s"], config["console_lag_s"]), (1.5, 2.0))
             sshd_pid = int((state_dir / "sshd.pid").read_text())
             end(proc)
             proc.wait(timeout=10)
