@@ -1,1 +1,100 @@
-fn main() {}
+//! Memory per in-flight session: 1,000 sessions parked mid-effect in one
+//! process, measured with a counting allocator (live heap bytes).
+//!
+//! Run: `cargo bench --bench sessions_memory`. Target: < 64 KiB per session.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use acode_ec2::driver::{Engine, EngineOptions};
+use acode_ec2::effects::Effects;
+use acode_ec2::events::NoProgress;
+use acode_ec2::machine::{Effect, ImageChoice, Input, KeyPairHandle, SessionContext, Timestamp};
+use acode_ec2::store::SqliteStore;
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Answers everything at once until DescribeInstance, which never returns:
+/// every session stays in flight, waiting on EC2.
+struct Parked {
+    waiting: AtomicUsize,
+}
+
+impl Effects for Parked {
+    async fn run(&self, ctx: &SessionContext, _: Timestamp, effect: &Effect) -> Input {
+        match effect {
+            Effect::ValidateRequest => Input::Validated {
+                image: ImageChoice { ami_id: "ami-0123".into(), root_device_name: None },
+            },
+            Effect::EnsureKeyPair { key_name, private_key_path } => Input::KeyPairReady {
+                key: KeyPairHandle { key_name: key_name.clone(), owned: true, private_key_path: private_key_path.clone() },
+            },
+            Effect::RunInstance { .. } => Input::Launched { instance_id: format!("i-{}", &ctx.session_id[..8]), was_spot: false },
+            _ => {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                std::future::pending().await
+            }
+        }
+    }
+}
+
+fn main() {
+    const SESSIONS: usize = 1_000;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
+    let request = acode_ec2::config::parse(yaml).expect("config");
+    runtime.block_on(async {
+        let store = Arc::new(SqliteStore::open(&dir.path().join("mem.db")).expect("store"));
+        let effects = Arc::new(Parked { waiting: AtomicUsize::new(0) });
+        let engine = Arc::new(Engine::new(
+            effects.clone(),
+            store,
+            EngineOptions { key_dir: dir.path().join("keys").to_string_lossy().into_owned(), lease_ttl: Duration::from_secs(30) },
+        ));
+        // Warm up once so one-time allocations (runtime, SQLite caches) are not billed per session.
+        let warm = tokio::spawn({
+            let (engine, request) = (engine.clone(), request.clone());
+            async move { engine.provision(request, &NoProgress).await }
+        });
+        while effects.waiting.load(Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = LIVE.load(Ordering::SeqCst);
+        let mut tasks = Vec::with_capacity(SESSIONS);
+        for _ in 0..SESSIONS {
+            let (engine, request) = (engine.clone(), request.clone());
+            tasks.push(tokio::spawn(async move { engine.provision(request, &NoProgress).await }));
+        }
+        while effects.waiting.load(Ordering::SeqCst) < SESSIONS + 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let after = LIVE.load(Ordering::SeqCst);
+        let per_session = (after.saturating_sub(before)) as f64 / SESSIONS as f64;
+        println!("sessions in flight: {SESSIONS}");
+        println!("live heap before: {before} B, after: {after} B");
+        println!("memory per in-flight session: {:.1} KiB (target < 64 KiB)", per_session / 1024.0);
+        for task in tasks {
+            task.abort();
+        }
+        warm.abort();
+    });
+}

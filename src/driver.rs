@@ -259,7 +259,7 @@ impl<E: Effects> Engine<E> {
                 not_before: step.wake_at,
             }),
         };
-        self.store.commit(&loaded.context.session_id, &checkpoint, &self.holder, self.options.lease_ttl, now)?;
+        self.store.commit(&loaded.context.session_id, &checkpoint, &self.holder, now)?;
         self.announce(&loaded.context, &loaded.state, &checkpoint, &step.notices, now, started, progress);
         Ok(LoadedSession {
             state: checkpoint.state,

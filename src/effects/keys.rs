@@ -107,26 +107,39 @@ pub async fn ensure(ec2: &Client, ctx: &SessionContext, created: Timestamp, key_
     // Import mode can finish a run that wrote the file but crashed before the import.
     if import && file_exists {
         return match public_key_of(path) {
-            Ok(public) => import_pair(ec2, ctx, created, key_name, public).await.map_or_else(|i| i, |()| Input::KeyPairReady { key: handle(true) }),
-            Err(_) => start_over(ec2, ctx, created, key_name, path, algorithm, import).await.unwrap_or_else(|i| i),
+            Ok(public) => match import_pair(ec2, ctx, created, key_name, public).await {
+                Ok(()) => Input::KeyPairReady { key: handle(true) },
+                Err(input) => input,
+            },
+            // An unreadable file is no use: fall through and start over.
+            Err(_) => start_over(ec2, ctx, created, Fresh { key_name, path, algorithm, import, pair_exists: exists }).await,
         };
     }
-    match start_over(ec2, ctx, created, key_name, path, algorithm, import).await {
+    start_over(ec2, ctx, created, Fresh { key_name, path, algorithm, import, pair_exists: exists }).await
+}
+
+/// What `start_over` creates, and whether a stale pair must go first.
+struct Fresh<'a> {
+    key_name: &'a str,
+    path: &'a str,
+    algorithm: KeyAlgorithm,
+    import: bool,
+    pair_exists: bool,
+}
+
+/// Deletes whatever half exists, then creates pair and file afresh.
+async fn start_over(ec2: &Client, ctx: &SessionContext, created: Timestamp, fresh: Fresh<'_>) -> Input {
+    match create_afresh(ec2, ctx, created, fresh).await {
         Ok(input) | Err(input) => input,
     }
 }
 
-/// Deletes whatever half exists, then creates pair and file afresh.
-async fn start_over(
-    ec2: &Client,
-    ctx: &SessionContext,
-    created: Timestamp,
-    key_name: &str,
-    path: &str,
-    algorithm: KeyAlgorithm,
-    import: bool,
-) -> Result<Input, Input> {
-    ec2::delete_key_pair(ec2, key_name).await?;
+async fn create_afresh(ec2: &Client, ctx: &SessionContext, created: Timestamp, fresh: Fresh<'_>) -> Result<Input, Input> {
+    let Fresh { key_name, path, algorithm, import, pair_exists } = fresh;
+    if pair_exists {
+        // Its private key is lost (EC2 hands it out once): the pair is useless.
+        ec2::delete_key_pair(ec2, key_name).await?;
+    }
     remove_file_if_present(path).map_err(|e| file_failure("remove stale", path, e))?;
     let ready = Input::KeyPairReady {
         key: KeyPairHandle {

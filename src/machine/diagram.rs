@@ -64,6 +64,12 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_shows_the_current_diagram() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap_or_default();
+        assert!(readme.contains(&mermaid()), "README.md shows a stale diagram; paste `acode-ec2 diagram` into it");
+    }
+
+    #[test]
     fn every_phase_appears_in_the_diagram() {
         let text = mermaid();
         for kind in PhaseKind::ALL {

@@ -198,12 +198,13 @@ impl Effect {
                 InstanceRunning,
                 InstanceNotVisible,
                 InstanceGone,
+                Rejected,
                 TransientFailure,
             ],
             Effect::ReadConsoleHostKeys { .. } => {
-                &[ConsoleHostKeys, ConsoleNotReady, TransientFailure]
+                &[ConsoleHostKeys, ConsoleNotReady, Rejected, TransientFailure]
             }
-            Effect::ProbeSsh { .. } => &[SshReady, SshNotReady, HostKeyMismatch, TransientFailure],
+            Effect::ProbeSsh { .. } => &[SshReady, SshNotReady, HostKeyMismatch, Rejected, TransientFailure],
             Effect::TerminateInstance { .. } => &[InstanceTerminated, TransientFailure],
             Effect::DeleteKeyPair { .. } => &[KeyPairDeleted, TransientFailure],
         }

@@ -147,15 +147,9 @@ pub trait CheckpointStore: Send + Sync {
         now: Timestamp,
     ) -> Result<(), StoreError>;
 
-    /// Appends one checkpoint; refused unless `holder` still holds the lease.
-    fn commit(
-        &self,
-        session_id: &str,
-        checkpoint: &Checkpoint,
-        holder: &LeaseHolder,
-        lease_ttl: Duration,
-        now: Timestamp,
-    ) -> Result<(), StoreError>;
+    /// Appends one checkpoint; refused unless `holder` still holds the lease
+    /// (which the driver renews separately).
+    fn commit(&self, session_id: &str, checkpoint: &Checkpoint, holder: &LeaseHolder, now: Timestamp) -> Result<(), StoreError>;
 
     fn load(&self, session_id: &str) -> Result<LoadedSession, StoreError>;
 

@@ -29,7 +29,6 @@ CREATE TABLE sessions (
     public_ip       TEXT,
     key_path        TEXT,
     was_spot        INTEGER NOT NULL DEFAULT 0,
-    last_seq        INTEGER NOT NULL,
     lease_owner     TEXT,
     lease_pid       INTEGER,
     lease_host      TEXT,
@@ -43,7 +42,6 @@ CREATE TABLE events (
     body_json   TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 ) STRICT, WITHOUT ROWID;
-CREATE INDEX sessions_by_phase ON sessions(phase);
 "#];
 
 pub struct SqliteStore {
@@ -152,10 +150,14 @@ fn detail_of(state: &SessionState) -> Option<String> {
 fn write_checkpoint(
     tx: &Transaction<'_>,
     session_id: &str,
-    mut seq: i64,
     checkpoint: &Checkpoint,
     now: Timestamp,
 ) -> Result<i64, StoreError> {
+    let mut seq: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1",
+        [session_id],
+        |r| r.get(0),
+    )?;
     if let Some(input) = &checkpoint.outcome {
         append(tx, session_id, &mut seq, now, &LogEntry::Outcome { input: input.clone() })?;
     }
@@ -167,18 +169,21 @@ fn write_checkpoint(
     }
     let phase = &checkpoint.state.phase;
     // Keep the last known instance and key in the row even once cleanup
-    // phases stop carrying them, so `status` still shows what existed.
+    // phases stop carrying them, so `status` still shows what existed. The
+    // row is only written when what it shows changes: a poll that changes
+    // nothing costs one page (the log's), not two.
     tx.execute(
-        "UPDATE sessions SET updated_at_ms = ?2, phase = ?3, detail = ?4, last_seq = ?5,
-             instance_id = COALESCE(?6, instance_id), public_ip = COALESCE(?7, public_ip),
-             key_path = COALESCE(?8, key_path), was_spot = (was_spot OR ?9)
-         WHERE session_id = ?1",
+        "UPDATE sessions SET updated_at_ms = ?2, phase = ?3, detail = ?4,
+             instance_id = COALESCE(?5, instance_id), public_ip = COALESCE(?6, public_ip),
+             key_path = COALESCE(?7, key_path), was_spot = (was_spot OR ?8)
+         WHERE session_id = ?1 AND (phase IS NOT ?3 OR detail IS NOT ?4
+             OR (?5 IS NOT NULL AND instance_id IS NOT ?5) OR (?6 IS NOT NULL AND public_ip IS NOT ?6)
+             OR (?7 IS NOT NULL AND key_path IS NOT ?7) OR (?8 AND NOT was_spot))",
         params![
             session_id,
             now.0 as i64,
             phase.kind().name(),
             detail_of(&checkpoint.state),
-            seq,
             phase.instance_id(),
             phase.public_ip(),
             phase.key().and_then(|k| k.private_key_path.clone()),
@@ -236,17 +241,13 @@ fn set_lease(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder, ttl: 
 }
 
 /// Fails with `LeaseLost` unless `holder` holds the lease right now.
-fn require_own_lease(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder) -> Result<i64, StoreError> {
-    let row: Option<(Option<String>, i64)> = tx
-        .query_row(
-            "SELECT lease_owner, last_seq FROM sessions WHERE session_id = ?1",
-            [session_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+fn require_own_lease(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
+    let owner: Option<Option<String>> = tx
+        .query_row("SELECT lease_owner FROM sessions WHERE session_id = ?1", [session_id], |r| r.get(0))
         .optional()?;
-    match row {
+    match owner {
         None => Err(StoreError::NotFound(session_id.to_string())),
-        Some((Some(owner), seq)) if owner == holder.owner_id => Ok(seq),
+        Some(Some(owner)) if owner == holder.owner_id => Ok(()),
         Some(_) => Err(StoreError::LeaseLost(session_id.to_string())),
     }
 }
@@ -297,36 +298,29 @@ impl CheckpointStore for SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = &context.session_id;
         let inserted = tx.execute(
-            "INSERT OR IGNORE INTO sessions (session_id, created_at_ms, updated_at_ms, context_json, phase, last_seq)
-             VALUES (?1, ?2, ?2, ?3, ?4, 0)",
+            "INSERT OR IGNORE INTO sessions (session_id, created_at_ms, updated_at_ms, context_json, phase)
+             VALUES (?1, ?2, ?2, ?3, ?4)",
             params![id, now.0 as i64, to_json(context), first.state.phase.kind().name()],
         )?;
         if inserted == 0 {
             return Err(StoreError::AlreadyExists { session_id: id.clone() });
         }
-        let mut seq = 0;
-        append(&tx, id, &mut seq, now, &LogEntry::Created {
+        append(&tx, id, &mut 0, now, &LogEntry::Created {
             context: Box::new(context.clone()),
         })?;
         set_lease(&tx, id, holder, lease_ttl, now)?;
-        write_checkpoint(&tx, id, seq, first, now)?;
+        write_checkpoint(&tx, id, first, now)?;
         tx.commit()?;
         Ok(())
     }
 
-    fn commit(
-        &self,
-        session_id: &str,
-        checkpoint: &Checkpoint,
-        holder: &LeaseHolder,
-        lease_ttl: Duration,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
+    fn commit(&self, session_id: &str, checkpoint: &Checkpoint, holder: &LeaseHolder, now: Timestamp) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let seq = require_own_lease(&tx, session_id, holder)?;
-        write_checkpoint(&tx, session_id, seq, checkpoint, now)?;
-        set_lease(&tx, session_id, holder, lease_ttl, now)?;
+        // Fenced, not renewed: renewal is the driver's background job, so a
+        // commit writes the log page and nothing else that did not change.
+        require_own_lease(&tx, session_id, holder)?;
+        write_checkpoint(&tx, session_id, checkpoint, now)?;
         tx.commit()?;
         Ok(())
     }

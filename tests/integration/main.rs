@@ -4,3 +4,7 @@
 mod common;
 mod crash;
 mod fake_world;
+mod lab;
+mod lab_engine;
+mod cli;
+mod lab_behaviour;

@@ -53,7 +53,7 @@ fn a_session_survives_closing_and_reopening() {
     {
         let store = new_store(&dir);
         store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
-        store.commit("s1", &validated(&ctx), &holder, TTL, NOW).unwrap();
+        store.commit("s1", &validated(&ctx), &holder, NOW).unwrap();
     }
     let store = new_store(&dir);
     let loaded = store.load("s1").unwrap();
@@ -81,7 +81,7 @@ fn an_answered_intent_is_not_pending() {
         state: SessionState::fresh(ProvisionPhase::Failed(machine::Failed { reason: "gone".into() })),
         intent: None,
     };
-    store.commit("s1", &settled, &holder, TTL, NOW).unwrap();
+    store.commit("s1", &settled, &holder, NOW).unwrap();
     let loaded = store.load("s1").unwrap();
     assert_eq!(loaded.pending, None);
     assert_eq!(store.summary("s1").unwrap().detail.as_deref(), Some("gone"));
@@ -99,12 +99,12 @@ fn a_second_driver_is_refused_while_the_first_holds_the_lease() {
     assert!(matches!(err, StoreError::Leased { .. }), "{err}");
     assert!(err.to_string().contains("another process"), "{err}");
     // The second may not commit either: commits are fenced by the lease.
-    let err = store.commit("s1", &validated(&ctx), &second, TTL, NOW).unwrap_err();
+    let err = store.commit("s1", &validated(&ctx), &second, NOW).unwrap_err();
     assert!(matches!(err, StoreError::LeaseLost(_)), "{err}");
     // Once released, the second takes over and the first is fenced out.
     store.release_lease("s1", &first).unwrap();
     store.acquire_lease("s1", &second, TTL, NOW).unwrap();
-    assert!(matches!(store.commit("s1", &validated(&ctx), &first, TTL, NOW), Err(StoreError::LeaseLost(_))));
+    assert!(matches!(store.commit("s1", &validated(&ctx), &first, NOW), Err(StoreError::LeaseLost(_))));
 }
 
 #[test]
@@ -151,7 +151,7 @@ fn a_torn_write_leaves_the_previous_checkpoint_intact() {
             "BEGIN IMMEDIATE;
              INSERT INTO events (session_id, seq, at_ms, kind, body_json)
                  VALUES ('s1', 99, 0, 'transition', '{\"event\":\"Transition\",\"state\":{}}');
-             UPDATE sessions SET phase = 'Ready', last_seq = 99 WHERE session_id = 's1';",
+             UPDATE sessions SET phase = 'Ready' WHERE session_id = 's1';",
         )
         .unwrap();
         drop(conn);

@@ -1,0 +1,111 @@
+//! The `acode-ec2` binary: its contract from DESIGN.md section 4.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::lab::Lab;
+
+fn cli(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_acode-ec2"));
+    command
+        .args(args)
+        .env("ACODE_EC2_STATE_DB", state_db)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("ACODE_EC2_LOOPBACK_ONLY", "1")
+        .env_remove("AWS_PROFILE");
+    match lab {
+        Some(lab) => command.env("AWS_ENDPOINT_URL_EC2", &lab.info.ec2_endpoint),
+        None => command.env_remove("AWS_ENDPOINT_URL_EC2"),
+    };
+    command.output().expect("run acode-ec2")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn help_lists_every_command_of_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli(&dir.path().join("s.db"), None, &["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for word in ["provision", "status", "sessions", "teardown", "recover", "diagram", "--state-db", "ACODE_EC2_STATE_DB"] {
+        assert!(help.contains(word), "--help does not mention {word}:\n{help}");
+    }
+}
+
+#[test]
+fn a_config_with_an_unknown_key_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.yaml");
+    std::fs::write(&config, "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n  colour: blue\n").unwrap();
+    let db = dir.path().join("s.db");
+    let out = cli(&db, None, &["provision", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("colour"), "{}", text(&out.stderr));
+    assert!(!db.exists(), "a refused config created the state database");
+}
+
+#[test]
+fn without_a_loopback_endpoint_the_guard_refuses_to_build_a_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ok.yaml");
+    std::fs::write(&config, "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n").unwrap();
+    let out = cli(&dir.path().join("s.db"), None, &["provision", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("AWS_ENDPOINT_URL_EC2"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn diagram_prints_the_checked_in_files() {
+    let dir = tempfile::tempdir().unwrap();
+    for (format, file) in [("mermaid", "provision.mmd"), ("dot", "provision.dot")] {
+        let out = cli(&dir.path().join("s.db"), None, &["diagram", "--format", format]);
+        let on_disk = std::fs::read_to_string(format!("{}/state-diagrams/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert_eq!(text(&out.stdout), on_disk);
+    }
+}
+
+#[test]
+fn provision_status_sessions_teardown_against_the_lab() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let config = dir.path().join("target.yaml");
+    std::fs::write(&config, format!("ec2Target:\n{}", lab.target_yaml(""))).unwrap();
+
+    let out = cli(&db, Some(&lab), &["provision", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let progress = text(&out.stderr);
+    assert!(progress.contains("WaitingForRunning") && progress.contains("WaitingForSsh"), "no progress lines:\n{progress}");
+    assert!(!progress.contains("PRIVATE KEY") && !text(&out.stdout).contains("PRIVATE KEY"));
+
+    let out = cli(&db, Some(&lab), &["status", "--json"]);
+    assert!(out.status.success());
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    assert_eq!(status["phase"], "Ready");
+    for field in ["session_id", "instance_id", "public_ip", "key_path", "was_spot"] {
+        assert!(!status[field].is_null(), "status --json lacks {field}: {status}");
+    }
+    let session = status["session_id"].as_str().unwrap().to_string();
+
+    let out = cli(&db, Some(&lab), &["sessions", "--json"]);
+    let sessions: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sessions.as_array().map(|a| a.len()), Some(1));
+
+    let out = cli(&db, Some(&lab), &["teardown", &session]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cli(&db, Some(&lab), &["status", &session, "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["phase"], "TornDown");
+    assert!(lab.live_instances_of(&session).is_empty());
+
+    let out = cli(&db, Some(&lab), &["status", "no-such-session"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no session no-such-session"), "{}", text(&out.stderr));
+}

@@ -1,0 +1,209 @@
+//! Starts the local EC2 lab (tests/lab/acode_lab.py: moto + sshd + IMDS)
+//! for one test and stops it, sshd included, when the handle drops, even
+//! when the test panics. The lab also exits when our end of its stdin closes,
+//! so a killed test binary leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use acode_ec2::effects::AwsEffects;
+use acode_ec2::net_guard::ConnectGuard;
+use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// What the lab prints once it answers.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LabInfo {
+    pub ec2_endpoint: String,
+    pub control_url: String,
+    pub sshd_port: u16,
+    pub ssh_user: String,
+    pub imds_endpoint: String,
+    pub region: String,
+    pub subnets: BTreeMap<String, String>,
+    pub security_group_id: String,
+    pub ami_id: String,
+    pub host_key_fingerprints: Vec<String>,
+}
+
+pub struct Lab {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub info: LabInfo,
+    _state_dir: tempfile::TempDir,
+}
+
+fn python() -> String {
+    std::env::var("ACODE_EC2_LAB_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.lab/venv/bin/python", env!("CARGO_MANIFEST_DIR")))
+}
+
+impl Lab {
+    /// Starts a lab with quick but non-zero boot timing.
+    pub fn start() -> Lab {
+        Lab::start_with(&["--boot-delay-s", "0.3", "--status-ok-delay-s", "0.3", "--console-lag-s", "0.3", "--terminate-delay-s", "0.3"])
+    }
+
+    pub fn start_with(args: &[&str]) -> Lab {
+        let state_dir = tempfile::tempdir().expect("lab state dir");
+        let python = python();
+        assert!(
+            std::path::Path::new(&python).exists(),
+            "lab Python {python} is missing: run `scripts/setup.sh` (or set ACODE_EC2_LAB_PYTHON)"
+        );
+        let mut child = Command::new(&python)
+            .arg(format!("{}/tests/lab/acode_lab.py", env!("CARGO_MANIFEST_DIR")))
+            .arg("--state-dir")
+            .arg(state_dir.path())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the lab");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("lab stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(90)) {
+            Ok(line) if !line.trim().is_empty() => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the lab did not become ready: {other:?}");
+            }
+        };
+        let info: LabInfo = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+        Lab {
+            child,
+            stdin,
+            info,
+            _state_dir: state_dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A client configured explicitly: static test credentials, region, lab endpoint.
+    pub fn ec2(&self) -> aws_sdk_ec2::Client {
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(self.info.region.clone()))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "acode-lab"))
+            .endpoint_url(&self.info.ec2_endpoint)
+            .build();
+        aws_sdk_ec2::Client::from_conf(config)
+    }
+
+    /// Real effects against the lab, behind the loopback guard.
+    pub fn effects(&self) -> Arc<AwsEffects> {
+        Arc::new(AwsEffects::new(self.ec2(), ConnectGuard::loopback_only()))
+    }
+
+    pub fn subnet(&self, az: &str) -> String {
+        self.info.subnets.get(az).cloned().unwrap_or_else(|| panic!("lab has no subnet in {az}"))
+    }
+
+    /// A config body (under `ec2Target:`) that provisions in the lab.
+    pub fn target_yaml(&self, extra: &str) -> String {
+        format!(
+            "  amiId: {ami}\n  instanceType: t3.micro\n  subnetId: {subnet}\n  securityGroupIds: [{sg}]\n  \
+             pollInterval: 100ms\n  runningTimeout: 30s\n  sshTimeout: 30s\n{extra}",
+            ami = self.info.ami_id,
+            subnet = self.subnet("us-east-1a"),
+            sg = self.info.security_group_id,
+        ) + &format!(
+            "  ssh:\n    user: {user}\n    endpointOverride: 127.0.0.1:{port}\n",
+            user = self.info.ssh_user,
+            port = self.info.sshd_port
+        )
+    }
+
+    pub fn configure(&self, settings: Value) {
+        self.call("POST", "/config", Some(settings));
+    }
+
+    pub fn fault(&self, rule: Value) {
+        self.call("POST", "/faults", Some(rule));
+    }
+
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        serde_json::from_value(self.call("GET", "/counters", None)).expect("counters")
+    }
+
+    pub fn count(&self, action: &str) -> u64 {
+        self.counters().get(action).copied().unwrap_or(0)
+    }
+
+    /// Every instance the lab knows, as `/_lab/instances` reports them.
+    pub fn instances(&self) -> Vec<Value> {
+        match self.call("GET", "/instances", None) {
+            Value::Array(items) => items,
+            other => panic!("unexpected /instances answer {other}"),
+        }
+    }
+
+    /// Instances tagged with this session that are not terminated or shutting down.
+    pub fn live_instances_of(&self, session_id: &str) -> Vec<Value> {
+        self.instances()
+            .into_iter()
+            .filter(|i| i["tags"]["acode-session-id"] == session_id)
+            .filter(|i| !matches!(i["state"].as_str(), Some("terminated" | "shutting-down")))
+            .collect()
+    }
+
+    /// A JSON call to the control API.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (status, payload) = http(&self.info.control_url, method, path, &[("Content-Type", "application/json")], &body);
+        assert!((200..300).contains(&status), "{method} {path}: HTTP {status}\n{payload}");
+        serde_json::from_str(&payload).unwrap_or(Value::Null)
+    }
+}
+
+/// A minimal blocking HTTP/1.1 request to a loopback URL: (status, body).
+pub fn http(base_url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let base = base_url.trim_start_matches("http://");
+    let (host, prefix) = base.split_once('/').map_or((base, ""), |(h, p)| (h, p));
+    let mut stream = TcpStream::connect(host).expect("connect to the lab");
+    assert!(stream.peer_addr().expect("peer").ip().is_loopback(), "lab calls stay on loopback");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let prefix = if prefix.is_empty() { String::new() } else { format!("/{prefix}") };
+    write!(
+        stream,
+        "{method} {prefix}{path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read answer");
+    let (head, payload) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, payload.to_string())
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Closing stdin asks the lab to stop (and stop sshd); kill if it lingers.
+        drop(self.stdin.take());
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
