@@ -7,10 +7,13 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{Criterion, criterion_group, criterion_main};
 use rusqlite::Connection;
 
-use acode_ec2::machine::{self, Input, KeyPairHandle, LaunchedInstance, ProvisionPhase, SessionContext, SessionState, Timestamp, WaitingForRunning};
+use acode_ec2::machine::{
+    self, Input, KeyPairHandle, LaunchedInstance, ProvisionPhase, SessionContext, SessionState,
+    Timestamp, WaitingForRunning,
+};
 use acode_ec2::store::{Checkpoint, CheckpointStore, Intent, LeaseHolder, SqliteStore};
 
 const NOW: Timestamp = Timestamp(1_700_000_000_000);
@@ -43,7 +46,14 @@ fn machine_step(c: &mut Criterion) {
     let ctx = context();
     let state = waiting_for_running(&ctx);
     c.bench_function("machine_step", |b| {
-        b.iter(|| machine::step(&ctx, std::hint::black_box(&state), Input::InstancePending, NOW))
+        b.iter(|| {
+            machine::step(
+                &ctx,
+                std::hint::black_box(&state),
+                Input::InstancePending,
+                NOW,
+            )
+        })
     });
 }
 
@@ -57,22 +67,76 @@ fn commits(c: &mut Criterion) {
     let poll = Checkpoint {
         outcome: Some(Input::InstancePending),
         state: step.state,
-        intent: step.effect.map(|effect| Intent { effect, not_before: step.wake_at }),
+        intent: step.effect.map(|effect| Intent {
+            effect,
+            not_before: step.wake_at,
+        }),
     };
-    store.create(&ctx, &poll, &holder, Duration::from_secs(30), NOW).expect("create");
+    store
+        .create(&ctx, &poll, &holder, Duration::from_secs(30), NOW)
+        .expect("create");
     c.bench_function("checkpoint_commit", |b| {
-        b.iter(|| store.commit(&ctx.session_id, &poll, &holder, NOW).expect("commit"))
+        b.iter(|| {
+            store
+                .commit(&ctx.session_id, &poll, &holder, NOW)
+                .expect("commit")
+        })
+    });
+
+    // A commit that also changes what the session row shows (a phase change).
+    let ssh = machine::step(
+        &ctx,
+        &state,
+        Input::InstanceRunning {
+            public_ip: Some("54.0.0.1".into()),
+            private_ip: None,
+        },
+        NOW,
+    )
+    .expect("running");
+    let to_ssh = Checkpoint {
+        outcome: Some(Input::InstanceRunning {
+            public_ip: Some("54.0.0.1".into()),
+            private_ip: None,
+        }),
+        state: ssh.state,
+        intent: ssh.effect.map(|effect| Intent {
+            effect,
+            not_before: None,
+        }),
+    };
+    let mut flip = false;
+    c.bench_function("checkpoint_commit_phase_change", |b| {
+        b.iter(|| {
+            flip = !flip;
+            store
+                .commit(
+                    &ctx.session_id,
+                    if flip { &to_ssh } else { &poll },
+                    &holder,
+                    NOW,
+                )
+                .expect("commit")
+        })
     });
 
     let floor = Connection::open(dir.path().join("floor.db")).expect("floor db");
-    floor.pragma_update(None, "journal_mode", "WAL").expect("wal");
-    floor.pragma_update(None, "synchronous", "FULL").expect("sync");
-    floor.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)").expect("table");
+    floor
+        .pragma_update(None, "journal_mode", "WAL")
+        .expect("wal");
+    floor
+        .pragma_update(None, "synchronous", "FULL")
+        .expect("sync");
+    floor
+        .execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        .expect("table");
     let mut k = 0i64;
     c.bench_function("sqlite_floor", |b| {
         b.iter(|| {
             k += 1;
-            floor.execute("INSERT INTO t (k, v) VALUES (?1, 'x')", [k]).expect("insert")
+            floor
+                .execute("INSERT INTO t (k, v) VALUES (?1, 'x')", [k])
+                .expect("insert")
         })
     });
 }

@@ -4,8 +4,8 @@
 //! Run: `cargo bench --bench sessions_memory`. Target: < 64 KiB per session.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use acode_ec2::driver::{Engine, EngineOptions};
@@ -42,12 +42,25 @@ impl Effects for Parked {
     async fn run(&self, ctx: &SessionContext, _: Timestamp, effect: &Effect) -> Input {
         match effect {
             Effect::ValidateRequest => Input::Validated {
-                image: ImageChoice { ami_id: "ami-0123".into(), root_device_name: None },
+                image: ImageChoice {
+                    ami_id: "ami-0123".into(),
+                    root_device_name: None,
+                },
             },
-            Effect::EnsureKeyPair { key_name, private_key_path } => Input::KeyPairReady {
-                key: KeyPairHandle { key_name: key_name.clone(), owned: true, private_key_path: private_key_path.clone() },
+            Effect::EnsureKeyPair {
+                key_name,
+                private_key_path,
+            } => Input::KeyPairReady {
+                key: KeyPairHandle {
+                    key_name: key_name.clone(),
+                    owned: true,
+                    private_key_path: private_key_path.clone(),
+                },
             },
-            Effect::RunInstance { .. } => Input::Launched { instance_id: format!("i-{}", &ctx.session_id[..8]), was_spot: false },
+            Effect::RunInstance { .. } => Input::Launched {
+                instance_id: format!("i-{}", &ctx.session_id[..8]),
+                was_spot: false,
+            },
             _ => {
                 self.waiting.fetch_add(1, Ordering::SeqCst);
                 std::future::pending().await
@@ -58,17 +71,25 @@ impl Effects for Parked {
 
 fn main() {
     const SESSIONS: usize = 1_000;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
     let request = acode_ec2::config::parse(yaml).expect("config");
     runtime.block_on(async {
         let store = Arc::new(SqliteStore::open(&dir.path().join("mem.db")).expect("store"));
-        let effects = Arc::new(Parked { waiting: AtomicUsize::new(0) });
+        let effects = Arc::new(Parked {
+            waiting: AtomicUsize::new(0),
+        });
         let engine = Arc::new(Engine::new(
             effects.clone(),
             store,
-            EngineOptions { key_dir: dir.path().join("keys").to_string_lossy().into_owned(), lease_ttl: Duration::from_secs(30) },
+            EngineOptions {
+                key_dir: dir.path().join("keys").to_string_lossy().into_owned(),
+                lease_ttl: Duration::from_secs(30),
+            },
         ));
         // Warm up once so one-time allocations (runtime, SQLite caches) are not billed per session.
         let warm = tokio::spawn({
@@ -82,7 +103,9 @@ fn main() {
         let mut tasks = Vec::with_capacity(SESSIONS);
         for _ in 0..SESSIONS {
             let (engine, request) = (engine.clone(), request.clone());
-            tasks.push(tokio::spawn(async move { engine.provision(request, &NoProgress).await }));
+            tasks.push(tokio::spawn(async move {
+                engine.provision(request, &NoProgress).await
+            }));
         }
         while effects.waiting.load(Ordering::SeqCst) < SESSIONS + 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -91,7 +114,10 @@ fn main() {
         let per_session = (after.saturating_sub(before)) as f64 / SESSIONS as f64;
         println!("sessions in flight: {SESSIONS}");
         println!("live heap before: {before} B, after: {after} B");
-        println!("memory per in-flight session: {:.1} KiB (target < 64 KiB)", per_session / 1024.0);
+        println!(
+            "memory per in-flight session: {:.1} KiB (target < 64 KiB)",
+            per_session / 1024.0
+        );
         for task in tasks {
             task.abort();
         }

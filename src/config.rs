@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::request::{
-    AmiSelector, HostKeyPolicy, InvalidRequest, KeyAlgorithm, KeyPairMode, OsAlias, ProvisionRequest,
-    SpotPolicy, SshSettings, Timeouts,
+    AmiSelector, HostKeyPolicy, InvalidRequest, KeyAlgorithm, KeyPairMode, OsAlias,
+    ProvisionRequest, SpotPolicy, SshSettings, Timeouts,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +121,14 @@ pub fn load(path: &Path) -> Result<ProvisionRequest, ConfigError> {
         source,
     })?;
     parse(&text).map_err(|e| match e {
-        ParseError::Yaml(message) => ConfigError::Yaml { path: shown, message },
-        ParseError::Invalid(source) => ConfigError::Invalid { path: shown, source },
+        ParseError::Yaml(message) => ConfigError::Yaml {
+            path: shown,
+            message,
+        },
+        ParseError::Invalid(source) => ConfigError::Invalid {
+            path: shown,
+            source,
+        },
     })
 }
 
@@ -143,8 +149,12 @@ impl std::fmt::Display for ParseError {
 
 /// Parses config text into a checked request.
 pub fn parse(text: &str) -> Result<ProvisionRequest, ParseError> {
-    let file: ConfigFile = serde_saphyr::from_str(text).map_err(|e| ParseError::Yaml(e.to_string()))?;
-    let request = file.ec2_target.into_request().map_err(ParseError::Invalid)?;
+    let file: ConfigFile =
+        serde_saphyr::from_str(text).map_err(|e| ParseError::Yaml(e.to_string()))?;
+    let request = file
+        .ec2_target
+        .into_request()
+        .map_err(ParseError::Invalid)?;
     request.check().map_err(ParseError::Invalid)?;
     Ok(request)
 }
@@ -152,9 +162,16 @@ pub fn parse(text: &str) -> Result<ProvisionRequest, ParseError> {
 /// Parses `30s`, `5m`, `1h`, `250ms`.
 pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, InvalidRequest> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let bad = || invalid(key, format!("`{text}` is not a duration like 250ms, 30s, 5m or 1h"));
+    let bad = || {
+        invalid(
+            key,
+            format!("`{text}` is not a duration like 250ms, 30s, 5m or 1h"),
+        )
+    };
     let n: u64 = number.parse().map_err(|_| bad())?;
     let unit_ms = match unit.trim() {
         "ms" => 1,
@@ -163,10 +180,16 @@ pub fn parse_duration(key: &'static str, text: &str) -> Result<Duration, Invalid
         "h" => 3_600_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(unit_ms).map(Duration::from_millis).ok_or_else(bad)
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(bad)
 }
 
-fn optional_duration(key: &'static str, text: Option<&String>, default: Duration) -> Result<Duration, InvalidRequest> {
+fn optional_duration(
+    key: &'static str,
+    text: Option<&String>,
+    default: Duration,
+) -> Result<Duration, InvalidRequest> {
     text.map_or(Ok(default), |t| parse_duration(key, t))
 }
 
@@ -193,15 +216,26 @@ impl Ec2Target {
                 )?,
             })
         } else if self.spot_max_price.is_some() || self.spot_request_timeout.is_some() {
-            return Err(invalid("useSpot", "spot settings are given but useSpot is not true"));
+            return Err(invalid(
+                "useSpot",
+                "spot settings are given but useSpot is not true",
+            ));
         } else {
             None
         };
         let defaults = Timeouts::default();
         let timeouts = Timeouts {
-            running: optional_duration("runningTimeout", self.running_timeout.as_ref(), defaults.running)?,
+            running: optional_duration(
+                "runningTimeout",
+                self.running_timeout.as_ref(),
+                defaults.running,
+            )?,
             ssh: optional_duration("sshTimeout", self.ssh_timeout.as_ref(), defaults.ssh)?,
-            poll_interval: optional_duration("pollInterval", self.poll_interval.as_ref(), defaults.poll_interval)?,
+            poll_interval: optional_duration(
+                "pollInterval",
+                self.poll_interval.as_ref(),
+                defaults.poll_interval,
+            )?,
         };
         let ssh_block = self.ssh.unwrap_or(SshBlock {
             user: None,
@@ -210,8 +244,13 @@ impl Ec2Target {
             host_key_verification: None,
             host_key_fingerprints: Vec::new(),
         });
-        let host_key_policy = match (ssh_block.host_key_verification, ssh_block.host_key_fingerprints) {
-            (None | Some(HostKeyModeName::Console), prints) if prints.is_empty() => HostKeyPolicy::Console,
+        let host_key_policy = match (
+            ssh_block.host_key_verification,
+            ssh_block.host_key_fingerprints,
+        ) {
+            (None | Some(HostKeyModeName::Console), prints) if prints.is_empty() => {
+                HostKeyPolicy::Console
+            }
             (None | Some(HostKeyModeName::Pinned), prints) => HostKeyPolicy::Pinned(prints),
             (Some(HostKeyModeName::InsecureAcceptAny), prints) if prints.is_empty() => {
                 HostKeyPolicy::InsecureAcceptAny
@@ -254,12 +293,21 @@ fn key_pair_mode(
     block: Option<KeyPairBlock>,
 ) -> Result<KeyPairMode, InvalidRequest> {
     match (key_name, block) {
-        (Some(_), Some(_)) => Err(invalid("keyName", "give either keyName or a keyPair block, not both")),
+        (Some(_), Some(_)) => Err(invalid(
+            "keyName",
+            "give either keyName or a keyPair block, not both",
+        )),
         (Some(key_name), None) => {
             let private_key_path = private_key_path.ok_or_else(|| {
-                invalid("privateKeyPath", "keyName needs the path of its private key for the SSH check")
+                invalid(
+                    "privateKeyPath",
+                    "keyName needs the path of its private key for the SSH check",
+                )
             })?;
-            Ok(KeyPairMode::Existing { key_name, private_key_path })
+            Ok(KeyPairMode::Existing {
+                key_name,
+                private_key_path,
+            })
         }
         (None, None) => {
             if private_key_path.is_some() {
@@ -277,15 +325,21 @@ fn key_pair_mode(
             match block.mode {
                 KeyModeName::Existing => {
                     if block.key_type.is_some() {
-                        return Err(invalid("keyPair.keyType", "an existing key pair has its own type"));
+                        return Err(invalid(
+                            "keyPair.keyType",
+                            "an existing key pair has its own type",
+                        ));
                     }
                     Ok(KeyPairMode::Existing {
-                        key_name: block
-                            .key_name
-                            .ok_or_else(|| invalid("keyPair.keyName", "mode existing needs keyName"))?,
-                        private_key_path: block
-                            .private_key_path
-                            .ok_or_else(|| invalid("keyPair.privateKeyPath", "mode existing needs privateKeyPath"))?,
+                        key_name: block.key_name.ok_or_else(|| {
+                            invalid("keyPair.keyName", "mode existing needs keyName")
+                        })?,
+                        private_key_path: block.private_key_path.ok_or_else(|| {
+                            invalid(
+                                "keyPair.privateKeyPath",
+                                "mode existing needs privateKeyPath",
+                            )
+                        })?,
                     })
                 }
                 KeyModeName::Temporary | KeyModeName::Import => {
@@ -309,7 +363,8 @@ fn key_pair_mode(
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "ec2Target:\n  amiId: ami-0abc\n  instanceType: t3.micro\n  subnetId: subnet-1\n";
+    const MINIMAL: &str =
+        "ec2Target:\n  amiId: ami-0abc\n  instanceType: t3.micro\n  subnetId: subnet-1\n";
 
     #[test]
     fn example_fixture_parses() {
@@ -317,7 +372,12 @@ mod tests {
         let request = parse(text).unwrap();
         assert_eq!(request.ami, AmiSelector::Alias(OsAlias::AmazonLinux2));
         assert_eq!(request.subnet_ids.len(), 2);
-        assert!(request.spot.as_ref().is_some_and(|s| s.fallback_to_on_demand));
+        assert!(
+            request
+                .spot
+                .as_ref()
+                .is_some_and(|s| s.fallback_to_on_demand)
+        );
         assert_eq!(request.ssh.user, "ec2-user");
     }
 
@@ -327,7 +387,12 @@ mod tests {
         assert_eq!(r.ebs_size_gb, 20);
         assert!(r.enforce_imds_v2);
         assert!(r.spot.is_none());
-        assert_eq!(r.key_pair, KeyPairMode::Temporary { algorithm: KeyAlgorithm::Ed25519 });
+        assert_eq!(
+            r.key_pair,
+            KeyPairMode::Temporary {
+                algorithm: KeyAlgorithm::Ed25519
+            }
+        );
         assert_eq!(r.ssh.port, 22);
         assert_eq!(r.ssh.host_key_policy, HostKeyPolicy::Console);
     }
@@ -346,7 +411,10 @@ mod tests {
 
     #[test]
     fn malformed_yaml_is_an_error() {
-        assert!(matches!(parse("ec2Target: [unclosed"), Err(ParseError::Yaml(_))));
+        assert!(matches!(
+            parse("ec2Target: [unclosed"),
+            Err(ParseError::Yaml(_))
+        ));
         assert!(matches!(parse(""), Err(ParseError::Yaml(_))));
     }
 
@@ -354,22 +422,33 @@ mod tests {
     fn bad_values_name_their_key() {
         for (extra, key) in [
             ("  ebsSizeGb: 0\n", "ebsSizeGb"),
-            ("  useSpot: true\n  spotRequestTimeout: soon\n", "spotRequestTimeout"),
+            (
+                "  useSpot: true\n  spotRequestTimeout: soon\n",
+                "spotRequestTimeout",
+            ),
             ("  spotMaxPrice: \"0.1\"\n", "useSpot"),
             ("  keyName: mine\n", "privateKeyPath"),
             ("  pollInterval: 1ms\n", "pollInterval"),
-            ("  ssh:\n    hostKeyVerification: pinned\n", "ssh.hostKeyFingerprints"),
+            (
+                "  ssh:\n    hostKeyVerification: pinned\n",
+                "ssh.hostKeyFingerprints",
+            ),
         ] {
             let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
-        let err = parse(&format!("{MINIMAL}  ebsSizeGb: -3\n")).unwrap_err().to_string();
+        let err = parse(&format!("{MINIMAL}  ebsSizeGb: -3\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ebsSizeGb"), "{err}");
     }
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("k", "250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration("k", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
         assert_eq!(parse_duration("k", "5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("k", "5").is_err());
         assert!(parse_duration("k", "m").is_err());

@@ -9,17 +9,18 @@
 //! - the driver holds no state of its own that the log does not: dropping an
 //!   engine at any await point is a crash the next engine recovers from.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
-use tracing::{info, warn, Instrument};
+use tracing::{Instrument, info, warn};
 
 use crate::effects::{self, Effects};
 use crate::events::{ProgressSink, ProvisionEvent, ProvisionProgress};
 use crate::machine::{
-    self, Effect, Input, MachineError, Notice, PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp,
+    self, Effect, Input, MachineError, Notice, PhaseKind, ProvisionPhase, SessionContext,
+    SessionState, Timestamp,
 };
 use crate::request::{InvalidRequest, ProvisionRequest};
 use crate::store::{Checkpoint, CheckpointStore, Intent, LeaseHolder, LoadedSession, StoreError};
@@ -95,7 +96,11 @@ pub struct Engine<E: Effects> {
 }
 
 impl<E: Effects> Engine<E> {
-    pub fn new(effects: Arc<E>, store: Arc<dyn CheckpointStore>, options: EngineOptions) -> Engine<E> {
+    pub fn new(
+        effects: Arc<E>,
+        store: Arc<dyn CheckpointStore>,
+        options: EngineOptions,
+    ) -> Engine<E> {
         let (events, _) = broadcast::channel(1024);
         Engine {
             effects,
@@ -152,9 +157,13 @@ impl<E: Effects> Engine<E> {
             let checkpoint = Checkpoint {
                 outcome: None,
                 state: first.state.clone(),
-                intent: first.effect.map(|effect| Intent { effect, not_before: None }),
+                intent: first.effect.map(|effect| Intent {
+                    effect,
+                    not_before: None,
+                }),
             };
-            self.store.create(&ctx, &checkpoint, &self.holder, self.options.lease_ttl, now)?;
+            self.store
+                .create(&ctx, &checkpoint, &self.holder, self.options.lease_ttl, now)?;
             info!(instance_type = %ctx.request.instance_type, "provisioning started");
             self.emit(ProvisionEvent::ProvisionStarted {
                 session_id: session_id.clone(),
@@ -176,12 +185,20 @@ impl<E: Effects> Engine<E> {
     }
 
     /// Continues a session from its last checkpoint.
-    pub async fn resume(&self, session_id: &str, progress: &dyn ProgressSink) -> Result<ReadyInstance, EngineError> {
+    pub async fn resume(
+        &self,
+        session_id: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<ReadyInstance, EngineError> {
         let end = self.resume_to_end(session_id, progress).await?;
         ready_or_error(session_id, end)
     }
 
-    async fn resume_to_end(&self, session_id: &str, progress: &dyn ProgressSink) -> Result<SessionState, EngineError> {
+    async fn resume_to_end(
+        &self,
+        session_id: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<SessionState, EngineError> {
         let span = tracing::info_span!("session", session_id = %session_id);
         async {
             self.store.acquire_lease(session_id, &self.holder, self.options.lease_ttl, effects::now())?;
@@ -195,11 +212,16 @@ impl<E: Effects> Engine<E> {
 
     /// Terminates the session's instance and deletes the key pair it created.
     /// A session that is already gone is fine.
-    pub async fn teardown(&self, session_id: &str, progress: &dyn ProgressSink) -> Result<PhaseKind, EngineError> {
+    pub async fn teardown(
+        &self,
+        session_id: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<PhaseKind, EngineError> {
         let span = tracing::info_span!("session", session_id = %session_id);
         async {
             let now = effects::now();
-            self.store.acquire_lease(session_id, &self.holder, self.options.lease_ttl, now)?;
+            self.store
+                .acquire_lease(session_id, &self.holder, self.options.lease_ttl, now)?;
             let mut loaded = self.store.load(session_id)?;
             let kind = loaded.state.phase.kind();
             if kind.is_terminal() {
@@ -209,12 +231,22 @@ impl<E: Effects> Engine<E> {
             if !kind.is_cleanup() {
                 // An unanswered create must be answered first, so that what it
                 // made (if anything) is known and cleaned up.
-                if let Some(intent) = loaded.pending.clone().filter(|i| creates_something(&i.effect)) {
-                    let input = self.effects.run(&loaded.context, loaded.created_at, &intent.effect).await;
+                if let Some(intent) = loaded
+                    .pending
+                    .clone()
+                    .filter(|i| creates_something(&i.effect))
+                {
+                    let input = self
+                        .effects
+                        .run(&loaded.context, loaded.created_at, &intent.effect)
+                        .await;
                     loaded = self.record(loaded, input, progress, Instant::now())?;
                 }
-                if !loaded.state.phase.kind().is_cleanup() && !loaded.state.phase.kind().is_terminal() {
-                    loaded = self.record(loaded, Input::TeardownRequested, progress, Instant::now())?;
+                if !loaded.state.phase.kind().is_cleanup()
+                    && !loaded.state.phase.kind().is_terminal()
+                {
+                    loaded =
+                        self.record(loaded, Input::TeardownRequested, progress, Instant::now())?;
                 }
             }
             Ok(self.drive(loaded, progress).await?.phase.kind())
@@ -226,13 +258,19 @@ impl<E: Effects> Engine<E> {
     /// Resumes every session that is neither Ready nor finished: each ends
     /// Ready or cleaned up. Sessions another live process drives are left
     /// to it and reported as such.
-    pub async fn recover(&self, progress: &dyn ProgressSink) -> Result<Vec<Recovered>, EngineError> {
+    pub async fn recover(
+        &self,
+        progress: &dyn ProgressSink,
+    ) -> Result<Vec<Recovered>, EngineError> {
         let mut report = Vec::new();
         for summary in self.store.list()? {
             if summary.phase.is_settled() {
                 continue;
             }
-            let result = self.resume_to_end(&summary.session_id, progress).await.map(|s| s.phase.kind());
+            let result = self
+                .resume_to_end(&summary.session_id, progress)
+                .await
+                .map(|s| s.phase.kind());
             report.push(Recovered {
                 session_id: summary.session_id,
                 result,
@@ -259,8 +297,17 @@ impl<E: Effects> Engine<E> {
                 not_before: step.wake_at,
             }),
         };
-        self.store.commit(&loaded.context.session_id, &checkpoint, &self.holder, now)?;
-        self.announce(&loaded.context, &loaded.state, &checkpoint, &step.notices, now, started, progress);
+        self.store
+            .commit(&loaded.context.session_id, &checkpoint, &self.holder, now)?;
+        self.announce(
+            &loaded.context,
+            &loaded.state,
+            &checkpoint,
+            &step.notices,
+            now,
+            started,
+            progress,
+        );
         Ok(LoadedSession {
             state: checkpoint.state,
             pending: checkpoint.intent,
@@ -268,10 +315,19 @@ impl<E: Effects> Engine<E> {
         })
     }
 
-    async fn drive(&self, mut session: LoadedSession, progress: &dyn ProgressSink) -> Result<SessionState, EngineError> {
+    async fn drive(
+        &self,
+        mut session: LoadedSession,
+        progress: &dyn ProgressSink,
+    ) -> Result<SessionState, EngineError> {
         let started = Instant::now();
         let session_id = session.context.session_id.clone();
-        let _renewal = LeaseRenewal::start(Arc::clone(&self.store), &session_id, &self.holder, self.options.lease_ttl);
+        let _renewal = LeaseRenewal::start(
+            Arc::clone(&self.store),
+            &session_id,
+            &self.holder,
+            self.options.lease_ttl,
+        );
         self.report(&session, "resuming", started, progress);
         while let Some(intent) = session.pending.clone() {
             self.crash_point(CrashPoint::AfterIntentCommit)?;
@@ -281,7 +337,10 @@ impl<E: Effects> Engine<E> {
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
             }
-            let input = self.effects.run(&session.context, session.created_at, &intent.effect).await;
+            let input = self
+                .effects
+                .run(&session.context, session.created_at, &intent.effect)
+                .await;
             self.crash_point(CrashPoint::AfterEffect)?;
             session = self.record(session, input, progress, started)?;
             self.crash_point(CrashPoint::AfterOutcomeCommit)?;
@@ -294,7 +353,10 @@ impl<E: Effects> Engine<E> {
 
     fn crash_point(&self, point: CrashPoint) -> Result<(), EngineError> {
         match &self.crash {
-            Some(plan) if plan.point == point && plan.passed.fetch_add(1, Ordering::SeqCst) + 1 == plan.nth => {
+            Some(plan)
+                if plan.point == point
+                    && plan.passed.fetch_add(1, Ordering::SeqCst) + 1 == plan.nth =>
+            {
                 Err(EngineError::InjectedCrash { point })
             }
             _ => Ok(()),
@@ -358,12 +420,21 @@ impl<E: Effects> Engine<E> {
         });
     }
 
-    fn report(&self, session: &LoadedSession, what: &str, started: Instant, progress: &dyn ProgressSink) {
+    fn report(
+        &self,
+        session: &LoadedSession,
+        what: &str,
+        started: Instant,
+        progress: &dyn ProgressSink,
+    ) {
         let phase = session.state.phase.kind();
         progress.progress(&ProvisionProgress {
             session_id: session.context.session_id.clone(),
             phase,
-            message: session.pending.as_ref().map_or_else(|| what.to_string(), |i| describe(&i.effect)),
+            message: session
+                .pending
+                .as_ref()
+                .map_or_else(|| what.to_string(), |i| describe(&i.effect)),
             percent_complete: phase.percent_complete(),
             instance_id: session.state.phase.instance_id().map(str::to_string),
             elapsed: started.elapsed(),
@@ -392,7 +463,10 @@ impl<E: Effects> Engine<E> {
 
 /// Effects whose outcome tells what exists: teardown must learn it first.
 fn creates_something(effect: &Effect) -> bool {
-    matches!(effect, Effect::RunInstance { .. } | Effect::EnsureKeyPair { .. })
+    matches!(
+        effect,
+        Effect::RunInstance { .. } | Effect::EnsureKeyPair { .. }
+    )
 }
 
 fn ready_or_error(session_id: &str, state: SessionState) -> Result<ReadyInstance, EngineError> {
@@ -421,11 +495,18 @@ pub fn describe(effect: &Effect) -> String {
     match effect {
         Effect::ValidateRequest => "checking image, subnets and security groups".into(),
         Effect::EnsureKeyPair { key_name, .. } => format!("preparing key pair {key_name}"),
-        Effect::RunInstance { spot, subnet_id, .. } => {
-            format!("launching {} instance in {subnet_id}", if *spot { "a spot" } else { "an on-demand" })
+        Effect::RunInstance {
+            spot, subnet_id, ..
+        } => {
+            format!(
+                "launching {} instance in {subnet_id}",
+                if *spot { "a spot" } else { "an on-demand" }
+            )
         }
         Effect::DescribeInstance { instance_id } => format!("waiting for {instance_id} to run"),
-        Effect::ReadConsoleHostKeys { instance_id } => format!("reading SSH host keys from {instance_id}'s console"),
+        Effect::ReadConsoleHostKeys { instance_id } => {
+            format!("reading SSH host keys from {instance_id}'s console")
+        }
         Effect::ProbeSsh { endpoint, .. } => format!("checking SSH at {endpoint}"),
         Effect::TerminateInstance { instance_id } => format!("terminating {instance_id}"),
         Effect::DeleteKeyPair { key_name, .. } => format!("deleting key pair {key_name}"),
@@ -436,7 +517,12 @@ pub fn describe(effect: &Effect) -> String {
 struct LeaseRenewal(tokio::task::JoinHandle<()>);
 
 impl LeaseRenewal {
-    fn start(store: Arc<dyn CheckpointStore>, session_id: &str, holder: &LeaseHolder, ttl: Duration) -> LeaseRenewal {
+    fn start(
+        store: Arc<dyn CheckpointStore>,
+        session_id: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> LeaseRenewal {
         let (session_id, holder) = (session_id.to_string(), holder.clone());
         let every = (ttl / 3).max(Duration::from_millis(100));
         LeaseRenewal(tokio::spawn(async move {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -87,7 +87,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -167,8 +170,15 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&ready)?);
             } else {
                 println!("session {} is Ready", ready.session_id);
-                println!("  instance  {}{}", ready.instance_id, if ready.was_spot { " (spot)" } else { "" });
-                println!("  ssh       {} (host key {})", ready.ssh_endpoint, ready.host_key_fingerprint);
+                println!(
+                    "  instance  {}{}",
+                    ready.instance_id,
+                    if ready.was_spot { " (spot)" } else { "" }
+                );
+                println!(
+                    "  ssh       {} (host key {})",
+                    ready.ssh_endpoint, ready.host_key_fingerprint
+                );
                 if let Some(path) = &ready.key_path {
                     println!("  key       {path}");
                 }
@@ -179,7 +189,10 @@ async fn run(cli: Cli) -> Result<()> {
             let (store, _) = open_store(&cli)?;
             let summary = match session {
                 Some(id) => store.summary(id)?,
-                None => store.list()?.pop().context("no sessions yet; start one with `acode-ec2 provision`")?,
+                None => store
+                    .list()?
+                    .pop()
+                    .context("no sessions yet; start one with `acode-ec2 provision`")?,
             };
             if *json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -196,7 +209,10 @@ async fn run(cli: Cli) -> Result<()> {
             } else if sessions.is_empty() {
                 println!("no sessions");
             } else {
-                println!("{:<36}  {:<19}  {:<20}  {}", "SESSION", "PHASE", "INSTANCE", "PUBLIC IP");
+                println!(
+                    "{:<36}  {:<19}  {:<20}  PUBLIC IP",
+                    "SESSION", "PHASE", "INSTANCE"
+                );
                 for s in &sessions {
                     println!(
                         "{:<36}  {:<19}  {:<20}  {}",
@@ -231,7 +247,10 @@ async fn run(cli: Cli) -> Result<()> {
                 match item.result {
                     Ok(phase) => println!("session {} is {phase}", item.session_id),
                     Err(EngineError::ProvisionFailed { reason, .. }) => {
-                        println!("session {} is Failed (cleaned up): {reason}", item.session_id)
+                        println!(
+                            "session {} is Failed (cleaned up): {reason}",
+                            item.session_id
+                        )
                     }
                     Err(e) => {
                         failures += 1;
@@ -270,8 +289,10 @@ impl ProgressDisplay {
     fn new() -> ProgressDisplay {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(100);
-            let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos:>3}% {prefix:<19} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos:>3}% {prefix:<19} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
             bar.enable_steady_tick(Duration::from_millis(120));
             bar

@@ -38,11 +38,15 @@ pub struct ConnectGuard {
 
 impl ConnectGuard {
     pub fn loopback_only() -> ConnectGuard {
-        ConnectGuard { loopback_only: true }
+        ConnectGuard {
+            loopback_only: true,
+        }
     }
 
     pub fn open() -> ConnectGuard {
-        ConnectGuard { loopback_only: false }
+        ConnectGuard {
+            loopback_only: false,
+        }
     }
 
     /// On when `ACODE_EC2_LOOPBACK_ONLY=1`.
@@ -69,7 +73,8 @@ impl ConnectGuard {
         if !self.loopback_only {
             return Ok(());
         }
-        if !std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
+        if !std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        {
             return Err(GuardError::MetadataNotDisabled);
         }
         let endpoint = std::env::var("AWS_ENDPOINT_URL_EC2")
@@ -94,7 +99,10 @@ fn url_host(url: &str) -> Option<&str> {
 }
 
 fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -107,18 +115,30 @@ mod tests {
         for ok in ["127.0.0.1:22", "127.8.9.10:2222", "[::1]:22"] {
             assert_eq!(guard.check(ok.parse().unwrap()), Ok(()), "{ok}");
         }
-        for bad in ["54.12.34.56:22", "169.254.169.254:80", "10.0.0.1:22", "[2600::1]:22", "0.0.0.0:22"] {
+        for bad in [
+            "54.12.34.56:22",
+            "169.254.169.254:80",
+            "10.0.0.1:22",
+            "[2600::1]:22",
+            "0.0.0.0:22",
+        ] {
             let err = guard.check(bad.parse().unwrap()).unwrap_err();
             assert!(err.to_string().contains("loopback"), "{err}");
         }
-        assert_eq!(ConnectGuard::open().check("54.12.34.56:22".parse().unwrap()), Ok(()));
+        assert_eq!(
+            ConnectGuard::open().check("54.12.34.56:22".parse().unwrap()),
+            Ok(())
+        );
     }
 
     #[test]
     fn url_hosts() {
         assert_eq!(url_host("http://127.0.0.1:5000"), Some("127.0.0.1"));
         assert_eq!(url_host("http://[::1]:5000/x"), Some("::1"));
-        assert_eq!(url_host("https://ec2.us-east-1.amazonaws.com"), Some("ec2.us-east-1.amazonaws.com"));
+        assert_eq!(
+            url_host("https://ec2.us-east-1.amazonaws.com"),
+            Some("ec2.us-east-1.amazonaws.com")
+        );
         assert_eq!(url_host("nonsense"), None);
         assert!(is_loopback_host("localhost"));
         assert!(!is_loopback_host("ec2.us-east-1.amazonaws.com"));

@@ -33,7 +33,11 @@ pub enum OsAlias {
 }
 
 impl OsAlias {
-    pub const ALL: [OsAlias; 3] = [OsAlias::AmazonLinux2, OsAlias::Ubuntu2204, OsAlias::Debian11];
+    pub const ALL: [OsAlias; 3] = [
+        OsAlias::AmazonLinux2,
+        OsAlias::Ubuntu2204,
+        OsAlias::Debian11,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -212,9 +216,16 @@ impl ProvisionRequest {
             return Err(invalid("subnetId", "at least one subnet is required"));
         }
         if let Some(bad) = self.subnet_ids.iter().find(|s| !s.starts_with("subnet-")) {
-            return Err(invalid("subnetId", format!("`{bad}` is not a subnet id (subnet-…)")));
+            return Err(invalid(
+                "subnetId",
+                format!("`{bad}` is not a subnet id (subnet-…)"),
+            ));
         }
-        if let Some(bad) = self.security_group_ids.iter().find(|s| !s.starts_with("sg-")) {
+        if let Some(bad) = self
+            .security_group_ids
+            .iter()
+            .find(|s| !s.starts_with("sg-"))
+        {
             return Err(invalid(
                 "securityGroupIds",
                 format!("`{bad}` is not a security group id (sg-…)"),
@@ -227,14 +238,24 @@ impl ProvisionRequest {
             if let Some(price) = &spot.max_price
                 && !price.parse::<f64>().is_ok_and(|p| p > 0.0)
             {
-                return Err(invalid("spotMaxPrice", format!("`{price}` is not a positive price")));
+                return Err(invalid(
+                    "spotMaxPrice",
+                    format!("`{price}` is not a positive price"),
+                ));
             }
             if spot.request_timeout.is_zero() {
                 return Err(invalid("spotRequestTimeout", "must be longer than zero"));
             }
         }
-        if let Some(key) = self.tags.keys().find(|k| RESERVED_TAG_KEYS.contains(&k.as_str())) {
-            return Err(invalid("tags", format!("`{key}` is set by acode-ec2 itself")));
+        if let Some(key) = self
+            .tags
+            .keys()
+            .find(|k| RESERVED_TAG_KEYS.contains(&k.as_str()))
+        {
+            return Err(invalid(
+                "tags",
+                format!("`{key}` is set by acode-ec2 itself"),
+            ));
         }
         if self.ssh.user.trim().is_empty() {
             return Err(invalid("ssh.user", "must not be empty"));
@@ -252,7 +273,10 @@ impl ProvisionRequest {
         }
         if let HostKeyPolicy::Pinned(prints) = &self.ssh.host_key_policy {
             if prints.is_empty() {
-                return Err(invalid("ssh.hostKeyFingerprints", "pinned mode needs at least one"));
+                return Err(invalid(
+                    "ssh.hostKeyFingerprints",
+                    "pinned mode needs at least one",
+                ));
             }
             if let Some(bad) = prints.iter().find(|p| !p.starts_with("SHA256:")) {
                 return Err(invalid(
@@ -340,12 +364,22 @@ mod tests {
 
     #[test]
     fn each_impossible_value_names_its_key() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut ProvisionRequest)>)> = vec![
-            ("amiId", Box::new(|r| r.ami = AmiSelector::Id("centos".into()))),
+        type Spoil = Box<dyn Fn(&mut ProvisionRequest)>;
+        let cases: Vec<(&str, Spoil)> = vec![
+            (
+                "amiId",
+                Box::new(|r| r.ami = AmiSelector::Id("centos".into())),
+            ),
             ("instanceType", Box::new(|r| r.instance_type = " ".into())),
             ("subnetId", Box::new(|r| r.subnet_ids.clear())),
-            ("subnetId", Box::new(|r| r.subnet_ids = vec!["vpc-1".into()])),
-            ("securityGroupIds", Box::new(|r| r.security_group_ids = vec!["x".into()])),
+            (
+                "subnetId",
+                Box::new(|r| r.subnet_ids = vec!["vpc-1".into()]),
+            ),
+            (
+                "securityGroupIds",
+                Box::new(|r| r.security_group_ids = vec!["x".into()]),
+            ),
             ("ebsSizeGb", Box::new(|r| r.ebs_size_gb = 0)),
             (
                 "spotMaxPrice",
@@ -355,16 +389,25 @@ mod tests {
                     }
                 }),
             ),
-            ("tags", Box::new(|r| {
-                r.tags.insert("acode-session-id".into(), "x".into());
-            })),
+            (
+                "tags",
+                Box::new(|r| {
+                    r.tags.insert("acode-session-id".into(), "x".into());
+                }),
+            ),
             ("ssh.port", Box::new(|r| r.ssh.port = 0)),
-            ("ssh.endpointOverride", Box::new(|r| r.ssh.endpoint_override = Some("nohost".into()))),
+            (
+                "ssh.endpointOverride",
+                Box::new(|r| r.ssh.endpoint_override = Some("nohost".into())),
+            ),
             (
                 "ssh.hostKeyFingerprints",
                 Box::new(|r| r.ssh.host_key_policy = HostKeyPolicy::Pinned(vec!["MD5:aa".into()])),
             ),
-            ("pollInterval", Box::new(|r| r.timeouts.poll_interval = Duration::from_millis(1))),
+            (
+                "pollInterval",
+                Box::new(|r| r.timeouts.poll_interval = Duration::from_millis(1)),
+            ),
         ];
         for (key, spoil) in cases {
             let mut request = sample::request();
@@ -376,7 +419,10 @@ mod tests {
 
     #[test]
     fn host_port_parsing() {
-        assert_eq!(parse_host_port("127.0.0.1:2222"), Some(("127.0.0.1".into(), 2222)));
+        assert_eq!(
+            parse_host_port("127.0.0.1:2222"),
+            Some(("127.0.0.1".into(), 2222))
+        );
         assert_eq!(parse_host_port("[::1]:22"), Some(("::1".into(), 22)));
         assert_eq!(parse_host_port("host"), None);
         assert_eq!(parse_host_port("host:0"), None);

@@ -13,7 +13,10 @@ const FINGERPRINTS: (&str, &str) = (
     "-----BEGIN SSH HOST KEY FINGERPRINTS-----",
     "-----END SSH HOST KEY FINGERPRINTS-----",
 );
-const KEYS: (&str, &str) = ("-----BEGIN SSH HOST KEY KEYS-----", "-----END SSH HOST KEY KEYS-----");
+const KEYS: (&str, &str) = (
+    "-----BEGIN SSH HOST KEY KEYS-----",
+    "-----END SSH HOST KEY KEYS-----",
+);
 
 /// The lines strictly between the markers, or `None` without a complete block.
 fn block<'a>(lines: &[&'a str], (begin, end): (&str, &str)) -> Option<Vec<&'a str>> {
@@ -35,13 +38,19 @@ pub fn host_key_fingerprints(console: &[u8]) -> Option<ConsoleFingerprints> {
         }
     };
     for line in block(&lines, FINGERPRINTS).unwrap_or_default() {
-        if let Some(token) = line.split_whitespace().find(|t| t.starts_with("SHA256:") && t.len() > 7) {
+        if let Some(token) = line
+            .split_whitespace()
+            .find(|t| t.starts_with("SHA256:") && t.len() > 7)
+        {
             add(token.to_string());
         }
     }
     for line in block(&lines, KEYS).unwrap_or_default() {
         // Drop a syslog tag prefix such as `ec2: ` before the key type.
-        let key_text = line.find("ssh-").or_else(|| line.find("ecdsa-")).map(|at| &line[at..]);
+        let key_text = line
+            .find("ssh-")
+            .or_else(|| line.find("ecdsa-"))
+            .map(|at| &line[at..]);
         if let Some(key) = key_text.and_then(|t| PublicKey::from_openssh(t.trim()).ok()) {
             add(key.fingerprint(HashAlg::Sha256).to_string());
         }
@@ -56,11 +65,15 @@ mod tests {
     const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB6QPEvF4eC+FxzI9P9MUtmHbUcENOgHu8Xt+wKqpwIl root@host";
 
     fn ed25519_print() -> String {
-        PublicKey::from_openssh(ED25519).unwrap().fingerprint(HashAlg::Sha256).to_string()
+        PublicKey::from_openssh(ED25519)
+            .unwrap()
+            .fingerprint(HashAlg::Sha256)
+            .to_string()
     }
 
     fn realistic_console(print: &str) -> Vec<u8> {
-        let mut out = b"[    0.000000] Linux version 5.10.0 (gcc)\r\n\xff\xfe garbage \x1b[0m\r\n".to_vec();
+        let mut out =
+            b"[    0.000000] Linux version 5.10.0 (gcc)\r\n\xff\xfe garbage \x1b[0m\r\n".to_vec();
         out.extend_from_slice(
             format!(
                 "ec2: #############################################################\r\n\
@@ -87,7 +100,10 @@ mod tests {
     fn fingerprint_block_alone_is_enough() {
         let text = "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n3072 SHA256:abcDEF root@h (RSA)\n\
                     -----END SSH HOST KEY FINGERPRINTS-----\n";
-        assert_eq!(host_key_fingerprints(text.as_bytes()).unwrap().0, vec!["SHA256:abcDEF"]);
+        assert_eq!(
+            host_key_fingerprints(text.as_bytes()).unwrap().0,
+            vec!["SHA256:abcDEF"]
+        );
     }
 
     #[test]
@@ -96,7 +112,8 @@ mod tests {
         assert_eq!(host_key_fingerprints(b"[ 0.1] booting\n"), None);
         let cut = "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n256 SHA256:abc root@h (ED25519)\n";
         assert_eq!(host_key_fingerprints(cut.as_bytes()), None);
-        let empty = "-----BEGIN SSH HOST KEY KEYS-----\nnot a key\n-----END SSH HOST KEY KEYS-----\n";
+        let empty =
+            "-----BEGIN SSH HOST KEY KEYS-----\nnot a key\n-----END SSH HOST KEY KEYS-----\n";
         assert_eq!(host_key_fingerprints(empty.as_bytes()), None);
     }
 

@@ -6,14 +6,15 @@
 //! as done, and a freshly launched instance that is not yet visible is
 //! "not visible", never "gone".
 
+use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceStateName,
-    InstanceType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
+    InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceStateName, InstanceType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions,
+    Tag, TagSpecification, VolumeType,
 };
-use aws_sdk_ec2::Client;
 use base64::Engine as _;
 
 use super::console;
@@ -60,17 +61,27 @@ where
     let code = err.code().unwrap_or_default().to_string();
     let message = err.message().unwrap_or_default().to_string();
     match err {
-        SdkError::ServiceError(_) if code.ends_with(".NotFound") => Failure::NotFound(format!("{code}: {message}")),
-        SdkError::ServiceError(_) if CAPACITY_CODES.contains(&code.as_str()) => Failure::Capacity { code, message },
+        SdkError::ServiceError(_) if code.ends_with(".NotFound") => {
+            Failure::NotFound(format!("{code}: {message}"))
+        }
+        SdkError::ServiceError(_) if CAPACITY_CODES.contains(&code.as_str()) => {
+            Failure::Capacity { code, message }
+        }
         SdkError::ServiceError(_) if TRANSIENT_CODES.contains(&code.as_str()) => {
             Failure::Transient(format!("{code}: {message}"))
         }
         SdkError::ServiceError(service) if service.raw().status().is_server_error() => {
-            Failure::Transient(format!("HTTP {} {code} {message}", service.raw().status().as_u16()))
+            Failure::Transient(format!(
+                "HTTP {} {code} {message}",
+                service.raw().status().as_u16()
+            ))
         }
         SdkError::ServiceError(_) => Failure::Rejected { code, message },
         // Timeouts, dropped connections, unparsable answers: try again later.
-        other => Failure::Transient(format!("{}", aws_sdk_ec2::error::DisplayErrorContext(other))),
+        other => Failure::Transient(format!(
+            "{}",
+            aws_sdk_ec2::error::DisplayErrorContext(other)
+        )),
     }
 }
 
@@ -124,7 +135,12 @@ pub async fn validate(ec2: &Client, request: &ProvisionRequest) -> Input {
         Ok(image) => image,
         Err(input) => return input,
     };
-    if let Err(e) = ec2.describe_subnets().set_subnet_ids(Some(request.subnet_ids.clone())).send().await {
+    if let Err(e) = ec2
+        .describe_subnets()
+        .set_subnet_ids(Some(request.subnet_ids.clone()))
+        .send()
+        .await
+    {
         return match classify(&e) {
             Failure::NotFound(message) => rejected("InvalidSubnetID.NotFound", message),
             other => other.into_input(),
@@ -166,9 +182,14 @@ async fn resolve_image(ec2: &Client, ami: &AmiSelector) -> Result<ImageChoice, I
         }
     };
     // The newest image wins for an alias; ISO 8601 dates sort as text.
-    let newest = images.iter().filter(|i| i.image_id().is_some()).max_by(|a, b| {
-        a.creation_date().unwrap_or_default().cmp(b.creation_date().unwrap_or_default())
-    });
+    let newest = images
+        .iter()
+        .filter(|i| i.image_id().is_some())
+        .max_by(|a, b| {
+            a.creation_date()
+                .unwrap_or_default()
+                .cmp(b.creation_date().unwrap_or_default())
+        });
     match newest {
         Some(image) => Ok(ImageChoice {
             ami_id: image.image_id().unwrap_or_default().to_string(),
@@ -178,7 +199,9 @@ async fn resolve_image(ec2: &Client, ami: &AmiSelector) -> Result<ImageChoice, I
             "InvalidAMIID.NotFound",
             match ami {
                 AmiSelector::Id(id) => format!("image {id} does not exist in this region"),
-                AmiSelector::Alias(alias) => format!("no image found for OS alias {}", alias.name()),
+                AmiSelector::Alias(alias) => {
+                    format!("no image found for OS alias {}", alias.name())
+                }
             },
         )),
     }
@@ -192,7 +215,12 @@ pub struct Launch<'a> {
     pub key_name: &'a str,
 }
 
-pub async fn run_instance(ec2: &Client, ctx: &SessionContext, created: Timestamp, launch: Launch<'_>) -> Input {
+pub async fn run_instance(
+    ec2: &Client,
+    ctx: &SessionContext,
+    created: Timestamp,
+    launch: Launch<'_>,
+) -> Input {
     let request = &ctx.request;
     let tags = session_tags(ctx, created);
     let mut call = ec2
@@ -203,7 +231,9 @@ pub async fn run_instance(ec2: &Client, ctx: &SessionContext, created: Timestamp
         .min_count(1)
         .max_count(1)
         .subnet_id(launch.subnet_id)
-        .set_security_group_ids((!request.security_group_ids.is_empty()).then(|| request.security_group_ids.clone()))
+        .set_security_group_ids(
+            (!request.security_group_ids.is_empty()).then(|| request.security_group_ids.clone()),
+        )
         .key_name(launch.key_name)
         .tag_specifications(tag_spec(ResourceType::Instance, &tags))
         .tag_specifications(tag_spec(ResourceType::Volume, &tags));
@@ -233,7 +263,8 @@ pub async fn run_instance(ec2: &Client, ctx: &SessionContext, created: Timestamp
         );
     }
     if let Some(arn) = &request.iam_instance_profile_arn {
-        call = call.iam_instance_profile(IamInstanceProfileSpecification::builder().arn(arn).build());
+        call =
+            call.iam_instance_profile(IamInstanceProfileSpecification::builder().arn(arn).build());
     }
     if launch.spot {
         let mut spot = SpotMarketOptions::builder().spot_instance_type(SpotInstanceType::OneTime);
@@ -265,7 +296,12 @@ pub async fn run_instance(ec2: &Client, ctx: &SessionContext, created: Timestamp
 }
 
 pub async fn describe_instance(ec2: &Client, instance_id: &str) -> Input {
-    let out = match ec2.describe_instances().instance_ids(instance_id).send().await {
+    let out = match ec2
+        .describe_instances()
+        .instance_ids(instance_id)
+        .send()
+        .await
+    {
         Ok(out) => out,
         Err(e) => {
             return match classify(&e) {
@@ -274,7 +310,11 @@ pub async fn describe_instance(ec2: &Client, instance_id: &str) -> Input {
             };
         }
     };
-    let found = out.reservations().iter().flat_map(|r| r.instances()).find(|i| i.instance_id() == Some(instance_id));
+    let found = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .find(|i| i.instance_id() == Some(instance_id));
     let Some(instance) = found else {
         return Input::InstanceNotVisible;
     };
@@ -291,11 +331,21 @@ pub async fn describe_instance(ec2: &Client, instance_id: &str) -> Input {
 }
 
 pub async fn read_console_host_keys(ec2: &Client, instance_id: &str) -> Input {
-    match ec2.get_console_output().instance_id(instance_id).latest(true).send().await {
+    match ec2
+        .get_console_output()
+        .instance_id(instance_id)
+        .latest(true)
+        .send()
+        .await
+    {
         Ok(out) => {
             let decoded = out
                 .output()
-                .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text.trim()).ok())
+                .and_then(|text| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(text.trim())
+                        .ok()
+                })
                 .unwrap_or_default();
             match console::host_key_fingerprints(&decoded) {
                 Some(fingerprints) => Input::ConsoleHostKeys { fingerprints },
@@ -315,7 +365,12 @@ pub async fn terminate(ec2: &Client, ctx: &SessionContext, instance_id: &str) ->
     let mut ids = vec![instance_id.to_string()];
     let tagged = ec2
         .describe_instances()
-        .filters(Filter::builder().name("tag:acode-session-id").values(&ctx.session_id).build())
+        .filters(
+            Filter::builder()
+                .name("tag:acode-session-id")
+                .values(&ctx.session_id)
+                .build(),
+        )
         .filters(
             Filter::builder()
                 .name("instance-state-name")
@@ -329,7 +384,11 @@ pub async fn terminate(ec2: &Client, ctx: &SessionContext, instance_id: &str) ->
         .await;
     match tagged {
         Ok(out) => {
-            let others = out.reservations().iter().flat_map(|r| r.instances()).filter_map(|i| i.instance_id());
+            let others = out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter_map(|i| i.instance_id());
             for id in others {
                 if !ids.iter().any(|known| known == id) {
                     ids.push(id.to_string());
@@ -358,7 +417,10 @@ pub async fn terminate(ec2: &Client, ctx: &SessionContext, instance_id: &str) ->
 /// Whether a key pair exists; `Err` carries the input for a failed lookup.
 pub async fn key_pair_exists(ec2: &Client, key_name: &str) -> Result<bool, Input> {
     match ec2.describe_key_pairs().key_names(key_name).send().await {
-        Ok(out) => Ok(out.key_pairs().iter().any(|k| k.key_name() == Some(key_name))),
+        Ok(out) => Ok(out
+            .key_pairs()
+            .iter()
+            .any(|k| k.key_name() == Some(key_name))),
         Err(e) => match classify(&e) {
             Failure::NotFound(_) => Ok(false),
             other => Err(other.into_input()),
@@ -381,7 +443,9 @@ pub async fn delete_key_pair(ec2: &Client, key_name: &str) -> Result<(), Input> 
 fn describe(failure: Failure) -> String {
     match failure {
         Failure::Transient(m) | Failure::NotFound(m) => m,
-        Failure::Capacity { code, message } | Failure::Rejected { code, message } => format!("{code}: {message}"),
+        Failure::Capacity { code, message } | Failure::Rejected { code, message } => {
+            format!("{code}: {message}")
+        }
     }
 }
 

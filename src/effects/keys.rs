@@ -13,9 +13,9 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
+use aws_sdk_ec2::Client;
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{KeyFormat, KeyType};
-use aws_sdk_ec2::Client;
 use ssh_key::rand_core::UnwrapErr;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 use zeroize::Zeroizing;
@@ -27,16 +27,28 @@ use crate::request::{KeyAlgorithm, KeyPairMode};
 fn file_failure(what: &str, path: &str, err: std::io::Error) -> Input {
     Input::Rejected {
         code: "KeyFile".into(),
-        message: format!("cannot {what} key file {path}: {err}; check the key folder and its permissions"),
+        message: format!(
+            "cannot {what} key file {path}: {err}; check the key folder and its permissions"
+        ),
     }
 }
 
 /// Writes a private key to a new file readable only by its owner.
 pub fn write_private_key(path: &str, pem: &Zeroizing<String>) -> std::io::Result<()> {
-    if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    if let Some(dir) = Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(pem.as_bytes())?;
     if !pem.ends_with('\n') {
         file.write_all(b"\n")?;
@@ -68,7 +80,13 @@ fn public_key_of(path: &str) -> Result<String, String> {
     key.public_key().to_openssh().map_err(|e| e.to_string())
 }
 
-pub async fn ensure(ec2: &Client, ctx: &SessionContext, created: Timestamp, key_name: &str, path: Option<&str>) -> Input {
+pub async fn ensure(
+    ec2: &Client,
+    ctx: &SessionContext,
+    created: Timestamp,
+    key_name: &str,
+    path: Option<&str>,
+) -> Input {
     let handle = |owned| KeyPairHandle {
         key_name: key_name.to_string(),
         owned,
@@ -79,11 +97,15 @@ pub async fn ensure(ec2: &Client, ctx: &SessionContext, created: Timestamp, key_
         Err(input) => return input,
     };
     let (algorithm, import) = match &ctx.request.key_pair {
-        KeyPairMode::Existing { private_key_path, .. } => {
+        KeyPairMode::Existing {
+            private_key_path, ..
+        } => {
             if !exists {
                 return Input::Rejected {
                     code: "InvalidKeyPair.NotFound".into(),
-                    message: format!("key pair {key_name} does not exist in this region; create it or use keyPair mode temporary"),
+                    message: format!(
+                        "key pair {key_name} does not exist in this region; create it or use keyPair mode temporary"
+                    ),
                 };
             }
             if let Err(e) = std::fs::metadata(private_key_path) {
@@ -112,10 +134,36 @@ pub async fn ensure(ec2: &Client, ctx: &SessionContext, created: Timestamp, key_
                 Err(input) => input,
             },
             // An unreadable file is no use: fall through and start over.
-            Err(_) => start_over(ec2, ctx, created, Fresh { key_name, path, algorithm, import, pair_exists: exists }).await,
+            Err(_) => {
+                start_over(
+                    ec2,
+                    ctx,
+                    created,
+                    Fresh {
+                        key_name,
+                        path,
+                        algorithm,
+                        import,
+                        pair_exists: exists,
+                    },
+                )
+                .await
+            }
         };
     }
-    start_over(ec2, ctx, created, Fresh { key_name, path, algorithm, import, pair_exists: exists }).await
+    start_over(
+        ec2,
+        ctx,
+        created,
+        Fresh {
+            key_name,
+            path,
+            algorithm,
+            import,
+            pair_exists: exists,
+        },
+    )
+    .await
 }
 
 /// What `start_over` creates, and whether a stale pair must go first.
@@ -128,14 +176,30 @@ struct Fresh<'a> {
 }
 
 /// Deletes whatever half exists, then creates pair and file afresh.
-async fn start_over(ec2: &Client, ctx: &SessionContext, created: Timestamp, fresh: Fresh<'_>) -> Input {
+async fn start_over(
+    ec2: &Client,
+    ctx: &SessionContext,
+    created: Timestamp,
+    fresh: Fresh<'_>,
+) -> Input {
     match create_afresh(ec2, ctx, created, fresh).await {
         Ok(input) | Err(input) => input,
     }
 }
 
-async fn create_afresh(ec2: &Client, ctx: &SessionContext, created: Timestamp, fresh: Fresh<'_>) -> Result<Input, Input> {
-    let Fresh { key_name, path, algorithm, import, pair_exists } = fresh;
+async fn create_afresh(
+    ec2: &Client,
+    ctx: &SessionContext,
+    created: Timestamp,
+    fresh: Fresh<'_>,
+) -> Result<Input, Input> {
+    let Fresh {
+        key_name,
+        path,
+        algorithm,
+        import,
+        pair_exists,
+    } = fresh;
     if pair_exists {
         // Its private key is lost (EC2 hands it out once): the pair is useless.
         ec2::delete_key_pair(ec2, key_name).await?;
@@ -181,7 +245,13 @@ async fn create_afresh(ec2: &Client, ctx: &SessionContext, created: Timestamp, f
     Ok(ready)
 }
 
-async fn import_pair(ec2: &Client, ctx: &SessionContext, created: Timestamp, key_name: &str, public: String) -> Result<(), Input> {
+async fn import_pair(
+    ec2: &Client,
+    ctx: &SessionContext,
+    created: Timestamp,
+    key_name: &str,
+    public: String,
+) -> Result<(), Input> {
     match ec2
         .import_key_pair()
         .key_name(key_name)
@@ -191,7 +261,13 @@ async fn import_pair(ec2: &Client, ctx: &SessionContext, created: Timestamp, key
         .await
     {
         Ok(_) => Ok(()),
-        Err(e) if e.as_service_error().and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s)) == Some("InvalidKeyPair.Duplicate") => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
+                == Some("InvalidKeyPair.Duplicate") =>
+        {
+            Ok(())
+        }
         Err(e) => Err(ec2::key_call_failure(&e)),
     }
 }
@@ -225,7 +301,10 @@ mod tests {
             let path = dir.path().join(format!("{}.pem", algorithm.name()));
             let path = path.to_str().unwrap();
             write_private_key(path, &private).unwrap();
-            assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
             assert_eq!(public_key_of(path).unwrap(), public);
             // Never overwrite: a second write of the same path is refused.
             assert!(write_private_key(path, &private).is_err());

@@ -12,8 +12,8 @@ pub mod ssh;
 use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_config::retry::RetryConfig;
 use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
 
 use crate::machine::{Effect, Input, SessionContext, Timestamp};
 use crate::net_guard::{ConnectGuard, GuardError};
@@ -22,12 +22,20 @@ use crate::net_guard::{ConnectGuard, GuardError};
 pub trait Effects: Send + Sync + 'static {
     /// Runs `effect` for the session created at `created` (the creation
     /// time goes into tags, so re-runs send identical parameters).
-    fn run(&self, ctx: &SessionContext, created: Timestamp, effect: &Effect) -> impl Future<Output = Input> + Send;
+    fn run(
+        &self,
+        ctx: &SessionContext,
+        created: Timestamp,
+        effect: &Effect,
+    ) -> impl Future<Output = Input> + Send;
 }
 
 /// The wall clock, read only by the driver, never by the machine.
 pub fn now() -> Timestamp {
-    let millis = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default();
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
     Timestamp(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
@@ -85,15 +93,30 @@ impl Effects for AwsEffects {
                 };
                 ec2::run_instance(ec2, ctx, created, launch).await
             }
-            Effect::DescribeInstance { instance_id } => ec2::describe_instance(ec2, instance_id).await,
-            Effect::ReadConsoleHostKeys { instance_id } => ec2::read_console_host_keys(ec2, instance_id).await,
+            Effect::DescribeInstance { instance_id } => {
+                ec2::describe_instance(ec2, instance_id).await
+            }
+            Effect::ReadConsoleHostKeys { instance_id } => {
+                ec2::read_console_host_keys(ec2, instance_id).await
+            }
             Effect::ProbeSsh {
                 endpoint,
                 user,
                 private_key_path,
                 trusted,
-            } => ssh::probe(self.guard, endpoint, user, private_key_path.as_deref(), trusted.as_ref()).await,
-            Effect::TerminateInstance { instance_id } => ec2::terminate(ec2, ctx, instance_id).await,
+            } => {
+                ssh::probe(
+                    self.guard,
+                    endpoint,
+                    user,
+                    private_key_path.as_deref(),
+                    trusted.as_ref(),
+                )
+                .await
+            }
+            Effect::TerminateInstance { instance_id } => {
+                ec2::terminate(ec2, ctx, instance_id).await
+            }
             Effect::DeleteKeyPair {
                 key_name,
                 private_key_path,

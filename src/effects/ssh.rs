@@ -25,7 +25,10 @@ struct HostKeyCheck {
 impl client::Handler for HostKeyCheck {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
             return Ok(false);
         };
@@ -39,7 +42,9 @@ impl client::Handler for HostKeyCheck {
 }
 
 fn not_ready(reason: impl Into<String>) -> Input {
-    Input::SshNotReady { reason: reason.into() }
+    Input::SshNotReady {
+        reason: reason.into(),
+    }
 }
 
 pub async fn probe(
@@ -49,9 +54,16 @@ pub async fn probe(
     private_key_path: Option<&str>,
     trusted: Option<&ConsoleFingerprints>,
 ) -> Input {
-    match tokio::time::timeout(PROBE_TIMEOUT, probe_once(guard, endpoint, user, private_key_path, trusted)).await {
+    match tokio::time::timeout(
+        PROBE_TIMEOUT,
+        probe_once(guard, endpoint, user, private_key_path, trusted),
+    )
+    .await
+    {
         Ok(input) => input,
-        Err(_) => not_ready(format!("no SSH answer from {endpoint} within {PROBE_TIMEOUT:?}")),
+        Err(_) => not_ready(format!(
+            "no SSH answer from {endpoint} within {PROBE_TIMEOUT:?}"
+        )),
     }
 }
 
@@ -106,12 +118,18 @@ async fn probe_once(
         Err(e) => {
             let seen = presented.lock().ok().and_then(|p| p.clone());
             return match (seen, trusted) {
-                (Some(print), Some(t)) if !t.0.contains(&print) => Input::HostKeyMismatch { presented: print },
+                (Some(print), Some(t)) if !t.0.contains(&print) => {
+                    Input::HostKeyMismatch { presented: print }
+                }
                 _ => not_ready(format!("SSH handshake with {endpoint} failed: {e}")),
             };
         }
     };
-    let host_key_fingerprint = presented.lock().ok().and_then(|p| p.clone()).unwrap_or_default();
+    let host_key_fingerprint = presented
+        .lock()
+        .ok()
+        .and_then(|p| p.clone())
+        .unwrap_or_default();
     let Some(path) = private_key_path else {
         return Input::Rejected {
             code: "SshKey".into(),
@@ -131,13 +149,21 @@ async fn probe_once(
         Ok(hash) => hash.flatten(),
         Err(_) => Some(HashAlg::Sha256),
     };
-    let outcome = session.authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash)).await;
+    let outcome = session
+        .authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash))
+        .await;
     // Closing politely is best effort: the verdict is already known.
-    let _ = session.disconnect(russh::Disconnect::ByApplication, "probe done", "en").await;
+    let _ = session
+        .disconnect(russh::Disconnect::ByApplication, "probe done", "en")
+        .await;
     match outcome {
-        Ok(AuthResult::Success) => Input::SshReady { host_key_fingerprint },
+        Ok(AuthResult::Success) => Input::SshReady {
+            host_key_fingerprint,
+        },
         // cloud-init may not have installed the key yet: keep polling.
-        Ok(AuthResult::Failure { .. }) => not_ready(format!("{endpoint} refused the key for user {user} (not installed yet?)")),
+        Ok(AuthResult::Failure { .. }) => not_ready(format!(
+            "{endpoint} refused the key for user {user} (not installed yet?)"
+        )),
         Err(e) => not_ready(format!("SSH login to {endpoint} failed: {e}")),
     }
 }

@@ -60,13 +60,26 @@ pub enum Effect {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "input")]
 pub enum Input {
-    Validated { image: ImageChoice },
+    Validated {
+        image: ImageChoice,
+    },
     /// The request cannot succeed as asked (bad AMI, unknown subnet, …).
-    Rejected { code: String, message: String },
-    KeyPairReady { key: KeyPairHandle },
-    Launched { instance_id: String, was_spot: bool },
+    Rejected {
+        code: String,
+        message: String,
+    },
+    KeyPairReady {
+        key: KeyPairHandle,
+    },
+    Launched {
+        instance_id: String,
+        was_spot: bool,
+    },
     /// No capacity for this attempt (`InsufficientInstanceCapacity`, …).
-    CapacityUnavailable { code: String, message: String },
+    CapacityUnavailable {
+        code: String,
+        message: String,
+    },
     InstancePending,
     InstanceRunning {
         public_ip: Option<String>,
@@ -75,17 +88,29 @@ pub enum Input {
     /// Eventual consistency right after launch: not yet visible, not gone.
     InstanceNotVisible,
     /// The instance is shutting down or terminated without us asking.
-    InstanceGone { state: String },
-    ConsoleHostKeys { fingerprints: ConsoleFingerprints },
+    InstanceGone {
+        state: String,
+    },
+    ConsoleHostKeys {
+        fingerprints: ConsoleFingerprints,
+    },
     ConsoleNotReady,
-    SshReady { host_key_fingerprint: String },
-    SshNotReady { reason: String },
+    SshReady {
+        host_key_fingerprint: String,
+    },
+    SshNotReady {
+        reason: String,
+    },
     /// The server presented a key the console never printed.
-    HostKeyMismatch { presented: String },
+    HostKeyMismatch {
+        presented: String,
+    },
     InstanceTerminated,
     KeyPairDeleted,
     /// A failure that may pass (throttling, 5xx, network): retry later.
-    TransientFailure { message: String },
+    TransientFailure {
+        message: String,
+    },
     TeardownRequested,
 }
 
@@ -204,7 +229,13 @@ impl Effect {
             Effect::ReadConsoleHostKeys { .. } => {
                 &[ConsoleHostKeys, ConsoleNotReady, Rejected, TransientFailure]
             }
-            Effect::ProbeSsh { .. } => &[SshReady, SshNotReady, HostKeyMismatch, Rejected, TransientFailure],
+            Effect::ProbeSsh { .. } => &[
+                SshReady,
+                SshNotReady,
+                HostKeyMismatch,
+                Rejected,
+                TransientFailure,
+            ],
             Effect::TerminateInstance { .. } => &[InstanceTerminated, TransientFailure],
             Effect::DeleteKeyPair { .. } => &[KeyPairDeleted, TransientFailure],
         }

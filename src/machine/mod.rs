@@ -35,7 +35,10 @@ pub struct Timestamp(pub u64);
 
 impl Timestamp {
     pub fn plus(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Timestamp(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 
     pub fn millis_until(self, later: Timestamp) -> u64 {
@@ -67,7 +70,11 @@ impl SessionContext {
     }
 
     pub fn owned_key_path(&self) -> String {
-        format!("{}/acode-{}.pem", self.key_dir.trim_end_matches('/'), self.session_id)
+        format!(
+            "{}/acode-{}.pem",
+            self.key_dir.trim_end_matches('/'),
+            self.session_id
+        )
     }
 
     /// The key pair as this session will use it, before it exists.
@@ -132,7 +139,11 @@ pub enum MachineError {
 
 /// The first step of a new session.
 pub fn start(ctx: &SessionContext) -> Step {
-    settle(ctx, SessionState::fresh(ProvisionPhase::Validating(Validating)), None)
+    settle(
+        ctx,
+        SessionState::fresh(ProvisionPhase::Validating(Validating)),
+        None,
+    )
 }
 
 /// Advances the machine by one input.
@@ -150,12 +161,14 @@ pub fn step(
             input: input_kind,
         });
     }
-    let Decision { next, wake_at, notices } = decide(ctx, state, input, now).ok_or(
-        MachineError::InputNotAllowed {
-            phase: from,
-            input: input_kind,
-        },
-    )?;
+    let Decision {
+        next,
+        wake_at,
+        notices,
+    } = decide(ctx, state, input, now).ok_or(MachineError::InputNotAllowed {
+        phase: from,
+        input: input_kind,
+    })?;
     let to = next.phase.kind();
     if !table::contains(from, input_kind, to) {
         return Err(MachineError::OffTable {
@@ -261,12 +274,28 @@ impl Decision {
 }
 
 fn subnet(ctx: &SessionContext, index: usize) -> String {
-    ctx.request.subnet_ids.get(index).cloned().unwrap_or_default()
+    ctx.request
+        .subnet_ids
+        .get(index)
+        .cloned()
+        .unwrap_or_default()
 }
 
-fn launch_attempt(ctx: &SessionContext, image: ImageChoice, key: KeyPairHandle, attempt: u32, subnet_index: usize, spot: bool) -> LaunchAttempt {
+fn launch_attempt(
+    ctx: &SessionContext,
+    image: ImageChoice,
+    key: KeyPairHandle,
+    attempt: u32,
+    subnet_index: usize,
+    spot: bool,
+) -> LaunchAttempt {
     LaunchAttempt {
-        client_token: ClientToken::derive(&ctx.session_id, attempt, spot, &subnet(ctx, subnet_index)),
+        client_token: ClientToken::derive(
+            &ctx.session_id,
+            attempt,
+            spot,
+            &subnet(ctx, subnet_index),
+        ),
         image,
         key,
         attempt,
@@ -276,7 +305,11 @@ fn launch_attempt(ctx: &SessionContext, image: ImageChoice, key: KeyPairHandle, 
 
 /// Where a session goes to clean up: terminate first, then delete the key
 /// pair it owns, then the terminal phase the cause asks for.
-fn cleanup(instance_id: Option<String>, key: Option<KeyPairHandle>, cause: CleanupCause) -> ProvisionPhase {
+fn cleanup(
+    instance_id: Option<String>,
+    key: Option<KeyPairHandle>,
+    cause: CleanupCause,
+) -> ProvisionPhase {
     let owned_key = key.filter(|k| k.owned);
     match (instance_id, owned_key) {
         (Some(instance_id), key) => ProvisionPhase::TerminatingInstance(TerminatingInstance {
@@ -307,7 +340,11 @@ pub fn retry_delay(n: u32) -> Duration {
 }
 
 /// The session's own cleanup when the current phase cannot go on.
-fn cleanup_from(ctx: &SessionContext, phase: &ProvisionPhase, cause: CleanupCause) -> ProvisionPhase {
+fn cleanup_from(
+    ctx: &SessionContext,
+    phase: &ProvisionPhase,
+    cause: CleanupCause,
+) -> ProvisionPhase {
     let key = match phase {
         // The key pair may exist even though EnsureKeyPair did not answer ready.
         ProvisionPhase::PreparingKeyPair(_) => Some(ctx.planned_key()),
@@ -318,7 +355,12 @@ fn cleanup_from(ctx: &SessionContext, phase: &ProvisionPhase, cause: CleanupCaus
 
 /// The next state for an input the table accepts; `None` if no rule covers it
 /// (which `step` reports instead of guessing).
-fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timestamp) -> Option<Decision> {
+fn decide(
+    ctx: &SessionContext,
+    state: &SessionState,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
     let phase = &state.phase;
     let poll_at = now.plus(ctx.request.timeouts.poll_interval);
     let decision = match (phase, input) {
@@ -340,7 +382,9 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
                 notices: Vec::new(),
             }
         }
-        (_, Input::TeardownRequested) => Decision::go(cleanup_from(ctx, phase, CleanupCause::Teardown)),
+        (_, Input::TeardownRequested) => {
+            Decision::go(cleanup_from(ctx, phase, CleanupCause::Teardown))
+        }
         (_, Input::Rejected { code, message }) => {
             let reason = format!("{} rejected: {code}: {message}", phase.kind());
             Decision::go(cleanup_from(ctx, phase, failure(reason)))
@@ -363,8 +407,20 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
             })
         }
 
-        (ProvisionPhase::RequestingSpot(RequestingSpot { launch }), Input::Launched { instance_id, was_spot })
-        | (ProvisionPhase::Launching(Launching { launch }), Input::Launched { instance_id, was_spot }) => {
+        (
+            ProvisionPhase::RequestingSpot(RequestingSpot { launch }),
+            Input::Launched {
+                instance_id,
+                was_spot,
+            },
+        )
+        | (
+            ProvisionPhase::Launching(Launching { launch }),
+            Input::Launched {
+                instance_id,
+                was_spot,
+            },
+        ) => {
             let timeout = match (&ctx.request.spot, was_spot) {
                 (Some(spot), true) => spot.request_timeout.min(ctx.request.timeouts.running),
                 _ => ctx.request.timeouts.running,
@@ -379,15 +435,26 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
             }))
         }
 
-        (ProvisionPhase::RequestingSpot(RequestingSpot { launch }), Input::CapacityUnavailable { code, message }) => {
+        (
+            ProvisionPhase::RequestingSpot(RequestingSpot { launch }),
+            Input::CapacityUnavailable { code, message },
+        ) => {
             let next_subnet = launch.subnet_index + 1;
-            let (ami, key, attempt) = (launch.image.clone(), launch.key.clone(), launch.attempt + 1);
+            let (ami, key, attempt) =
+                (launch.image.clone(), launch.key.clone(), launch.attempt + 1);
             if next_subnet < ctx.request.subnet_ids.len() {
-                return Some(Decision::go(ProvisionPhase::RequestingSpot(RequestingSpot {
-                    launch: launch_attempt(ctx, ami, key, attempt, next_subnet, true),
-                })));
+                return Some(Decision::go(ProvisionPhase::RequestingSpot(
+                    RequestingSpot {
+                        launch: launch_attempt(ctx, ami, key, attempt, next_subnet, true),
+                    },
+                )));
             }
-            if ctx.request.spot.as_ref().is_some_and(|s| s.fallback_to_on_demand) {
+            if ctx
+                .request
+                .spot
+                .as_ref()
+                .is_some_and(|s| s.fallback_to_on_demand)
+            {
                 let mut decision = Decision::go(ProvisionPhase::Launching(Launching {
                     launch: launch_attempt(ctx, ami, key, attempt, 0, false),
                 }));
@@ -396,14 +463,20 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
                 });
                 return Some(decision);
             }
-            let reason = format!("no spot capacity in any subnet and fallback is off; last: {code}: {message}");
+            let reason = format!(
+                "no spot capacity in any subnet and fallback is off; last: {code}: {message}"
+            );
             Decision::go(cleanup(None, Some(launch.key.clone()), failure(reason)))
         }
 
-        (ProvisionPhase::Launching(Launching { launch }), Input::CapacityUnavailable { code, message }) => {
+        (
+            ProvisionPhase::Launching(Launching { launch }),
+            Input::CapacityUnavailable { code, message },
+        ) => {
             let next_subnet = launch.subnet_index + 1;
             if next_subnet < ctx.request.subnet_ids.len() {
-                let (ami, key, attempt) = (launch.image.clone(), launch.key.clone(), launch.attempt + 1);
+                let (ami, key, attempt) =
+                    (launch.image.clone(), launch.key.clone(), launch.attempt + 1);
                 return Some(Decision::go(ProvisionPhase::Launching(Launching {
                     launch: launch_attempt(ctx, ami, key, attempt, next_subnet, false),
                 })));
@@ -412,9 +485,15 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
             Decision::go(cleanup(None, Some(launch.key.clone()), failure(reason)))
         }
 
-        (ProvisionPhase::WaitingForRunning(p), Input::InstancePending | Input::InstanceNotVisible) => {
+        (
+            ProvisionPhase::WaitingForRunning(p),
+            Input::InstancePending | Input::InstanceNotVisible,
+        ) => {
             if now >= p.deadline {
-                let reason = format!("instance {} did not reach running in time", p.instance.instance_id);
+                let reason = format!(
+                    "instance {} did not reach running in time",
+                    p.instance.instance_id
+                );
                 return Some(Decision::go(cleanup_from(ctx, phase, failure(reason))));
             }
             Decision::poll(phase.clone(), poll_at)
@@ -446,7 +525,10 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
             }))
         }
         (ProvisionPhase::WaitingForRunning(p), Input::InstanceGone { state }) => {
-            let reason = format!("instance {} went {state} before it was ready", p.instance.instance_id);
+            let reason = format!(
+                "instance {} went {state} before it was ready",
+                p.instance.instance_id
+            );
             Decision::go(cleanup_from(ctx, phase, failure(reason)))
         }
 
@@ -468,14 +550,17 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
             }
             Decision::poll(phase.clone(), poll_at)
         }
-        (ProvisionPhase::WaitingForSsh(p), Input::SshReady { host_key_fingerprint }) => {
-            Decision::go(ProvisionPhase::Ready(Ready {
-                instance: p.instance.clone(),
-                public_ip: p.public_ip.clone(),
-                ssh_endpoint: p.ssh_endpoint.clone(),
+        (
+            ProvisionPhase::WaitingForSsh(p),
+            Input::SshReady {
                 host_key_fingerprint,
-            }))
-        }
+            },
+        ) => Decision::go(ProvisionPhase::Ready(Ready {
+            instance: p.instance.clone(),
+            public_ip: p.public_ip.clone(),
+            ssh_endpoint: p.ssh_endpoint.clone(),
+            host_key_fingerprint,
+        })),
         (ProvisionPhase::WaitingForSsh(p), Input::HostKeyMismatch { presented }) => {
             let reason = format!(
                 "SSH host key {presented} at {} is not one the instance printed to its console: \
@@ -488,7 +573,9 @@ fn decide(ctx: &SessionContext, state: &SessionState, input: Input, now: Timesta
         (ProvisionPhase::TerminatingInstance(p), Input::InstanceTerminated) => {
             Decision::go(cleanup(None, p.key.clone(), p.cause.clone()))
         }
-        (ProvisionPhase::DeletingKeyPair(p), Input::KeyPairDeleted) => Decision::go(finished(p.cause.clone())),
+        (ProvisionPhase::DeletingKeyPair(p), Input::KeyPairDeleted) => {
+            Decision::go(finished(p.cause.clone()))
+        }
 
         _ => return None,
     };

@@ -4,8 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::token::ClientToken;
 use super::Timestamp;
+use super::token::ClientToken;
 
 /// The key pair an instance is launched with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,7 +203,10 @@ impl PhaseKind {
     }
 
     pub fn is_cleanup(self) -> bool {
-        matches!(self, PhaseKind::TerminatingInstance | PhaseKind::DeletingKeyPair)
+        matches!(
+            self,
+            PhaseKind::TerminatingInstance | PhaseKind::DeletingKeyPair
+        )
     }
 
     /// A rough share of the work done when this phase starts, for progress bars.

@@ -35,16 +35,28 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::PreparingKeyPair, I::KeyPairReady, P::Launching),
     t(P::PreparingKeyPair, I::Rejected, P::DeletingKeyPair),
     t(P::PreparingKeyPair, I::Rejected, P::Failed),
-    t(P::PreparingKeyPair, I::TransientFailure, P::PreparingKeyPair),
+    t(
+        P::PreparingKeyPair,
+        I::TransientFailure,
+        P::PreparingKeyPair,
+    ),
     t(P::PreparingKeyPair, I::TransientFailure, P::DeletingKeyPair),
     t(P::PreparingKeyPair, I::TransientFailure, P::Failed),
-    t(P::PreparingKeyPair, I::TeardownRequested, P::DeletingKeyPair),
+    t(
+        P::PreparingKeyPair,
+        I::TeardownRequested,
+        P::DeletingKeyPair,
+    ),
     t(P::PreparingKeyPair, I::TeardownRequested, P::TornDown),
     //
     t(P::RequestingSpot, I::Launched, P::WaitingForRunning),
     t(P::RequestingSpot, I::CapacityUnavailable, P::RequestingSpot),
     t(P::RequestingSpot, I::CapacityUnavailable, P::Launching),
-    t(P::RequestingSpot, I::CapacityUnavailable, P::DeletingKeyPair),
+    t(
+        P::RequestingSpot,
+        I::CapacityUnavailable,
+        P::DeletingKeyPair,
+    ),
     t(P::RequestingSpot, I::CapacityUnavailable, P::Failed),
     t(P::RequestingSpot, I::Rejected, P::DeletingKeyPair),
     t(P::RequestingSpot, I::Rejected, P::Failed),
@@ -66,16 +78,48 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::Launching, I::TeardownRequested, P::DeletingKeyPair),
     t(P::Launching, I::TeardownRequested, P::TornDown),
     //
-    t(P::WaitingForRunning, I::InstancePending, P::WaitingForRunning),
-    t(P::WaitingForRunning, I::InstancePending, P::TerminatingInstance),
-    t(P::WaitingForRunning, I::InstanceNotVisible, P::WaitingForRunning),
-    t(P::WaitingForRunning, I::InstanceNotVisible, P::TerminatingInstance),
+    t(
+        P::WaitingForRunning,
+        I::InstancePending,
+        P::WaitingForRunning,
+    ),
+    t(
+        P::WaitingForRunning,
+        I::InstancePending,
+        P::TerminatingInstance,
+    ),
+    t(
+        P::WaitingForRunning,
+        I::InstanceNotVisible,
+        P::WaitingForRunning,
+    ),
+    t(
+        P::WaitingForRunning,
+        I::InstanceNotVisible,
+        P::TerminatingInstance,
+    ),
     t(P::WaitingForRunning, I::InstanceRunning, P::WaitingForSsh),
-    t(P::WaitingForRunning, I::InstanceGone, P::TerminatingInstance),
+    t(
+        P::WaitingForRunning,
+        I::InstanceGone,
+        P::TerminatingInstance,
+    ),
     t(P::WaitingForRunning, I::Rejected, P::TerminatingInstance),
-    t(P::WaitingForRunning, I::TransientFailure, P::WaitingForRunning),
-    t(P::WaitingForRunning, I::TransientFailure, P::TerminatingInstance),
-    t(P::WaitingForRunning, I::TeardownRequested, P::TerminatingInstance),
+    t(
+        P::WaitingForRunning,
+        I::TransientFailure,
+        P::WaitingForRunning,
+    ),
+    t(
+        P::WaitingForRunning,
+        I::TransientFailure,
+        P::TerminatingInstance,
+    ),
+    t(
+        P::WaitingForRunning,
+        I::TeardownRequested,
+        P::TerminatingInstance,
+    ),
     //
     t(P::WaitingForSsh, I::ConsoleHostKeys, P::WaitingForSsh),
     t(P::WaitingForSsh, I::ConsoleNotReady, P::WaitingForSsh),
@@ -86,15 +130,31 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::WaitingForSsh, I::HostKeyMismatch, P::TerminatingInstance),
     t(P::WaitingForSsh, I::Rejected, P::TerminatingInstance),
     t(P::WaitingForSsh, I::TransientFailure, P::WaitingForSsh),
-    t(P::WaitingForSsh, I::TransientFailure, P::TerminatingInstance),
-    t(P::WaitingForSsh, I::TeardownRequested, P::TerminatingInstance),
+    t(
+        P::WaitingForSsh,
+        I::TransientFailure,
+        P::TerminatingInstance,
+    ),
+    t(
+        P::WaitingForSsh,
+        I::TeardownRequested,
+        P::TerminatingInstance,
+    ),
     //
     t(P::Ready, I::TeardownRequested, P::TerminatingInstance),
     //
-    t(P::TerminatingInstance, I::InstanceTerminated, P::DeletingKeyPair),
+    t(
+        P::TerminatingInstance,
+        I::InstanceTerminated,
+        P::DeletingKeyPair,
+    ),
     t(P::TerminatingInstance, I::InstanceTerminated, P::Failed),
     t(P::TerminatingInstance, I::InstanceTerminated, P::TornDown),
-    t(P::TerminatingInstance, I::TransientFailure, P::TerminatingInstance),
+    t(
+        P::TerminatingInstance,
+        I::TransientFailure,
+        P::TerminatingInstance,
+    ),
     //
     t(P::DeletingKeyPair, I::KeyPairDeleted, P::Failed),
     t(P::DeletingKeyPair, I::KeyPairDeleted, P::TornDown),
@@ -103,7 +163,9 @@ pub const TRANSITIONS: &[Transition] = &[
 
 /// Whether the phase has any row for this input.
 pub fn accepts(from: PhaseKind, input: InputKind) -> bool {
-    TRANSITIONS.iter().any(|r| r.from == from && r.input == input)
+    TRANSITIONS
+        .iter()
+        .any(|r| r.from == from && r.input == input)
 }
 
 pub fn contains(from: PhaseKind, input: InputKind, to: PhaseKind) -> bool {

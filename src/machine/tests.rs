@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use super::table::{self, TRANSITIONS};
 use super::*;
-use crate::request::{sample, KeyAlgorithm, SpotPolicy};
+use crate::request::{KeyAlgorithm, SpotPolicy, sample};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 
@@ -97,8 +97,12 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
         ProvisionPhase::PreparingKeyPair(PreparingKeyPair { image: image() }),
     ];
     for index in 0..ctx.request.subnet_ids.len() {
-        all.push(ProvisionPhase::RequestingSpot(RequestingSpot { launch: launch(index) }));
-        all.push(ProvisionPhase::Launching(Launching { launch: launch(index) }));
+        all.push(ProvisionPhase::RequestingSpot(RequestingSpot {
+            launch: launch(index),
+        }));
+        all.push(ProvisionPhase::Launching(Launching {
+            launch: launch(index),
+        }));
     }
     all.push(ProvisionPhase::WaitingForRunning(WaitingForRunning {
         instance: instance(ctx),
@@ -241,7 +245,10 @@ fn every_table_row_is_exercised_and_nothing_else_happens() {
             }
         }
     }
-    let all: BTreeSet<_> = TRANSITIONS.iter().map(|r| (r.from, r.input, r.to)).collect();
+    let all: BTreeSet<_> = TRANSITIONS
+        .iter()
+        .map(|r| (r.from, r.input, r.to))
+        .collect();
     let missed: Vec<_> = all.difference(&taken).collect();
     assert!(missed.is_empty(), "rows never taken: {missed:?}");
 }
@@ -250,7 +257,10 @@ fn every_table_row_is_exercised_and_nothing_else_happens() {
 fn table_has_no_duplicate_rows_and_terminal_phases_have_none() {
     let mut seen = BTreeSet::new();
     for row in TRANSITIONS {
-        assert!(seen.insert((row.from, row.input, row.to)), "duplicate {row:?}");
+        assert!(
+            seen.insert((row.from, row.input, row.to)),
+            "duplicate {row:?}"
+        );
         assert!(!row.from.is_terminal(), "{row:?} leaves a terminal phase");
     }
 }
@@ -266,13 +276,32 @@ fn spot_capacity_failure_falls_back_to_on_demand_with_a_new_token() {
     let first = start(&ctx);
     let s = step(&ctx, &first.state, sample_input(InputKind::Validated), T0).unwrap();
     let s = step(&ctx, &s.state, sample_input(InputKind::KeyPairReady), T0).unwrap();
-    let Some(Effect::RunInstance { client_token: spot_token, spot: true, .. }) = s.effect.clone() else {
+    let Some(Effect::RunInstance {
+        client_token: spot_token,
+        spot: true,
+        ..
+    }) = s.effect.clone()
+    else {
         panic!("expected a spot RunInstance, got {:?}", s.effect)
     };
-    let s = step(&ctx, &s.state, sample_input(InputKind::CapacityUnavailable), T0).unwrap();
+    let s = step(
+        &ctx,
+        &s.state,
+        sample_input(InputKind::CapacityUnavailable),
+        T0,
+    )
+    .unwrap();
     assert_eq!(s.state.phase.kind(), PhaseKind::Launching);
-    assert!(matches!(s.notices.as_slice(), [Notice::SpotFallback { .. }]));
-    let Some(Effect::RunInstance { client_token, spot: false, .. }) = s.effect else {
+    assert!(matches!(
+        s.notices.as_slice(),
+        [Notice::SpotFallback { .. }]
+    ));
+    let Some(Effect::RunInstance {
+        client_token,
+        spot: false,
+        ..
+    }) = s.effect
+    else {
         panic!("expected an on-demand RunInstance")
     };
     assert_ne!(client_token, spot_token);
@@ -292,7 +321,12 @@ fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
     let late = T0.plus(Duration::from_secs(61));
     let s = step(&ctx, &state, Input::InstancePending, late).unwrap();
     assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
-    assert_eq!(s.effect, Some(Effect::TerminateInstance { instance_id: "i-0123".into() }));
+    assert_eq!(
+        s.effect,
+        Some(Effect::TerminateInstance {
+            instance_id: "i-0123".into()
+        })
+    );
 }
 
 #[test]
@@ -302,12 +336,23 @@ fn host_key_mismatch_terminates_and_names_the_presented_key() {
         .into_iter()
         .find(|p| matches!(p, ProvisionPhase::WaitingForSsh(w) if w.trusted_host_keys.is_some()))
         .unwrap();
-    let s = step(&ctx, &SessionState::fresh(phase), sample_input(InputKind::HostKeyMismatch), T0).unwrap();
+    let s = step(
+        &ctx,
+        &SessionState::fresh(phase),
+        sample_input(InputKind::HostKeyMismatch),
+        T0,
+    )
+    .unwrap();
     let ProvisionPhase::TerminatingInstance(t) = &s.state.phase else {
         panic!("{:?}", s.state.phase)
     };
-    let CleanupCause::Failure(reason) = &t.cause else { panic!() };
-    assert!(reason.contains("SHA256:evil") && reason.contains("man in the middle"), "{reason}");
+    let CleanupCause::Failure(reason) = &t.cause else {
+        panic!()
+    };
+    assert!(
+        reason.contains("SHA256:evil") && reason.contains("man in the middle"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -336,7 +381,9 @@ fn cleanup_never_gives_up_on_its_own() {
         cause: CleanupCause::Teardown,
     }));
     for _ in 0..50 {
-        state = step(&ctx, &state, sample_input(InputKind::TransientFailure), T0).unwrap().state;
+        state = step(&ctx, &state, sample_input(InputKind::TransientFailure), T0)
+            .unwrap()
+            .state;
         assert_eq!(state.phase.kind(), PhaseKind::TerminatingInstance);
     }
 }
@@ -363,7 +410,13 @@ struct World {
 
 fn outcome_for(effect: &Effect, kind: InputKind) -> Input {
     match (effect, kind) {
-        (Effect::EnsureKeyPair { key_name, private_key_path }, InputKind::KeyPairReady) => Input::KeyPairReady {
+        (
+            Effect::EnsureKeyPair {
+                key_name,
+                private_key_path,
+            },
+            InputKind::KeyPairReady,
+        ) => Input::KeyPairReady {
             key: KeyPairHandle {
                 key_name: key_name.clone(),
                 owned: key_name.starts_with("acode-"),

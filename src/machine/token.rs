@@ -72,7 +72,11 @@ mod tests {
     #[test]
     fn token_fits_ec2_limit_even_for_huge_attempts() {
         let t = ClientToken::derive(&"x".repeat(500), u32::MAX, true, &"y".repeat(300));
-        assert!(t.as_str().len() <= MAX_CLIENT_TOKEN_LEN, "{}", t.as_str().len());
+        assert!(
+            t.as_str().len() <= MAX_CLIENT_TOKEN_LEN,
+            "{}",
+            t.as_str().len()
+        );
         assert!(t.as_str().is_ascii());
     }
 }

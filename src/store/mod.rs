@@ -106,14 +106,22 @@ pub fn this_host() -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open state database {path}: {detail}; check the path (--state-db / ACODE_EC2_STATE_DB) and its permissions")]
+    #[error(
+        "cannot open state database {path}: {detail}; check the path (--state-db / ACODE_EC2_STATE_DB) and its permissions"
+    )]
     Open { path: String, detail: String },
     #[error(
         "state database {path} has schema version {found}, newer than this acode-ec2 supports ({supported}); \
          use a newer acode-ec2 or another --state-db"
     )]
-    NewerSchema { path: String, found: i64, supported: i64 },
-    #[error("state database error: {0}; if it persists, check disk space and that no other program holds the file")]
+    NewerSchema {
+        path: String,
+        found: i64,
+        supported: i64,
+    },
+    #[error(
+        "state database error: {0}; if it persists, check disk space and that no other program holds the file"
+    )]
     Sqlite(#[from] rusqlite::Error),
     #[error("no session {0} in the state database; `acode-ec2 sessions` lists them")]
     NotFound(String),
@@ -129,9 +137,13 @@ pub enum StoreError {
         host: String,
         remaining_ms: u64,
     },
-    #[error("lost the lease on session {0} to another process; this driver stopped without touching it further")]
+    #[error(
+        "lost the lease on session {0} to another process; this driver stopped without touching it further"
+    )]
     LeaseLost(String),
-    #[error("session {session_id} has an unreadable event log ({detail}); it was written by an incompatible version or damaged")]
+    #[error(
+        "session {session_id} has an unreadable event log ({detail}); it was written by an incompatible version or damaged"
+    )]
     Corrupt { session_id: String, detail: String },
 }
 
@@ -149,7 +161,13 @@ pub trait CheckpointStore: Send + Sync {
 
     /// Appends one checkpoint; refused unless `holder` still holds the lease
     /// (which the driver renews separately).
-    fn commit(&self, session_id: &str, checkpoint: &Checkpoint, holder: &LeaseHolder, now: Timestamp) -> Result<(), StoreError>;
+    fn commit(
+        &self,
+        session_id: &str,
+        checkpoint: &Checkpoint,
+        holder: &LeaseHolder,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
 
     fn load(&self, session_id: &str) -> Result<LoadedSession, StoreError>;
 
@@ -169,8 +187,13 @@ pub trait CheckpointStore: Send + Sync {
     ) -> Result<(), StoreError>;
 
     /// Extends a lease this holder has; `LeaseLost` if it has not.
-    fn renew_lease(&self, session_id: &str, holder: &LeaseHolder, ttl: Duration, now: Timestamp)
-    -> Result<(), StoreError>;
+    fn renew_lease(
+        &self,
+        session_id: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
 
     fn release_lease(&self, session_id: &str, holder: &LeaseHolder) -> Result<(), StoreError>;
 }

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{
-    this_host, Checkpoint, CheckpointStore, LeaseHolder, LoadedSession, LogEntry, LoggedEvent, SessionSummary,
-    StoreError,
+    Checkpoint, CheckpointStore, LeaseHolder, LoadedSession, LogEntry, LoggedEvent, SessionSummary,
+    StoreError, this_host,
 };
 use crate::machine::{PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp};
 
@@ -93,7 +93,9 @@ impl SqliteStore {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (the
         // transaction rolls back on drop), so a poisoned lock is safe to reuse.
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -130,11 +132,23 @@ fn kind_of(entry: &LogEntry) -> &'static str {
     }
 }
 
-fn append(tx: &Transaction<'_>, session_id: &str, seq: &mut i64, now: Timestamp, entry: &LogEntry) -> Result<(), StoreError> {
+fn append(
+    tx: &Transaction<'_>,
+    session_id: &str,
+    seq: &mut i64,
+    now: Timestamp,
+    entry: &LogEntry,
+) -> Result<(), StoreError> {
     *seq += 1;
     tx.execute(
         "INSERT INTO events (session_id, seq, at_ms, kind, body_json) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![session_id, *seq, now.0 as i64, kind_of(entry), to_json(entry)],
+        params![
+            session_id,
+            *seq,
+            now.0 as i64,
+            kind_of(entry),
+            to_json(entry)
+        ],
     )?;
     Ok(())
 }
@@ -159,13 +173,35 @@ fn write_checkpoint(
         |r| r.get(0),
     )?;
     if let Some(input) = &checkpoint.outcome {
-        append(tx, session_id, &mut seq, now, &LogEntry::Outcome { input: input.clone() })?;
+        append(
+            tx,
+            session_id,
+            &mut seq,
+            now,
+            &LogEntry::Outcome {
+                input: input.clone(),
+            },
+        )?;
     }
-    append(tx, session_id, &mut seq, now, &LogEntry::Transition {
-        state: checkpoint.state.clone(),
-    })?;
+    append(
+        tx,
+        session_id,
+        &mut seq,
+        now,
+        &LogEntry::Transition {
+            state: checkpoint.state.clone(),
+        },
+    )?;
     if let Some(intent) = &checkpoint.intent {
-        append(tx, session_id, &mut seq, now, &LogEntry::Intent { intent: intent.clone() })?;
+        append(
+            tx,
+            session_id,
+            &mut seq,
+            now,
+            &LogEntry::Intent {
+                intent: intent.clone(),
+            },
+        )?;
     }
     let phase = &checkpoint.state.phase;
     // Keep the last known instance and key in the row even once cleanup
@@ -194,15 +230,26 @@ fn write_checkpoint(
 }
 
 /// Whether the recorded holder can no longer be driving the session.
-fn holder_is_gone(pid: Option<i64>, host: Option<&str>, expires_ms: Option<i64>, now: Timestamp) -> bool {
+fn holder_is_gone(
+    pid: Option<i64>,
+    host: Option<&str>,
+    expires_ms: Option<i64>,
+    now: Timestamp,
+) -> bool {
     if expires_ms.is_none_or(|e| e <= now.0 as i64) {
         return true;
     }
     // Same host and the process is gone: no need to wait for expiry.
-    host == Some(this_host().as_str()) && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    host == Some(this_host().as_str())
+        && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
-fn lease_check(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder, now: Timestamp) -> Result<(), StoreError> {
+fn lease_check(
+    tx: &Transaction<'_>,
+    session_id: &str,
+    holder: &LeaseHolder,
+    now: Timestamp,
+) -> Result<(), StoreError> {
     type Row = (Option<String>, Option<i64>, Option<String>, Option<i64>);
     let row: Option<Row> = tx
         .query_row(
@@ -226,7 +273,13 @@ fn lease_check(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder, now
     })
 }
 
-fn set_lease(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder, ttl: Duration, now: Timestamp) -> Result<(), StoreError> {
+fn set_lease(
+    tx: &Transaction<'_>,
+    session_id: &str,
+    holder: &LeaseHolder,
+    ttl: Duration,
+    now: Timestamp,
+) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE sessions SET lease_owner = ?2, lease_pid = ?3, lease_host = ?4, lease_expires_ms = ?5 WHERE session_id = ?1",
         params![
@@ -241,9 +294,17 @@ fn set_lease(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder, ttl: 
 }
 
 /// Fails with `LeaseLost` unless `holder` holds the lease right now.
-fn require_own_lease(tx: &Transaction<'_>, session_id: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
+fn require_own_lease(
+    tx: &Transaction<'_>,
+    session_id: &str,
+    holder: &LeaseHolder,
+) -> Result<(), StoreError> {
     let owner: Option<Option<String>> = tx
-        .query_row("SELECT lease_owner FROM sessions WHERE session_id = ?1", [session_id], |r| r.get(0))
+        .query_row(
+            "SELECT lease_owner FROM sessions WHERE session_id = ?1",
+            [session_id],
+            |r| r.get(0),
+        )
         .optional()?;
     match owner {
         None => Err(StoreError::NotFound(session_id.to_string())),
@@ -278,12 +339,12 @@ fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(SessionSummary
 }
 
 fn with_phase((mut summary, name): (SessionSummary, String)) -> Result<SessionSummary, StoreError> {
-    summary.phase = PhaseKind::parse(&name).ok_or_else(|| corrupt(&summary.session_id, format!("unknown phase {name}")))?;
+    summary.phase = PhaseKind::parse(&name)
+        .ok_or_else(|| corrupt(&summary.session_id, format!("unknown phase {name}")))?;
     Ok(summary)
 }
 
-const SUMMARY_COLUMNS: &str =
-    "session_id, phase, instance_id, public_ip, key_path, was_spot, created_at_ms, updated_at_ms, detail";
+const SUMMARY_COLUMNS: &str = "session_id, phase, instance_id, public_ip, key_path, was_spot, created_at_ms, updated_at_ms, detail";
 
 impl CheckpointStore for SqliteStore {
     fn create(
@@ -303,18 +364,32 @@ impl CheckpointStore for SqliteStore {
             params![id, now.0 as i64, to_json(context), first.state.phase.kind().name()],
         )?;
         if inserted == 0 {
-            return Err(StoreError::AlreadyExists { session_id: id.clone() });
+            return Err(StoreError::AlreadyExists {
+                session_id: id.clone(),
+            });
         }
-        append(&tx, id, &mut 0, now, &LogEntry::Created {
-            context: Box::new(context.clone()),
-        })?;
+        append(
+            &tx,
+            id,
+            &mut 0,
+            now,
+            &LogEntry::Created {
+                context: Box::new(context.clone()),
+            },
+        )?;
         set_lease(&tx, id, holder, lease_ttl, now)?;
         write_checkpoint(&tx, id, first, now)?;
         tx.commit()?;
         Ok(())
     }
 
-    fn commit(&self, session_id: &str, checkpoint: &Checkpoint, holder: &LeaseHolder, now: Timestamp) -> Result<(), StoreError> {
+    fn commit(
+        &self,
+        session_id: &str,
+        checkpoint: &Checkpoint,
+        holder: &LeaseHolder,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Fenced, not renewed: renewal is the driver's background job, so a
@@ -330,7 +405,11 @@ impl CheckpointStore for SqliteStore {
         // One read transaction: a consistent snapshot even if another process writes.
         let conn = guard.unchecked_transaction()?;
         let created_at: Option<i64> = conn
-            .query_row("SELECT created_at_ms FROM sessions WHERE session_id = ?1", [session_id], |r| r.get(0))
+            .query_row(
+                "SELECT created_at_ms FROM sessions WHERE session_id = ?1",
+                [session_id],
+                |r| r.get(0),
+            )
             .optional()?;
         let created_at = created_at.ok_or_else(|| StoreError::NotFound(session_id.to_string()))?;
         let body = |kind: &str| -> Result<Option<(i64, String)>, StoreError> {
@@ -342,7 +421,9 @@ impl CheckpointStore for SqliteStore {
                 )
                 .optional()?)
         };
-        let parse = |text: &str| serde_json::from_str::<LogEntry>(text).map_err(|e| corrupt(session_id, e.to_string()));
+        let parse = |text: &str| {
+            serde_json::from_str::<LogEntry>(text).map_err(|e| corrupt(session_id, e.to_string()))
+        };
         let Some((_, created)) = body("created")? else {
             return Err(corrupt(session_id, "no creation event"));
         };
@@ -357,7 +438,9 @@ impl CheckpointStore for SqliteStore {
         };
         // The newest intent is pending unless an outcome was logged after it.
         let pending = match (body("intent")?, body("outcome")?) {
-            (Some((intent_seq, text)), outcome) if outcome.as_ref().is_none_or(|(seq, _)| *seq < intent_seq) => {
+            (Some((intent_seq, text)), outcome)
+                if outcome.as_ref().is_none_or(|(seq, _)| *seq < intent_seq) =>
+            {
                 let LogEntry::Intent { intent } = parse(&text)? else {
                     return Err(corrupt(session_id, "intent event of another kind"));
                 };
@@ -375,12 +458,21 @@ impl CheckpointStore for SqliteStore {
 
     fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT seq, at_ms, body_json FROM events WHERE session_id = ?1 ORDER BY seq")?;
-        let rows = stmt.query_map([session_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, body_json FROM events WHERE session_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([session_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
         let mut events = Vec::new();
         for row in rows {
             let (seq, at, body) = row?;
-            let entry = serde_json::from_str(&body).map_err(|e| corrupt(session_id, e.to_string()))?;
+            let entry =
+                serde_json::from_str(&body).map_err(|e| corrupt(session_id, e.to_string()))?;
             events.push(LoggedEvent {
                 seq,
                 at: Timestamp(at as u64),
@@ -404,12 +496,20 @@ impl CheckpointStore for SqliteStore {
 
     fn list(&self) -> Result<Vec<SessionSummary>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {SUMMARY_COLUMNS} FROM sessions ORDER BY created_at_ms, session_id"))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM sessions ORDER BY created_at_ms, session_id"
+        ))?;
         let rows = stmt.query_map([], summary_from_row)?;
         rows.map(|row| with_phase(row?)).collect()
     }
 
-    fn acquire_lease(&self, session_id: &str, holder: &LeaseHolder, ttl: Duration, now: Timestamp) -> Result<(), StoreError> {
+    fn acquire_lease(
+        &self,
+        session_id: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         lease_check(&tx, session_id, holder, now)?;
@@ -418,7 +518,13 @@ impl CheckpointStore for SqliteStore {
         Ok(())
     }
 
-    fn renew_lease(&self, session_id: &str, holder: &LeaseHolder, ttl: Duration, now: Timestamp) -> Result<(), StoreError> {
+    fn renew_lease(
+        &self,
+        session_id: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         require_own_lease(&tx, session_id, holder)?;

@@ -34,8 +34,20 @@ fn help_lists_every_command_of_the_contract() {
     let out = cli(&dir.path().join("s.db"), None, &["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for word in ["provision", "status", "sessions", "teardown", "recover", "diagram", "--state-db", "ACODE_EC2_STATE_DB"] {
-        assert!(help.contains(word), "--help does not mention {word}:\n{help}");
+    for word in [
+        "provision",
+        "status",
+        "sessions",
+        "teardown",
+        "recover",
+        "diagram",
+        "--state-db",
+        "ACODE_EC2_STATE_DB",
+    ] {
+        assert!(
+            help.contains(word),
+            "--help does not mention {word}:\n{help}"
+        );
     }
 }
 
@@ -45,9 +57,17 @@ fn a_config_with_an_unknown_key_is_refused_and_changes_nothing() {
     let config = dir.path().join("bad.yaml");
     std::fs::write(&config, "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n  colour: blue\n").unwrap();
     let db = dir.path().join("s.db");
-    let out = cli(&db, None, &["provision", "--config", config.to_str().unwrap()]);
+    let out = cli(
+        &db,
+        None,
+        &["provision", "--config", config.to_str().unwrap()],
+    );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("colour"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("colour"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(!db.exists(), "a refused config created the state database");
 }
 
@@ -55,18 +75,38 @@ fn a_config_with_an_unknown_key_is_refused_and_changes_nothing() {
 fn without_a_loopback_endpoint_the_guard_refuses_to_build_a_client() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ok.yaml");
-    std::fs::write(&config, "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n").unwrap();
-    let out = cli(&dir.path().join("s.db"), None, &["provision", "--config", config.to_str().unwrap()]);
+    std::fs::write(
+        &config,
+        "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n",
+    )
+    .unwrap();
+    let out = cli(
+        &dir.path().join("s.db"),
+        None,
+        &["provision", "--config", config.to_str().unwrap()],
+    );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("AWS_ENDPOINT_URL_EC2"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("AWS_ENDPOINT_URL_EC2"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn diagram_prints_the_checked_in_files() {
     let dir = tempfile::tempdir().unwrap();
     for (format, file) in [("mermaid", "provision.mmd"), ("dot", "provision.dot")] {
-        let out = cli(&dir.path().join("s.db"), None, &["diagram", "--format", format]);
-        let on_disk = std::fs::read_to_string(format!("{}/state-diagrams/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let out = cli(
+            &dir.path().join("s.db"),
+            None,
+            &["diagram", "--format", format],
+        );
+        let on_disk = std::fs::read_to_string(format!(
+            "{}/state-diagrams/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
         assert_eq!(text(&out.stdout), on_disk);
     }
 }
@@ -79,18 +119,34 @@ fn provision_status_sessions_teardown_against_the_lab() {
     let config = dir.path().join("target.yaml");
     std::fs::write(&config, format!("ec2Target:\n{}", lab.target_yaml(""))).unwrap();
 
-    let out = cli(&db, Some(&lab), &["provision", "--config", config.to_str().unwrap()]);
+    let out = cli(
+        &db,
+        Some(&lab),
+        &["provision", "--config", config.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let progress = text(&out.stderr);
-    assert!(progress.contains("WaitingForRunning") && progress.contains("WaitingForSsh"), "no progress lines:\n{progress}");
+    assert!(
+        progress.contains("WaitingForRunning") && progress.contains("WaitingForSsh"),
+        "no progress lines:\n{progress}"
+    );
     assert!(!progress.contains("PRIVATE KEY") && !text(&out.stdout).contains("PRIVATE KEY"));
 
     let out = cli(&db, Some(&lab), &["status", "--json"]);
     assert!(out.status.success());
     let status: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
     assert_eq!(status["phase"], "Ready");
-    for field in ["session_id", "instance_id", "public_ip", "key_path", "was_spot"] {
-        assert!(!status[field].is_null(), "status --json lacks {field}: {status}");
+    for field in [
+        "session_id",
+        "instance_id",
+        "public_ip",
+        "key_path",
+        "was_spot",
+    ] {
+        assert!(
+            !status[field].is_null(),
+            "status --json lacks {field}: {status}"
+        );
     }
     let session = status["session_id"].as_str().unwrap().to_string();
 
@@ -107,5 +163,9 @@ fn provision_status_sessions_teardown_against_the_lab() {
 
     let out = cli(&db, Some(&lab), &["status", "no-such-session"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("no session no-such-session"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no session no-such-session"),
+        "{}",
+        text(&out.stderr)
+    );
 }

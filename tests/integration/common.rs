@@ -10,7 +10,9 @@ use acode_ec2::store::{LeaseHolder, SqliteStore};
 
 /// A lease holder whose process has exited: what a `kill -9` leaves behind.
 pub fn dead_holder() -> LeaseHolder {
-    let mut child = std::process::Command::new("true").spawn().expect("spawn `true`");
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn `true`");
     let pid = child.id();
     child.wait().expect("reap `true`");
     LeaseHolder {
@@ -23,7 +25,8 @@ pub fn dead_holder() -> LeaseHolder {
 /// A request from YAML, so tests read like the user's config files.
 pub fn request(yaml_body: &str) -> ProvisionRequest {
     let text = format!("ec2Target:\n{yaml_body}");
-    acode_ec2::config::parse(&text).unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"))
+    acode_ec2::config::parse(&text)
+        .unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"))
 }
 
 pub struct Harness {

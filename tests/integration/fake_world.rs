@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use acode_ec2::effects::Effects;
-use acode_ec2::machine::{ConsoleFingerprints, Effect, Input, KeyPairHandle, SessionContext, Timestamp};
+use acode_ec2::machine::{
+    ConsoleFingerprints, Effect, Input, KeyPairHandle, SessionContext, Timestamp,
+};
 
 #[derive(Debug, Default)]
 pub struct WorldState {
@@ -26,7 +28,12 @@ pub struct FakeWorld {
 impl FakeWorld {
     pub fn live_instances(&self) -> Vec<String> {
         let state = self.state.lock().unwrap();
-        state.instances.values().filter(|(_, gone)| !gone).map(|(id, _)| id.clone()).collect()
+        state
+            .instances
+            .values()
+            .filter(|(_, gone)| !gone)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     pub fn instances_ever(&self) -> usize {
@@ -58,11 +65,16 @@ impl Effects for FakeWorld {
                     },
                 }
             }
-            Effect::RunInstance { client_token, spot, .. } => {
+            Effect::RunInstance {
+                client_token, spot, ..
+            } => {
                 world.run_instance_tokens.push(client_token.to_string());
                 let next_id = format!("i-{:04}", world.instances.len() + 1);
-                let (id, terminated) =
-                    world.instances.entry(client_token.to_string()).or_insert((next_id, false)).clone();
+                let (id, terminated) = world
+                    .instances
+                    .entry(client_token.to_string())
+                    .or_insert((next_id, false))
+                    .clone();
                 if terminated {
                     return Input::CapacityUnavailable {
                         code: "IdempotentInstanceTerminated".into(),

@@ -46,7 +46,16 @@ fn python() -> String {
 impl Lab {
     /// Starts a lab with quick but non-zero boot timing.
     pub fn start() -> Lab {
-        Lab::start_with(&["--boot-delay-s", "0.3", "--status-ok-delay-s", "0.3", "--console-lag-s", "0.3", "--terminate-delay-s", "0.3"])
+        Lab::start_with(&[
+            "--boot-delay-s",
+            "0.3",
+            "--status-ok-delay-s",
+            "0.3",
+            "--console-lag-s",
+            "0.3",
+            "--terminate-delay-s",
+            "0.3",
+        ])
     }
 
     pub fn start_with(args: &[&str]) -> Lab {
@@ -57,7 +66,10 @@ impl Lab {
             "lab Python {python} is missing: run `scripts/setup.sh` (or set ACODE_EC2_LAB_PYTHON)"
         );
         let mut child = Command::new(&python)
-            .arg(format!("{}/tests/lab/acode_lab.py", env!("CARGO_MANIFEST_DIR")))
+            .arg(format!(
+                "{}/tests/lab/acode_lab.py",
+                env!("CARGO_MANIFEST_DIR")
+            ))
             .arg("--state-dir")
             .arg(state_dir.path())
             .args(args)
@@ -82,7 +94,8 @@ impl Lab {
                 panic!("the lab did not become ready: {other:?}");
             }
         };
-        let info: LabInfo = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+        let info: LabInfo =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
         Lab {
             child,
             stdin,
@@ -100,7 +113,13 @@ impl Lab {
         let config = aws_sdk_ec2::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(self.info.region.clone()))
-            .credentials_provider(Credentials::new("testing", "testing", None, None, "acode-lab"))
+            .credentials_provider(Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "acode-lab",
+            ))
             .endpoint_url(&self.info.ec2_endpoint)
             .build();
         aws_sdk_ec2::Client::from_conf(config)
@@ -112,7 +131,11 @@ impl Lab {
     }
 
     pub fn subnet(&self, az: &str) -> String {
-        self.info.subnets.get(az).cloned().unwrap_or_else(|| panic!("lab has no subnet in {az}"))
+        self.info
+            .subnets
+            .get(az)
+            .cloned()
+            .unwrap_or_else(|| panic!("lab has no subnet in {az}"))
     }
 
     /// A config body (under `ec2Target:`) that provisions in the lab.
@@ -166,20 +189,45 @@ impl Lab {
     /// A JSON call to the control API.
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let (status, payload) = http(&self.info.control_url, method, path, &[("Content-Type", "application/json")], &body);
-        assert!((200..300).contains(&status), "{method} {path}: HTTP {status}\n{payload}");
+        let (status, payload) = http(
+            &self.info.control_url,
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            &body,
+        );
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: HTTP {status}\n{payload}"
+        );
         serde_json::from_str(&payload).unwrap_or(Value::Null)
     }
 }
 
 /// A minimal blocking HTTP/1.1 request to a loopback URL: (status, body).
-pub fn http(base_url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+pub fn http(
+    base_url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let base = base_url.trim_start_matches("http://");
     let (host, prefix) = base.split_once('/').map_or((base, ""), |(h, p)| (h, p));
     let mut stream = TcpStream::connect(host).expect("connect to the lab");
-    assert!(stream.peer_addr().expect("peer").ip().is_loopback(), "lab calls stay on loopback");
-    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let prefix = if prefix.is_empty() { String::new() } else { format!("/{prefix}") };
+    assert!(
+        stream.peer_addr().expect("peer").ip().is_loopback(),
+        "lab calls stay on loopback"
+    );
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("/{prefix}")
+    };
     write!(
         stream,
         "{method} {prefix}{path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -189,7 +237,11 @@ pub fn http(base_url: &str, method: &str, path: &str, headers: &[(&str, &str)], 
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read answer");
     let (head, payload) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, payload.to_string())
 }
 

@@ -11,18 +11,26 @@ use acode_ec2::machine::{Effect, Input, PhaseKind, SessionContext, Timestamp};
 use acode_ec2::store::CheckpointStore;
 use serde_json::json;
 
-use crate::common::{dead_holder, request, Harness};
+use crate::common::{Harness, dead_holder, request};
 use crate::lab::Lab;
 
 async fn key_pair_exists(lab: &Lab, name: &str) -> bool {
-    let out = lab.ec2().describe_key_pairs().send().await.expect("DescribeKeyPairs");
+    let out = lab
+        .ec2()
+        .describe_key_pairs()
+        .send()
+        .await
+        .expect("DescribeKeyPairs");
     out.key_pairs().iter().any(|k| k.key_name() == Some(name))
 }
 
 fn assert_no_secrets_in(harness: &Harness) {
     let bytes = std::fs::read(harness.dir.path().join("state.db")).unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes);
-    assert!(!text.contains("PRIVATE KEY"), "private key material reached the database");
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "private key material reached the database"
+    );
 }
 
 #[tokio::test]
@@ -32,43 +40,91 @@ async fn provisions_to_ready_with_a_verified_host_key_then_tears_down_to_nothing
     let engine = harness.engine(lab.effects());
     let mut events = engine.subscribe();
     let progress_seen = std::sync::Mutex::new(Vec::new());
-    let progress = |p: &acode_ec2::events::ProvisionProgress| progress_seen.lock().unwrap().push(p.phase);
+    let progress =
+        |p: &acode_ec2::events::ProvisionProgress| progress_seen.lock().unwrap().push(p.phase);
 
-    let ready = engine.provision(request(&lab.target_yaml("")), &progress).await.expect("Ready");
+    let ready = engine
+        .provision(request(&lab.target_yaml("")), &progress)
+        .await
+        .expect("Ready");
 
-    assert!(lab.info.host_key_fingerprints.contains(&ready.host_key_fingerprint), "{ready:?}");
-    assert_eq!(ready.ssh_endpoint, format!("127.0.0.1:{}", lab.info.sshd_port));
+    assert!(
+        lab.info
+            .host_key_fingerprints
+            .contains(&ready.host_key_fingerprint),
+        "{ready:?}"
+    );
+    assert_eq!(
+        ready.ssh_endpoint,
+        format!("127.0.0.1:{}", lab.info.sshd_port)
+    );
     assert!(!ready.was_spot);
     let key_path = ready.key_path.clone().expect("temporary key file");
-    assert_eq!(std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(key_pair_exists(&lab, &format!("acode-{}", ready.session_id)).await);
     let live = lab.live_instances_of(&ready.session_id);
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(live[0]["state"], "running");
     assert_eq!(live[0]["tags"]["acode"], "true");
     assert_eq!(lab.count("RunInstances"), 1);
-    assert_eq!(harness.store.summary(&ready.session_id).unwrap().phase, PhaseKind::Ready);
+    assert_eq!(
+        harness.store.summary(&ready.session_id).unwrap().phase,
+        PhaseKind::Ready
+    );
     assert_no_secrets_in(&harness);
 
     let phases = progress_seen.lock().unwrap().clone();
-    for phase in [PhaseKind::PreparingKeyPair, PhaseKind::Launching, PhaseKind::WaitingForRunning, PhaseKind::WaitingForSsh, PhaseKind::Ready] {
-        assert!(phases.contains(&phase), "no progress in {phase}: {phases:?}");
+    for phase in [
+        PhaseKind::PreparingKeyPair,
+        PhaseKind::Launching,
+        PhaseKind::WaitingForRunning,
+        PhaseKind::WaitingForSsh,
+        PhaseKind::Ready,
+    ] {
+        assert!(
+            phases.contains(&phase),
+            "no progress in {phase}: {phases:?}"
+        );
     }
     let mut kinds = Vec::new();
     while let Ok(event) = events.try_recv() {
         assert_eq!(event.session_id(), ready.session_id);
         kinds.push(event);
     }
-    assert!(matches!(kinds.first(), Some(ProvisionEvent::ProvisionStarted { .. })), "{kinds:?}");
-    assert!(matches!(kinds.last(), Some(ProvisionEvent::ProvisionCompleted { success: true, .. })), "{kinds:?}");
+    assert!(
+        matches!(kinds.first(), Some(ProvisionEvent::ProvisionStarted { .. })),
+        "{kinds:?}"
+    );
+    assert!(
+        matches!(
+            kinds.last(),
+            Some(ProvisionEvent::ProvisionCompleted { success: true, .. })
+        ),
+        "{kinds:?}"
+    );
 
-    let end = engine.teardown(&ready.session_id, &NoProgress).await.unwrap();
+    let end = engine
+        .teardown(&ready.session_id, &NoProgress)
+        .await
+        .unwrap();
     assert_eq!(end, PhaseKind::TornDown);
     assert!(lab.live_instances_of(&ready.session_id).is_empty());
     assert!(!key_pair_exists(&lab, &format!("acode-{}", ready.session_id)).await);
-    assert!(!std::path::Path::new(&key_path).exists(), "key file left behind");
+    assert!(
+        !std::path::Path::new(&key_path).exists(),
+        "key file left behind"
+    );
     // A second teardown is a no-op.
-    assert_eq!(engine.teardown(&ready.session_id, &NoProgress).await.unwrap(), PhaseKind::TornDown);
+    assert_eq!(
+        engine
+            .teardown(&ready.session_id, &NoProgress)
+            .await
+            .unwrap(),
+        PhaseKind::TornDown
+    );
 }
 
 #[tokio::test]
@@ -77,10 +133,16 @@ async fn imported_rsa_key_pair_works_and_is_deleted() {
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
     let yaml = lab.target_yaml("  keyPair:\n    mode: import\n    keyType: rsa\n");
-    let ready = engine.provision(request(&yaml), &NoProgress).await.expect("Ready");
+    let ready = engine
+        .provision(request(&yaml), &NoProgress)
+        .await
+        .expect("Ready");
     let installed = lab.call("GET", "/authorized_keys", None);
     assert!(installed.to_string().contains("ssh-rsa"), "{installed}");
-    engine.teardown(&ready.session_id, &NoProgress).await.unwrap();
+    engine
+        .teardown(&ready.session_id, &NoProgress)
+        .await
+        .unwrap();
     assert!(!key_pair_exists(&lab, &format!("acode-{}", ready.session_id)).await);
     assert_no_secrets_in(&harness);
 }
@@ -92,7 +154,10 @@ async fn spot_without_capacity_falls_back_to_on_demand() {
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
     let mut events = engine.subscribe();
-    let ready = engine.provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress).await.expect("Ready");
+    let ready = engine
+        .provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress)
+        .await
+        .expect("Ready");
     assert!(!ready.was_spot);
     let mut fell_back = false;
     while let Ok(event) = events.try_recv() {
@@ -112,9 +177,15 @@ async fn spot_capacity_is_used_when_there_is_some() {
     let lab = Lab::start();
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
-    let ready = engine.provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress).await.expect("Ready");
+    let ready = engine
+        .provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress)
+        .await
+        .expect("Ready");
     assert!(ready.was_spot);
-    assert_eq!(lab.live_instances_of(&ready.session_id)[0]["lifecycle"], "spot");
+    assert_eq!(
+        lab.live_instances_of(&ready.session_id)[0]["lifecycle"],
+        "spot"
+    );
     assert!(harness.store.summary(&ready.session_id).unwrap().was_spot);
 }
 
@@ -127,7 +198,10 @@ async fn a_subnet_without_capacity_fails_over_to_the_next() {
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
     let yaml = lab.target_yaml(&format!("  failoverSubnetIds: [{second}]\n"));
-    let ready = engine.provision(request(&yaml), &NoProgress).await.expect("Ready");
+    let ready = engine
+        .provision(request(&yaml), &NoProgress)
+        .await
+        .expect("Ready");
     let live = lab.live_instances_of(&ready.session_id);
     assert_eq!(live.len(), 1);
     assert_eq!(live[0]["subnet_id"], second.as_str());
@@ -139,14 +213,26 @@ async fn a_host_key_the_console_never_printed_fails_and_cleans_up() {
     lab.configure(json!({"console_mode": "wrong-fingerprint"}));
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
-    let err = engine.provision(request(&lab.target_yaml("")), &NoProgress).await.unwrap_err();
+    let err = engine
+        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .await
+        .unwrap_err();
     let EngineError::ProvisionFailed { session_id, reason } = err else {
         panic!("expected a failed session, got {err}");
     };
     assert!(reason.contains("man in the middle"), "{reason}");
-    assert!(lab.live_instances_of(&session_id).is_empty(), "instance left running");
-    assert!(!key_pair_exists(&lab, &format!("acode-{session_id}")).await, "key pair left behind");
-    assert_eq!(harness.store.summary(&session_id).unwrap().phase, PhaseKind::Failed);
+    assert!(
+        lab.live_instances_of(&session_id).is_empty(),
+        "instance left running"
+    );
+    assert!(
+        !key_pair_exists(&lab, &format!("acode-{session_id}")).await,
+        "key pair left behind"
+    );
+    assert_eq!(
+        harness.store.summary(&session_id).unwrap().phase,
+        PhaseKind::Failed
+    );
 }
 
 #[tokio::test]
@@ -155,17 +241,34 @@ async fn a_slow_console_a_late_sshd_and_a_refusing_sshd_are_waited_out() {
     lab.configure(json!({"console_lag_s": 1.0, "ssh_start_delay_s": 1.5}));
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
-    let ready = engine.provision(request(&lab.target_yaml("")), &NoProgress).await.expect("late sshd");
-    assert!(lab.info.host_key_fingerprints.contains(&ready.host_key_fingerprint));
+    let ready = engine
+        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .await
+        .expect("late sshd");
+    assert!(
+        lab.info
+            .host_key_fingerprints
+            .contains(&ready.host_key_fingerprint)
+    );
 
     lab.configure(json!({"console_lag_s": 0.2, "ssh_start_delay_s": 0, "ssh_refuse_s": 1.5}));
-    let ready = engine.provision(request(&lab.target_yaml("")), &NoProgress).await.expect("refusing sshd");
+    let ready = engine
+        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .await
+        .expect("refusing sshd");
     let ssh_polls = harness
         .store
         .events(&ready.session_id)
         .unwrap()
         .into_iter()
-        .filter(|e| matches!(&e.entry, acode_ec2::store::LogEntry::Outcome { input: Input::SshNotReady { .. } }))
+        .filter(|e| {
+            matches!(
+                &e.entry,
+                acode_ec2::store::LogEntry::Outcome {
+                    input: Input::SshNotReady { .. }
+                }
+            )
+        })
         .count();
     assert!(ssh_polls >= 1, "the refusing sshd was never seen");
 }
@@ -173,11 +276,16 @@ async fn a_slow_console_a_late_sshd_and_a_refusing_sshd_are_waited_out() {
 #[tokio::test]
 async fn throttling_and_an_invisible_new_instance_are_retried() {
     let lab = Lab::start();
-    lab.fault(json!({"action": "DescribeInstances", "code": "InvalidInstanceID.NotFound", "count": 2}));
+    lab.fault(
+        json!({"action": "DescribeInstances", "code": "InvalidInstanceID.NotFound", "count": 2}),
+    );
     lab.fault(json!({"action": "RunInstances", "code": "RequestLimitExceeded", "count": 2}));
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
-    let ready = engine.provision(request(&lab.target_yaml("")), &NoProgress).await.expect("Ready");
+    let ready = engine
+        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .await
+        .expect("Ready");
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
     assert!(lab.count("RunInstances") >= 3, "{:?}", lab.counters());
 }
@@ -187,8 +295,13 @@ async fn an_unknown_ami_fails_before_anything_is_created() {
     let lab = Lab::start();
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
-    let yaml = lab.target_yaml("").replace(&lab.info.ami_id, "ami-00000000deadbeef0");
-    let err = engine.provision(request(&yaml), &NoProgress).await.unwrap_err();
+    let yaml = lab
+        .target_yaml("")
+        .replace(&lab.info.ami_id, "ami-00000000deadbeef0");
+    let err = engine
+        .provision(request(&yaml), &NoProgress)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("InvalidAMIID.NotFound"), "{err}");
     assert_eq!(lab.count("RunInstances"), 0);
     assert_eq!(lab.count("CreateKeyPair"), 0);
@@ -201,9 +314,15 @@ async fn the_loopback_guard_stops_a_probe_of_the_fake_public_ip() {
     let engine = harness.engine(lab.effects());
     // No endpointOverride: the probe would go to moto's 54.x address.
     let yaml = lab.target_yaml("");
-    let yaml = yaml.split("  ssh:\n").next().unwrap().to_string() + &format!("  ssh:\n    user: {}\n", lab.info.ssh_user);
-    let err = engine.provision(request(&yaml), &NoProgress).await.unwrap_err();
-    let EngineError::ProvisionFailed { session_id, reason } = err else { panic!("{err}") };
+    let yaml = yaml.split("  ssh:\n").next().unwrap().to_string()
+        + &format!("  ssh:\n    user: {}\n", lab.info.ssh_user);
+    let err = engine
+        .provision(request(&yaml), &NoProgress)
+        .await
+        .unwrap_err();
+    let EngineError::ProvisionFailed { session_id, reason } = err else {
+        panic!("{err}")
+    };
     assert!(reason.contains("loopback"), "{reason}");
     assert!(lab.live_instances_of(&session_id).is_empty());
 }
@@ -213,16 +332,36 @@ async fn a_crash_after_run_instances_resumes_with_the_same_token_and_one_instanc
     let lab = Lab::start();
     let harness = Harness::new();
     // Effect #3 is RunInstances: crash after it ran, before its outcome was recorded.
-    let crashing = harness.engine(lab.effects()).with_holder(dead_holder()).with_crash(CrashPoint::AfterEffect, 3);
-    let first = crashing.provision(request(&lab.target_yaml("")), &NoProgress).await;
-    assert!(matches!(first, Err(EngineError::InjectedCrash { .. })), "{first:?}");
+    let crashing = harness
+        .engine(lab.effects())
+        .with_holder(dead_holder())
+        .with_crash(CrashPoint::AfterEffect, 3);
+    let first = crashing
+        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .await;
+    assert!(
+        matches!(first, Err(EngineError::InjectedCrash { .. })),
+        "{first:?}"
+    );
     let session_id = harness.store.list().unwrap()[0].session_id.clone();
     assert_eq!(lab.live_instances_of(&session_id).len(), 1);
 
-    let report = harness.engine(lab.effects()).recover(&NoProgress).await.unwrap();
-    assert_eq!(report[0].result.as_ref().ok(), Some(&PhaseKind::Ready), "{report:?}");
+    let report = harness
+        .engine(lab.effects())
+        .recover(&NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(
+        report[0].result.as_ref().ok(),
+        Some(&PhaseKind::Ready),
+        "{report:?}"
+    );
     assert_eq!(lab.count("RunInstances"), 2, "the intent was re-sent once");
-    let all: Vec<_> = lab.instances().into_iter().filter(|i| i["tags"]["acode-session-id"] == session_id.as_str()).collect();
+    let all: Vec<_> = lab
+        .instances()
+        .into_iter()
+        .filter(|i| i["tags"]["acode-session-id"] == session_id.as_str())
+        .collect();
     assert_eq!(all.len(), 1, "a second instance was launched: {all:?}");
 }
 
@@ -230,17 +369,40 @@ async fn a_crash_after_run_instances_resumes_with_the_same_token_and_one_instanc
 async fn a_crash_between_create_key_pair_and_the_key_file_is_repaired() {
     let lab = Lab::start();
     let harness = Harness::new();
-    let crashing = harness.engine(lab.effects()).with_holder(dead_holder()).with_crash(CrashPoint::AfterEffect, 2);
-    assert!(crashing.provision(request(&lab.target_yaml("")), &NoProgress).await.is_err());
+    let crashing = harness
+        .engine(lab.effects())
+        .with_holder(dead_holder())
+        .with_crash(CrashPoint::AfterEffect, 2);
+    assert!(
+        crashing
+            .provision(request(&lab.target_yaml("")), &NoProgress)
+            .await
+            .is_err()
+    );
     let session_id = harness.store.list().unwrap()[0].session_id.clone();
     // Simulate the lost write: the pair exists in EC2, its private key file does not.
-    let key_file = harness.dir.path().join(format!("keys/acode-{session_id}.pem"));
+    let key_file = harness
+        .dir
+        .path()
+        .join(format!("keys/acode-{session_id}.pem"));
     std::fs::remove_file(&key_file).expect("key file written by the crashed run");
-    let ready = harness.engine(lab.effects()).resume(&session_id, &NoProgress).await.expect("Ready");
+    let ready = harness
+        .engine(lab.effects())
+        .resume(&session_id, &NoProgress)
+        .await
+        .expect("Ready");
     assert!(key_file.exists());
     assert_eq!(lab.count("CreateKeyPair"), 2, "the pair was recreated");
-    assert_eq!(lab.count("DeleteKeyPair"), 1, "the orphaned pair was deleted first");
-    assert!(lab.info.host_key_fingerprints.contains(&ready.host_key_fingerprint));
+    assert_eq!(
+        lab.count("DeleteKeyPair"),
+        1,
+        "the orphaned pair was deleted first"
+    );
+    assert!(
+        lab.info
+            .host_key_fingerprints
+            .contains(&ready.host_key_fingerprint)
+    );
 }
 
 /// Runs every effect twice and checks that creating and deleting effects
@@ -253,10 +415,17 @@ impl Effects for TwiceEffects {
         let second = self.0.run(ctx, created, effect).await;
         let must_match = matches!(
             effect,
-            Effect::ValidateRequest | Effect::EnsureKeyPair { .. } | Effect::RunInstance { .. } | Effect::TerminateInstance { .. } | Effect::DeleteKeyPair { .. }
+            Effect::ValidateRequest
+                | Effect::EnsureKeyPair { .. }
+                | Effect::RunInstance { .. }
+                | Effect::TerminateInstance { .. }
+                | Effect::DeleteKeyPair { .. }
         );
         if must_match && first != second {
-            self.1.lock().unwrap().push(format!("{}: {first:?} then {second:?}", effect.name()));
+            self.1
+                .lock()
+                .unwrap()
+                .push(format!("{}: {first:?} then {second:?}", effect.name()));
         }
         second
     }
@@ -266,11 +435,23 @@ impl Effects for TwiceEffects {
 async fn every_effect_run_twice_has_the_same_outcome() {
     let lab = Lab::start();
     let harness = Harness::new();
-    let twice = Arc::new(TwiceEffects(lab.effects(), std::sync::Mutex::new(Vec::new())));
+    let twice = Arc::new(TwiceEffects(
+        lab.effects(),
+        std::sync::Mutex::new(Vec::new()),
+    ));
     let engine = harness.engine(twice.clone());
-    let ready = engine.provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress).await.expect("Ready");
+    let ready = engine
+        .provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress)
+        .await
+        .expect("Ready");
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
-    assert_eq!(engine.teardown(&ready.session_id, &NoProgress).await.unwrap(), PhaseKind::TornDown);
+    assert_eq!(
+        engine
+            .teardown(&ready.session_id, &NoProgress)
+            .await
+            .unwrap(),
+        PhaseKind::TornDown
+    );
     let mismatches = twice.1.lock().unwrap().clone();
     assert!(mismatches.is_empty(), "{mismatches:#?}");
     assert!(lab.live_instances_of(&ready.session_id).is_empty());

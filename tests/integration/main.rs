@@ -1,10 +1,10 @@
 //! Integration tests: the driver against a scripted world (crash injection)
 //! and the whole engine and CLI against the local EC2 lab (moto + sshd).
 
+mod cli;
 mod common;
 mod crash;
 mod fake_world;
 mod lab;
-mod lab_engine;
-mod cli;
 mod lab_behaviour;
+mod lab_engine;

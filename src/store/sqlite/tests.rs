@@ -21,7 +21,10 @@ fn first_checkpoint(ctx: &SessionContext) -> Checkpoint {
     Checkpoint {
         outcome: None,
         state: step.state,
-        intent: step.effect.map(|effect| Intent { effect, not_before: None }),
+        intent: step.effect.map(|effect| Intent {
+            effect,
+            not_before: None,
+        }),
     }
 }
 
@@ -37,7 +40,10 @@ fn validated(ctx: &SessionContext) -> Checkpoint {
     Checkpoint {
         outcome: Some(input),
         state: step.state,
-        intent: step.effect.map(|effect| Intent { effect, not_before: None }),
+        intent: step.effect.map(|effect| Intent {
+            effect,
+            not_before: None,
+        }),
     }
 }
 
@@ -52,17 +58,43 @@ fn a_session_survives_closing_and_reopening() {
     let holder = LeaseHolder::for_this_process();
     {
         let store = new_store(&dir);
-        store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
+        store
+            .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
+            .unwrap();
         store.commit("s1", &validated(&ctx), &holder, NOW).unwrap();
     }
     let store = new_store(&dir);
     let loaded = store.load("s1").unwrap();
     assert_eq!(loaded.context, ctx);
     assert_eq!(loaded.state.phase.kind(), PhaseKind::PreparingKeyPair);
-    assert!(matches!(loaded.pending, Some(Intent { effect: Effect::EnsureKeyPair { .. }, .. })));
-    assert_eq!(store.summary("s1").unwrap().phase, PhaseKind::PreparingKeyPair);
-    let kinds: Vec<&str> = store.events("s1").unwrap().iter().map(|e| kind_of(&e.entry)).collect();
-    assert_eq!(kinds, ["created", "transition", "intent", "outcome", "transition", "intent"]);
+    assert!(matches!(
+        loaded.pending,
+        Some(Intent {
+            effect: Effect::EnsureKeyPair { .. },
+            ..
+        })
+    ));
+    assert_eq!(
+        store.summary("s1").unwrap().phase,
+        PhaseKind::PreparingKeyPair
+    );
+    let kinds: Vec<&str> = store
+        .events("s1")
+        .unwrap()
+        .iter()
+        .map(|e| kind_of(&e.entry))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "transition",
+            "intent",
+            "outcome",
+            "transition",
+            "intent"
+        ]
+    );
 }
 
 #[test]
@@ -71,14 +103,21 @@ fn an_answered_intent_is_not_pending() {
     let store = new_store(&dir);
     let ctx = context("s1");
     let holder = LeaseHolder::for_this_process();
-    store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
-    assert_eq!(store.load("s1").unwrap().pending.map(|i| i.effect), Some(Effect::ValidateRequest));
+    store
+        .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
+        .unwrap();
+    assert_eq!(
+        store.load("s1").unwrap().pending.map(|i| i.effect),
+        Some(Effect::ValidateRequest)
+    );
     let settled = Checkpoint {
         outcome: Some(Input::Rejected {
             code: "InvalidAMIID.NotFound".into(),
             message: "gone".into(),
         }),
-        state: SessionState::fresh(ProvisionPhase::Failed(machine::Failed { reason: "gone".into() })),
+        state: SessionState::fresh(ProvisionPhase::Failed(machine::Failed {
+            reason: "gone".into(),
+        })),
         intent: None,
     };
     store.commit("s1", &settled, &holder, NOW).unwrap();
@@ -94,17 +133,24 @@ fn a_second_driver_is_refused_while_the_first_holds_the_lease() {
     let ctx = context("s1");
     let first = LeaseHolder::for_this_process();
     let second = LeaseHolder::for_this_process();
-    store.create(&ctx, &first_checkpoint(&ctx), &first, TTL, NOW).unwrap();
+    store
+        .create(&ctx, &first_checkpoint(&ctx), &first, TTL, NOW)
+        .unwrap();
     let err = store.acquire_lease("s1", &second, TTL, NOW).unwrap_err();
     assert!(matches!(err, StoreError::Leased { .. }), "{err}");
     assert!(err.to_string().contains("another process"), "{err}");
     // The second may not commit either: commits are fenced by the lease.
-    let err = store.commit("s1", &validated(&ctx), &second, NOW).unwrap_err();
+    let err = store
+        .commit("s1", &validated(&ctx), &second, NOW)
+        .unwrap_err();
     assert!(matches!(err, StoreError::LeaseLost(_)), "{err}");
     // Once released, the second takes over and the first is fenced out.
     store.release_lease("s1", &first).unwrap();
     store.acquire_lease("s1", &second, TTL, NOW).unwrap();
-    assert!(matches!(store.commit("s1", &validated(&ctx), &first, NOW), Err(StoreError::LeaseLost(_))));
+    assert!(matches!(
+        store.commit("s1", &validated(&ctx), &first, NOW),
+        Err(StoreError::LeaseLost(_))
+    ));
 }
 
 #[test]
@@ -118,7 +164,9 @@ fn a_lease_whose_holder_died_can_be_taken_over() {
         host: "another-host".into(),
     };
     let me = LeaseHolder::for_this_process();
-    store.create(&ctx, &first_checkpoint(&ctx), &alive_elsewhere, TTL, NOW).unwrap();
+    store
+        .create(&ctx, &first_checkpoint(&ctx), &alive_elsewhere, TTL, NOW)
+        .unwrap();
     assert!(store.acquire_lease("s1", &me, TTL, NOW).is_err());
     // After expiry the lease is free.
     store.acquire_lease("s1", &me, TTL, NOW.plus(TTL)).unwrap();
@@ -130,7 +178,9 @@ fn a_lease_whose_holder_died_can_be_taken_over() {
         pid: u32::MAX - 1,
         host: this_host(),
     };
-    store.create(&ctx2, &first_checkpoint(&ctx2), &dead_here, TTL, NOW).unwrap();
+    store
+        .create(&ctx2, &first_checkpoint(&ctx2), &dead_here, TTL, NOW)
+        .unwrap();
     store.acquire_lease("s2", &me, TTL, NOW).unwrap();
 }
 
@@ -142,7 +192,9 @@ fn a_torn_write_leaves_the_previous_checkpoint_intact() {
     let holder = LeaseHolder::for_this_process();
     {
         let store = SqliteStore::open(&path).unwrap();
-        store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
+        store
+            .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
+            .unwrap();
     }
     {
         // A writer dies mid-transaction: the connection goes away uncommitted.
@@ -159,7 +211,10 @@ fn a_torn_write_leaves_the_previous_checkpoint_intact() {
     let store = SqliteStore::open(&path).unwrap();
     let loaded = store.load("s1").unwrap();
     assert_eq!(loaded.state.phase, ProvisionPhase::Validating(Validating));
-    assert_eq!(loaded.pending.map(|i| i.effect), Some(Effect::ValidateRequest));
+    assert_eq!(
+        loaded.pending.map(|i| i.effect),
+        Some(Effect::ValidateRequest)
+    );
     assert_eq!(store.summary("s1").unwrap().phase, PhaseKind::Validating);
     assert_eq!(store.events("s1").unwrap().len(), 3);
 }
@@ -171,7 +226,11 @@ fn the_database_file_is_private() {
     SqliteStore::open(&path).unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+    let dir_mode = std::fs::metadata(path.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(dir_mode, 0o700);
 }
 
@@ -179,9 +238,15 @@ fn the_database_file_is_private() {
 fn a_newer_schema_is_refused_with_advice() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
     let err = SqliteStore::open(&path).err().unwrap();
-    assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::NewerSchema { found: 99, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -190,7 +255,9 @@ fn duplicate_and_unknown_sessions_are_errors() {
     let store = new_store(&dir);
     let ctx = context("s1");
     let holder = LeaseHolder::for_this_process();
-    store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW).unwrap();
+    store
+        .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
+        .unwrap();
     assert!(matches!(
         store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW),
         Err(StoreError::AlreadyExists { .. })
