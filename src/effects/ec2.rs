@@ -271,6 +271,7 @@ pub async fn run_instance(
         if let Some(price) = request.spot.as_ref().and_then(|s| s.max_price.as_ref()) {
             spot = spot.max_price(price);
         }
+        call = call.tag_specifications(tag_spec(ResourceType::SpotInstancesRequest, &tags));
         call = call.instance_market_options(
             InstanceMarketOptionsRequest::builder()
                 .market_type(MarketType::Spot)

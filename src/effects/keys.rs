@@ -127,43 +127,25 @@ pub async fn ensure(
         return Input::KeyPairReady { key: handle(true) };
     }
     // Import mode can finish a run that wrote the file but crashed before the import.
-    if import && file_exists {
-        return match public_key_of(path) {
-            Ok(public) => match import_pair(ec2, ctx, created, key_name, public).await {
-                Ok(()) => Input::KeyPairReady { key: handle(true) },
-                Err(input) => input,
-            },
-            // An unreadable file is no use: fall through and start over.
-            Err(_) => {
-                start_over(
-                    ec2,
-                    ctx,
-                    created,
-                    Fresh {
-                        key_name,
-                        path,
-                        algorithm,
-                        import,
-                        pair_exists: exists,
-                    },
-                )
-                .await
-            }
+    let fresh = Fresh {
+        key_name,
+        path,
+        algorithm,
+        import,
+        pair_exists: exists,
+    };
+    // Import mode can finish a run that wrote the file but crashed before
+    // the import; an unreadable file is no use and is started over.
+    if import
+        && file_exists
+        && let Ok(public) = public_key_of(path)
+    {
+        return match import_pair(ec2, ctx, created, key_name, public).await {
+            Ok(()) => Input::KeyPairReady { key: handle(true) },
+            Err(input) => input,
         };
     }
-    start_over(
-        ec2,
-        ctx,
-        created,
-        Fresh {
-            key_name,
-            path,
-            algorithm,
-            import,
-            pair_exists: exists,
-        },
-    )
-    .await
+    start_over(ec2, ctx, created, fresh).await
 }
 
 /// What `start_over` creates, and whether a stale pair must go first.

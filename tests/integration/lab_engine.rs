@@ -327,15 +327,13 @@ async fn the_loopback_guard_stops_a_probe_of_the_fake_public_ip() {
     assert!(lab.live_instances_of(&session_id).is_empty());
 }
 
-#[tokio::test]
-async fn a_crash_after_run_instances_resumes_with_the_same_token_and_one_instance() {
-    let lab = Lab::start();
-    let harness = Harness::new();
-    // Effect #3 is RunInstances: crash after it ran, before its outcome was recorded.
+/// Provisions until the `nth` effect has run, then "dies" (kill -9 style:
+/// no cleanup, a lease of a dead process left behind); returns the session.
+async fn crash_after_effect(lab: &Lab, harness: &Harness, nth: u32) -> String {
     let crashing = harness
         .engine(lab.effects())
         .with_holder(dead_holder())
-        .with_crash(CrashPoint::AfterEffect, 3);
+        .with_crash(CrashPoint::AfterEffect, nth);
     let first = crashing
         .provision(request(&lab.target_yaml("")), &NoProgress)
         .await;
@@ -343,7 +341,15 @@ async fn a_crash_after_run_instances_resumes_with_the_same_token_and_one_instanc
         matches!(first, Err(EngineError::InjectedCrash { .. })),
         "{first:?}"
     );
-    let session_id = harness.store.list().unwrap()[0].session_id.clone();
+    harness.store.list().unwrap()[0].session_id.clone()
+}
+
+#[tokio::test]
+async fn a_crash_after_run_instances_resumes_with_the_same_token_and_one_instance() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    // Effect #3 is RunInstances: crash after it ran, before its outcome was recorded.
+    let session_id = crash_after_effect(&lab, &harness, 3).await;
     assert_eq!(lab.live_instances_of(&session_id).len(), 1);
 
     let report = harness
@@ -369,17 +375,8 @@ async fn a_crash_after_run_instances_resumes_with_the_same_token_and_one_instanc
 async fn a_crash_between_create_key_pair_and_the_key_file_is_repaired() {
     let lab = Lab::start();
     let harness = Harness::new();
-    let crashing = harness
-        .engine(lab.effects())
-        .with_holder(dead_holder())
-        .with_crash(CrashPoint::AfterEffect, 2);
-    assert!(
-        crashing
-            .provision(request(&lab.target_yaml("")), &NoProgress)
-            .await
-            .is_err()
-    );
-    let session_id = harness.store.list().unwrap()[0].session_id.clone();
+    // Effect #2 is EnsureKeyPair.
+    let session_id = crash_after_effect(&lab, &harness, 2).await;
     // Simulate the lost write: the pair exists in EC2, its private key file does not.
     let key_file = harness
         .dir
