@@ -407,8 +407,14 @@ impl<E: Effects> Engine<E> {
         }
         let message = match (&checkpoint.intent, &checkpoint.state.phase) {
             (Some(intent), _) => describe(&intent.effect),
-            (None, ProvisionPhase::Failed(f)) => format!("failed: {}", f.reason),
-            (None, phase) => phase.kind().to_string(),
+            (None, ProvisionPhase::Ready(r)) => {
+                format!(
+                    "{} answers SSH at {}",
+                    r.instance.instance_id, r.ssh_endpoint
+                )
+            }
+            (None, ProvisionPhase::Failed(f)) => format!("cleaned up after: {}", f.reason),
+            (None, _) => "instance and key pair removed".to_string(),
         };
         progress.progress(&ProvisionProgress {
             session_id,

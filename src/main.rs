@@ -112,11 +112,25 @@ fn default_state_db() -> Result<PathBuf> {
     Ok(dirs.data_dir().join("state.db"))
 }
 
+fn state_db_path(cli: &Cli) -> Result<PathBuf> {
+    match &cli.state_db {
+        Some(p) => Ok(p.clone()),
+        None => default_state_db(),
+    }
+}
+
+/// For commands that only read: a missing database means no sessions, and
+/// is not created just to be read.
+fn open_existing_store(cli: &Cli) -> Result<Option<Arc<SqliteStore>>> {
+    let path = state_db_path(cli)?;
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(open_store(cli)?.0))
+}
+
 fn open_store(cli: &Cli) -> Result<(Arc<SqliteStore>, String)> {
-    let path = match &cli.state_db {
-        Some(p) => p.clone(),
-        None => default_state_db()?,
-    };
+    let path = state_db_path(cli)?;
     let key_dir = match &cli.key_dir {
         Some(dir) => dir.clone(),
         None => path.parent().unwrap_or(Path::new(".")).join("keys"),
@@ -186,13 +200,12 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status { session, json } => {
-            let (store, _) = open_store(&cli)?;
-            let summary = match session {
-                Some(id) => store.summary(id)?,
-                None => store
-                    .list()?
-                    .pop()
-                    .context("no sessions yet; start one with `acode-ec2 provision`")?,
+            let no_sessions = "no sessions yet; start one with `acode-ec2 provision`";
+            let summary = match (open_existing_store(&cli)?, session) {
+                (Some(store), Some(id)) => store.summary(id)?,
+                (Some(store), None) => store.list()?.pop().context(no_sessions)?,
+                (None, Some(id)) => bail!("no session {id}: {no_sessions}"),
+                (None, None) => bail!(no_sessions),
             };
             if *json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -202,8 +215,10 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sessions { json } => {
-            let (store, _) = open_store(&cli)?;
-            let sessions = store.list()?;
+            let sessions = match open_existing_store(&cli)? {
+                Some(store) => store.list()?,
+                None => Vec::new(),
+            };
             if *json {
                 println!("{}", serde_json::to_string_pretty(&sessions)?);
             } else if sessions.is_empty() {

@@ -34,14 +34,17 @@ CREATE TABLE sessions (
     lease_host      TEXT,
     lease_expires_ms INTEGER
 ) STRICT;
+-- A rowid table: appends split pages cheaply (SQLite's balance_quick), so a
+-- checkpoint usually dirties one table page and one small index page.
 CREATE TABLE events (
+    id          INTEGER PRIMARY KEY,
     session_id  TEXT NOT NULL REFERENCES sessions(session_id),
     seq         INTEGER NOT NULL,
     at_ms       INTEGER NOT NULL,
     kind        TEXT NOT NULL CHECK (kind IN ('created', 'outcome', 'transition', 'intent')),
     body_json   TEXT NOT NULL,
-    PRIMARY KEY (session_id, seq)
-) STRICT, WITHOUT ROWID;
+    UNIQUE (session_id, seq)
+) STRICT;
 "#];
 
 pub struct SqliteStore {
@@ -140,16 +143,17 @@ fn append(
     entry: &LogEntry,
 ) -> Result<(), StoreError> {
     *seq += 1;
-    tx.execute(
+    // Cached statements: preparing one costs about as much as running it.
+    tx.prepare_cached(
         "INSERT INTO events (session_id, seq, at_ms, kind, body_json) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            session_id,
-            *seq,
-            now.0 as i64,
-            kind_of(entry),
-            to_json(entry)
-        ],
-    )?;
+    )?
+    .execute(params![
+        session_id,
+        *seq,
+        now.0 as i64,
+        kind_of(entry),
+        to_json(entry)
+    ])?;
     Ok(())
 }
 
@@ -167,11 +171,9 @@ fn write_checkpoint(
     checkpoint: &Checkpoint,
     now: Timestamp,
 ) -> Result<i64, StoreError> {
-    let mut seq: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1",
-        [session_id],
-        |r| r.get(0),
-    )?;
+    let mut seq: i64 = tx
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1")?
+        .query_row([session_id], |r| r.get(0))?;
     if let Some(input) = &checkpoint.outcome {
         append(
             tx,
@@ -208,14 +210,14 @@ fn write_checkpoint(
     // phases stop carrying them, so `status` still shows what existed. The
     // row is only written when what it shows changes: a poll that changes
     // nothing costs one page (the log's), not two.
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE sessions SET updated_at_ms = ?2, phase = ?3, detail = ?4,
              instance_id = COALESCE(?5, instance_id), public_ip = COALESCE(?6, public_ip),
              key_path = COALESCE(?7, key_path), was_spot = (was_spot OR ?8)
          WHERE session_id = ?1 AND (phase IS NOT ?3 OR detail IS NOT ?4
              OR (?5 IS NOT NULL AND instance_id IS NOT ?5) OR (?6 IS NOT NULL AND public_ip IS NOT ?6)
-             OR (?7 IS NOT NULL AND key_path IS NOT ?7) OR (?8 AND NOT was_spot))",
-        params![
+             OR (?7 IS NOT NULL AND key_path IS NOT ?7) OR (?8 AND NOT was_spot))")?
+    .execute(params![
             session_id,
             now.0 as i64,
             phase.kind().name(),
@@ -224,8 +226,7 @@ fn write_checkpoint(
             phase.public_ip(),
             phase.key().and_then(|k| k.private_key_path.clone()),
             phase.was_spot(),
-        ],
-    )?;
+        ])?;
     Ok(seq)
 }
 
@@ -300,11 +301,8 @@ fn require_own_lease(
     holder: &LeaseHolder,
 ) -> Result<(), StoreError> {
     let owner: Option<Option<String>> = tx
-        .query_row(
-            "SELECT lease_owner FROM sessions WHERE session_id = ?1",
-            [session_id],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT lease_owner FROM sessions WHERE session_id = ?1")?
+        .query_row([session_id], |r| r.get(0))
         .optional()?;
     match owner {
         None => Err(StoreError::NotFound(session_id.to_string())),

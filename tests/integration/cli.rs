@@ -94,6 +94,23 @@ fn without_a_loopback_endpoint_the_guard_refuses_to_build_a_client() {
 }
 
 #[test]
+fn reading_commands_do_not_create_a_state_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("never.db");
+    let out = cli(&db, None, &["sessions", "--json"]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), "[]");
+    let out = cli(&db, None, &["status"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no sessions yet"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!db.exists());
+}
+
+#[test]
 fn diagram_prints_the_checked_in_files() {
     let dir = tempfile::tempdir().unwrap();
     for (format, file) in [("mermaid", "provision.mmd"), ("dot", "provision.dot")] {
