@@ -222,6 +222,13 @@ impl<E: Effects> Engine<E> {
             let now = effects::now();
             self.store
                 .acquire_lease(session_id, &self.holder, self.options.lease_ttl, now)?;
+            // Held through the pre-steps below too, not only while driving.
+            let _renewal = LeaseRenewal::start(
+                Arc::clone(&self.store),
+                session_id,
+                &self.holder,
+                self.options.lease_ttl,
+            );
             let mut loaded = self.store.load(session_id)?;
             let kind = loaded.state.phase.kind();
             if kind.is_terminal() {
@@ -316,6 +323,25 @@ impl<E: Effects> Engine<E> {
     }
 
     async fn drive(
+        &self,
+        session: LoadedSession,
+        progress: &dyn ProgressSink,
+    ) -> Result<SessionState, EngineError> {
+        let session_id = session.context.session_id.clone();
+        let result = self.drive_to_end(session, progress).await;
+        if let Err(e) = &result
+            && !matches!(e, EngineError::InjectedCrash { .. })
+        {
+            // Let another driver (or a retry) take over at once; best effort,
+            // a lease of a process that died expires anyway.
+            if let Err(release) = self.store.release_lease(&session_id, &self.holder) {
+                warn!(%session_id, error = %release, "could not release the lease after an error");
+            }
+        }
+        result
+    }
+
+    async fn drive_to_end(
         &self,
         mut session: LoadedSession,
         progress: &dyn ProgressSink,
@@ -514,7 +540,12 @@ pub fn describe(effect: &Effect) -> String {
             format!("reading SSH host keys from {instance_id}'s console")
         }
         Effect::ProbeSsh { endpoint, .. } => format!("checking SSH at {endpoint}"),
-        Effect::TerminateInstance { instance_id } => format!("terminating {instance_id}"),
+        Effect::TerminateInstance {
+            instance_id: Some(id),
+        } => format!("terminating {id}"),
+        Effect::TerminateInstance { instance_id: None } => {
+            "terminating any instance tagged with this session".into()
+        }
         Effect::DeleteKeyPair { key_name, .. } => format!("deleting key pair {key_name}"),
     }
 }
@@ -534,10 +565,16 @@ impl LeaseRenewal {
         LeaseRenewal(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(e) = store.renew_lease(&session_id, &holder, ttl, effects::now()) {
-                    // The next commit is fenced by the lease and will stop the driver.
-                    warn!(%session_id, error = %e, "lease renewal failed");
-                    return;
+                match store.renew_lease(&session_id, &holder, ttl, effects::now()) {
+                    Ok(()) => {}
+                    // Another driver owns the session now; our next commit is
+                    // refused (commits are fenced by the lease) and we stop.
+                    Err(e @ StoreError::LeaseLost(_)) => {
+                        warn!(%session_id, error = %e, "lease lost");
+                        return;
+                    }
+                    // A busy or failing database may recover before the lease expires.
+                    Err(e) => warn!(%session_id, error = %e, "lease renewal failed; retrying"),
                 }
             }
         }))

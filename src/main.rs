@@ -17,8 +17,9 @@ use acode_ec2::net_guard::ConnectGuard;
 use acode_ec2::store::{CheckpointStore, SessionSummary, SqliteStore};
 
 /// Provision EC2 instances for coding-agent sessions: each session ends with
-/// a Ready instance whose SSH host key was verified, or with nothing left
-/// behind. Every step is checkpointed, so an interrupted session can be
+/// a Ready instance that accepted an SSH login, its host key checked against
+/// the instance console or pinned fingerprints (unless the config says
+/// insecure-accept-any), or with nothing left behind. Every step is checkpointed, so an interrupted session can be
 /// resumed or cleaned up with `recover`.
 ///
 /// Region, credentials and endpoint come from the AWS SDK's standard chain

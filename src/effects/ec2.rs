@@ -361,9 +361,11 @@ pub async fn read_console_host_keys(ec2: &Client, instance_id: &str) -> Input {
 }
 
 /// Terminates the instance, and any other live instance tagged with this
-/// session (a second line of defence against a launch the log missed).
-pub async fn terminate(ec2: &Client, ctx: &SessionContext, instance_id: &str) -> Input {
-    let mut ids = vec![instance_id.to_string()];
+/// session: all of them when the id is unknown (a launch whose answer was
+/// lost), and a second line of defence otherwise. Tags are set at creation,
+/// so a launched instance always carries them.
+pub async fn terminate(ec2: &Client, ctx: &SessionContext, instance_id: Option<&str>) -> Input {
+    let mut ids: Vec<String> = instance_id.map(str::to_string).into_iter().collect();
     let tagged = ec2
         .describe_instances()
         .filters(

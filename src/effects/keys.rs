@@ -35,25 +35,36 @@ fn file_failure(what: &str, path: &str, err: std::io::Error) -> Input {
 
 /// Writes a private key to a new file readable only by its owner.
 pub fn write_private_key(path: &str, pem: &Zeroizing<String>) -> std::io::Result<()> {
-    if let Some(dir) = Path::new(path)
+    let target = Path::new(path);
+    if target.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "refusing to overwrite an existing key file",
+        ));
+    }
+    let dir = target
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
+        .unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // Write aside, then rename: a crash leaves either no key file or a whole one.
+    let partial = format!("{path}.partial");
+    remove_file_if_present(&partial)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)?;
+        .open(&partial)?;
     file.write_all(pem.as_bytes())?;
     if !pem.ends_with('\n') {
         file.write_all(b"\n")?;
     }
-    file.sync_all()
+    file.sync_all()?;
+    std::fs::rename(&partial, target)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn remove_file_if_present(path: &str) -> std::io::Result<()> {
@@ -122,7 +133,8 @@ pub async fn ensure(
             message: "an owned key pair needs a key file path".into(),
         };
     };
-    let file_exists = Path::new(path).exists();
+    // A key file counts only if it holds a loadable key.
+    let file_exists = Path::new(path).exists() && russh::keys::load_secret_key(path, None).is_ok();
     if exists && file_exists {
         return Input::KeyPairReady { key: handle(true) };
     }

@@ -10,10 +10,11 @@ pub mod keys;
 pub mod ssh;
 
 use std::future::Future;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
 
 use crate::machine::{Effect, Input, SessionContext, Timestamp};
 use crate::net_guard::{ConnectGuard, GuardError};
@@ -56,8 +57,16 @@ impl AwsEffects {
     /// retries for throttling and 5xx, after the loopback guard agrees.
     pub async fn from_environment(guard: ConnectGuard) -> Result<AwsEffects, GuardError> {
         guard.check_aws_environment()?;
+        // Bounded calls: an effect must finish well within the session lease
+        // (30 s), so a hung connection cannot hold a session forever.
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_secs(8))
+            .operation_timeout(Duration::from_secs(20))
+            .build();
         let config = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::standard().with_max_attempts(4))
+            .timeout_config(timeouts)
             .load()
             .await;
         Ok(AwsEffects::new(aws_sdk_ec2::Client::new(&config), guard))
@@ -115,7 +124,7 @@ impl Effects for AwsEffects {
                 .await
             }
             Effect::TerminateInstance { instance_id } => {
-                ec2::terminate(ec2, ctx, instance_id).await
+                ec2::terminate(ec2, ctx, instance_id.as_deref()).await
             }
             Effect::DeleteKeyPair {
                 key_name,

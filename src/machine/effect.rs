@@ -45,9 +45,11 @@ pub enum Effect {
         /// `None` only under the insecure accept-any policy.
         trusted: Option<ConsoleFingerprints>,
     },
-    /// TerminateInstances; NotFound counts as done.
+    /// TerminateInstances on the instance, and on any other live instance
+    /// tagged with the session (all of them when the id is unknown);
+    /// NotFound counts as done.
     TerminateInstance {
-        instance_id: String,
+        instance_id: Option<String>,
     },
     /// DeleteKeyPair and remove the private key file; NotFound counts as done.
     DeleteKeyPair {

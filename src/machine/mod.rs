@@ -129,7 +129,10 @@ pub enum MachineError {
          (or a teardown of a session that is already cleaning up: resume it instead)"
     )]
     InputNotAllowed { phase: PhaseKind, input: InputKind },
-    #[error("step {from} --{input}--> {to} is not in the transition table; please report this bug")]
+    #[error(
+        "step {from} --{input}--> {to} is not in the transition table: a bug, please report it; \
+         the session stays resumable, and `acode-ec2 teardown SESSION` removes what it created"
+    )]
     OffTable {
         from: PhaseKind,
         input: InputKind,
@@ -305,21 +308,32 @@ fn launch_attempt(
 
 /// Where a session goes to clean up: terminate first, then delete the key
 /// pair it owns, then the terminal phase the cause asks for.
-fn cleanup(
-    instance_id: Option<String>,
-    key: Option<KeyPairHandle>,
-    cause: CleanupCause,
-) -> ProvisionPhase {
+fn cleanup(launched: Launched, key: Option<KeyPairHandle>, cause: CleanupCause) -> ProvisionPhase {
     let owned_key = key.filter(|k| k.owned);
-    match (instance_id, owned_key) {
-        (Some(instance_id), key) => ProvisionPhase::TerminatingInstance(TerminatingInstance {
+    let terminate = |instance_id| {
+        ProvisionPhase::TerminatingInstance(TerminatingInstance {
             instance_id,
-            key,
-            cause,
-        }),
-        (None, Some(key)) => ProvisionPhase::DeletingKeyPair(DeletingKeyPair { key, cause }),
-        (None, None) => finished(cause),
+            key: owned_key.clone(),
+            cause: cause.clone(),
+        })
+    };
+    match launched {
+        Launched::Known(id) => terminate(Some(id)),
+        Launched::Unknown => terminate(None),
+        Launched::Nothing => match owned_key {
+            Some(key) => ProvisionPhase::DeletingKeyPair(DeletingKeyPair { key, cause }),
+            None => finished(cause),
+        },
     }
+}
+
+/// What cleanup must terminate.
+enum Launched {
+    Known(String),
+    /// A RunInstances may have succeeded without us hearing the answer.
+    Unknown,
+    /// Every launch attempt was answered and none made an instance.
+    Nothing,
 }
 
 fn finished(cause: CleanupCause) -> ProvisionPhase {
@@ -350,7 +364,13 @@ fn cleanup_from(
         ProvisionPhase::PreparingKeyPair(_) => Some(ctx.planned_key()),
         other => other.key().cloned(),
     };
-    cleanup(phase.instance_id().map(str::to_string), key, cause)
+    let launched = match phase {
+        ProvisionPhase::RequestingSpot(_) | ProvisionPhase::Launching(_) => Launched::Unknown,
+        other => other
+            .instance_id()
+            .map_or(Launched::Nothing, |id| Launched::Known(id.to_string())),
+    };
+    cleanup(launched, key, cause)
 }
 
 /// The next state for an input the table accepts; `None` if no rule covers it
@@ -466,7 +486,11 @@ fn decide(
             let reason = format!(
                 "no spot capacity in any subnet and fallback is off; last: {code}: {message}"
             );
-            Decision::go(cleanup(None, Some(launch.key.clone()), failure(reason)))
+            Decision::go(cleanup(
+                Launched::Nothing,
+                Some(launch.key.clone()),
+                failure(reason),
+            ))
         }
 
         (
@@ -482,7 +506,11 @@ fn decide(
                 })));
             }
             let reason = format!("no on-demand capacity in any subnet; last: {code}: {message}");
-            Decision::go(cleanup(None, Some(launch.key.clone()), failure(reason)))
+            Decision::go(cleanup(
+                Launched::Nothing,
+                Some(launch.key.clone()),
+                failure(reason),
+            ))
         }
 
         (
@@ -571,7 +599,7 @@ fn decide(
         }
 
         (ProvisionPhase::TerminatingInstance(p), Input::InstanceTerminated) => {
-            Decision::go(cleanup(None, p.key.clone(), p.cause.clone()))
+            Decision::go(cleanup(Launched::Nothing, p.key.clone(), p.cause.clone()))
         }
         (ProvisionPhase::DeletingKeyPair(p), Input::KeyPairDeleted) => {
             Decision::go(finished(p.cause.clone()))

@@ -103,7 +103,9 @@ pub enum CleanupCause {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TerminatingInstance {
-    pub instance_id: String,
+    /// `None`: a launch may have made an instance whose id was never
+    /// answered; the terminate effect finds it by the session tag.
+    pub instance_id: Option<String>,
     pub key: Option<KeyPairHandle>,
     pub cause: CleanupCause,
 }
@@ -259,7 +261,7 @@ impl ProvisionPhase {
 
     pub fn instance_id(&self) -> Option<&str> {
         match self {
-            ProvisionPhase::TerminatingInstance(p) => Some(&p.instance_id),
+            ProvisionPhase::TerminatingInstance(p) => p.instance_id.as_deref(),
             other => other.instance().map(|i| i.instance_id.as_str()),
         }
     }

@@ -58,25 +58,28 @@ pub const TRANSITIONS: &[Transition] = &[
         P::DeletingKeyPair,
     ),
     t(P::RequestingSpot, I::CapacityUnavailable, P::Failed),
-    t(P::RequestingSpot, I::Rejected, P::DeletingKeyPair),
-    t(P::RequestingSpot, I::Rejected, P::Failed),
+    // An unanswered launch may have made an instance: cleanup sweeps by tag.
+    t(P::RequestingSpot, I::Rejected, P::TerminatingInstance),
     t(P::RequestingSpot, I::TransientFailure, P::RequestingSpot),
-    t(P::RequestingSpot, I::TransientFailure, P::DeletingKeyPair),
-    t(P::RequestingSpot, I::TransientFailure, P::Failed),
-    t(P::RequestingSpot, I::TeardownRequested, P::DeletingKeyPair),
-    t(P::RequestingSpot, I::TeardownRequested, P::TornDown),
+    t(
+        P::RequestingSpot,
+        I::TransientFailure,
+        P::TerminatingInstance,
+    ),
+    t(
+        P::RequestingSpot,
+        I::TeardownRequested,
+        P::TerminatingInstance,
+    ),
     //
     t(P::Launching, I::Launched, P::WaitingForRunning),
     t(P::Launching, I::CapacityUnavailable, P::Launching),
     t(P::Launching, I::CapacityUnavailable, P::DeletingKeyPair),
     t(P::Launching, I::CapacityUnavailable, P::Failed),
-    t(P::Launching, I::Rejected, P::DeletingKeyPair),
-    t(P::Launching, I::Rejected, P::Failed),
+    t(P::Launching, I::Rejected, P::TerminatingInstance),
     t(P::Launching, I::TransientFailure, P::Launching),
-    t(P::Launching, I::TransientFailure, P::DeletingKeyPair),
-    t(P::Launching, I::TransientFailure, P::Failed),
-    t(P::Launching, I::TeardownRequested, P::DeletingKeyPair),
-    t(P::Launching, I::TeardownRequested, P::TornDown),
+    t(P::Launching, I::TransientFailure, P::TerminatingInstance),
+    t(P::Launching, I::TeardownRequested, P::TerminatingInstance),
     //
     t(
         P::WaitingForRunning,
@@ -99,6 +102,12 @@ pub const TRANSITIONS: &[Transition] = &[
         P::TerminatingInstance,
     ),
     t(P::WaitingForRunning, I::InstanceRunning, P::WaitingForSsh),
+    // Running but unreachable: no public IP and no endpoint override.
+    t(
+        P::WaitingForRunning,
+        I::InstanceRunning,
+        P::TerminatingInstance,
+    ),
     t(
         P::WaitingForRunning,
         I::InstanceGone,

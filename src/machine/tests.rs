@@ -125,7 +125,7 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     }));
     for cause in [CleanupCause::Failure("x".into()), CleanupCause::Teardown] {
         all.push(ProvisionPhase::TerminatingInstance(TerminatingInstance {
-            instance_id: "i-0123".into(),
+            instance_id: Some("i-0123".into()),
             key: Some(ctx.planned_key()),
             cause: cause.clone(),
         }));
@@ -227,8 +227,14 @@ fn every_table_row_is_exercised_and_nothing_else_happens() {
                     transient_failures: failures,
                 };
                 for now in [T0, T0.plus(Duration::from_secs(3600))] {
-                    for kind in ALL_INPUTS {
-                        match step(&ctx, &state, sample_input(kind), now) {
+                    // Every input kind, plus a running instance without a public IP.
+                    let no_ip = Input::InstanceRunning {
+                        public_ip: None,
+                        private_ip: Some("10.0.0.5".into()),
+                    };
+                    for input in ALL_INPUTS.map(sample_input).into_iter().chain([no_ip]) {
+                        let kind = input.kind();
+                        match step(&ctx, &state, input, now) {
                             Ok(out) => {
                                 let row = (phase.kind(), kind, out.state.phase.kind());
                                 assert!(table::contains(row.0, row.1, row.2), "{row:?}");
@@ -324,7 +330,7 @@ fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
     assert_eq!(
         s.effect,
         Some(Effect::TerminateInstance {
-            instance_id: "i-0123".into()
+            instance_id: Some("i-0123".into())
         })
     );
 }
@@ -376,7 +382,7 @@ fn transient_failures_back_off_then_clean_up() {
 fn cleanup_never_gives_up_on_its_own() {
     let ctx = ctx(shapes()[0]);
     let mut state = SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
-        instance_id: "i-1".into(),
+        instance_id: Some("i-1".into()),
         key: None,
         cause: CleanupCause::Teardown,
     }));
@@ -404,7 +410,8 @@ fn refused_input_reports_phase_and_input() {
 /// What the world has left behind so far, tracked from the effects' answers.
 #[derive(Debug, Default)]
 struct World {
-    instance_alive: bool,
+    /// Tokens whose RunInstances made an instance that is still alive.
+    launched_tokens: BTreeSet<String>,
     key_may_exist: bool,
 }
 
@@ -472,10 +479,24 @@ proptest! {
                     cleanup_failures_in_a_row = 0;
                 }
             }
+            // EC2's token rule: a token that made an instance always answers with it.
+            if let Effect::RunInstance { client_token, .. } = &effect
+                && world.launched_tokens.contains(client_token.as_str())
+                && kind != InputKind::TransientFailure
+            {
+                kind = InputKind::Launched;
+            }
             match (&effect, kind) {
                 (Effect::EnsureKeyPair { .. }, _) if ctx.request.key_pair.is_owned() => world.key_may_exist = true,
-                (Effect::RunInstance { .. }, InputKind::Launched) => world.instance_alive = true,
-                (Effect::TerminateInstance { .. }, InputKind::InstanceTerminated) => world.instance_alive = false,
+                (Effect::RunInstance { client_token, .. }, InputKind::Launched) => {
+                    world.launched_tokens.insert(client_token.to_string());
+                }
+                // A lost answer: the instance may have been made after all.
+                (Effect::RunInstance { client_token, .. }, InputKind::TransientFailure) if advance % 2 == 0 => {
+                    world.launched_tokens.insert(client_token.to_string());
+                }
+                // Terminate also sweeps every instance tagged with the session.
+                (Effect::TerminateInstance { .. }, InputKind::InstanceTerminated) => world.launched_tokens.clear(),
                 (Effect::DeleteKeyPair { .. }, InputKind::KeyPairDeleted) => world.key_may_exist = false,
                 _ => {}
             }
@@ -487,16 +508,16 @@ proptest! {
             current = next;
             steps += 1;
             if current.state.phase.kind() == PhaseKind::Ready && teardown_when_ready {
-                prop_assert!(world.instance_alive, "Ready without a live instance");
+                prop_assert_eq!(world.launched_tokens.len(), 1, "Ready needs exactly one live instance");
                 current = step(&ctx, &current.state, Input::TeardownRequested, now).unwrap();
             }
         }
         let end = current.state.phase.kind();
         prop_assert!(end.is_settled(), "not settled after {steps} steps: {end}");
         match end {
-            PhaseKind::Ready => prop_assert!(world.instance_alive),
+            PhaseKind::Ready => prop_assert_eq!(world.launched_tokens.len(), 1),
             _ => {
-                prop_assert!(!world.instance_alive, "{end} left an instance running");
+                prop_assert!(world.launched_tokens.is_empty(), "{end} left an instance running");
                 prop_assert!(!world.key_may_exist, "{end} left a key pair behind");
             }
         }

@@ -98,10 +98,21 @@ impl LeaseHolder {
     }
 }
 
+/// This machine and PID namespace: hostname, boot id and PID namespace, so
+/// "same host, process gone" is only concluded where a PID means the same
+/// process (two containers may share a hostname but not their PIDs).
 pub fn this_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown-host".into())
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    let hostname = read("/proc/sys/kernel/hostname").unwrap_or_else(|| "unknown-host".into());
+    let boot = read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{hostname} boot={boot} {pid_ns}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +153,9 @@ pub enum StoreError {
     )]
     LeaseLost(String),
     #[error(
-        "session {session_id} has an unreadable event log ({detail}); it was written by an incompatible version or damaged"
+        "session {session_id} has an unreadable event log ({detail}); it was written by an incompatible \
+         version or damaged: use the acode-ec2 that wrote it, or remove its resources by the tag \
+         acode-session-id={session_id}"
     )]
     Corrupt { session_id: String, detail: String },
 }

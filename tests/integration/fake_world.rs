@@ -97,8 +97,10 @@ impl Effects for FakeWorld {
                 host_key_fingerprint: "SHA256:fake".into(),
             },
             Effect::TerminateInstance { instance_id } => {
+                // Like the real effect: the known id, and everything tagged
+                // with the session (here: everything).
                 for (id, gone) in world.instances.values_mut() {
-                    if id == instance_id {
+                    if instance_id.is_none() || instance_id.as_deref() == Some(id.as_str()) {
                         *gone = true;
                     }
                 }

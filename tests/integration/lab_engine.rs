@@ -24,13 +24,25 @@ async fn key_pair_exists(lab: &Lab, name: &str) -> bool {
     out.key_pairs().iter().any(|k| k.key_name() == Some(name))
 }
 
+/// No private key in the database: its file, its WAL, and the log as read back.
 fn assert_no_secrets_in(harness: &Harness) {
-    let bytes = std::fs::read(harness.dir.path().join("state.db")).unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes);
+    let db = harness.dir.path().join("state.db");
+    let mut bytes = std::fs::read(&db).expect("state.db exists");
+    bytes.extend(std::fs::read(db.with_extension("db-wal")).unwrap_or_default());
+    assert!(bytes.len() > 4096, "nothing to scan");
     assert!(
-        !text.contains("PRIVATE KEY"),
-        "private key material reached the database"
+        !String::from_utf8_lossy(&bytes).contains("PRIVATE KEY"),
+        "private key material on disk"
     );
+    for session in harness.store.list().unwrap() {
+        for event in harness.store.events(&session.session_id).unwrap() {
+            let text = format!("{:?}", event.entry);
+            assert!(
+                !text.contains("PRIVATE KEY") && !text.contains("BEGIN OPENSSH"),
+                "{text}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -279,7 +291,9 @@ async fn throttling_and_an_invisible_new_instance_are_retried() {
     lab.fault(
         json!({"action": "DescribeInstances", "code": "InvalidInstanceID.NotFound", "count": 2}),
     );
-    lab.fault(json!({"action": "RunInstances", "code": "RequestLimitExceeded", "count": 2}));
+    // More throttles than the SDK's 4 attempts absorb: the machine's own
+    // backoff has to carry the session through.
+    lab.fault(json!({"action": "RunInstances", "code": "RequestLimitExceeded", "count": 5}));
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
     let ready = engine
@@ -287,7 +301,21 @@ async fn throttling_and_an_invisible_new_instance_are_retried() {
         .await
         .expect("Ready");
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
-    assert!(lab.count("RunInstances") >= 3, "{:?}", lab.counters());
+    assert!(lab.count("RunInstances") >= 6, "{:?}", lab.counters());
+    let retried = harness
+        .store
+        .events(&ready.session_id)
+        .unwrap()
+        .into_iter()
+        .any(|e| {
+            matches!(
+                e.entry,
+                acode_ec2::store::LogEntry::Outcome {
+                    input: Input::TransientFailure { .. }
+                }
+            )
+        });
+    assert!(retried, "the machine never saw the throttling");
 }
 
 #[tokio::test]
@@ -452,4 +480,28 @@ async fn every_effect_run_twice_has_the_same_outcome() {
     let mismatches = twice.1.lock().unwrap().clone();
     assert!(mismatches.is_empty(), "{mismatches:#?}");
     assert!(lab.live_instances_of(&ready.session_id).is_empty());
+}
+
+#[tokio::test]
+async fn teardown_finds_an_instance_whose_launch_answer_was_lost() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    // RunInstances ran (effect #3) and the process died before recording it.
+    let session_id = crash_after_effect(&lab, &harness, 3).await;
+    assert_eq!(lab.live_instances_of(&session_id).len(), 1);
+    // From now on every RunInstances answer is lost after EC2 acted on it.
+    lab.fault(
+        json!({"action": "RunInstances", "code": "InternalError", "count": 50, "when": "after"}),
+    );
+
+    let end = harness
+        .engine(lab.effects())
+        .teardown(&session_id, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(end, PhaseKind::TornDown);
+    assert!(
+        lab.live_instances_of(&session_id).is_empty(),
+        "the instance whose id was never recorded is still running"
+    );
 }
