@@ -56,9 +56,26 @@ pub enum EngineError {
     ProvisionFailed { session_id: String, reason: String },
     #[error("session {session_id} was torn down before it became ready")]
     TornDown { session_id: String },
+    #[error(
+        "session {session_id} could not finish {phase} after {failures} tries (last: {last_error}); \
+         it is still tracked: fix the cause (credentials, permissions, network), then run \
+         `acode-ec2 recover` or `acode-ec2 teardown {session_id}`"
+    )]
+    CleanupStalled {
+        session_id: String,
+        phase: PhaseKind,
+        failures: u32,
+        last_error: String,
+    },
     #[error("injected crash at {point:?} (test hook)")]
     InjectedCrash { point: CrashPoint },
 }
+
+/// Consecutive failures of one cleanup step (about two minutes of backoff)
+/// after which the driver stops and says why, instead of retrying silently
+/// forever. The machine itself never gives up on cleanup: `recover` or
+/// `teardown` carries on from the same checkpoint.
+pub const CLEANUP_PATIENCE: u32 = 8;
 
 /// A session that reached Ready.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -230,6 +247,10 @@ impl<E: Effects> Engine<E> {
                 self.options.lease_ttl,
             );
             let mut loaded = self.store.load(session_id)?;
+            // An explicit teardown acts now, not after a recorded backoff.
+            if let Some(intent) = loaded.pending.as_mut() {
+                intent.not_before = None;
+            }
             let kind = loaded.state.phase.kind();
             if kind.is_terminal() {
                 self.store.release_lease(session_id, &self.holder)?;
@@ -368,8 +389,23 @@ impl<E: Effects> Engine<E> {
                 .run(&session.context, session.created_at, &intent.effect)
                 .await;
             self.crash_point(CrashPoint::AfterEffect)?;
+            let last_error = match &input {
+                Input::TransientFailure { message } => Some(message.clone()),
+                _ => None,
+            };
             session = self.record(session, input, progress, started)?;
             self.crash_point(CrashPoint::AfterOutcomeCommit)?;
+            let (phase, failures) = (session.state.phase.kind(), session.state.transient_failures);
+            if let Some(last_error) =
+                last_error.filter(|_| phase.is_cleanup() && failures >= CLEANUP_PATIENCE)
+            {
+                return Err(EngineError::CleanupStalled {
+                    session_id: session.context.session_id.clone(),
+                    phase,
+                    failures,
+                    last_error,
+                });
+            }
         }
         drop(_renewal);
         self.store.release_lease(&session_id, &self.holder)?;

@@ -170,3 +170,91 @@ async fn a_live_driver_blocks_a_second_one() {
         "recover must leave a live driver's session alone"
     );
 }
+
+/// A cleanup step that fails on every try: the driver stops with advice
+/// after `CLEANUP_PATIENCE` failures, and the session stays recoverable.
+/// (The session is written one failure short of the limit, so the test does
+/// not sit through minutes of backoff.)
+#[tokio::test]
+async fn a_cleanup_that_keeps_failing_stops_with_advice_and_stays_recoverable() {
+    use acode_ec2::driver::CLEANUP_PATIENCE;
+    use acode_ec2::machine::{
+        CleanupCause, ProvisionPhase, SessionContext, SessionState, TerminatingInstance,
+    };
+    use acode_ec2::store::{Checkpoint, Intent};
+
+    let harness = Harness::new();
+    let world = Arc::new(FakeWorld::default());
+    let ready = harness
+        .engine(world.clone())
+        .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
+        .await
+        .unwrap();
+    let context = SessionContext {
+        session_id: "stalled-cleanup".into(),
+        request: request(SPOT_WITH_FALLBACK),
+        key_dir: harness.key_dir(),
+    };
+    let terminating = ProvisionPhase::TerminatingInstance(TerminatingInstance {
+        instance_id: Some(ready.instance_id.clone()),
+        key: None,
+        cause: CleanupCause::Teardown,
+    });
+    let checkpoint = Checkpoint {
+        outcome: None,
+        state: SessionState {
+            phase: terminating.clone(),
+            transient_failures: CLEANUP_PATIENCE - 1,
+        },
+        intent: acode_ec2::machine::effect_for(&context, &terminating).map(|effect| Intent {
+            effect,
+            not_before: None,
+        }),
+    };
+    let now = acode_ec2::effects::now();
+    harness
+        .store
+        .create(
+            &context,
+            &checkpoint,
+            &dead_holder(),
+            std::time::Duration::from_secs(30),
+            now,
+        )
+        .unwrap();
+    world.state.lock().unwrap().terminate_refused = true;
+
+    let err = harness
+        .engine(world.clone())
+        .teardown("stalled-cleanup", &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::CleanupStalled { failures, .. } if failures == CLEANUP_PATIENCE),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("UnauthorizedOperation") && message.contains("acode-ec2 recover"),
+        "{message}"
+    );
+    assert_eq!(
+        harness.store.summary("stalled-cleanup").unwrap().phase,
+        PhaseKind::TerminatingInstance
+    );
+    assert_eq!(
+        world.live_instances().len(),
+        1,
+        "nothing was terminated yet"
+    );
+
+    // Once the cause is fixed, another driver (the lease was released) finishes it.
+    world.state.lock().unwrap().terminate_refused = false;
+    let end = harness
+        .engine(world.clone())
+        .teardown("stalled-cleanup", &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(end, PhaseKind::TornDown);
+    assert!(world.live_instances().is_empty());
+}

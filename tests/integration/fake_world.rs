@@ -18,6 +18,8 @@ pub struct WorldState {
     pub key_pairs: BTreeMap<String, ()>,
     pub run_instance_tokens: Vec<String>,
     pub calls: Vec<&'static str>,
+    /// While set, TerminateInstances fails as a missing permission would.
+    pub terminate_refused: bool,
 }
 
 #[derive(Default)]
@@ -96,6 +98,11 @@ impl Effects for FakeWorld {
             Effect::ProbeSsh { .. } => Input::SshReady {
                 host_key_fingerprint: "SHA256:fake".into(),
             },
+            Effect::TerminateInstance { .. } if world.terminate_refused => {
+                Input::TransientFailure {
+                    message: "UnauthorizedOperation: not allowed to terminate".into(),
+                }
+            }
             Effect::TerminateInstance { instance_id } => {
                 // Like the real effect: the known id, and everything tagged
                 // with the session (here: everything).
