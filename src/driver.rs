@@ -181,6 +181,7 @@ impl<E: Effects> Engine<E> {
             };
             self.store
                 .create(&ctx, &checkpoint, &self.holder, self.options.lease_ttl, now)?;
+            let renewal = self.hold_lease(&session_id);
             info!(instance_type = %ctx.request.instance_type, "provisioning started");
             self.emit(ProvisionEvent::ProvisionStarted {
                 session_id: session_id.clone(),
@@ -194,7 +195,7 @@ impl<E: Effects> Engine<E> {
                 pending: checkpoint.intent,
                 created_at: now,
             };
-            let end = self.drive(loaded, progress).await?;
+            let end = self.drive(loaded, renewal, progress).await?;
             ready_or_error(&session_id, end)
         }
         .instrument(span)
@@ -218,10 +219,10 @@ impl<E: Effects> Engine<E> {
     ) -> Result<SessionState, EngineError> {
         let span = tracing::info_span!("session", session_id = %session_id);
         async {
-            self.store.acquire_lease(session_id, &self.holder, self.options.lease_ttl, effects::now())?;
+            let renewal = self.take_lease(session_id)?;
             let loaded = self.store.load(session_id)?;
             info!(phase = %loaded.state.phase.kind(), pending = loaded.pending.as_ref().map(|i| i.effect.name()), "resuming");
-            self.drive(loaded, progress).await
+            self.drive(loaded, renewal, progress).await
         }
         .instrument(span)
         .await
@@ -236,16 +237,8 @@ impl<E: Effects> Engine<E> {
     ) -> Result<PhaseKind, EngineError> {
         let span = tracing::info_span!("session", session_id = %session_id);
         async {
-            let now = effects::now();
-            self.store
-                .acquire_lease(session_id, &self.holder, self.options.lease_ttl, now)?;
-            // Held through the pre-steps below too, not only while driving.
-            let _renewal = LeaseRenewal::start(
-                Arc::clone(&self.store),
-                session_id,
-                &self.holder,
-                self.options.lease_ttl,
-            );
+            // Held (and renewed) through the pre-steps below too.
+            let renewal = self.take_lease(session_id)?;
             let mut loaded = self.store.load(session_id)?;
             // An explicit teardown acts now, not after a recorded backoff.
             if let Some(intent) = loaded.pending.as_mut() {
@@ -277,7 +270,7 @@ impl<E: Effects> Engine<E> {
                         self.record(loaded, Input::TeardownRequested, progress, Instant::now())?;
                 }
             }
-            Ok(self.drive(loaded, progress).await?.phase.kind())
+            Ok(self.drive(loaded, renewal, progress).await?.phase.kind())
         }
         .instrument(span)
         .await
@@ -343,13 +336,32 @@ impl<E: Effects> Engine<E> {
         })
     }
 
+    /// Takes the session's lease (or explains who holds it) and keeps it renewed.
+    fn take_lease(&self, session_id: &str) -> Result<LeaseRenewal, EngineError> {
+        let ttl = self.options.lease_ttl;
+        self.store
+            .acquire_lease(session_id, &self.holder, ttl, effects::now())?;
+        Ok(self.hold_lease(session_id))
+    }
+
+    /// Keeps a lease this engine already holds renewed until dropped.
+    fn hold_lease(&self, session_id: &str) -> LeaseRenewal {
+        LeaseRenewal::start(
+            Arc::clone(&self.store),
+            session_id,
+            &self.holder,
+            self.options.lease_ttl,
+        )
+    }
+
     async fn drive(
         &self,
         session: LoadedSession,
+        renewal: LeaseRenewal,
         progress: &dyn ProgressSink,
     ) -> Result<SessionState, EngineError> {
         let session_id = session.context.session_id.clone();
-        let result = self.drive_to_end(session, progress).await;
+        let result = self.drive_to_end(session, renewal, progress).await;
         if let Err(e) = &result
             && !matches!(e, EngineError::InjectedCrash { .. })
         {
@@ -365,16 +377,11 @@ impl<E: Effects> Engine<E> {
     async fn drive_to_end(
         &self,
         mut session: LoadedSession,
+        renewal: LeaseRenewal,
         progress: &dyn ProgressSink,
     ) -> Result<SessionState, EngineError> {
         let started = Instant::now();
         let session_id = session.context.session_id.clone();
-        let _renewal = LeaseRenewal::start(
-            Arc::clone(&self.store),
-            &session_id,
-            &self.holder,
-            self.options.lease_ttl,
-        );
         self.report(&session, "resuming", started, progress);
         while let Some(intent) = session.pending.clone() {
             self.crash_point(CrashPoint::AfterIntentCommit)?;
@@ -407,7 +414,7 @@ impl<E: Effects> Engine<E> {
                 });
             }
         }
-        drop(_renewal);
+        drop(renewal);
         self.store.release_lease(&session_id, &self.holder)?;
         self.complete(&session, started);
         Ok(session.state)
