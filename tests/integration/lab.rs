@@ -153,6 +153,22 @@ impl Lab {
         )
     }
 
+    /// A request that provisions in the lab (see `target_yaml`).
+    pub fn request(&self, extra: &str) -> acode_ec2::request::ProvisionRequest {
+        crate::common::request(&self.target_yaml(extra))
+    }
+
+    /// The session trusted one of the lab sshd's real host keys.
+    pub fn assert_trusted(&self, ready: &acode_ec2::driver::ReadyInstance) {
+        assert!(
+            self.info
+                .host_key_fingerprints
+                .contains(&ready.host_key_fingerprint),
+            "host key {} is not the lab sshd's: {ready:?}",
+            ready.host_key_fingerprint
+        );
+    }
+
     pub fn configure(&self, settings: Value) {
         self.call("POST", "/config", Some(settings));
     }

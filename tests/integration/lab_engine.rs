@@ -56,16 +56,11 @@ async fn provisions_to_ready_with_a_verified_host_key_then_tears_down_to_nothing
         |p: &acode_ec2::events::ProvisionProgress| progress_seen.lock().unwrap().push(p.phase);
 
     let ready = engine
-        .provision(request(&lab.target_yaml("")), &progress)
+        .provision(lab.request(""), &progress)
         .await
         .expect("Ready");
 
-    assert!(
-        lab.info
-            .host_key_fingerprints
-            .contains(&ready.host_key_fingerprint),
-        "{ready:?}"
-    );
+    lab.assert_trusted(&ready);
     assert_eq!(
         ready.ssh_endpoint,
         format!("127.0.0.1:{}", lab.info.sshd_port)
@@ -167,7 +162,7 @@ async fn spot_without_capacity_falls_back_to_on_demand() {
     let engine = harness.engine(lab.effects());
     let mut events = engine.subscribe();
     let ready = engine
-        .provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress)
+        .provision(lab.request("  useSpot: true\n"), &NoProgress)
         .await
         .expect("Ready");
     assert!(!ready.was_spot);
@@ -190,7 +185,7 @@ async fn spot_capacity_is_used_when_there_is_some() {
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
     let ready = engine
-        .provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress)
+        .provision(lab.request("  useSpot: true\n"), &NoProgress)
         .await
         .expect("Ready");
     assert!(ready.was_spot);
@@ -226,7 +221,7 @@ async fn a_host_key_the_console_never_printed_fails_and_cleans_up() {
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
     let err = engine
-        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .provision(lab.request(""), &NoProgress)
         .await
         .unwrap_err();
     let EngineError::ProvisionFailed { session_id, reason } = err else {
@@ -254,18 +249,14 @@ async fn a_slow_console_a_late_sshd_and_a_refusing_sshd_are_waited_out() {
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
     let ready = engine
-        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .provision(lab.request(""), &NoProgress)
         .await
         .expect("late sshd");
-    assert!(
-        lab.info
-            .host_key_fingerprints
-            .contains(&ready.host_key_fingerprint)
-    );
+    lab.assert_trusted(&ready);
 
     lab.configure(json!({"console_lag_s": 0.2, "ssh_start_delay_s": 0, "ssh_refuse_s": 1.5}));
     let ready = engine
-        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .provision(lab.request(""), &NoProgress)
         .await
         .expect("refusing sshd");
     let ssh_polls = harness
@@ -297,7 +288,7 @@ async fn throttling_and_an_invisible_new_instance_are_retried() {
     let harness = Harness::new();
     let engine = harness.engine(lab.effects());
     let ready = engine
-        .provision(request(&lab.target_yaml("")), &NoProgress)
+        .provision(lab.request(""), &NoProgress)
         .await
         .expect("Ready");
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
@@ -362,9 +353,7 @@ async fn crash_after_effect(lab: &Lab, harness: &Harness, nth: u32) -> String {
         .engine(lab.effects())
         .with_holder(dead_holder())
         .with_crash(CrashPoint::AfterEffect, nth);
-    let first = crashing
-        .provision(request(&lab.target_yaml("")), &NoProgress)
-        .await;
+    let first = crashing.provision(lab.request(""), &NoProgress).await;
     assert!(
         matches!(first, Err(EngineError::InjectedCrash { .. })),
         "{first:?}"
@@ -423,11 +412,7 @@ async fn a_crash_between_create_key_pair_and_the_key_file_is_repaired() {
         1,
         "the orphaned pair was deleted first"
     );
-    assert!(
-        lab.info
-            .host_key_fingerprints
-            .contains(&ready.host_key_fingerprint)
-    );
+    lab.assert_trusted(&ready);
 }
 
 /// Runs every effect twice and checks that creating and deleting effects
@@ -466,7 +451,7 @@ async fn every_effect_run_twice_has_the_same_outcome() {
     ));
     let engine = harness.engine(twice.clone());
     let ready = engine
-        .provision(request(&lab.target_yaml("  useSpot: true\n")), &NoProgress)
+        .provision(lab.request("  useSpot: true\n"), &NoProgress)
         .await
         .expect("Ready");
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
