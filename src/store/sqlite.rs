@@ -1,5 +1,9 @@
 //! The SQLite checkpoint store: WAL, `synchronous=FULL`, a busy timeout,
 //! versioned migrations, a file created mode 0600.
+//!
+//! The event log is one rowid table; a session's events are the contiguous
+//! ids `session_no << 32 | seq`, so a checkpoint dirties one log page and
+//! costs about one WAL frame besides its single fsync.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -16,7 +20,8 @@ use super::{
 use crate::machine::{PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sessions (
     session_id      TEXT PRIMARY KEY,
     created_at_ms   INTEGER NOT NULL,
@@ -45,7 +50,36 @@ CREATE TABLE events (
     body_json   TEXT NOT NULL,
     UNIQUE (session_id, seq)
 ) STRICT;
-"#];
+"#,
+    r#"
+-- One B-tree for the log: a session's events are the contiguous rowid range
+-- session_no << 32 | seq, so a checkpoint appends to one table page where
+-- the table plus its (session_id, seq) index dirtied two. Each extra page is
+-- an extra WAL frame to fsync (benches/commit_ratio.rs measures the effect).
+ALTER TABLE sessions ADD COLUMN session_no INTEGER;
+UPDATE sessions SET session_no = rowid;
+CREATE UNIQUE INDEX sessions_by_no ON sessions (session_no);
+CREATE TABLE session_events (
+    id          INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('created', 'outcome', 'transition', 'intent')),
+    body_json   TEXT NOT NULL
+) STRICT;
+INSERT INTO session_events (id, at_ms, kind, body_json)
+    SELECT (s.session_no << 32) | e.seq, e.at_ms, e.kind, e.body_json
+    FROM events e JOIN sessions s USING (session_id);
+DROP TABLE events;
+ALTER TABLE session_events RENAME TO events;
+"#,
+];
+
+/// Bits of an event id that hold the sequence number within its session.
+const SEQ_BITS: u32 = 32;
+
+/// The event ids of one session: `(first possible, last possible)`.
+fn event_ids(session_no: i64) -> (i64, i64) {
+    (session_no << SEQ_BITS, ((session_no + 1) << SEQ_BITS) - 1)
+}
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -135,26 +169,28 @@ fn kind_of(entry: &LogEntry) -> &'static str {
     }
 }
 
+/// Appends `entry` after event id `last` (which it advances).
 fn append(
     tx: &Transaction<'_>,
-    session_id: &str,
-    seq: &mut i64,
+    session: &SessionKey<'_>,
+    last: &mut i64,
     now: Timestamp,
     entry: &LogEntry,
 ) -> Result<(), StoreError> {
-    *seq += 1;
+    *last += 1;
+    if *last > event_ids(session.no).1 {
+        return Err(corrupt(session.id, "event log full (2^32 events)"));
+    }
     // Cached statements: preparing one costs about as much as running it.
-    tx.prepare_cached(
-        "INSERT INTO events (session_id, seq, at_ms, kind, body_json) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        session_id,
-        *seq,
-        now.0 as i64,
-        kind_of(entry),
-        to_json(entry)
-    ])?;
+    tx.prepare_cached("INSERT INTO events (id, at_ms, kind, body_json) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![*last, now.0 as i64, kind_of(entry), to_json(entry)])?;
     Ok(())
+}
+
+/// A session's id and its number, which places its events in the log.
+struct SessionKey<'a> {
+    id: &'a str,
+    no: i64,
 }
 
 fn detail_of(state: &SessionState) -> Option<String> {
@@ -167,17 +203,18 @@ fn detail_of(state: &SessionState) -> Option<String> {
 /// Appends the checkpoint's entries and refreshes the cached row.
 fn write_checkpoint(
     tx: &Transaction<'_>,
-    session_id: &str,
+    session: &SessionKey<'_>,
     checkpoint: &Checkpoint,
     now: Timestamp,
-) -> Result<i64, StoreError> {
+) -> Result<(), StoreError> {
+    let (first, last) = event_ids(session.no);
     let mut seq: i64 = tx
-        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1")?
-        .query_row([session_id], |r| r.get(0))?;
+        .prepare_cached("SELECT COALESCE(MAX(id), ?1) FROM events WHERE id BETWEEN ?1 AND ?2")?
+        .query_row([first, last], |r| r.get(0))?;
     if let Some(input) = &checkpoint.outcome {
         append(
             tx,
-            session_id,
+            session,
             &mut seq,
             now,
             &LogEntry::Outcome {
@@ -187,7 +224,7 @@ fn write_checkpoint(
     }
     append(
         tx,
-        session_id,
+        session,
         &mut seq,
         now,
         &LogEntry::Transition {
@@ -197,7 +234,7 @@ fn write_checkpoint(
     if let Some(intent) = &checkpoint.intent {
         append(
             tx,
-            session_id,
+            session,
             &mut seq,
             now,
             &LogEntry::Intent {
@@ -218,7 +255,7 @@ fn write_checkpoint(
              OR (?5 IS NOT NULL AND instance_id IS NOT ?5) OR (?6 IS NOT NULL AND public_ip IS NOT ?6)
              OR (?7 IS NOT NULL AND key_path IS NOT ?7) OR (?8 AND NOT was_spot))")?
     .execute(params![
-            session_id,
+            session.id,
             now.0 as i64,
             phase.kind().name(),
             detail_of(&checkpoint.state),
@@ -227,7 +264,7 @@ fn write_checkpoint(
             phase.key().and_then(|k| k.private_key_path.clone()),
             phase.was_spot(),
         ])?;
-    Ok(seq)
+    Ok(())
 }
 
 /// Whether the recorded holder can no longer be driving the session.
@@ -294,21 +331,41 @@ fn set_lease(
     Ok(())
 }
 
-/// Fails with `LeaseLost` unless `holder` holds the lease right now.
-fn require_own_lease(
+/// The session's key, or `LeaseLost` unless `holder` holds its lease right now.
+fn require_own_lease<'a>(
     tx: &Transaction<'_>,
-    session_id: &str,
+    session_id: &'a str,
     holder: &LeaseHolder,
-) -> Result<(), StoreError> {
-    let owner: Option<Option<String>> = tx
-        .prepare_cached("SELECT lease_owner FROM sessions WHERE session_id = ?1")?
-        .query_row([session_id], |r| r.get(0))
+) -> Result<SessionKey<'a>, StoreError> {
+    let row: Option<(Option<String>, Option<i64>)> = tx
+        .prepare_cached("SELECT lease_owner, session_no FROM sessions WHERE session_id = ?1")?
+        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    match owner {
+    match row {
         None => Err(StoreError::NotFound(session_id.to_string())),
-        Some(Some(owner)) if owner == holder.owner_id => Ok(()),
+        Some((Some(owner), no)) if owner == holder.owner_id => Ok(SessionKey {
+            id: session_id,
+            no: no.ok_or_else(|| corrupt(session_id, "session has no number"))?,
+        }),
         Some(_) => Err(StoreError::LeaseLost(session_id.to_string())),
     }
+}
+
+/// The session's key and creation time.
+fn session_key<'a>(
+    conn: &Connection,
+    session_id: &'a str,
+) -> Result<(SessionKey<'a>, Timestamp), StoreError> {
+    let row: Option<(Option<i64>, i64)> = conn
+        .prepare_cached("SELECT session_no, created_at_ms FROM sessions WHERE session_id = ?1")?
+        .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (no, created_at) = row.ok_or_else(|| StoreError::NotFound(session_id.to_string()))?;
+    let no = no.ok_or_else(|| corrupt(session_id, "session has no number"))?;
+    Ok((
+        SessionKey { id: session_id, no },
+        Timestamp(created_at as u64),
+    ))
 }
 
 fn corrupt(session_id: &str, detail: impl Into<String>) -> StoreError {
@@ -356,27 +413,32 @@ impl CheckpointStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = &context.session_id;
-        let inserted = tx.execute(
-            "INSERT OR IGNORE INTO sessions (session_id, created_at_ms, updated_at_ms, context_json, phase)
-             VALUES (?1, ?2, ?2, ?3, ?4)",
-            params![id, now.0 as i64, to_json(context), first.state.phase.kind().name()],
-        )?;
-        if inserted == 0 {
+        let no: Option<i64> = tx
+            .query_row(
+                "INSERT OR IGNORE INTO sessions (session_id, session_no, created_at_ms, updated_at_ms, context_json, phase)
+                 VALUES (?1, (SELECT COALESCE(MAX(session_no), 0) + 1 FROM sessions), ?2, ?2, ?3, ?4)
+                 RETURNING session_no",
+                params![id, now.0 as i64, to_json(context), first.state.phase.kind().name()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(no) = no else {
             return Err(StoreError::AlreadyExists {
                 session_id: id.clone(),
             });
-        }
+        };
+        let session = SessionKey { id, no };
         append(
             &tx,
-            id,
-            &mut 0,
+            &session,
+            &mut event_ids(no).0,
             now,
             &LogEntry::Created {
                 context: Box::new(context.clone()),
             },
         )?;
         set_lease(&tx, id, holder, lease_ttl, now)?;
-        write_checkpoint(&tx, id, first, now)?;
+        write_checkpoint(&tx, &session, first, now)?;
         tx.commit()?;
         Ok(())
     }
@@ -392,8 +454,8 @@ impl CheckpointStore for SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Fenced, not renewed: renewal is the driver's background job, so a
         // commit writes the log page and nothing else that did not change.
-        require_own_lease(&tx, session_id, holder)?;
-        write_checkpoint(&tx, session_id, checkpoint, now)?;
+        let session = require_own_lease(&tx, session_id, holder)?;
+        write_checkpoint(&tx, &session, checkpoint, now)?;
         tx.commit()?;
         Ok(())
     }
@@ -402,19 +464,15 @@ impl CheckpointStore for SqliteStore {
         let guard = self.conn();
         // One read transaction: a consistent snapshot even if another process writes.
         let conn = guard.unchecked_transaction()?;
-        let created_at: Option<i64> = conn
-            .query_row(
-                "SELECT created_at_ms FROM sessions WHERE session_id = ?1",
-                [session_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let created_at = created_at.ok_or_else(|| StoreError::NotFound(session_id.to_string()))?;
+        let (session, created_at) = session_key(&conn, session_id)?;
+        let (first, last) = event_ids(session.no);
+        // The newest event of a kind: a short backward walk, as every
+        // checkpoint writes a transition and most write an intent.
         let body = |kind: &str| -> Result<Option<(i64, String)>, StoreError> {
             Ok(conn
                 .query_row(
-                    "SELECT seq, body_json FROM events WHERE session_id = ?1 AND kind = ?2 ORDER BY seq DESC LIMIT 1",
-                    params![session_id, kind],
+                    "SELECT id, body_json FROM events WHERE id BETWEEN ?1 AND ?2 AND kind = ?3 ORDER BY id DESC LIMIT 1",
+                    params![first, last, kind],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?)
@@ -422,7 +480,14 @@ impl CheckpointStore for SqliteStore {
         let parse = |text: &str| {
             serde_json::from_str::<LogEntry>(text).map_err(|e| corrupt(session_id, e.to_string()))
         };
-        let Some((_, created)) = body("created")? else {
+        let created: Option<String> = conn
+            .query_row(
+                "SELECT body_json FROM events WHERE id BETWEEN ?1 AND ?2 ORDER BY id LIMIT 1",
+                [first, last],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(created) = created else {
             return Err(corrupt(session_id, "no creation event"));
         };
         let LogEntry::Created { context } = parse(&created)? else {
@@ -450,16 +515,18 @@ impl CheckpointStore for SqliteStore {
             context: *context,
             state,
             pending,
-            created_at: Timestamp(created_at as u64),
+            created_at,
         })
     }
 
     fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError> {
         let conn = self.conn();
+        let (session, _) = session_key(&conn, session_id)?;
+        let (first, last) = event_ids(session.no);
         let mut stmt = conn.prepare(
-            "SELECT seq, at_ms, body_json FROM events WHERE session_id = ?1 ORDER BY seq",
+            "SELECT id - ?1, at_ms, body_json FROM events WHERE id BETWEEN ?1 AND ?2 ORDER BY id",
         )?;
-        let rows = stmt.query_map([session_id], |r| {
+        let rows = stmt.query_map([first, last], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,

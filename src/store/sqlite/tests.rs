@@ -201,8 +201,9 @@ fn a_torn_write_leaves_the_previous_checkpoint_intact() {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "BEGIN IMMEDIATE;
-             INSERT INTO events (session_id, seq, at_ms, kind, body_json)
-                 VALUES ('s1', 99, 0, 'transition', '{\"event\":\"Transition\",\"state\":{}}');
+             INSERT INTO events (id, at_ms, kind, body_json)
+                 VALUES (((SELECT session_no FROM sessions WHERE session_id = 's1') << 32) | 99,
+                         0, 'transition', '{\"event\":\"Transition\",\"state\":{}}');
              UPDATE sessions SET phase = 'Ready' WHERE session_id = 's1';",
         )
         .unwrap();
@@ -264,4 +265,91 @@ fn duplicate_and_unknown_sessions_are_errors() {
     ));
     assert!(matches!(store.load("nope"), Err(StoreError::NotFound(_))));
     assert_eq!(store.list().unwrap().len(), 1);
+}
+
+#[test]
+fn interleaved_sessions_keep_separate_ordered_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let holder = LeaseHolder::for_this_process();
+    let (a, b) = (context("a"), context("b"));
+    store
+        .create(&a, &first_checkpoint(&a), &holder, TTL, NOW)
+        .unwrap();
+    store
+        .create(&b, &first_checkpoint(&b), &holder, TTL, NOW)
+        .unwrap();
+    // `a` was created first, so its events sit below `b`'s: appending to it
+    // inserts into the middle of the log, not at its end.
+    store.commit("a", &validated(&a), &holder, NOW).unwrap();
+    let seqs = |id: &str| -> Vec<i64> { store.events(id).unwrap().iter().map(|e| e.seq).collect() };
+    assert_eq!(seqs("a"), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(seqs("b"), [1, 2, 3]);
+    assert_eq!(
+        store.load("a").unwrap().state.phase.kind(),
+        PhaseKind::PreparingKeyPair
+    );
+    assert_eq!(
+        store.load("b").unwrap().state.phase.kind(),
+        PhaseKind::Validating
+    );
+    assert!(matches!(store.events("nope"), Err(StoreError::NotFound(_))));
+}
+
+#[test]
+fn a_version_1_database_is_migrated_with_its_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let ctx = context("old");
+    let first = first_checkpoint(&ctx);
+    {
+        // The schema and rows as acode-ec2 wrote them before migration 2.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO sessions (session_id, created_at_ms, updated_at_ms, context_json, phase)
+             VALUES ('old', ?1, ?1, '{}', 'Validating')",
+            [NOW.0 as i64],
+        )
+        .unwrap();
+        let entries = [
+            LogEntry::Created {
+                context: Box::new(ctx.clone()),
+            },
+            LogEntry::Transition {
+                state: first.state.clone(),
+            },
+            LogEntry::Intent {
+                intent: first.intent.clone().unwrap(),
+            },
+        ];
+        for (seq, entry) in entries.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO events (session_id, seq, at_ms, kind, body_json) VALUES ('old', ?1, ?2, ?3, ?4)",
+                params![seq as i64 + 1, NOW.0 as i64, kind_of(entry), to_json(entry)],
+            )
+            .unwrap();
+        }
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let loaded = store.load("old").unwrap();
+    assert_eq!(loaded.context, ctx);
+    assert_eq!(loaded.state, first.state);
+    assert_eq!(loaded.pending, first.intent);
+    // The migrated session goes on, and a new one gets its own log.
+    let holder = LeaseHolder::for_this_process();
+    store.acquire_lease("old", &holder, TTL, NOW).unwrap();
+    store.commit("old", &validated(&ctx), &holder, NOW).unwrap();
+    let new = context("new");
+    store
+        .create(&new, &first_checkpoint(&new), &holder, TTL, NOW)
+        .unwrap();
+    assert_eq!(store.events("old").unwrap().len(), 6);
+    assert_eq!(store.events("new").unwrap().len(), 3);
+    let version: i64 = store
+        .conn()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, MIGRATIONS.len() as i64);
 }
