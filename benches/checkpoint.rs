@@ -4,46 +4,21 @@
 //! a file-backed SQLite database with the settings acode-ec2 ships (WAL,
 //! synchronous=FULL); `sqlite_floor` is a bare single-row insert + commit
 //! with the same settings: the physical floor of one fsync'd commit.
+//! Criterion runs them one after the other, so on a VM whose fsync drifts
+//! the ratio of their medians drifts too; `commit_ratio` interleaves them.
+
+mod support;
 
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use rusqlite::Connection;
 
-use acode_ec2::machine::{
-    self, Input, KeyPairHandle, LaunchedInstance, ProvisionPhase, SessionContext, SessionState,
-    Timestamp, WaitingForRunning,
-};
+use acode_ec2::machine::{self, Input};
 use acode_ec2::store::{Checkpoint, CheckpointStore, Intent, LeaseHolder, SqliteStore};
-
-const NOW: Timestamp = Timestamp(1_700_000_000_000);
-
-fn context() -> SessionContext {
-    let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  useSpot: true\n";
-    SessionContext {
-        session_id: "bench-session".into(),
-        request: acode_ec2::config::parse(yaml).expect("bench config"),
-        key_dir: "/tmp/acode-bench-keys".into(),
-    }
-}
-
-fn waiting_for_running(ctx: &SessionContext) -> SessionState {
-    SessionState::fresh(ProvisionPhase::WaitingForRunning(WaitingForRunning {
-        instance: LaunchedInstance {
-            instance_id: "i-0123456789abcdef0".into(),
-            key: KeyPairHandle {
-                key_name: ctx.owned_key_name(),
-                owned: true,
-                private_key_path: Some(ctx.owned_key_path()),
-            },
-            was_spot: true,
-        },
-        deadline: NOW.plus(Duration::from_secs(300)),
-    }))
-}
+use support::{Floor, NOW, context, poll_checkpoint, waiting_for_running};
 
 fn machine_step(c: &mut Criterion) {
-    let ctx = context();
+    let ctx = context("bench-session");
     let state = waiting_for_running(&ctx);
     c.bench_function("machine_step", |b| {
         b.iter(|| {
@@ -59,19 +34,10 @@ fn machine_step(c: &mut Criterion) {
 
 fn commits(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ctx = context();
+    let ctx = context("bench-session");
     let store = SqliteStore::open(&dir.path().join("bench.db")).expect("store");
     let holder = LeaseHolder::for_this_process();
-    let state = waiting_for_running(&ctx);
-    let step = machine::step(&ctx, &state, Input::InstancePending, NOW).expect("step");
-    let poll = Checkpoint {
-        outcome: Some(Input::InstancePending),
-        state: step.state,
-        intent: step.effect.map(|effect| Intent {
-            effect,
-            not_before: step.wake_at,
-        }),
-    };
+    let poll = poll_checkpoint(&ctx);
     store
         .create(&ctx, &poll, &holder, Duration::from_secs(30), NOW)
         .expect("create");
@@ -84,21 +50,14 @@ fn commits(c: &mut Criterion) {
     });
 
     // A commit that also changes what the session row shows (a phase change).
-    let ssh = machine::step(
-        &ctx,
-        &state,
-        Input::InstanceRunning {
-            public_ip: Some("54.0.0.1".into()),
-            private_ip: None,
-        },
-        NOW,
-    )
-    .expect("running");
+    let running = Input::InstanceRunning {
+        public_ip: Some("54.0.0.1".into()),
+        private_ip: None,
+    };
+    let ssh =
+        machine::step(&ctx, &waiting_for_running(&ctx), running.clone(), NOW).expect("running");
     let to_ssh = Checkpoint {
-        outcome: Some(Input::InstanceRunning {
-            public_ip: Some("54.0.0.1".into()),
-            private_ip: None,
-        }),
+        outcome: Some(running),
         state: ssh.state,
         intent: ssh.effect.map(|effect| Intent {
             effect,
@@ -120,25 +79,8 @@ fn commits(c: &mut Criterion) {
         })
     });
 
-    let floor = Connection::open(dir.path().join("floor.db")).expect("floor db");
-    floor
-        .pragma_update(None, "journal_mode", "WAL")
-        .expect("wal");
-    floor
-        .pragma_update(None, "synchronous", "FULL")
-        .expect("sync");
-    floor
-        .execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        .expect("table");
-    let mut k = 0i64;
-    c.bench_function("sqlite_floor", |b| {
-        b.iter(|| {
-            k += 1;
-            floor
-                .execute("INSERT INTO t (k, v) VALUES (?1, 'x')", [k])
-                .expect("insert")
-        })
-    });
+    let mut floor = Floor::open(&dir.path().join("floor.db"));
+    c.bench_function("sqlite_floor", |b| b.iter(|| floor.commit()));
 }
 
 criterion_group!(benches, machine_step, commits);
