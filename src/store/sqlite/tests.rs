@@ -224,9 +224,24 @@ fn a_torn_write_leaves_the_previous_checkpoint_intact() {
 fn the_database_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/state.db");
-    SqliteStore::open(&path).unwrap();
-    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
+    let store = SqliteStore::open(&path).unwrap();
+    let ctx = context("s1");
+    store
+        .create(
+            &ctx,
+            &first_checkpoint(&ctx),
+            &LeaseHolder::for_this_process(),
+            TTL,
+            NOW,
+        )
+        .unwrap();
+    // The WAL and its index hold the same rows as the database, so they
+    // must be as private (SQLite gives them the database file's mode).
+    for suffix in ["", "-wal", "-shm"] {
+        let file = format!("{}{suffix}", path.display());
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
     let dir_mode = std::fs::metadata(path.parent().unwrap())
         .unwrap()
         .permissions()
