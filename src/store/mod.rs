@@ -134,6 +134,10 @@ pub enum StoreError {
         "state database error: {0}; if it persists, check disk space and that no other program holds the file"
     )]
     Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "the state database is full ({0}); finish its sessions with `acode-ec2 recover` and use a fresh --state-db"
+    )]
+    Full(String),
     #[error("no session {0} in the state database; `acode-ec2 sessions` lists them")]
     NotFound(String),
     #[error("session {session_id} already exists")]

@@ -39,8 +39,7 @@ CREATE TABLE sessions (
     lease_host      TEXT,
     lease_expires_ms INTEGER
 ) STRICT;
--- A rowid table: appends split pages cheaply (SQLite's balance_quick), so a
--- checkpoint usually dirties one table page and one small index page.
+-- (Replaced by migration 2, which drops the (session_id, seq) index.)
 CREATE TABLE events (
     id          INTEGER PRIMARY KEY,
     session_id  TEXT NOT NULL REFERENCES sessions(session_id),
@@ -75,10 +74,30 @@ ALTER TABLE session_events RENAME TO events;
 
 /// Bits of an event id that hold the sequence number within its session.
 const SEQ_BITS: u32 = 32;
+/// The largest session number whose event ids still fit in an `i64`.
+const MAX_SESSION_NO: i64 = (i64::MAX >> SEQ_BITS) - 1;
 
-/// The event ids of one session: `(first possible, last possible)`.
-fn event_ids(session_no: i64) -> (i64, i64) {
-    (session_no << SEQ_BITS, ((session_no + 1) << SEQ_BITS) - 1)
+/// A session's id and its number, which places its events in the log.
+struct SessionKey<'a> {
+    id: &'a str,
+    no: i64,
+}
+
+impl<'a> SessionKey<'a> {
+    fn new(id: &'a str, no: Option<i64>) -> Result<SessionKey<'a>, StoreError> {
+        match no {
+            Some(no) if (1..=MAX_SESSION_NO).contains(&no) => Ok(SessionKey { id, no }),
+            other => Err(corrupt(
+                id,
+                format!("session number {other:?} out of range"),
+            )),
+        }
+    }
+
+    /// The ids its events may take, `(first, last)`: event `seq` is `first + seq`.
+    fn event_ids(&self) -> (i64, i64) {
+        (self.no << SEQ_BITS, ((self.no + 1) << SEQ_BITS) - 1)
+    }
 }
 
 pub struct SqliteStore {
@@ -138,7 +157,10 @@ impl SqliteStore {
 
 fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
     let supported = MIGRATIONS.len() as i64;
-    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    // Read the version inside the write transaction: two processes opening
+    // an old file at once must not both run the same migration.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if found > supported {
         return Err(StoreError::NewerSchema {
             path: path.to_string(),
@@ -146,7 +168,6 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
             supported,
         });
     }
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", index as i64 + 1)?;
@@ -178,19 +199,16 @@ fn append(
     entry: &LogEntry,
 ) -> Result<(), StoreError> {
     *last += 1;
-    if *last > event_ids(session.no).1 {
-        return Err(corrupt(session.id, "event log full (2^32 events)"));
+    if *last > session.event_ids().1 {
+        return Err(StoreError::Full(format!(
+            "session {} has 2^32 - 1 events",
+            session.id
+        )));
     }
     // Cached statements: preparing one costs about as much as running it.
     tx.prepare_cached("INSERT INTO events (id, at_ms, kind, body_json) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![*last, now.0 as i64, kind_of(entry), to_json(entry)])?;
     Ok(())
-}
-
-/// A session's id and its number, which places its events in the log.
-struct SessionKey<'a> {
-    id: &'a str,
-    no: i64,
 }
 
 fn detail_of(state: &SessionState) -> Option<String> {
@@ -207,7 +225,7 @@ fn write_checkpoint(
     checkpoint: &Checkpoint,
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let (first, last) = event_ids(session.no);
+    let (first, last) = session.event_ids();
     let mut seq: i64 = tx
         .prepare_cached("SELECT COALESCE(MAX(id), ?1) FROM events WHERE id BETWEEN ?1 AND ?2")?
         .query_row([first, last], |r| r.get(0))?;
@@ -343,10 +361,7 @@ fn require_own_lease<'a>(
         .optional()?;
     match row {
         None => Err(StoreError::NotFound(session_id.to_string())),
-        Some((Some(owner), no)) if owner == holder.owner_id => Ok(SessionKey {
-            id: session_id,
-            no: no.ok_or_else(|| corrupt(session_id, "session has no number"))?,
-        }),
+        Some((Some(owner), no)) if owner == holder.owner_id => SessionKey::new(session_id, no),
         Some(_) => Err(StoreError::LeaseLost(session_id.to_string())),
     }
 }
@@ -361,9 +376,8 @@ fn session_key<'a>(
         .query_row([session_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let (no, created_at) = row.ok_or_else(|| StoreError::NotFound(session_id.to_string()))?;
-    let no = no.ok_or_else(|| corrupt(session_id, "session has no number"))?;
     Ok((
-        SessionKey { id: session_id, no },
+        SessionKey::new(session_id, no)?,
         Timestamp(created_at as u64),
     ))
 }
@@ -427,11 +441,14 @@ impl CheckpointStore for SqliteStore {
                 session_id: id.clone(),
             });
         };
-        let session = SessionKey { id, no };
+        if no > MAX_SESSION_NO {
+            return Err(StoreError::Full(format!("{MAX_SESSION_NO} sessions")));
+        }
+        let session = SessionKey::new(id, Some(no))?;
         append(
             &tx,
             &session,
-            &mut event_ids(no).0,
+            &mut session.event_ids().0,
             now,
             &LogEntry::Created {
                 context: Box::new(context.clone()),
@@ -465,7 +482,7 @@ impl CheckpointStore for SqliteStore {
         // One read transaction: a consistent snapshot even if another process writes.
         let conn = guard.unchecked_transaction()?;
         let (session, created_at) = session_key(&conn, session_id)?;
-        let (first, last) = event_ids(session.no);
+        let (first, last) = session.event_ids();
         // The newest event of a kind: a short backward walk, as every
         // checkpoint writes a transition and most write an intent.
         let body = |kind: &str| -> Result<Option<(i64, String)>, StoreError> {
@@ -522,7 +539,7 @@ impl CheckpointStore for SqliteStore {
     fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError> {
         let conn = self.conn();
         let (session, _) = session_key(&conn, session_id)?;
-        let (first, last) = event_ids(session.no);
+        let (first, last) = session.event_ids();
         let mut stmt = conn.prepare(
             "SELECT id - ?1, at_ms, body_json FROM events WHERE id BETWEEN ?1 AND ?2 ORDER BY id",
         )?;

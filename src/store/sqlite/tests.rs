@@ -311,6 +311,72 @@ fn interleaved_sessions_keep_separate_ordered_logs() {
     assert!(matches!(store.events("nope"), Err(StoreError::NotFound(_))));
 }
 
+/// A database as acode-ec2 wrote it before migration 2.
+fn version_1_database(path: &Path) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(MIGRATIONS[0]).unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
+    conn
+}
+
+#[test]
+fn processes_opening_an_old_database_together_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    drop(version_1_database(&path));
+    let openers: Vec<_> = (0..4)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || SqliteStore::open(&path).map(|_| ()))
+        })
+        .collect();
+    for opener in openers {
+        opener.join().unwrap().unwrap();
+    }
+}
+
+#[test]
+fn a_full_database_refuses_new_sessions_and_events_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let holder = LeaseHolder::for_this_process();
+    let ctx = context("s1");
+    store
+        .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
+        .unwrap();
+    // Session numbers exhausted: the next session is refused.
+    store
+        .conn()
+        .execute(
+            "UPDATE sessions SET session_no = ?1 WHERE session_id = 's1'",
+            [MAX_SESSION_NO],
+        )
+        .unwrap();
+    let s2 = context("s2");
+    let err = store
+        .create(&s2, &first_checkpoint(&s2), &holder, TTL, NOW)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Full(_)), "{err}");
+    assert_eq!(store.list().unwrap().len(), 1);
+    // A session whose last event id is taken cannot append another.
+    let last = SessionKey::new("s1", Some(MAX_SESSION_NO))
+        .unwrap()
+        .event_ids()
+        .1;
+    store
+        .conn()
+        .execute(
+            "INSERT INTO events (id, at_ms, kind, body_json) VALUES (?1, 0, 'outcome', '{}')",
+            [last],
+        )
+        .unwrap();
+    let err = store
+        .commit("s1", &validated(&ctx), &holder, NOW)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Full(_)), "{err}");
+    assert!(err.to_string().contains("fresh --state-db"), "{err}");
+}
+
 #[test]
 fn a_version_1_database_is_migrated_with_its_sessions() {
     let dir = tempfile::tempdir().unwrap();
@@ -318,10 +384,7 @@ fn a_version_1_database_is_migrated_with_its_sessions() {
     let ctx = context("old");
     let first = first_checkpoint(&ctx);
     {
-        // The schema and rows as acode-ec2 wrote them before migration 2.
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
+        let conn = version_1_database(&path);
         conn.execute(
             "INSERT INTO sessions (session_id, created_at_ms, updated_at_ms, context_json, phase)
              VALUES ('old', ?1, ?1, '{}', 'Validating')",
