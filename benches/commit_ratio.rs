@@ -4,12 +4,14 @@
 //! one after the other (as criterion runs them) compare different disks.
 //! Here every round times a batch of each in turn, and the figure is the
 //! median over rounds of the per-round ratio. Goal: ≤ 1.5 (one fsync per
-//! checkpoint, and about one page written, not several).
+//! checkpoint, and about one page written, not several). It also counts the
+//! WAL frames (pages) a commit writes, from the growth of the `-wal` file.
 //!
 //! Run: `cargo bench --bench commit_ratio [-- ROUNDS]`.
 
 mod support;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use acode_ec2::store::{CheckpointStore, LeaseHolder, SqliteStore};
@@ -33,11 +35,32 @@ fn time_batch(mut commit: impl FnMut(u32)) -> f64 {
     start.elapsed().as_secs_f64() * 1e6 / f64::from(BATCH)
 }
 
+/// Pages written to the WAL per call of `commit`, over `FRAME_COMMITS` calls:
+/// few enough that the WAL is not checkpointed (and reused) meanwhile.
+fn wal_frames_per_commit(db: &Path, mut commit: impl FnMut()) -> f64 {
+    const FRAME_COMMITS: u32 = 200;
+    let wal = db.with_file_name(format!(
+        "{}-wal",
+        db.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+    ));
+    let page_size: i64 = rusqlite::Connection::open(db)
+        .and_then(|c| c.pragma_query_value(None, "page_size", |r| r.get(0)))
+        .expect("page size");
+    let size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let before = size();
+    for _ in 0..FRAME_COMMITS {
+        commit();
+    }
+    // Each frame is a 24-byte header and one page.
+    (size() - before) as f64 / (page_size + 24) as f64 / f64::from(FRAME_COMMITS)
+}
+
 fn main() {
     let rounds: usize = std::env::args()
         .skip(1)
         .find_map(|arg| arg.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(40)
+        .max(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let holder = LeaseHolder::for_this_process();
     let ttl = Duration::from_secs(30);
@@ -58,6 +81,21 @@ fn main() {
     let mut next_many = 0usize;
 
     let mut floor = Floor::open(&dir.path().join("floor.db"));
+
+    // Frames first, on fresh files, before the timed rounds fill their WALs.
+    let frames_db = dir.path().join("frames.db");
+    let frames = SqliteStore::open(&frames_db).expect("store");
+    frames
+        .create(&ctx, &poll, &holder, ttl, NOW)
+        .expect("create");
+    let checkpoint_frames = wal_frames_per_commit(&frames_db, || {
+        frames
+            .commit(&ctx.session_id, &poll, &holder, NOW)
+            .expect("commit")
+    });
+    let floor_frames_db = dir.path().join("floor-frames.db");
+    let mut floor_for_frames = Floor::open(&floor_frames_db);
+    let floor_frames = wal_frames_per_commit(&floor_frames_db, || floor_for_frames.commit());
 
     let (mut floor_us, mut one_us, mut many_us) = (Vec::new(), Vec::new(), Vec::new());
     let (mut one_ratio, mut many_ratio) = (Vec::new(), Vec::new());
@@ -80,9 +118,10 @@ fn main() {
         many_ratio.push(m / f);
     }
     println!(
-        "sqlite_floor                    median {:7.1} µs",
+        "sqlite_floor                    median {:7.1} µs   {floor_frames:.2} WAL frames per commit",
         median(&mut floor_us)
     );
+    println!("checkpoint_commit               {checkpoint_frames:.2} WAL frames per commit");
     println!(
         "checkpoint_commit               median {:7.1} µs   ratio to floor {:.2}",
         median(&mut one_us),
