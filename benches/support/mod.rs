@@ -35,6 +35,7 @@ pub fn waiting_for_running(ctx: &SessionContext) -> SessionState {
             was_spot: true,
         },
         deadline: NOW.plus(Duration::from_secs(300)),
+        on_demand_fallback: None,
     }))
 }
 

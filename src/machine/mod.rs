@@ -226,6 +226,9 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
         ProvisionPhase::TerminatingInstance(p) => Some(Effect::TerminateInstance {
             instance_id: p.instance_id.clone(),
         }),
+        ProvisionPhase::AbandoningSpot(p) => Some(Effect::TerminateInstance {
+            instance_id: Some(p.instance_id.clone()),
+        }),
         ProvisionPhase::DeletingKeyPair(p) => Some(Effect::DeleteKeyPair {
             key_name: p.key.key_name.clone(),
             private_key_path: p.key.private_key_path.clone(),
@@ -325,6 +328,14 @@ fn cleanup(launched: Launched, key: Option<KeyPairHandle>, cause: CleanupCause) 
             None => finished(cause),
         },
     }
+}
+
+fn abandon_spot(instance_id: &str, next: &LaunchAttempt, reason: String) -> ProvisionPhase {
+    ProvisionPhase::AbandoningSpot(AbandoningSpot {
+        instance_id: instance_id.to_string(),
+        next: next.clone(),
+        reason,
+    })
 }
 
 /// What cleanup must terminate.
@@ -441,10 +452,14 @@ fn decide(
                 was_spot,
             },
         ) => {
-            let timeout = match (&ctx.request.spot, was_spot) {
-                (Some(spot), true) => spot.request_timeout.min(ctx.request.timeouts.running),
-                _ => ctx.request.timeouts.running,
-            };
+            let spot = ctx.request.spot.as_ref().filter(|_| was_spot);
+            let timeout = spot.map_or(ctx.request.timeouts.running, |spot| {
+                spot.request_timeout.min(ctx.request.timeouts.running)
+            });
+            let on_demand_fallback = spot.filter(|s| s.fallback_to_on_demand).map(|_| {
+                let (image, key) = (launch.image.clone(), launch.key.clone());
+                launch_attempt(ctx, image, key, launch.attempt + 1, 0, false)
+            });
             Decision::go(ProvisionPhase::WaitingForRunning(WaitingForRunning {
                 instance: LaunchedInstance {
                     instance_id,
@@ -452,6 +467,7 @@ fn decide(
                     was_spot,
                 },
                 deadline: now.plus(timeout),
+                on_demand_fallback,
             }))
         }
 
@@ -518,10 +534,14 @@ fn decide(
             Input::InstancePending | Input::InstanceNotVisible,
         ) => {
             if now >= p.deadline {
-                let reason = format!(
-                    "instance {} did not reach running in time",
-                    p.instance.instance_id
-                );
+                let id = &p.instance.instance_id;
+                if let Some(next) = &p.on_demand_fallback {
+                    let reason = format!(
+                        "spot instance {id} was not running within the spot request timeout"
+                    );
+                    return Some(Decision::go(abandon_spot(id, next, reason)));
+                }
+                let reason = format!("instance {id} did not reach running in time");
                 return Some(Decision::go(cleanup_from(ctx, phase, failure(reason))));
             }
             Decision::poll(phase.clone(), poll_at)
@@ -553,11 +573,22 @@ fn decide(
             }))
         }
         (ProvisionPhase::WaitingForRunning(p), Input::InstanceGone { state }) => {
-            let reason = format!(
-                "instance {} went {state} before it was ready",
-                p.instance.instance_id
-            );
+            let id = &p.instance.instance_id;
+            if let Some(next) = &p.on_demand_fallback {
+                let reason = format!("spot instance {id} went {state} before it was running");
+                return Some(Decision::go(abandon_spot(id, next, reason)));
+            }
+            let reason = format!("instance {id} went {state} before it was ready");
             Decision::go(cleanup_from(ctx, phase, failure(reason)))
+        }
+        (ProvisionPhase::AbandoningSpot(p), Input::InstanceTerminated) => {
+            let mut decision = Decision::go(ProvisionPhase::Launching(Launching {
+                launch: p.next.clone(),
+            }));
+            decision.notices.push(Notice::SpotFallback {
+                reason: p.reason.clone(),
+            });
+            decision
         }
 
         (ProvisionPhase::WaitingForSsh(p), Input::ConsoleHostKeys { fingerprints }) => {

@@ -69,6 +69,21 @@ pub struct Launching {
 pub struct WaitingForRunning {
     pub instance: LaunchedInstance,
     pub deadline: Timestamp,
+    /// For a spot instance whose request allows fallback: the on-demand
+    /// launch to make instead if it is not running by `deadline` (the spot
+    /// request timeout) or is reclaimed first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand_fallback: Option<LaunchAttempt>,
+}
+
+/// A spot instance given up on before it ran: terminate it, then launch
+/// `next` on demand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbandoningSpot {
+    pub instance_id: String,
+    pub next: LaunchAttempt,
+    /// Why, for the `SpotFallback` notice once the instance is gone.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +150,7 @@ pub enum ProvisionPhase {
     RequestingSpot(RequestingSpot),
     Launching(Launching),
     WaitingForRunning(WaitingForRunning),
+    AbandoningSpot(AbandoningSpot),
     WaitingForSsh(WaitingForSsh),
     Ready(Ready),
     TerminatingInstance(TerminatingInstance),
@@ -151,6 +167,7 @@ pub enum PhaseKind {
     RequestingSpot,
     Launching,
     WaitingForRunning,
+    AbandoningSpot,
     WaitingForSsh,
     Ready,
     TerminatingInstance,
@@ -160,12 +177,13 @@ pub enum PhaseKind {
 }
 
 impl PhaseKind {
-    pub const ALL: [PhaseKind; 11] = [
+    pub const ALL: [PhaseKind; 12] = [
         PhaseKind::Validating,
         PhaseKind::PreparingKeyPair,
         PhaseKind::RequestingSpot,
         PhaseKind::Launching,
         PhaseKind::WaitingForRunning,
+        PhaseKind::AbandoningSpot,
         PhaseKind::WaitingForSsh,
         PhaseKind::Ready,
         PhaseKind::TerminatingInstance,
@@ -181,6 +199,7 @@ impl PhaseKind {
             PhaseKind::RequestingSpot => "RequestingSpot",
             PhaseKind::Launching => "Launching",
             PhaseKind::WaitingForRunning => "WaitingForRunning",
+            PhaseKind::AbandoningSpot => "AbandoningSpot",
             PhaseKind::WaitingForSsh => "WaitingForSsh",
             PhaseKind::Ready => "Ready",
             PhaseKind::TerminatingInstance => "TerminatingInstance",
@@ -216,7 +235,7 @@ impl PhaseKind {
         match self {
             PhaseKind::Validating => 5,
             PhaseKind::PreparingKeyPair => 15,
-            PhaseKind::RequestingSpot | PhaseKind::Launching => 30,
+            PhaseKind::RequestingSpot | PhaseKind::Launching | PhaseKind::AbandoningSpot => 30,
             PhaseKind::WaitingForRunning => 50,
             PhaseKind::WaitingForSsh => 75,
             PhaseKind::TerminatingInstance => 80,
@@ -240,6 +259,7 @@ impl ProvisionPhase {
             ProvisionPhase::RequestingSpot(_) => PhaseKind::RequestingSpot,
             ProvisionPhase::Launching(_) => PhaseKind::Launching,
             ProvisionPhase::WaitingForRunning(_) => PhaseKind::WaitingForRunning,
+            ProvisionPhase::AbandoningSpot(_) => PhaseKind::AbandoningSpot,
             ProvisionPhase::WaitingForSsh(_) => PhaseKind::WaitingForSsh,
             ProvisionPhase::Ready(_) => PhaseKind::Ready,
             ProvisionPhase::TerminatingInstance(_) => PhaseKind::TerminatingInstance,
@@ -262,6 +282,7 @@ impl ProvisionPhase {
     pub fn instance_id(&self) -> Option<&str> {
         match self {
             ProvisionPhase::TerminatingInstance(p) => p.instance_id.as_deref(),
+            ProvisionPhase::AbandoningSpot(p) => Some(&p.instance_id),
             other => other.instance().map(|i| i.instance_id.as_str()),
         }
     }
@@ -278,6 +299,7 @@ impl ProvisionPhase {
         match self {
             ProvisionPhase::RequestingSpot(p) => Some(&p.launch.key),
             ProvisionPhase::Launching(p) => Some(&p.launch.key),
+            ProvisionPhase::AbandoningSpot(p) => Some(&p.next.key),
             ProvisionPhase::TerminatingInstance(p) => p.key.as_ref(),
             ProvisionPhase::DeletingKeyPair(p) => Some(&p.key),
             other => other.instance().map(|i| &i.key),

@@ -129,6 +129,27 @@ pub const TRANSITIONS: &[Transition] = &[
         I::TeardownRequested,
         P::TerminatingInstance,
     ),
+    // A spot instance that is late or reclaimed, when fallback is allowed.
+    t(P::WaitingForRunning, I::InstancePending, P::AbandoningSpot),
+    t(
+        P::WaitingForRunning,
+        I::InstanceNotVisible,
+        P::AbandoningSpot,
+    ),
+    t(P::WaitingForRunning, I::InstanceGone, P::AbandoningSpot),
+    //
+    t(P::AbandoningSpot, I::InstanceTerminated, P::Launching),
+    t(P::AbandoningSpot, I::TransientFailure, P::AbandoningSpot),
+    t(
+        P::AbandoningSpot,
+        I::TransientFailure,
+        P::TerminatingInstance,
+    ),
+    t(
+        P::AbandoningSpot,
+        I::TeardownRequested,
+        P::TerminatingInstance,
+    ),
     //
     t(P::WaitingForSsh, I::ConsoleHostKeys, P::WaitingForSsh),
     t(P::WaitingForSsh, I::ConsoleNotReady, P::WaitingForSsh),

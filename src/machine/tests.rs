@@ -107,7 +107,33 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     all.push(ProvisionPhase::WaitingForRunning(WaitingForRunning {
         instance: instance(ctx),
         deadline: T0.plus(Duration::from_secs(60)),
+        on_demand_fallback: None,
     }));
+    if ctx
+        .request
+        .spot
+        .as_ref()
+        .is_some_and(|s| s.fallback_to_on_demand)
+    {
+        let on_demand = LaunchAttempt {
+            client_token: ClientToken::derive(&ctx.session_id, 1, false, "subnet-0"),
+            attempt: 1,
+            ..launch(0)
+        };
+        all.push(ProvisionPhase::WaitingForRunning(WaitingForRunning {
+            instance: LaunchedInstance {
+                was_spot: true,
+                ..instance(ctx)
+            },
+            deadline: T0.plus(Duration::from_secs(60)),
+            on_demand_fallback: Some(on_demand.clone()),
+        }));
+        all.push(ProvisionPhase::AbandoningSpot(AbandoningSpot {
+            instance_id: "i-0123".into(),
+            next: on_demand,
+            reason: "spot instance i-0123 went terminated before it was running".into(),
+        }));
+    }
     for trusted in [None, Some(ConsoleFingerprints(vec!["SHA256:abc".into()]))] {
         all.push(ProvisionPhase::WaitingForSsh(WaitingForSsh {
             instance: instance(ctx),
@@ -311,6 +337,84 @@ fn spot_capacity_failure_falls_back_to_on_demand_with_a_new_token() {
         panic!("expected an on-demand RunInstance")
     };
     assert_ne!(client_token, spot_token);
+}
+
+/// A spot instance launched with fallback allowed, waiting to run.
+fn waiting_spot_instance(ctx: &SessionContext) -> (SessionState, ClientToken) {
+    let s = start(ctx);
+    let s = step(ctx, &s.state, sample_input(InputKind::Validated), T0).unwrap();
+    let s = step(ctx, &s.state, sample_input(InputKind::KeyPairReady), T0).unwrap();
+    let Some(Effect::RunInstance { client_token, .. }) = s.effect.clone() else {
+        panic!("expected a spot RunInstance, got {:?}", s.effect)
+    };
+    let s = step(ctx, &s.state, sample_input(InputKind::Launched), T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::WaitingForRunning);
+    (s.state, client_token)
+}
+
+#[test]
+fn a_late_or_reclaimed_spot_instance_is_terminated_then_replaced_on_demand() {
+    let ctx = ctx(Shape {
+        spot: Some(true),
+        subnets: 2,
+        owned_key: true,
+        policy: 0,
+    });
+    let spot_timeout = Duration::from_secs(120);
+    let late = T0.plus(spot_timeout);
+    let (waiting, spot_token) = waiting_spot_instance(&ctx);
+    for (input, now, why) in [
+        (Input::InstancePending, late, "not running within"),
+        (Input::InstanceNotVisible, late, "not running within"),
+        (sample_input(InputKind::InstanceGone), T0, "went terminated"),
+    ] {
+        let s = step(&ctx, &waiting, input, now).unwrap();
+        let ProvisionPhase::AbandoningSpot(abandoning) = &s.state.phase else {
+            panic!("{:?}", s.state.phase)
+        };
+        assert!(abandoning.reason.contains(why), "{}", abandoning.reason);
+        // The spot instance goes first, so there are never two.
+        assert_eq!(
+            s.effect,
+            Some(Effect::TerminateInstance {
+                instance_id: Some("i-0123".into())
+            })
+        );
+        assert!(s.notices.is_empty());
+        let s = step(&ctx, &s.state, Input::InstanceTerminated, now).unwrap();
+        assert!(matches!(
+            s.notices.as_slice(),
+            [Notice::SpotFallback { reason }] if reason.contains(why)
+        ));
+        let Some(Effect::RunInstance {
+            client_token,
+            spot: false,
+            subnet_id,
+            ..
+        }) = s.effect
+        else {
+            panic!("expected an on-demand RunInstance, got {:?}", s.effect)
+        };
+        assert_ne!(client_token, spot_token);
+        assert_eq!(subnet_id, "subnet-0");
+    }
+    // Before the spot timeout, a pending spot instance is simply polled.
+    let s = step(&ctx, &waiting, Input::InstancePending, T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::WaitingForRunning);
+}
+
+#[test]
+fn without_fallback_a_late_spot_instance_is_cleaned_up() {
+    let ctx = ctx(Shape {
+        spot: Some(false),
+        subnets: 1,
+        owned_key: true,
+        policy: 0,
+    });
+    let (waiting, _) = waiting_spot_instance(&ctx);
+    let late = T0.plus(Duration::from_secs(120));
+    let s = step(&ctx, &waiting, Input::InstancePending, late).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
 }
 
 #[test]

@@ -268,10 +268,10 @@ fn write_checkpoint(
     tx.prepare_cached(
         "UPDATE sessions SET updated_at_ms = ?2, phase = ?3, detail = ?4,
              instance_id = COALESCE(?5, instance_id), public_ip = COALESCE(?6, public_ip),
-             key_path = COALESCE(?7, key_path), was_spot = (was_spot OR ?8)
+             key_path = COALESCE(?7, key_path), was_spot = COALESCE(?8, was_spot)
          WHERE session_id = ?1 AND (phase IS NOT ?3 OR detail IS NOT ?4
              OR (?5 IS NOT NULL AND instance_id IS NOT ?5) OR (?6 IS NOT NULL AND public_ip IS NOT ?6)
-             OR (?7 IS NOT NULL AND key_path IS NOT ?7) OR (?8 AND NOT was_spot))")?
+             OR (?7 IS NOT NULL AND key_path IS NOT ?7) OR (?8 IS NOT NULL AND was_spot IS NOT ?8))")?
     .execute(params![
             session.id,
             now.0 as i64,
@@ -280,7 +280,8 @@ fn write_checkpoint(
             phase.instance_id(),
             phase.public_ip(),
             phase.key().and_then(|k| k.private_key_path.clone()),
-            phase.was_spot(),
+            // Only a phase that knows its instance says what it was.
+            phase.instance().map(|i| i.was_spot),
         ])?;
     Ok(())
 }

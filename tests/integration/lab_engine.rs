@@ -179,6 +179,125 @@ async fn spot_without_capacity_falls_back_to_on_demand() {
     assert_ne!(live[0]["lifecycle"], "spot");
 }
 
+/// The `SpotFallback` reasons among the events received so far.
+fn spot_fallbacks(events: &mut tokio::sync::broadcast::Receiver<ProvisionEvent>) -> Vec<String> {
+    let mut reasons = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let ProvisionEvent::SpotFallback { reason, .. } = event {
+            reasons.push(reason);
+        }
+    }
+    reasons
+}
+
+/// The session's instances as the lab sees them: (lifecycle, state) pairs.
+fn lifecycles_of(lab: &Lab, session_id: &str) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = lab
+        .instances()
+        .into_iter()
+        .filter(|i| i["tags"]["acode-session-id"] == session_id)
+        .map(|i| {
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            (text(&i["lifecycle"]), text(&i["state"]))
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+#[tokio::test]
+async fn a_spot_instance_not_running_in_time_is_replaced_on_demand() {
+    let lab = Lab::start();
+    // Every instance boots in 1.5 s; spot may take only 0.5 s.
+    lab.configure(json!({"boot_delay_s": 1.5}));
+    let harness = Harness::new();
+    let engine = harness.engine(lab.effects());
+    let mut events = engine.subscribe();
+    let ready = engine
+        .provision(
+            lab.request("  useSpot: true\n  spotRequestTimeout: 500ms\n"),
+            &NoProgress,
+        )
+        .await
+        .expect("Ready");
+    assert!(!ready.was_spot);
+    lab.assert_trusted(&ready);
+    let reasons = spot_fallbacks(&mut events);
+    assert!(
+        matches!(reasons.as_slice(), [r] if r.contains("not running within")),
+        "{reasons:?}"
+    );
+    // The spot instance was terminated before the on-demand one was launched.
+    let instances = lifecycles_of(&lab, &ready.session_id);
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    assert_eq!(instances[0].0, "on-demand");
+    assert_eq!(instances[1].0, "spot");
+    assert!(
+        ["shutting-down", "terminated"].contains(&instances[1].1.as_str()),
+        "{instances:?}"
+    );
+    assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
+    let summary = harness.store.summary(&ready.session_id).unwrap();
+    assert!(
+        !summary.was_spot,
+        "status must describe the on-demand instance"
+    );
+    assert_eq!(
+        summary.instance_id.as_deref(),
+        Some(ready.instance_id.as_str())
+    );
+}
+
+#[tokio::test]
+async fn a_spot_instance_reclaimed_while_booting_is_replaced_on_demand() {
+    let lab = Lab::start();
+    lab.configure(json!({"boot_delay_s": 2.0}));
+    let harness = Harness::new();
+    let engine = harness.engine(lab.effects());
+    let mut events = engine.subscribe();
+    let mut watch = engine.subscribe();
+    let reclaim = async {
+        // EC2 takes the spot instance back while it is still pending.
+        loop {
+            match watch.recv().await {
+                Ok(ProvisionEvent::ProvisionPhaseChanged {
+                    session_id,
+                    to: PhaseKind::WaitingForRunning,
+                    ..
+                }) => {
+                    let live = lab.live_instances_of(&session_id);
+                    let id = live[0]["instance_id"].as_str().expect("id").to_string();
+                    assert_eq!(live[0]["lifecycle"], "spot");
+                    lab.ec2()
+                        .terminate_instances()
+                        .instance_ids(&id)
+                        .send()
+                        .await
+                        .expect("TerminateInstances");
+                    return id;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("events ended before WaitingForRunning: {e}"),
+            }
+        }
+    };
+    let (ready, reclaimed) = tokio::join!(
+        engine.provision(lab.request("  useSpot: true\n"), &NoProgress),
+        reclaim
+    );
+    let ready = ready.expect("Ready");
+    assert!(!ready.was_spot);
+    assert_ne!(ready.instance_id, reclaimed);
+    let reasons = spot_fallbacks(&mut events);
+    assert!(
+        matches!(reasons.as_slice(), [r] if r.contains(&reclaimed) && r.contains("before it was running")),
+        "{reasons:?}"
+    );
+    let live = lab.live_instances_of(&ready.session_id);
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0]["lifecycle"], "on-demand");
+}
+
 #[tokio::test]
 async fn spot_capacity_is_used_when_there_is_some() {
     let lab = Lab::start();
