@@ -9,7 +9,7 @@
 //! | [`machine`] | phases, inputs, effects, the transition table | pure: no async, IO or clock; every step is a table row; `Failed` only after cleanup |
 //! | [`store`] | `CheckpointStore`, SQLite event log + session row | intent commits before its effect; one live driver per session (lease); no secrets stored |
 //! | [`driver`] | the engine: `provision`, `resume`, `teardown`, `recover` | load, step, commit, execute, record; a crash anywhere is resumable |
-//! | [`effects`] | EC2 (aws-sdk-ec2), SSH probe (russh), key files, console parser | every failure becomes a machine input; every effect is idempotent |
+//! | [`effects`] | EC2 (aws-sdk-ec2), SSH probe (russh), key files, console parser; one DescribeInstances batcher per process | every failure becomes a machine input; every effect is idempotent |
 //! | [`events`] | typed events and progress for library callers | never carry key material |
 //! | [`request`], [`config`] | the request model and its YAML form | a request is valid or refused naming the key |
 //! | [`net_guard`] | loopback-only guard for tests and the lab | with it on, nothing but 127.0.0.0/8 and ::1 is ever connected |

@@ -6,14 +6,16 @@
 //! as done, and a freshly launched instance that is not yet visible is
 //! "not visible", never "gone".
 
+use std::collections::HashMap;
+
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceStateName, InstanceType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions,
-    Tag, TagSpecification, VolumeType,
+    Instance, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, MarketType, ResourceType,
+    SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine as _;
 
@@ -296,29 +298,39 @@ pub async fn run_instance(
     }
 }
 
-pub async fn describe_instance(ec2: &Client, instance_id: &str) -> Input {
-    let out = match ec2
+/// What EC2 says of each of `ids`, in one DescribeInstances (paged). The
+/// `instance-id` filter, unlike `InstanceIds`, does not fail the whole call
+/// when one id is not visible yet: that id is simply absent from the map.
+/// A failed call gives the one input every id gets.
+pub async fn describe_instances(
+    ec2: &Client,
+    ids: &[String],
+) -> Result<HashMap<String, Input>, Input> {
+    let filter = Filter::builder()
+        .name("instance-id")
+        .set_values(Some(ids.to_vec()))
+        .build();
+    let mut pages = ec2
         .describe_instances()
-        .instance_ids(instance_id)
-        .send()
-        .await
-    {
-        Ok(out) => out,
-        Err(e) => {
-            return match classify(&e) {
-                Failure::NotFound(_) => Input::InstanceNotVisible,
-                other => other.into_input(),
-            };
+        .filters(filter)
+        .into_paginator()
+        .send();
+    let mut found = HashMap::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| match classify(&e) {
+            Failure::NotFound(_) => Input::InstanceNotVisible,
+            other => other.into_input(),
+        })?;
+        for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+            if let Some(id) = instance.instance_id() {
+                found.insert(id.to_string(), instance_input(instance));
+            }
         }
-    };
-    let found = out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .find(|i| i.instance_id() == Some(instance_id));
-    let Some(instance) = found else {
-        return Input::InstanceNotVisible;
-    };
+    }
+    Ok(found)
+}
+
+fn instance_input(instance: &Instance) -> Input {
     match instance.state().and_then(|s| s.name()) {
         Some(InstanceStateName::Running) => Input::InstanceRunning {
             public_ip: instance.public_ip_address().map(str::to_string),

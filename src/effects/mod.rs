@@ -5,11 +5,13 @@
 //! and running the same effect twice has the same result.
 
 pub mod console;
+pub mod describe_batch;
 pub mod ec2;
 pub mod keys;
 pub mod ssh;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_config::BehaviorVersion;
@@ -18,6 +20,7 @@ use aws_config::timeout::TimeoutConfig;
 
 use crate::machine::{Effect, Input, SessionContext, Timestamp};
 use crate::net_guard::{ConnectGuard, GuardError};
+use describe_batch::{BatchWindow, DescribeBatcher};
 
 /// Runs effects for the driver.
 pub trait Effects: Send + Sync + 'static {
@@ -40,16 +43,30 @@ pub fn now() -> Timestamp {
     Timestamp(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
-/// The real effects: aws-sdk-ec2 for EC2, russh for SSH.
+/// The real effects: aws-sdk-ec2 for EC2, russh for SSH. Clones share one
+/// DescribeInstances batcher, so sessions driven together poll together.
 #[derive(Clone)]
 pub struct AwsEffects {
     ec2: aws_sdk_ec2::Client,
     guard: ConnectGuard,
+    describe: Arc<DescribeBatcher>,
 }
 
 impl AwsEffects {
     pub fn new(ec2: aws_sdk_ec2::Client, guard: ConnectGuard) -> AwsEffects {
-        AwsEffects { ec2, guard }
+        AwsEffects::with_batch_window(ec2, guard, BatchWindow::default())
+    }
+
+    pub fn with_batch_window(
+        ec2: aws_sdk_ec2::Client,
+        guard: ConnectGuard,
+        window: BatchWindow,
+    ) -> AwsEffects {
+        AwsEffects {
+            describe: DescribeBatcher::new(ec2.clone(), window),
+            ec2,
+            guard,
+        }
     }
 
     /// Builds a client from the AWS SDK's own chain (`AWS_REGION`,
@@ -102,9 +119,7 @@ impl Effects for AwsEffects {
                 };
                 ec2::run_instance(ec2, ctx, created, launch).await
             }
-            Effect::DescribeInstance { instance_id } => {
-                ec2::describe_instance(ec2, instance_id).await
-            }
+            Effect::DescribeInstance { instance_id } => self.describe.describe(instance_id).await,
             Effect::ReadConsoleHostKeys { instance_id } => {
                 ec2::read_console_host_keys(ec2, instance_id).await
             }

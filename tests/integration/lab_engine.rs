@@ -5,10 +5,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use acode_ec2::driver::{CrashPoint, EngineError};
+use acode_ec2::effects::describe_batch::BatchWindow;
 use acode_ec2::effects::{AwsEffects, Effects};
 use acode_ec2::events::{NoProgress, ProvisionEvent};
 use acode_ec2::machine::{Effect, Input, PhaseKind, SessionContext, Timestamp};
-use acode_ec2::store::CheckpointStore;
+use acode_ec2::net_guard::ConnectGuard;
+use acode_ec2::store::{CheckpointStore, LogEntry};
 use serde_json::json;
 
 use crate::common::{Harness, dead_holder, request};
@@ -296,6 +298,50 @@ async fn a_spot_instance_reclaimed_while_booting_is_replaced_on_demand() {
     let live = lab.live_instances_of(&ready.session_id);
     assert_eq!(live.len(), 1);
     assert_eq!(live[0]["lifecycle"], "on-demand");
+}
+
+#[tokio::test]
+async fn sessions_driven_together_share_describe_instances_calls() {
+    const SESSIONS: usize = 8;
+    let lab = Lab::start();
+    lab.configure(json!({"boot_delay_s": 2.0}));
+    let harness = Harness::new();
+    // Karpenter's window, so that the batches do not depend on this
+    // machine's speed; the default window is shorter.
+    let window = BatchWindow {
+        idle: std::time::Duration::from_millis(100),
+        max_wait: std::time::Duration::from_secs(1),
+        max_ids: 200,
+    };
+    let effects = AwsEffects::with_batch_window(lab.ec2(), ConnectGuard::loopback_only(), window);
+    let engine = harness.engine(Arc::new(effects));
+    let runs = (0..SESSIONS).map(|_| engine.provision(lab.request(""), &NoProgress));
+    let ready: Vec<_> = futures::future::join_all(runs).await;
+    let calls = lab.count("DescribeInstances");
+    let mut polls = 0;
+    for ready in ready {
+        let ready = ready.expect("Ready");
+        assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
+        polls += harness
+            .store
+            .events(&ready.session_id)
+            .unwrap()
+            .into_iter()
+            .filter(|e| {
+                matches!(&e.entry, LogEntry::Outcome { input } if matches!(
+                    input,
+                    Input::InstancePending | Input::InstanceRunning { .. } | Input::InstanceNotVisible
+                ))
+            })
+            .count() as u64;
+    }
+    eprintln!("{SESSIONS} sessions: {calls} DescribeInstances calls for {polls} polls");
+    // Every session polled until its instance ran, 2 s after launch.
+    assert!(polls >= SESSIONS as u64 * 5, "only {polls} polls");
+    assert!(
+        calls * 3 <= polls,
+        "{calls} DescribeInstances calls for {polls} polls: not batched"
+    );
 }
 
 #[tokio::test]
