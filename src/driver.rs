@@ -585,10 +585,11 @@ pub fn describe(effect: &Effect) -> String {
         Effect::ProbeSsh { endpoint, .. } => format!("checking SSH at {endpoint}"),
         Effect::TerminateInstance {
             instance_id: Some(id),
+            ..
         } => format!("terminating {id}"),
-        Effect::TerminateInstance { instance_id: None } => {
-            "terminating any instance tagged with this session".into()
-        }
+        Effect::TerminateInstance {
+            instance_id: None, ..
+        } => "terminating any instance tagged with this session".into(),
         Effect::DeleteKeyPair { key_name, .. } => format!("deleting key pair {key_name}"),
     }
 }

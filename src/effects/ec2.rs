@@ -372,11 +372,28 @@ pub async fn read_console_host_keys(ec2: &Client, instance_id: &str) -> Input {
     }
 }
 
+/// How long after its launch an instance EC2 says it does not know may
+/// still exist (EC2 is eventually consistent; seconds in practice). Past
+/// this, NotFound means long gone: terminated instances stay listed for
+/// about an hour, then vanish.
+pub const LAUNCH_VISIBILITY_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Terminates the instance, and any other live instance tagged with this
 /// session: all of them when the id is unknown (a launch whose answer was
 /// lost), and a second line of defence otherwise. Tags are set at creation,
-/// so a launched instance always carries them.
-pub async fn terminate(ec2: &Client, ctx: &SessionContext, instance_id: Option<&str>) -> Input {
+/// so a launched instance always carries them. NotFound for the known
+/// instance counts as done only once it is `LAUNCH_VISIBILITY_GRACE` old.
+pub async fn terminate(
+    ec2: &Client,
+    ctx: &SessionContext,
+    instance_id: Option<&str>,
+    launched_at: Option<Timestamp>,
+) -> Input {
+    let maybe_not_visible_yet = |id: &str| {
+        instance_id == Some(id)
+            && launched_at
+                .is_some_and(|at| at.0 > 0 && super::now() < at.plus(LAUNCH_VISIBILITY_GRACE))
+    };
     let mut ids: Vec<String> = instance_id.map(str::to_string).into_iter().collect();
     let tagged = ec2
         .describe_instances()
@@ -415,6 +432,14 @@ pub async fn terminate(ec2: &Client, ctx: &SessionContext, instance_id: Option<&
     for id in ids {
         if let Err(e) = ec2.terminate_instances().instance_ids(&id).send().await {
             match classify(&e) {
+                Failure::NotFound(message) if maybe_not_visible_yet(&id) => {
+                    return Input::TransientFailure {
+                        message: format!(
+                            "TerminateInstances {id}: {message}; launched moments ago, so EC2 \
+                             may not show it yet: trying again"
+                        ),
+                    };
+                }
                 Failure::NotFound(_) => {}
                 Failure::Transient(message) => return Input::TransientFailure { message },
                 // Cleanup must not give up: anything else is retried too.

@@ -138,9 +138,10 @@ impl Effects for AwsEffects {
                 )
                 .await
             }
-            Effect::TerminateInstance { instance_id } => {
-                ec2::terminate(ec2, ctx, instance_id.as_deref()).await
-            }
+            Effect::TerminateInstance {
+                instance_id,
+                launched_at,
+            } => ec2::terminate(ec2, ctx, instance_id.as_deref(), *launched_at).await,
             Effect::DeleteKeyPair {
                 key_name,
                 private_key_path,

@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::Timestamp;
 use super::phase::{ConsoleFingerprints, ImageChoice, KeyPairHandle};
 use super::token::ClientToken;
 
@@ -50,6 +51,10 @@ pub enum Effect {
     /// NotFound counts as done.
     TerminateInstance {
         instance_id: Option<String>,
+        /// When that instance was launched: shortly after, EC2 may answer
+        /// NotFound for an instance that exists, which is then not "done".
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        launched_at: Option<Timestamp>,
     },
     /// DeleteKeyPair and remove the private key file; NotFound counts as done.
     DeleteKeyPair {

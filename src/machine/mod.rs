@@ -29,7 +29,9 @@ pub use token::ClientToken;
 use crate::request::{HostKeyPolicy, KeyPairMode, ProvisionRequest};
 
 /// Milliseconds since the Unix epoch, always passed in by the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
@@ -225,9 +227,11 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
         }
         ProvisionPhase::TerminatingInstance(p) => Some(Effect::TerminateInstance {
             instance_id: p.instance_id.clone(),
+            launched_at: p.launched_at,
         }),
         ProvisionPhase::AbandoningSpot(p) => Some(Effect::TerminateInstance {
-            instance_id: Some(p.instance_id.clone()),
+            instance_id: Some(p.instance.instance_id.clone()),
+            launched_at: Some(p.instance.launched_at),
         }),
         ProvisionPhase::DeletingKeyPair(p) => Some(Effect::DeleteKeyPair {
             key_name: p.key.key_name.clone(),
@@ -313,16 +317,19 @@ fn launch_attempt(
 /// pair it owns, then the terminal phase the cause asks for.
 fn cleanup(launched: Launched, key: Option<KeyPairHandle>, cause: CleanupCause) -> ProvisionPhase {
     let owned_key = key.filter(|k| k.owned);
-    let terminate = |instance_id| {
+    let terminate = |instance_id, launched_at| {
         ProvisionPhase::TerminatingInstance(TerminatingInstance {
             instance_id,
+            launched_at,
             key: owned_key.clone(),
             cause: cause.clone(),
         })
     };
     match launched {
-        Launched::Known(id) => terminate(Some(id)),
-        Launched::Unknown => terminate(None),
+        Launched::Known(instance) => {
+            terminate(Some(instance.instance_id), Some(instance.launched_at))
+        }
+        Launched::Unknown => terminate(None, None),
         Launched::Nothing => match owned_key {
             Some(key) => ProvisionPhase::DeletingKeyPair(DeletingKeyPair { key, cause }),
             None => finished(cause),
@@ -330,9 +337,13 @@ fn cleanup(launched: Launched, key: Option<KeyPairHandle>, cause: CleanupCause) 
     }
 }
 
-fn abandon_spot(instance_id: &str, next: &LaunchAttempt, reason: String) -> ProvisionPhase {
+fn abandon_spot(
+    instance: &LaunchedInstance,
+    next: &LaunchAttempt,
+    reason: String,
+) -> ProvisionPhase {
     ProvisionPhase::AbandoningSpot(AbandoningSpot {
-        instance_id: instance_id.to_string(),
+        instance: instance.clone(),
         next: next.clone(),
         reason,
     })
@@ -340,7 +351,7 @@ fn abandon_spot(instance_id: &str, next: &LaunchAttempt, reason: String) -> Prov
 
 /// What cleanup must terminate.
 enum Launched {
-    Known(String),
+    Known(LaunchedInstance),
     /// A RunInstances may have succeeded without us hearing the answer.
     Unknown,
     /// Every launch attempt was answered and none made an instance.
@@ -378,8 +389,8 @@ fn cleanup_from(
     let launched = match phase {
         ProvisionPhase::RequestingSpot(_) | ProvisionPhase::Launching(_) => Launched::Unknown,
         other => other
-            .instance_id()
-            .map_or(Launched::Nothing, |id| Launched::Known(id.to_string())),
+            .instance()
+            .map_or(Launched::Nothing, |i| Launched::Known(i.clone())),
     };
     cleanup(launched, key, cause)
 }
@@ -465,6 +476,7 @@ fn decide(
                     instance_id,
                     key: launch.key.clone(),
                     was_spot,
+                    launched_at: now,
                 },
                 deadline: now.plus(timeout),
                 on_demand_fallback,
@@ -539,7 +551,7 @@ fn decide(
                     let reason = format!(
                         "spot instance {id} was not running within the spot request timeout"
                     );
-                    return Some(Decision::go(abandon_spot(id, next, reason)));
+                    return Some(Decision::go(abandon_spot(&p.instance, next, reason)));
                 }
                 let reason = format!("instance {id} did not reach running in time");
                 return Some(Decision::go(cleanup_from(ctx, phase, failure(reason))));
@@ -576,7 +588,7 @@ fn decide(
             let id = &p.instance.instance_id;
             if let Some(next) = &p.on_demand_fallback {
                 let reason = format!("spot instance {id} went {state} before it was running");
-                return Some(Decision::go(abandon_spot(id, next, reason)));
+                return Some(Decision::go(abandon_spot(&p.instance, next, reason)));
             }
             let reason = format!("instance {id} went {state} before it was ready");
             Decision::go(cleanup_from(ctx, phase, failure(reason)))

@@ -45,6 +45,10 @@ pub struct LaunchedInstance {
     pub instance_id: String,
     pub key: KeyPairHandle,
     pub was_spot: bool,
+    /// When RunInstances answered: until a while after, EC2 may not show
+    /// the instance yet (0 in checkpoints written before this was kept).
+    #[serde(default)]
+    pub launched_at: Timestamp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,7 +84,7 @@ pub struct WaitingForRunning {
 /// `next` on demand.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AbandoningSpot {
-    pub instance_id: String,
+    pub instance: LaunchedInstance,
     pub next: LaunchAttempt,
     /// Why, for the `SpotFallback` notice once the instance is gone.
     pub reason: String,
@@ -121,6 +125,9 @@ pub struct TerminatingInstance {
     /// `None`: a launch may have made an instance whose id was never
     /// answered; the terminate effect finds it by the session tag.
     pub instance_id: Option<String>,
+    /// When the known instance was launched (see `LaunchedInstance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched_at: Option<Timestamp>,
     pub key: Option<KeyPairHandle>,
     pub cause: CleanupCause,
 }
@@ -273,6 +280,7 @@ impl ProvisionPhase {
     pub fn instance(&self) -> Option<&LaunchedInstance> {
         match self {
             ProvisionPhase::WaitingForRunning(p) => Some(&p.instance),
+            ProvisionPhase::AbandoningSpot(p) => Some(&p.instance),
             ProvisionPhase::WaitingForSsh(p) => Some(&p.instance),
             ProvisionPhase::Ready(p) => Some(&p.instance),
             _ => None,
@@ -282,7 +290,6 @@ impl ProvisionPhase {
     pub fn instance_id(&self) -> Option<&str> {
         match self {
             ProvisionPhase::TerminatingInstance(p) => p.instance_id.as_deref(),
-            ProvisionPhase::AbandoningSpot(p) => Some(&p.instance_id),
             other => other.instance().map(|i| i.instance_id.as_str()),
         }
     }
@@ -299,7 +306,6 @@ impl ProvisionPhase {
         match self {
             ProvisionPhase::RequestingSpot(p) => Some(&p.launch.key),
             ProvisionPhase::Launching(p) => Some(&p.launch.key),
-            ProvisionPhase::AbandoningSpot(p) => Some(&p.next.key),
             ProvisionPhase::TerminatingInstance(p) => p.key.as_ref(),
             ProvisionPhase::DeletingKeyPair(p) => Some(&p.key),
             other => other.instance().map(|i| &i.key),

@@ -80,6 +80,7 @@ fn instance(ctx: &SessionContext) -> LaunchedInstance {
         instance_id: "i-0123".into(),
         key: ctx.planned_key(),
         was_spot: false,
+        launched_at: T0,
     }
 }
 
@@ -129,7 +130,7 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
             on_demand_fallback: Some(on_demand.clone()),
         }));
         all.push(ProvisionPhase::AbandoningSpot(AbandoningSpot {
-            instance_id: "i-0123".into(),
+            instance: instance(ctx),
             next: on_demand,
             reason: "spot instance i-0123 went terminated before it was running".into(),
         }));
@@ -152,6 +153,7 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     for cause in [CleanupCause::Failure("x".into()), CleanupCause::Teardown] {
         all.push(ProvisionPhase::TerminatingInstance(TerminatingInstance {
             instance_id: Some("i-0123".into()),
+            launched_at: Some(T0),
             key: Some(ctx.planned_key()),
             cause: cause.clone(),
         }));
@@ -377,7 +379,8 @@ fn a_late_or_reclaimed_spot_instance_is_terminated_then_replaced_on_demand() {
         assert_eq!(
             s.effect,
             Some(Effect::TerminateInstance {
-                instance_id: Some("i-0123".into())
+                instance_id: Some("i-0123".into()),
+                launched_at: Some(T0),
             })
         );
         assert!(s.notices.is_empty());
@@ -434,7 +437,8 @@ fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
     assert_eq!(
         s.effect,
         Some(Effect::TerminateInstance {
-            instance_id: Some("i-0123".into())
+            instance_id: Some("i-0123".into()),
+            launched_at: Some(T0),
         })
     );
 }
@@ -487,6 +491,7 @@ fn cleanup_never_gives_up_on_its_own() {
     let ctx = ctx(shapes()[0]);
     let mut state = SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
         instance_id: Some("i-1".into()),
+        launched_at: None,
         key: None,
         cause: CleanupCause::Teardown,
     }));

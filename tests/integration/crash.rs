@@ -197,6 +197,7 @@ async fn a_cleanup_that_keeps_failing_stops_with_advice_and_stays_recoverable() 
     };
     let terminating = ProvisionPhase::TerminatingInstance(TerminatingInstance {
         instance_id: Some(ready.instance_id.clone()),
+        launched_at: None,
         key: None,
         cause: CleanupCause::Teardown,
     });

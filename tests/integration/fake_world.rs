@@ -103,7 +103,7 @@ impl Effects for FakeWorld {
                     message: "UnauthorizedOperation: not allowed to terminate".into(),
                 }
             }
-            Effect::TerminateInstance { instance_id } => {
+            Effect::TerminateInstance { instance_id, .. } => {
                 // Like the real effect: the known id, and everything tagged
                 // with the session (here: everything).
                 for (id, gone) in world.instances.values_mut() {

@@ -442,6 +442,29 @@ async fn a_slow_console_a_late_sshd_and_a_refusing_sshd_are_waited_out() {
 }
 
 #[tokio::test]
+async fn teardown_right_after_launch_waits_for_ec2_to_show_the_instance() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    let engine = harness.engine(lab.effects());
+    let ready = engine
+        .provision(lab.request(""), &NoProgress)
+        .await
+        .expect("Ready");
+    // EC2 does not show the new instance to TerminateInstances yet: that is
+    // not "already gone", or the session would end TornDown with it running.
+    lab.fault(
+        json!({"action": "TerminateInstances", "code": "InvalidInstanceID.NotFound", "count": 2}),
+    );
+    let end = engine
+        .teardown(&ready.session_id, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(end, PhaseKind::TornDown);
+    assert!(lab.live_instances_of(&ready.session_id).is_empty());
+    assert_eq!(lab.count("TerminateInstances"), 3, "{:?}", lab.counters());
+}
+
+#[tokio::test]
 async fn throttling_and_an_invisible_new_instance_are_retried() {
     let lab = Lab::start();
     lab.fault(
