@@ -51,20 +51,32 @@ pub fn write_private_key(path: &str, pem: &Zeroizing<String>) -> std::io::Result
         .mode(0o700)
         .create(dir)?;
     // Write aside, then rename: a crash leaves either no key file or a whole one.
-    let partial = format!("{path}.partial");
+    let partial = partial_path(path);
     remove_file_if_present(&partial)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&partial)?;
-    file.write_all(pem.as_bytes())?;
-    if !pem.ends_with('\n') {
-        file.write_all(b"\n")?;
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)?;
+        file.write_all(pem.as_bytes())?;
+        if !pem.ends_with('\n') {
+            file.write_all(b"\n")?;
+        }
+        file.sync_all()?;
+        std::fs::rename(&partial, target)
+    })();
+    if written.is_err() {
+        // Key material must not linger beside a failed write.
+        let _ = remove_file_if_present(&partial);
     }
-    file.sync_all()?;
-    std::fs::rename(&partial, target)?;
+    written?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Where a key file is written before it is renamed into place.
+fn partial_path(path: &str) -> String {
+    format!("{path}.partial")
 }
 
 fn remove_file_if_present(path: &str) -> std::io::Result<()> {
@@ -271,12 +283,16 @@ pub async fn delete(ec2: &Client, key_name: &str, path: Option<&str>) -> Input {
     if let Err(input) = ec2::delete_key_pair(ec2, key_name).await {
         return input;
     }
-    if let Some(path) = path
-        && let Err(e) = remove_file_if_present(path)
+    // A write cut short by a crash may have left the key beside its path.
+    for file in path
+        .into_iter()
+        .flat_map(|p| [p.to_string(), partial_path(p)])
     {
-        return Input::TransientFailure {
-            message: format!("cannot remove key file {path}: {e}"),
-        };
+        if let Err(e) = remove_file_if_present(&file) {
+            return Input::TransientFailure {
+                message: format!("cannot remove key file {file}: {e}"),
+            };
+        }
     }
     Input::KeyPairDeleted
 }

@@ -455,6 +455,10 @@ async fn teardown_right_after_launch_waits_for_ec2_to_show_the_instance() {
     lab.fault(
         json!({"action": "TerminateInstances", "code": "InvalidInstanceID.NotFound", "count": 2}),
     );
+    // What a crash in the middle of writing the key file would leave.
+    let key_path = ready.key_path.clone().expect("temporary key");
+    let partial = format!("{key_path}.partial");
+    std::fs::write(&partial, "key material").unwrap();
     let end = engine
         .teardown(&ready.session_id, &NoProgress)
         .await
@@ -462,6 +466,11 @@ async fn teardown_right_after_launch_waits_for_ec2_to_show_the_instance() {
     assert_eq!(end, PhaseKind::TornDown);
     assert!(lab.live_instances_of(&ready.session_id).is_empty());
     assert_eq!(lab.count("TerminateInstances"), 3, "{:?}", lab.counters());
+    assert!(!std::path::Path::new(&key_path).exists());
+    assert!(
+        !std::path::Path::new(&partial).exists(),
+        "{partial} left behind"
+    );
 }
 
 #[tokio::test]
