@@ -293,6 +293,13 @@ pub async fn run_instance(
         },
         Err(e) => match classify(&e) {
             Failure::Capacity { code, message } => Input::CapacityUnavailable { code, message },
+            // The session made (or checked) its key pair moments ago: EC2
+            // being eventually consistent, RunInstances may not see it yet.
+            Failure::NotFound(message) if message.starts_with("InvalidKeyPair.NotFound") => {
+                Input::TransientFailure {
+                    message: format!("{message}; the key pair may not be visible yet"),
+                }
+            }
             other => other.into_input(),
         },
     }

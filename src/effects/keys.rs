@@ -240,7 +240,19 @@ async fn create_afresh(
         .tag_specifications(ec2::key_pair_tags(ctx, created))
         .send()
         .await
-        .map_err(|e| ec2::key_call_failure(&e))?;
+        .map_err(|e| {
+            let code = e
+                .as_service_error()
+                .and_then(aws_sdk_ec2::error::ProvideErrorMetadata::code);
+            if code == Some("InvalidKeyPair.Duplicate") {
+                // A delete EC2 does not show yet, or a create whose answer
+                // was lost: the next try deletes the pair and makes it again.
+                return Input::TransientFailure {
+                    message: format!("key pair {key_name} still exists; making it again"),
+                };
+            }
+            ec2::key_call_failure(&e)
+        })?;
     let material = Zeroizing::new(out.key_material.unwrap_or_default());
     if material.is_empty() {
         return Err(Input::TransientFailure {

@@ -474,6 +474,23 @@ async fn teardown_right_after_launch_waits_for_ec2_to_show_the_instance() {
 }
 
 #[tokio::test]
+async fn a_new_key_pair_not_yet_visible_is_retried_not_failed() {
+    let lab = Lab::start();
+    // EC2's eventual consistency around a key pair this session makes:
+    // CreateKeyPair says it exists, RunInstances says it does not.
+    lab.fault(json!({"action": "CreateKeyPair", "code": "InvalidKeyPair.Duplicate", "count": 1}));
+    lab.fault(json!({"action": "RunInstances", "code": "InvalidKeyPair.NotFound", "count": 1}));
+    let harness = Harness::new();
+    let engine = harness.engine(lab.effects());
+    let ready = engine
+        .provision(lab.request(""), &NoProgress)
+        .await
+        .expect("Ready");
+    assert_eq!(lab.count("CreateKeyPair"), 2, "{:?}", lab.counters());
+    assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
+}
+
+#[tokio::test]
 async fn throttling_and_an_invisible_new_instance_are_retried() {
     let lab = Lab::start();
     lab.fault(
