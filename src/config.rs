@@ -215,7 +215,10 @@ impl Ec2Target {
                     Duration::from_secs(300),
                 )?,
             })
-        } else if self.spot_max_price.is_some() || self.spot_request_timeout.is_some() {
+        } else if self.spot_max_price.is_some()
+            || self.spot_request_timeout.is_some()
+            || self.spot_fallback_to_on_demand.is_some()
+        {
             return Err(invalid(
                 "useSpot",
                 "spot settings are given but useSpot is not true",
@@ -427,6 +430,17 @@ mod tests {
                 "spotRequestTimeout",
             ),
             ("  spotMaxPrice: \"0.1\"\n", "useSpot"),
+            ("  spotFallbackToOnDemand: false\n", "useSpot"),
+            ("  runningTimeout: 0s\n", "runningTimeout"),
+            ("  sshTimeout: 0s\n", "sshTimeout"),
+            (
+                "  ssh:\n    endpointOverride: http://127.0.0.1:22\n",
+                "ssh.endpointOverride",
+            ),
+            (
+                "  ssh:\n    hostKeyVerification: pinned\n    hostKeyFingerprints: [\"SHA256:x\"]\n",
+                "ssh.hostKeyFingerprints",
+            ),
             ("  keyName: mine\n", "privateKeyPath"),
             ("  pollInterval: 1ms\n", "pollInterval"),
             (

@@ -268,7 +268,7 @@ impl ProvisionRequest {
         {
             return Err(invalid(
                 "ssh.endpointOverride",
-                format!("`{endpoint}` is not host:port"),
+                format!("`{endpoint}` is not host:port (a name or IPv4 address, or [IPv6]:port)"),
             ));
         }
         if let HostKeyPolicy::Pinned(prints) = &self.ssh.host_key_policy {
@@ -278,15 +278,21 @@ impl ProvisionRequest {
                     "pinned mode needs at least one",
                 ));
             }
-            if let Some(bad) = prints.iter().find(|p| !p.starts_with("SHA256:")) {
+            if let Some(bad) = prints.iter().find(|p| !is_sha256_fingerprint(p)) {
                 return Err(invalid(
                     "ssh.hostKeyFingerprints",
-                    format!("`{bad}` is not an OpenSSH SHA256:… fingerprint"),
+                    format!(
+                        "`{bad}` is not an OpenSSH fingerprint: `SHA256:` and 43 base64 \
+                         characters, as `ssh-keygen -lf` prints it"
+                    ),
                 ));
             }
         }
-        if self.timeouts.running.is_zero() || self.timeouts.ssh.is_zero() {
-            return Err(invalid("timeouts", "must be longer than zero"));
+        if self.timeouts.running.is_zero() {
+            return Err(invalid("runningTimeout", "must be longer than zero"));
+        }
+        if self.timeouts.ssh.is_zero() {
+            return Err(invalid("sshTimeout", "must be longer than zero"));
         }
         if self.timeouts.poll_interval < Duration::from_millis(50) {
             return Err(invalid("pollInterval", "must be at least 50ms"));
@@ -295,12 +301,40 @@ impl ProvisionRequest {
     }
 }
 
-/// Splits `host:port` (IPv6 as `[::1]:22`).
+/// Splits `host:port`: a DNS name or IPv4 address, or an IPv6 address in
+/// brackets (`[::1]:22`). Anything else (a scheme, a path, a bare IPv6
+/// address) is refused here rather than at connect time, after a launch.
 pub fn parse_host_port(text: &str) -> Option<(String, u16)> {
     let (host, port) = text.rsplit_once(':')?;
     let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then(|| (host.to_string(), port))
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().ok()?.to_string(),
+        None if is_dns_name(host) => host.to_string(),
+        None => return None,
+    };
+    Some((host, port))
+}
+
+/// Letters, digits and hyphens in dot-separated labels (IPv4 addresses too).
+fn is_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// `SHA256:` and the 43 unpadded base64 characters of a SHA-256 digest.
+fn is_sha256_fingerprint(text: &str) -> bool {
+    text.strip_prefix("SHA256:").is_some_and(|digest| {
+        digest.len() == 43
+            && digest
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
+    })
 }
 
 /// Durations stored as whole milliseconds, so the JSON is readable and exact.
@@ -424,8 +458,37 @@ mod tests {
             Some(("127.0.0.1".into(), 2222))
         );
         assert_eq!(parse_host_port("[::1]:22"), Some(("::1".into(), 22)));
-        assert_eq!(parse_host_port("host"), None);
-        assert_eq!(parse_host_port("host:0"), None);
-        assert_eq!(parse_host_port(":22"), None);
+        assert_eq!(
+            parse_host_port("bastion.example.com:2222"),
+            Some(("bastion.example.com".into(), 2222))
+        );
+        for bad in [
+            "host",
+            "host:0",
+            ":22",
+            "http://h:22",
+            "a:b:22",
+            "::1:22",
+            "[not-v6]:22",
+            "h/x:22",
+            "h st:22",
+            "-h:22",
+        ] {
+            assert_eq!(parse_host_port(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_must_be_whole_sha256_digests() {
+        let good = "SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8";
+        assert!(is_sha256_fingerprint(good));
+        for bad in [
+            "SHA256:x",
+            "SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8=",
+            "MD5:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8",
+            "SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5S_8",
+        ] {
+            assert!(!is_sha256_fingerprint(bad), "{bad}");
+        }
     }
 }
