@@ -140,17 +140,24 @@ fn open_store(cli: &Cli) -> Result<(Arc<SqliteStore>, String)> {
     Ok((Arc::new(store), key_dir.to_string_lossy().into_owned()))
 }
 
-async fn engine(cli: &Cli) -> Result<Engine<AwsEffects>> {
-    let (store, key_dir) = open_store(cli)?;
+/// The engine over the state database. Only `provision` creates the
+/// database: without one, teardown and recover have nothing to act on
+/// (`None`). The loopback guard runs first, so a refused environment
+/// leaves nothing on disk.
+async fn engine(cli: &Cli, create_store: bool) -> Result<Option<Engine<AwsEffects>>> {
     let effects = AwsEffects::from_environment(ConnectGuard::from_env()).await?;
-    Ok(Engine::new(
+    if !create_store && !state_db_path(cli)?.exists() {
+        return Ok(None);
+    }
+    let (store, key_dir) = open_store(cli)?;
+    Ok(Some(Engine::new(
         Arc::new(effects),
         store,
         EngineOptions {
             key_dir,
             lease_ttl: Duration::from_secs(30),
         },
-    ))
+    )))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -167,7 +174,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Provision { config, json } => {
             let request = acode_ec2::config::load(config)?;
-            let engine = engine(&cli).await?;
+            let engine = engine(&cli, true)
+                .await?
+                .context("the state database could not be created")?;
             let display = ProgressDisplay::new();
             let outcome = tokio::select! {
                 outcome = engine.provision(request, &display) => outcome,
@@ -242,7 +251,13 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Teardown { session } => {
-            let engine = engine(&cli).await?;
+            let Some(engine) = engine(&cli, false).await? else {
+                bail!(
+                    "no session {session}: there is no state database at {}; \
+                     check --state-db / ACODE_EC2_STATE_DB",
+                    state_db_path(&cli)?.display()
+                );
+            };
             let display = ProgressDisplay::new();
             let end = engine.teardown(session, &display).await;
             display.finish();
@@ -250,7 +265,10 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Recover => {
-            let engine = engine(&cli).await?;
+            let Some(engine) = engine(&cli, false).await? else {
+                println!("nothing to recover");
+                return Ok(());
+            };
             let display = ProgressDisplay::new();
             let report = engine.recover(&display).await;
             display.finish();

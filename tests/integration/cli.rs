@@ -111,6 +111,24 @@ fn reading_commands_do_not_create_a_state_database() {
 }
 
 #[test]
+fn teardown_and_recover_without_a_state_database_create_none() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("typo/never.db");
+    let out = cli(&db, Some(&lab), &["teardown", "no-such-session"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no session no-such-session") && err.contains("never.db"),
+        "{err}"
+    );
+    let out = cli(&db, Some(&lab), &["recover"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("nothing to recover"));
+    assert!(!db.exists() && !db.parent().unwrap().exists());
+}
+
+#[test]
 fn diagram_prints_the_checked_in_files() {
     let dir = tempfile::tempdir().unwrap();
     for (format, file) in [("mermaid", "provision.mmd"), ("dot", "provision.dot")] {
