@@ -350,33 +350,40 @@ fn instance_input(instance: &Instance) -> Input {
     }
 }
 
+/// The host keys cloud-init printed. `Latest=true` gives live output but
+/// only on Nitro types; older (Xen) types refuse it, so a refusal is asked
+/// again for the buffered output, which is all they have.
 pub async fn read_console_host_keys(ec2: &Client, instance_id: &str) -> Input {
-    match ec2
+    let output = match console_output(ec2, instance_id, true).await {
+        Err(Failure::Rejected { .. }) => console_output(ec2, instance_id, false).await,
+        other => other,
+    };
+    match output {
+        Ok(decoded) => match console::host_key_fingerprints(&decoded) {
+            Some(fingerprints) => Input::ConsoleHostKeys { fingerprints },
+            None => Input::ConsoleNotReady,
+        },
+        Err(Failure::NotFound(_)) => Input::ConsoleNotReady,
+        Err(other) => other.into_input(),
+    }
+}
+
+async fn console_output(ec2: &Client, instance_id: &str, latest: bool) -> Result<Vec<u8>, Failure> {
+    let out = ec2
         .get_console_output()
         .instance_id(instance_id)
-        .latest(true)
+        .latest(latest)
         .send()
         .await
-    {
-        Ok(out) => {
-            let decoded = out
-                .output()
-                .and_then(|text| {
-                    base64::engine::general_purpose::STANDARD
-                        .decode(text.trim())
-                        .ok()
-                })
-                .unwrap_or_default();
-            match console::host_key_fingerprints(&decoded) {
-                Some(fingerprints) => Input::ConsoleHostKeys { fingerprints },
-                None => Input::ConsoleNotReady,
-            }
-        }
-        Err(e) => match classify(&e) {
-            Failure::NotFound(_) => Input::ConsoleNotReady,
-            other => other.into_input(),
-        },
-    }
+        .map_err(|e| classify(&e))?;
+    Ok(out
+        .output()
+        .and_then(|text| {
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .ok()
+        })
+        .unwrap_or_default())
 }
 
 /// How long after its launch an instance EC2 says it does not know may

@@ -491,6 +491,21 @@ async fn a_new_key_pair_not_yet_visible_is_retried_not_failed() {
 }
 
 #[tokio::test]
+async fn an_instance_type_without_live_console_output_is_read_buffered() {
+    let lab = Lab::start();
+    // What Xen instance types answer to GetConsoleOutput with Latest=true.
+    lab.fault(json!({"action": "GetConsoleOutput", "code": "UnsupportedOperation", "count": 1}));
+    let harness = Harness::new();
+    let engine = harness.engine(lab.effects());
+    let ready = engine
+        .provision(lab.request(""), &NoProgress)
+        .await
+        .expect("Ready");
+    lab.assert_trusted(&ready);
+    assert!(lab.count("GetConsoleOutput") >= 2, "{:?}", lab.counters());
+}
+
+#[tokio::test]
 async fn throttling_and_an_invisible_new_instance_are_retried() {
     let lab = Lab::start();
     lab.fault(
