@@ -392,6 +392,10 @@ async fn console_output(ec2: &Client, instance_id: &str, latest: bool) -> Result
 /// about an hour, then vanish.
 pub const LAUNCH_VISIBILITY_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// How long after a launch whose answer was lost a sweep that finds
+/// nothing is tried again before nothing is believed.
+pub const SWEEP_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Terminates the instance, and any other live instance tagged with this
 /// session: all of them when the id is unknown (a launch whose answer was
 /// lost), and a second line of defence otherwise. Tags are set at creation,
@@ -442,6 +446,16 @@ pub async fn terminate(
             }
         }
         Err(e) => return Failure::Transient(describe(classify(&e))).into_input(),
+    }
+    if ids.is_empty()
+        && let Some(at) = launched_at
+        && super::now() < at.plus(SWEEP_SETTLE)
+    {
+        return Input::TransientFailure {
+            message: "no instance tagged with this session yet; one made by the launch whose \
+                      answer was lost may not be visible for a few seconds: looking again"
+                .into(),
+        };
     }
     for id in ids {
         if let Err(e) = ec2.terminate_instances().instance_ids(&id).send().await {

@@ -349,6 +349,19 @@ fn abandon_spot(
     })
 }
 
+/// A sweep for the instance of a launch whose answer may have been lost
+/// (a transient failure, or teardown before the answer) is dated now: EC2
+/// may not show that instance for a few seconds, so finding nothing soon
+/// after does not yet mean there is nothing.
+fn after_unanswered_launch(mut cleanup: ProvisionPhase, now: Timestamp) -> ProvisionPhase {
+    if let ProvisionPhase::TerminatingInstance(t) = &mut cleanup
+        && t.instance_id.is_none()
+    {
+        t.launched_at = Some(now);
+    }
+    cleanup
+}
+
 /// What cleanup must terminate.
 enum Launched {
     Known(LaunchedInstance),
@@ -413,7 +426,8 @@ fn decide(
                     "{} failed {failures} times in a row, last: {message}",
                     phase.kind()
                 );
-                return Some(Decision::go(cleanup_from(ctx, phase, failure(reason))));
+                let cleanup = cleanup_from(ctx, phase, failure(reason));
+                return Some(Decision::go(after_unanswered_launch(cleanup, now)));
             }
             Decision {
                 next: SessionState {
@@ -425,7 +439,8 @@ fn decide(
             }
         }
         (_, Input::TeardownRequested) => {
-            Decision::go(cleanup_from(ctx, phase, CleanupCause::Teardown))
+            let cleanup = cleanup_from(ctx, phase, CleanupCause::Teardown);
+            Decision::go(after_unanswered_launch(cleanup, now))
         }
         (_, Input::Rejected { code, message }) => {
             let reason = format!("{} rejected: {code}: {message}", phase.kind());

@@ -125,7 +125,8 @@ pub struct TerminatingInstance {
     /// `None`: a launch may have made an instance whose id was never
     /// answered; the terminate effect finds it by the session tag.
     pub instance_id: Option<String>,
-    /// When the known instance was launched (see `LaunchedInstance`).
+    /// When the known instance was launched (see `LaunchedInstance`), or,
+    /// with no id, when the launch whose answer was lost was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launched_at: Option<Timestamp>,
     pub key: Option<KeyPairHandle>,

@@ -487,6 +487,36 @@ fn transient_failures_back_off_then_clean_up() {
 }
 
 #[test]
+fn a_sweep_after_a_launch_that_may_have_been_lost_is_dated() {
+    let ctx = ctx(shapes()[0]);
+    let launching = phases(&ctx)
+        .into_iter()
+        .find(|p| p.kind() == PhaseKind::Launching)
+        .unwrap();
+    let sweep_of = |state: &SessionState, input: Input| {
+        let s = step(&ctx, state, input, T0).unwrap();
+        let ProvisionPhase::TerminatingInstance(t) = s.state.phase else {
+            panic!("{:?}", s.state.phase)
+        };
+        assert_eq!(t.instance_id, None);
+        t.launched_at
+    };
+    let exhausted = SessionState {
+        phase: launching.clone(),
+        transient_failures: MAX_TRANSIENT_FAILURES,
+    };
+    let fresh = SessionState::fresh(launching);
+    // The answer may have been lost: EC2 may not show the instance yet.
+    assert_eq!(
+        sweep_of(&exhausted, sample_input(InputKind::TransientFailure)),
+        Some(T0)
+    );
+    assert_eq!(sweep_of(&fresh, Input::TeardownRequested), Some(T0));
+    // A refusal made nothing: no need to wait for anything to appear.
+    assert_eq!(sweep_of(&fresh, sample_input(InputKind::Rejected)), None);
+}
+
+#[test]
 fn cleanup_never_gives_up_on_its_own() {
     let ctx = ctx(shapes()[0]);
     let mut state = SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {

@@ -699,6 +699,9 @@ async fn every_effect_run_twice_has_the_same_outcome() {
 #[tokio::test]
 async fn teardown_finds_an_instance_whose_launch_answer_was_lost() {
     let lab = Lab::start();
+    // As EC2 may: the new instance is missing from DescribeInstances for a
+    // while, so a sweep right after the launch finds nothing.
+    lab.configure(json!({"visibility_delay_s": 3.0}));
     let harness = Harness::new();
     // RunInstances ran (effect #3) and the process died before recording it.
     let session_id = crash_after_effect(&lab, &harness, 3).await;

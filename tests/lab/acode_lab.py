@@ -102,6 +102,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "spot_mode": "fulfilled",
     "spot_fulfill_delay_s": 0.0,
     "placement_scores": {"us-east-1a": 9, "us-east-1b": 3},
+    "visibility_delay_s": 0.0,
 }
 
 # HTTP status EC2 uses for an error code; anything else is a client error.
@@ -322,6 +323,7 @@ CONFIG_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "spot_mode": _choice(SPOT_MODES),
     "spot_fulfill_delay_s": _number,
     "placement_scores": _scores,
+    "visibility_delay_s": _number,
 }
 
 
@@ -410,6 +412,7 @@ class InstanceTimeline:
     running_at: float
     status_ok_at: float
     console_at: float
+    visible_at: float
     terminated_at: float | None = None
 
     def state(self, now: float) -> tuple[str, int]:
@@ -605,6 +608,7 @@ class Lab:
             running_at=running_at,
             status_ok_at=running_at + self.config["status_ok_delay_s"],
             console_at=running_at + self.config["console_lag_s"],
+            visible_at=now + self.config["visibility_delay_s"],
         )
         self.instances[instance.id] = timeline
         self.latest_instance_id = instance.id
@@ -653,6 +657,18 @@ class Lab:
         staging.write_text("".join(line + "\n" for line in self.authorized_keys))
         staging.chmod(0o600)
         os.replace(staging, self.authorized_keys_path)
+
+    def hidden(self, instance_id: str) -> bool:
+        """EC2's eventual consistency: a new instance is unknown to Describe and Terminate for a while."""
+        timeline = self.instances.get(instance_id)
+        return timeline is not None and time.monotonic() < timeline.visible_at
+
+    def check_visible(self, instance_ids: list[str]) -> None:
+        unseen = [i for i in instance_ids if self.hidden(i)]
+        if unseen:
+            raise Ec2HttpError(
+                "InvalidInstanceID.NotFound", f"The instance ID '{unseen[0]}' does not exist"
+            )
 
     def begin_termination(self, results: list[tuple[Instance, InstanceState]]) -> None:
         """moto 5.2.5 terminates at once; the lab turns that into shutting-down, then terminated."""
@@ -831,6 +847,8 @@ def install_moto_patches(lab: Lab) -> None:
     """Routes moto's EC2 model calls through the lab. Each patch targets moto 5.2.5."""
     run_instances = EC2Backend.run_instances
     terminate_instances = EC2Backend.terminate_instances
+    describe_instances = EC2Backend.describe_instances
+    get_reservations_by_instance_ids = EC2Backend.get_reservations_by_instance_ids
     request_spot_instances = EC2Backend.request_spot_instances
     launch_spot_instance = SpotInstanceRequest.launch_instance
 
@@ -841,6 +859,7 @@ def install_moto_patches(lab: Lab) -> None:
     # InstanceBackend.terminate_instances sets `terminated` at once.
     def patched_terminate_instances(backend: EC2Backend, instance_ids: list[str]) -> Any:
         with lab.lock:
+            lab.check_visible(instance_ids)
             results = terminate_instances(backend, instance_ids)
             lab.begin_termination(results)
             return results
@@ -861,6 +880,22 @@ def install_moto_patches(lab: Lab) -> None:
     def patched_launch_instance(request: SpotInstanceRequest) -> Instance | None:
         return launch_spot_instance(request) if getattr(request, "lab_release", False) else None
 
+    # DescribeInstances by filter leaves out instances not visible yet; by id,
+    # it answers NotFound for them, as EC2 does.
+    def patched_describe_instances(backend: EC2Backend, filters: Any = None) -> Any:
+        reservations = []
+        for reservation in describe_instances(backend, filters):
+            reservation.instances = [i for i in reservation.instances if not lab.hidden(i.id)]
+            if reservation.instances:
+                reservations.append(reservation)
+        return reservations
+
+    def patched_get_reservations_by_instance_ids(backend: EC2Backend, instance_ids: list[str], filters: Any = None) -> Any:
+        lab.check_visible(instance_ids)
+        return get_reservations_by_instance_ids(backend, instance_ids, filters)
+
+    EC2Backend.describe_instances = patched_describe_instances
+    EC2Backend.get_reservations_by_instance_ids = patched_get_reservations_by_instance_ids
     EC2Backend.run_instances = patched_run_instances
     EC2Backend.terminate_instances = patched_terminate_instances
     EC2Backend.request_spot_instances = patched_request_spot_instances

@@ -119,6 +119,7 @@ class LabTest(unittest.TestCase):
                 "spot_mode": "fulfilled",
                 "spot_fulfill_delay_s": 0,
                 "placement_scores": {"us-east-1a": 9, "us-east-1b": 3},
+                "visibility_delay_s": 0,
             },
         )
 
@@ -246,6 +247,27 @@ class LabTest(unittest.TestCase):
             ]
         )["Reservations"]
         self.assertEqual(len(by_state), 1)
+
+    def test_visibility_delay(self) -> None:
+        self.control("POST", "/config", {"visibility_delay_s": WINDOW_S})
+        session = "visibility-1"
+        instance_id = self.run_instance(
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "acode-session-id", "Value": session}]}]
+        )["Instances"][0]["InstanceId"]
+        by_tag = [{"Name": "tag:acode-session-id", "Values": [session]}]
+        # Not visible yet: absent from filtered lists, NotFound by id, to Describe and Terminate alike.
+        self.assertEqual(self.ec2.describe_instances(Filters=by_tag)["Reservations"], [])
+        self.assert_error(lambda: self.ec2.describe_instances(InstanceIds=[instance_id]), "InvalidInstanceID.NotFound", 400)
+        self.assert_error(
+            lambda: self.ec2.terminate_instances(InstanceIds=[instance_id]), "InvalidInstanceID.NotFound", 400
+        )
+
+        def listed() -> bool:
+            reservations = self.ec2.describe_instances(Filters=by_tag)["Reservations"]
+            return [i["InstanceId"] for r in reservations for i in r["Instances"]] == [instance_id]
+
+        self.assertTrue(wait_for(listed))
+        self.ec2.terminate_instances(InstanceIds=[instance_id])
 
     # -- ClientToken idempotency --------------------------------------------------------
 
@@ -578,6 +600,7 @@ class LabTest(unittest.TestCase):
         expected_keys = {
             "boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s", "console_mode",
             "ssh_start_delay_s", "ssh_refuse_s", "spot_mode", "spot_fulfill_delay_s", "placement_scores",
+            "visibility_delay_s",
         }  # fmt: skip
         self.assertEqual(set(config), expected_keys)
         self.assertEqual(config["console_mode"], "ok")
