@@ -2,10 +2,12 @@
 //! 127.0.0.0/8 or ::1, so tests and the lab demo can never reach the fake
 //! public IPs the EC2 emulator hands out, nor the metadata address.
 //!
-//! Invariant: with the guard on, the engine resolves a host, checks every
-//! address, and connects only to checked addresses; an AWS endpoint that is
-//! not loopback, or a credential chain that may probe instance metadata, is
-//! refused before any client is built.
+//! Invariant: with the guard on, the engine resolves only loopback names,
+//! checks every address, and connects only to checked addresses; an AWS
+//! endpoint that is not loopback, or a credential chain that could reach
+//! the network (metadata, STS, SSO, container credentials), is refused
+//! before any client is built, and the client is pinned to the checked
+//! endpoint and the environment's static credentials.
 
 use std::net::SocketAddr;
 
@@ -19,6 +21,17 @@ pub enum GuardError {
          point ssh.endpointOverride at the lab's sshd"
     )]
     NotLoopback { addr: SocketAddr },
+    #[error(
+        "refused to resolve {host:?}: {LOOPBACK_ONLY_ENV}=1 allows only loopback addresses and `localhost` \
+         (a name lookup alone may leave the machine)"
+    )]
+    NotLoopbackHost { host: String },
+    #[error(
+        "refused to build an AWS client: {LOOPBACK_ONLY_ENV}=1 needs static test credentials in \
+         AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (other credential sources reach STS, SSO or \
+         a credentials endpoint)"
+    )]
+    StaticCredentialsMissing,
     #[error(
         "refused AWS endpoint {endpoint:?}: {LOOPBACK_ONLY_ENV}=1 needs AWS_ENDPOINT_URL_EC2 (or AWS_ENDPOINT_URL) \
          set to a loopback URL such as http://127.0.0.1:PORT"
@@ -67,21 +80,37 @@ impl ConnectGuard {
         Ok(())
     }
 
-    /// Checks the AWS endpoint and metadata settings read from the
-    /// environment, the way the AWS SDK will read them.
-    pub fn check_aws_environment(self) -> Result<(), GuardError> {
-        if !self.loopback_only {
-            return Ok(());
+    /// Checked before a name is looked up: with the guard on, only a
+    /// loopback address or `localhost` may be resolved at all.
+    pub fn check_host(self, host: &str) -> Result<(), GuardError> {
+        if self.loopback_only && !is_loopback_host(host) {
+            return Err(GuardError::NotLoopbackHost {
+                host: host.to_string(),
+            });
         }
+        Ok(())
+    }
+
+    /// Checks the AWS settings in the environment, the way the AWS SDK will
+    /// read them. With the guard on, gives the loopback endpoint that the
+    /// client must be pinned to; `None` with the guard off.
+    pub fn check_aws_environment(self) -> Result<Option<String>, GuardError> {
+        if !self.loopback_only {
+            return Ok(None);
+        }
+        let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
         if !std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
         {
             return Err(GuardError::MetadataNotDisabled);
+        }
+        if !set("AWS_ACCESS_KEY_ID") || !set("AWS_SECRET_ACCESS_KEY") {
+            return Err(GuardError::StaticCredentialsMissing);
         }
         let endpoint = std::env::var("AWS_ENDPOINT_URL_EC2")
             .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
             .ok();
         match endpoint.as_deref().and_then(url_host) {
-            Some(host) if is_loopback_host(host) => Ok(()),
+            Some(host) if is_loopback_host(host) => Ok(endpoint),
             _ => Err(GuardError::AwsEndpointNotLoopback { endpoint }),
         }
     }
@@ -129,6 +158,22 @@ mod tests {
             ConnectGuard::open().check("54.12.34.56:22".parse().unwrap()),
             Ok(())
         );
+    }
+
+    #[test]
+    fn with_the_guard_on_only_loopback_names_are_looked_up() {
+        let guard = ConnectGuard::loopback_only();
+        for ok in ["localhost", "127.0.0.1", "::1"] {
+            assert_eq!(guard.check_host(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "example.com",
+            "ec2-54-1-2-3.compute.amazonaws.com",
+            "10.0.0.1",
+        ] {
+            assert!(guard.check_host(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ConnectGuard::open().check_host("example.com"), Ok(()));
     }
 
     #[test]

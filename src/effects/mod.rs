@@ -72,8 +72,11 @@ impl AwsEffects {
     /// Builds a client from the AWS SDK's own chain (`AWS_REGION`,
     /// `AWS_PROFILE`, `AWS_ENDPOINT_URL_EC2`, …), with the SDK's standard
     /// retries for throttling and 5xx, after the loopback guard agrees.
+    /// With the guard on, the client is pinned to the checked loopback
+    /// endpoint and to the environment's static credentials, whatever
+    /// profiles or other settings say.
     pub async fn from_environment(guard: ConnectGuard) -> Result<AwsEffects, GuardError> {
-        guard.check_aws_environment()?;
+        let pinned_endpoint = guard.check_aws_environment()?;
         // Bounded calls: an effect must finish well within the session lease
         // (30 s), so a hung connection cannot hold a session forever.
         let timeouts = TimeoutConfig::builder()
@@ -81,11 +84,15 @@ impl AwsEffects {
             .operation_attempt_timeout(Duration::from_secs(8))
             .operation_timeout(Duration::from_secs(20))
             .build();
-        let config = aws_config::defaults(BehaviorVersion::latest())
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::standard().with_max_attempts(4))
-            .timeout_config(timeouts)
-            .load()
-            .await;
+            .timeout_config(timeouts);
+        if let Some(endpoint) = pinned_endpoint {
+            loader = loader.endpoint_url(endpoint).credentials_provider(
+                aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+            );
+        }
+        let config = loader.load().await;
         Ok(AwsEffects::new(aws_sdk_ec2::Client::new(&config), guard))
     }
 

@@ -80,6 +80,12 @@ async fn probe_once(
             message: format!("`{endpoint}` is not host:port"),
         };
     };
+    if let Err(refused) = guard.check_host(&host) {
+        return Input::Rejected {
+            code: "LoopbackOnly".into(),
+            message: refused.to_string(),
+        };
+    }
     let addrs = match tokio::net::lookup_host((host.as_str(), port)).await {
         Ok(addrs) => addrs.collect::<Vec<_>>(),
         Err(e) => return not_ready(format!("cannot resolve {host}: {e}")),

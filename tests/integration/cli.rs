@@ -16,6 +16,9 @@ fn cli(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Output {
         .env("AWS_REGION", "us-east-1")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("ACODE_EC2_LOOPBACK_ONLY", "1")
+        // Would make the SDK drop AWS_ENDPOINT_URL_EC2 and go to real AWS:
+        // the guard pins the checked endpoint, so every test here proves it.
+        .env("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
         .env_remove("AWS_PROFILE");
     match lab {
         Some(lab) => command.env("AWS_ENDPOINT_URL_EC2", &lab.info.ec2_endpoint),
@@ -91,6 +94,29 @@ fn without_a_loopback_endpoint_the_guard_refuses_to_build_a_client() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn without_static_test_credentials_the_guard_refuses_to_build_a_client() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let out = Command::new(env!("CARGO_BIN_EXE_acode-ec2"))
+        .args(["recover"])
+        .env("ACODE_EC2_STATE_DB", &db)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("ACODE_EC2_LOOPBACK_ONLY", "1")
+        .env("AWS_ENDPOINT_URL_EC2", &lab.info.ec2_endpoint)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("run acode-ec2");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+    assert!(!db.exists());
 }
 
 #[test]
