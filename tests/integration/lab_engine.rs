@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use acode_ec2::driver::{CrashPoint, EngineError};
+use acode_ec2::driver::{CrashPoint, Engine, EngineError, ReadyInstance};
 use acode_ec2::effects::describe_batch::BatchWindow;
 use acode_ec2::effects::{AwsEffects, Effects};
 use acode_ec2::events::{NoProgress, ProvisionEvent};
@@ -24,6 +24,21 @@ async fn key_pair_exists(lab: &Lab, name: &str) -> bool {
         .await
         .expect("DescribeKeyPairs");
     out.key_pairs().iter().any(|k| k.key_name() == Some(name))
+}
+
+/// A fresh engine over `harness` and a session it provisioned to Ready in
+/// the lab with `extra` config lines.
+async fn provision_ready(
+    lab: &Lab,
+    harness: &Harness,
+    extra: &str,
+) -> (Engine<AwsEffects>, ReadyInstance) {
+    let engine = harness.engine(lab.effects());
+    let ready = engine
+        .provision(lab.request(extra), &NoProgress)
+        .await
+        .expect("Ready");
+    (engine, ready)
 }
 
 /// No private key in the database: its file, its WAL, and the log as read back.
@@ -348,11 +363,7 @@ async fn sessions_driven_together_share_describe_instances_calls() {
 async fn spot_capacity_is_used_when_there_is_some() {
     let lab = Lab::start();
     let harness = Harness::new();
-    let engine = harness.engine(lab.effects());
-    let ready = engine
-        .provision(lab.request("  useSpot: true\n"), &NoProgress)
-        .await
-        .expect("Ready");
+    let (_, ready) = provision_ready(&lab, &harness, "  useSpot: true\n").await;
     assert!(ready.was_spot);
     assert_eq!(
         lab.live_instances_of(&ready.session_id)[0]["lifecycle"],
@@ -445,11 +456,7 @@ async fn a_slow_console_a_late_sshd_and_a_refusing_sshd_are_waited_out() {
 async fn teardown_right_after_launch_waits_for_ec2_to_show_the_instance() {
     let lab = Lab::start();
     let harness = Harness::new();
-    let engine = harness.engine(lab.effects());
-    let ready = engine
-        .provision(lab.request(""), &NoProgress)
-        .await
-        .expect("Ready");
+    let (engine, ready) = provision_ready(&lab, &harness, "").await;
     // EC2 does not show the new instance to TerminateInstances yet: that is
     // not "already gone", or the session would end TornDown with it running.
     lab.fault(
@@ -481,11 +488,7 @@ async fn a_new_key_pair_not_yet_visible_is_retried_not_failed() {
     lab.fault(json!({"action": "CreateKeyPair", "code": "InvalidKeyPair.Duplicate", "count": 1}));
     lab.fault(json!({"action": "RunInstances", "code": "InvalidKeyPair.NotFound", "count": 1}));
     let harness = Harness::new();
-    let engine = harness.engine(lab.effects());
-    let ready = engine
-        .provision(lab.request(""), &NoProgress)
-        .await
-        .expect("Ready");
+    let (_, ready) = provision_ready(&lab, &harness, "").await;
     assert_eq!(lab.count("CreateKeyPair"), 2, "{:?}", lab.counters());
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
 }
@@ -496,11 +499,7 @@ async fn an_instance_type_without_live_console_output_is_read_buffered() {
     // What Xen instance types answer to GetConsoleOutput with Latest=true.
     lab.fault(json!({"action": "GetConsoleOutput", "code": "UnsupportedOperation", "count": 1}));
     let harness = Harness::new();
-    let engine = harness.engine(lab.effects());
-    let ready = engine
-        .provision(lab.request(""), &NoProgress)
-        .await
-        .expect("Ready");
+    let (_, ready) = provision_ready(&lab, &harness, "").await;
     lab.assert_trusted(&ready);
     assert!(lab.count("GetConsoleOutput") >= 2, "{:?}", lab.counters());
 }
@@ -515,11 +514,7 @@ async fn throttling_and_an_invisible_new_instance_are_retried() {
     // backoff has to carry the session through.
     lab.fault(json!({"action": "RunInstances", "code": "RequestLimitExceeded", "count": 5}));
     let harness = Harness::new();
-    let engine = harness.engine(lab.effects());
-    let ready = engine
-        .provision(lab.request(""), &NoProgress)
-        .await
-        .expect("Ready");
+    let (_, ready) = provision_ready(&lab, &harness, "").await;
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
     assert!(lab.count("RunInstances") >= 6, "{:?}", lab.counters());
     let retried = harness
