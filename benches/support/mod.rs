@@ -33,7 +33,7 @@ pub fn waiting_for_running(ctx: &SessionContext) -> SessionState {
                 private_key_path: Some(ctx.owned_key_path()),
             },
             was_spot: true,
-            launched_at: NOW,
+            launched_at: Some(NOW),
         },
         deadline: NOW.plus(Duration::from_secs(300)),
         on_demand_fallback: None,

@@ -409,8 +409,7 @@ pub async fn terminate(
 ) -> Input {
     let maybe_not_visible_yet = |id: &str| {
         instance_id == Some(id)
-            && launched_at
-                .is_some_and(|at| at.0 > 0 && super::now() < at.plus(LAUNCH_VISIBILITY_GRACE))
+            && launched_at.is_some_and(|at| super::now() < at.plus(LAUNCH_VISIBILITY_GRACE))
     };
     let mut ids: Vec<String> = instance_id.map(str::to_string).into_iter().collect();
     let tagged = ec2

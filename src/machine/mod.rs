@@ -29,9 +29,7 @@ pub use token::ClientToken;
 use crate::request::{HostKeyPolicy, KeyPairMode, ProvisionRequest};
 
 /// Milliseconds since the Unix epoch, always passed in by the caller.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
@@ -231,7 +229,7 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
         }),
         ProvisionPhase::AbandoningSpot(p) => Some(Effect::TerminateInstance {
             instance_id: Some(p.instance.instance_id.clone()),
-            launched_at: Some(p.instance.launched_at),
+            launched_at: p.instance.launched_at,
         }),
         ProvisionPhase::DeletingKeyPair(p) => Some(Effect::DeleteKeyPair {
             key_name: p.key.key_name.clone(),
@@ -326,9 +324,7 @@ fn cleanup(launched: Launched, key: Option<KeyPairHandle>, cause: CleanupCause) 
         })
     };
     match launched {
-        Launched::Known(instance) => {
-            terminate(Some(instance.instance_id), Some(instance.launched_at))
-        }
+        Launched::Known(instance) => terminate(Some(instance.instance_id), instance.launched_at),
         Launched::Unknown => terminate(None, None),
         Launched::Nothing => match owned_key {
             Some(key) => ProvisionPhase::DeletingKeyPair(DeletingKeyPair { key, cause }),
@@ -491,7 +487,7 @@ fn decide(
                     instance_id,
                     key: launch.key.clone(),
                     was_spot,
-                    launched_at: now,
+                    launched_at: Some(now),
                 },
                 deadline: now.plus(timeout),
                 on_demand_fallback,

@@ -46,9 +46,9 @@ pub struct LaunchedInstance {
     pub key: KeyPairHandle,
     pub was_spot: bool,
     /// When RunInstances answered: until a while after, EC2 may not show
-    /// the instance yet (0 in checkpoints written before this was kept).
-    #[serde(default)]
-    pub launched_at: Timestamp,
+    /// the instance yet (`None` in checkpoints written before this was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -80,7 +80,7 @@ fn instance(ctx: &SessionContext) -> LaunchedInstance {
         instance_id: "i-0123".into(),
         key: ctx.planned_key(),
         was_spot: false,
-        launched_at: T0,
+        launched_at: Some(T0),
     }
 }
 
