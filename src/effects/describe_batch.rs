@@ -127,16 +127,21 @@ impl DescribeBatcher {
         let Some(batch) = self.open().take() else {
             return;
         };
+        // Ids may still have joined after the batch filled: one call per
+        // `max_ids`, the most values a filter takes.
         let ids: Vec<String> = batch.waiters.keys().cloned().collect();
-        let answers = ec2::describe_instances(&self.ec2, &ids).await;
-        for (id, waiters) in batch.waiters {
-            let input = match &answers {
-                Ok(found) => found.get(&id).cloned().unwrap_or(Input::InstanceNotVisible),
-                Err(failure) => failure.clone(),
-            };
-            for waiter in waiters {
-                // A caller that stopped waiting needs no answer.
-                let _ = waiter.send(input.clone());
+        let mut waiters = batch.waiters;
+        for chunk in ids.chunks(self.window.max_ids.max(1)) {
+            let answers = ec2::describe_instances(&self.ec2, chunk).await;
+            for id in chunk {
+                let input = match &answers {
+                    Ok(found) => found.get(id).cloned().unwrap_or(Input::InstanceNotVisible),
+                    Err(failure) => failure.clone(),
+                };
+                for waiter in waiters.remove(id).unwrap_or_default() {
+                    // A caller that stopped waiting needs no answer.
+                    let _ = waiter.send(input.clone());
+                }
             }
         }
     }

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use acode_ec2::driver::{CrashPoint, Engine, EngineError, ReadyInstance};
-use acode_ec2::effects::describe_batch::BatchWindow;
+use acode_ec2::effects::describe_batch::{BatchWindow, DescribeBatcher};
 use acode_ec2::effects::{AwsEffects, Effects};
 use acode_ec2::events::{NoProgress, ProvisionEvent};
 use acode_ec2::machine::{Effect, Input, PhaseKind, SessionContext, Timestamp};
@@ -357,6 +357,25 @@ async fn sessions_driven_together_share_describe_instances_calls() {
         calls * 3 <= polls,
         "{calls} DescribeInstances calls for {polls} polls: not batched"
     );
+}
+
+#[tokio::test]
+async fn a_batch_larger_than_a_filter_takes_is_sent_in_parts() {
+    let lab = Lab::start();
+    let window = BatchWindow {
+        max_ids: 2,
+        ..BatchWindow::default()
+    };
+    let batcher = DescribeBatcher::new(lab.ec2(), window);
+    // On this single-threaded runtime all five join the batch before its
+    // sender task first runs: more ids than one call may carry.
+    let ids: Vec<String> = (0..5).map(|i| format!("i-{i:017x}")).collect();
+    let answers = futures::future::join_all(ids.iter().map(|id| batcher.describe(id))).await;
+    assert!(
+        answers.iter().all(|a| *a == Input::InstanceNotVisible),
+        "{answers:?}"
+    );
+    assert_eq!(lab.count("DescribeInstances"), 3, "{:?}", lab.counters());
 }
 
 #[tokio::test]
