@@ -87,6 +87,14 @@ where
     }
 }
 
+/// Whether EC2 answered with this error code.
+pub fn has_code<E>(err: &SdkError<E, HttpResponse>, code: &str) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    err.code() == Some(code)
+}
+
 impl Failure {
     /// The input for a call whose NotFound is not expected.
     fn into_input(self) -> Input {
@@ -291,15 +299,16 @@ pub async fn run_instance(
                 message: "RunInstances answered without an instance id".into(),
             },
         },
+        // The session made (or checked) its key pair moments ago: EC2 being
+        // eventually consistent, RunInstances may not see it yet.
+        Err(e) if has_code(&e, "InvalidKeyPair.NotFound") => Input::TransientFailure {
+            message: format!(
+                "{}; the key pair may not be visible yet",
+                describe(classify(&e))
+            ),
+        },
         Err(e) => match classify(&e) {
             Failure::Capacity { code, message } => Input::CapacityUnavailable { code, message },
-            // The session made (or checked) its key pair moments ago: EC2
-            // being eventually consistent, RunInstances may not see it yet.
-            Failure::NotFound(message) if message.starts_with("InvalidKeyPair.NotFound") => {
-                Input::TransientFailure {
-                    message: format!("{message}; the key pair may not be visible yet"),
-                }
-            }
             other => other.into_input(),
         },
     }

@@ -241,10 +241,7 @@ async fn create_afresh(
         .send()
         .await
         .map_err(|e| {
-            let code = e
-                .as_service_error()
-                .and_then(aws_sdk_ec2::error::ProvideErrorMetadata::code);
-            if code == Some("InvalidKeyPair.Duplicate") {
+            if ec2::has_code(&e, "InvalidKeyPair.Duplicate") {
                 // A delete EC2 does not show yet, or a create whose answer
                 // was lost: the next try deletes the pair and makes it again.
                 return Input::TransientFailure {
@@ -279,13 +276,7 @@ async fn import_pair(
         .await
     {
         Ok(_) => Ok(()),
-        Err(e)
-            if e.as_service_error()
-                .and_then(|s| aws_sdk_ec2::error::ProvideErrorMetadata::code(s))
-                == Some("InvalidKeyPair.Duplicate") =>
-        {
-            Ok(())
-        }
+        Err(e) if ec2::has_code(&e, "InvalidKeyPair.Duplicate") => Ok(()),
         Err(e) => Err(ec2::key_call_failure(&e)),
     }
 }
