@@ -140,24 +140,24 @@ fn open_store(cli: &Cli) -> Result<(Arc<SqliteStore>, String)> {
     Ok((Arc::new(store), key_dir.to_string_lossy().into_owned()))
 }
 
-/// The engine over the state database. Only `provision` creates the
-/// database: without one, teardown and recover have nothing to act on
-/// (`None`). The loopback guard runs first, so a refused environment
-/// leaves nothing on disk.
-async fn engine(cli: &Cli, create_store: bool) -> Result<Option<Engine<AwsEffects>>> {
-    let effects = AwsEffects::from_environment(ConnectGuard::from_env()).await?;
-    if !create_store && !state_db_path(cli)?.exists() {
-        return Ok(None);
-    }
+/// The AWS effects, built only if the loopback guard agrees. Commands
+/// build them before touching the state database, so a refused
+/// environment leaves nothing on disk.
+async fn aws_effects() -> Result<AwsEffects> {
+    Ok(AwsEffects::from_environment(ConnectGuard::from_env()).await?)
+}
+
+/// The engine over the state database, created if missing.
+fn engine(cli: &Cli, effects: AwsEffects) -> Result<Engine<AwsEffects>> {
     let (store, key_dir) = open_store(cli)?;
-    Ok(Some(Engine::new(
+    Ok(Engine::new(
         Arc::new(effects),
         store,
         EngineOptions {
             key_dir,
             lease_ttl: Duration::from_secs(30),
         },
-    )))
+    ))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -174,9 +174,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Provision { config, json } => {
             let request = acode_ec2::config::load(config)?;
-            let engine = engine(&cli, true)
-                .await?
-                .context("the state database could not be created")?;
+            let engine = engine(&cli, aws_effects().await?)?;
             let display = ProgressDisplay::new();
             let outcome = tokio::select! {
                 outcome = engine.provision(request, &display) => outcome,
@@ -251,13 +249,17 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Teardown { session } => {
-            let Some(engine) = engine(&cli, false).await? else {
+            let effects = aws_effects().await?;
+            // Without a database there is nothing to tear down: none is created.
+            let path = state_db_path(&cli)?;
+            if !path.exists() {
                 bail!(
                     "no session {session}: there is no state database at {}; \
                      check --state-db / ACODE_EC2_STATE_DB",
-                    state_db_path(&cli)?.display()
+                    path.display()
                 );
-            };
+            }
+            let engine = engine(&cli, effects)?;
             let display = ProgressDisplay::new();
             let end = engine.teardown(session, &display).await;
             display.finish();
@@ -265,10 +267,12 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Recover => {
-            let Some(engine) = engine(&cli, false).await? else {
+            let effects = aws_effects().await?;
+            if !state_db_path(&cli)?.exists() {
                 println!("nothing to recover");
                 return Ok(());
-            };
+            }
+            let engine = engine(&cli, effects)?;
             let display = ProgressDisplay::new();
             let report = engine.recover(&display).await;
             display.finish();
