@@ -33,18 +33,20 @@ fn machine_step(c: &mut Criterion) {
 }
 
 fn commits(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let ctx = context("bench-session");
     let store = SqliteStore::open(&dir.path().join("bench.db")).expect("store");
     let holder = LeaseHolder::for_this_process();
     let poll = poll_checkpoint(&ctx);
-    store
-        .create(&ctx, &poll, &holder, Duration::from_secs(30), NOW)
+    rt.block_on(store.create(&ctx, &poll, &holder, Duration::from_secs(30), NOW))
         .expect("create");
     c.bench_function("checkpoint_commit", |b| {
         b.iter(|| {
-            store
-                .commit(&ctx.session_id, &poll, &holder, NOW)
+            rt.block_on(store.commit(&ctx.session_id, &poll, &holder, NOW))
                 .expect("commit")
         })
     });
@@ -68,13 +70,8 @@ fn commits(c: &mut Criterion) {
     c.bench_function("checkpoint_commit_phase_change", |b| {
         b.iter(|| {
             flip = !flip;
-            store
-                .commit(
-                    &ctx.session_id,
-                    if flip { &to_ssh } else { &poll },
-                    &holder,
-                    NOW,
-                )
+            let checkpoint = if flip { &to_ssh } else { &poll };
+            rt.block_on(store.commit(&ctx.session_id, checkpoint, &holder, NOW))
                 .expect("commit")
         })
     });

@@ -35,6 +35,20 @@ fn time_batch(mut commit: impl FnMut(u32)) -> f64 {
     start.elapsed().as_secs_f64() * 1e6 / f64::from(BATCH)
 }
 
+/// The same through the async store API, awaited in one task.
+fn time_batch_async<'a, F>(rt: &tokio::runtime::Runtime, mut commit: impl FnMut(u32) -> F) -> f64
+where
+    F: std::future::Future<Output = Result<(), acode_ec2::store::StoreError>> + 'a,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for i in 0..BATCH {
+            commit(i).await.expect("commit");
+        }
+        start.elapsed().as_secs_f64() * 1e6 / f64::from(BATCH)
+    })
+}
+
 /// Pages written to the WAL per call of `commit`, over `FRAME_COMMITS` calls:
 /// few enough that the WAL is not checkpointed (and reused) meanwhile.
 fn wal_frames_per_commit(db: &Path, mut commit: impl FnMut()) -> f64 {
@@ -56,6 +70,12 @@ fn wal_frames_per_commit(db: &Path, mut commit: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // The engine's own path: the async store, whose SQLite work runs on
+    // tokio's blocking pool, driven from a current-thread runtime.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let rounds: usize = std::env::args()
         .skip(1)
         .find_map(|arg| arg.parse().ok())
@@ -69,13 +89,14 @@ fn main() {
     let ctx = context("bench-session");
     let poll = poll_checkpoint(&ctx);
     let one = SqliteStore::open(&dir.path().join("one.db")).expect("store");
-    one.create(&ctx, &poll, &holder, ttl, NOW).expect("create");
+    rt.block_on(one.create(&ctx, &poll, &holder, ttl, NOW))
+        .expect("create");
 
     // Many sessions in flight: commits land inside the log, round robin.
     let many = SqliteStore::open(&dir.path().join("many.db")).expect("store");
     let many_ids: Vec<String> = (0..MANY).map(|i| format!("bench-{i:04}")).collect();
     for id in &many_ids {
-        many.create(&context(id), &poll, &holder, ttl, NOW)
+        rt.block_on(many.create(&context(id), &poll, &holder, ttl, NOW))
             .expect("create");
     }
     let mut next_many = 0usize;
@@ -85,12 +106,10 @@ fn main() {
     // Frames first, on fresh files, before the timed rounds fill their WALs.
     let frames_db = dir.path().join("frames.db");
     let frames = SqliteStore::open(&frames_db).expect("store");
-    frames
-        .create(&ctx, &poll, &holder, ttl, NOW)
+    rt.block_on(frames.create(&ctx, &poll, &holder, ttl, NOW))
         .expect("create");
     let checkpoint_frames = wal_frames_per_commit(&frames_db, || {
-        frames
-            .commit(&ctx.session_id, &poll, &holder, NOW)
+        rt.block_on(frames.commit(&ctx.session_id, &poll, &holder, NOW))
             .expect("commit")
     });
     let floor_frames_db = dir.path().join("floor-frames.db");
@@ -102,14 +121,10 @@ fn main() {
     eprintln!("{rounds} rounds of {BATCH} commits each");
     for _ in 0..rounds {
         let f = time_batch(|_| floor.commit());
-        let o = time_batch(|_| {
-            one.commit(&ctx.session_id, &poll, &holder, NOW)
-                .expect("commit")
-        });
-        let m = time_batch(|_| {
+        let o = time_batch_async(&rt, |_| one.commit(&ctx.session_id, &poll, &holder, NOW));
+        let m = time_batch_async(&rt, |_| {
             next_many = (next_many + 1) % MANY;
             many.commit(&many_ids[next_many], &poll, &holder, NOW)
-                .expect("commit")
         });
         floor_us.push(f);
         one_us.push(o);

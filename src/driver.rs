@@ -6,21 +6,32 @@
 //! - a resumed session first re-runs the intent that has no outcome (effects
 //!   are idempotent), so a crash anywhere costs a repeated call, never a
 //!   second instance;
-//! - the driver holds no state of its own that the log does not: dropping an
-//!   engine at any await point is a crash the next engine recovers from.
+//! - outside inputs (a teardown, later an interruption notice) enter through
+//!   [`Engine::deliver`] and are committed by the same path as an effect's
+//!   outcome; an effect that only looks may be abandoned for one, an effect
+//!   that creates or removes something is always answered first;
+//! - one engine drives a session at most once at a time (a registry of the
+//!   sessions it drives), and one process at a time (the store's lease);
+//! - the driver decides nothing: it runs what the machine asks, when it
+//!   asks, and stops when it asks; it holds no state the log does not, so
+//!   dropping an engine at any await point is a crash the next engine
+//!   recovers from.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::broadcast;
-use tracing::{Instrument, info, warn};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{Instrument, warn};
 
-use crate::effects::{self, Effects};
-use crate::events::{ProgressSink, ProvisionEvent, ProvisionProgress};
+use crate::clock::{Clock, SystemClock};
+use crate::effects::Effects;
+use crate::events::{ProgressSink, ProvisionEvent};
 use crate::machine::{
-    self, Effect, Input, MachineError, Notice, PhaseKind, ProvisionPhase, SessionContext,
-    SessionState, Timestamp,
+    self, Input, MachineError, Pause, PhaseKind, ProvisionPhase, SessionContext, SessionState,
+};
+use crate::observe::{
+    EventChannel, Fanout, Observation, Observer, ProgressObserver, TracingObserver,
 };
 use crate::request::{InvalidRequest, ProvisionRequest};
 use crate::store::{Checkpoint, CheckpointStore, Intent, LeaseHolder, LoadedSession, StoreError};
@@ -31,17 +42,6 @@ pub struct EngineOptions {
     pub key_dir: String,
     /// How long a lease lasts without renewal; renewed at a third of this.
     pub lease_ttl: Duration,
-}
-
-/// Where a test may make the driver stop dead, as a crash would.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CrashPoint {
-    /// The intent is committed; the effect has not run.
-    AfterIntentCommit,
-    /// The effect ran; its outcome is not committed.
-    AfterEffect,
-    /// The outcome and the next intent are committed.
-    AfterOutcomeCommit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,15 +67,16 @@ pub enum EngineError {
         failures: u32,
         last_error: String,
     },
-    #[error("injected crash at {point:?} (test hook)")]
-    InjectedCrash { point: CrashPoint },
+    #[error(
+        "session {session_id} is already being driven by this process; wait for that to finish"
+    )]
+    AlreadyDriving { session_id: String },
+    #[error(
+        "the driver of session {session_id} stopped before it settled (see its error); \
+         `acode-ec2 recover` resumes it"
+    )]
+    DriverStopped { session_id: String },
 }
-
-/// Consecutive failures of one cleanup step (about two minutes of backoff)
-/// after which the driver stops and says why, instead of retrying silently
-/// forever. The machine itself never gives up on cleanup: `recover` or
-/// `teardown` carries on from the same checkpoint.
-pub const CLEANUP_PATIENCE: u32 = 8;
 
 /// A session that reached Ready.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -96,20 +97,63 @@ pub struct Recovered {
     pub result: Result<PhaseKind, EngineError>,
 }
 
-struct CrashPlan {
-    point: CrashPoint,
-    /// Crash at the n-th time the point is passed (1 = first).
-    nth: u32,
-    passed: AtomicU32,
+/// An outside input on its way to the drive that owns the session.
+struct Delivery {
+    input: Input,
+    /// The phase the input led to once committed, or why the machine refused it.
+    reply: oneshot::Sender<Result<PhaseKind, MachineError>>,
+}
+
+/// How to reach a session this engine is driving.
+#[derive(Clone)]
+struct DriveHandle {
+    inbox: mpsc::UnboundedSender<Delivery>,
+    /// The phase the session settled in; `None` until then, or for good if
+    /// the drive stopped without settling.
+    settled: watch::Receiver<Option<PhaseKind>>,
+}
+
+/// This engine's right to drive one session; unregistered when dropped.
+struct DriveClaim<'a> {
+    registry: &'a Mutex<HashMap<String, DriveHandle>>,
+    session_id: String,
+    inbox: mpsc::UnboundedReceiver<Delivery>,
+    settled: watch::Sender<Option<PhaseKind>>,
+}
+
+impl Drop for DriveClaim<'_> {
+    fn drop(&mut self) {
+        lock(self.registry).remove(&self.session_id);
+    }
+}
+
+/// Either the claim, or the handle of the drive that already has it.
+enum Claim<'a> {
+    Mine(DriveClaim<'a>),
+    Busy(DriveHandle),
+}
+
+/// Where an outside input went: committed by the running drive (the phase
+/// it led to), or to this caller, who now owns the session.
+enum Routed<'a> {
+    Committed(PhaseKind, DriveHandle),
+    Mine(DriveClaim<'a>),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The registry is a plain map: a panic elsewhere cannot leave it torn.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct Engine<E: Effects> {
     effects: Arc<E>,
     store: Arc<dyn CheckpointStore>,
+    clock: Arc<dyn Clock>,
     holder: LeaseHolder,
     options: EngineOptions,
     events: broadcast::Sender<ProvisionEvent>,
-    crash: Option<CrashPlan>,
+    observers: Vec<Arc<dyn Observer>>,
+    driving: Mutex<HashMap<String, DriveHandle>>,
 }
 
 impl<E: Effects> Engine<E> {
@@ -122,10 +166,15 @@ impl<E: Effects> Engine<E> {
         Engine {
             effects,
             store,
+            clock: Arc::new(SystemClock),
             holder: LeaseHolder::for_this_process(),
             options,
+            observers: vec![
+                Arc::new(TracingObserver),
+                Arc::new(EventChannel(events.clone())),
+            ],
             events,
-            crash: None,
+            driving: Mutex::new(HashMap::new()),
         }
     }
 
@@ -135,14 +184,16 @@ impl<E: Effects> Engine<E> {
         self
     }
 
-    /// Test hook: stop dead the `nth` time `point` is passed.
-    #[doc(hidden)]
-    pub fn with_crash(mut self, point: CrashPoint, nth: u32) -> Engine<E> {
-        self.crash = Some(CrashPlan {
-            point,
-            nth,
-            passed: AtomicU32::new(0),
-        });
+    /// Reads `now` from, and waits on, `clock` (tests and benches run
+    /// without real sleeps on a [`crate::clock::ManualClock`]).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Engine<E> {
+        self.clock = clock;
+        self
+    }
+
+    /// Adds an observer beside the built-in tracing and event channel.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Engine<E> {
+        self.observers.push(observer);
         self
     }
 
@@ -164,30 +215,34 @@ impl<E: Effects> Engine<E> {
         let session_id = uuid::Uuid::new_v4().to_string();
         let span = tracing::info_span!("session", session_id = %session_id);
         async {
+            let Claim::Mine(claim) = self.claim(&session_id) else {
+                return Err(EngineError::AlreadyDriving { session_id });
+            };
             let ctx = SessionContext {
                 session_id: session_id.clone(),
                 request,
                 key_dir: self.options.key_dir.clone(),
             };
             let first = machine::start(&ctx);
-            let now = effects::now();
+            let now = self.clock.now();
             let checkpoint = Checkpoint {
                 outcome: None,
-                state: first.state.clone(),
+                state: first.state,
                 intent: first.effect.map(|effect| Intent {
                     effect,
                     not_before: None,
                 }),
             };
+            let ttl = self.options.lease_ttl;
             self.store
-                .create(&ctx, &checkpoint, &self.holder, self.options.lease_ttl, now)?;
+                .create(&ctx, &checkpoint, &self.holder, ttl, now)
+                .await?;
             let renewal = self.hold_lease(&session_id);
-            info!(instance_type = %ctx.request.instance_type, "provisioning started");
-            self.emit(ProvisionEvent::ProvisionStarted {
-                session_id: session_id.clone(),
-                instance_type: ctx.request.instance_type.clone(),
-                use_spot: ctx.request.spot.is_some(),
-                at_ms: now.0,
+            let progress = ProgressObserver(progress);
+            let observers = self.fanout(&progress);
+            observers.observe(&Observation::Started {
+                context: &ctx,
+                at: now,
             });
             let loaded = LoadedSession {
                 context: ctx,
@@ -195,7 +250,7 @@ impl<E: Effects> Engine<E> {
                 pending: checkpoint.intent,
                 created_at: now,
             };
-            let end = self.drive(loaded, renewal, progress).await?;
+            let end = self.drive(loaded, claim, renewal, &observers).await?;
             ready_or_error(&session_id, end)
         }
         .instrument(span)
@@ -219,61 +274,118 @@ impl<E: Effects> Engine<E> {
     ) -> Result<SessionState, EngineError> {
         let span = tracing::info_span!("session", session_id = %session_id);
         async {
-            let renewal = self.take_lease(session_id)?;
-            let loaded = self.store.load(session_id)?;
-            info!(phase = %loaded.state.phase.kind(), pending = loaded.pending.as_ref().map(|i| i.effect.name()), "resuming");
-            self.drive(loaded, renewal, progress).await
+            let Claim::Mine(claim) = self.claim(session_id) else {
+                return Err(EngineError::AlreadyDriving {
+                    session_id: session_id.to_string(),
+                });
+            };
+            let renewal = self.take_lease(session_id).await?;
+            let progress = ProgressObserver(progress);
+            let observers = self.fanout(&progress);
+            match self.store.load(session_id).await {
+                Ok(loaded) => self.drive(loaded, claim, renewal, &observers).await,
+                Err(e) => {
+                    self.release_quietly(session_id).await;
+                    Err(e.into())
+                }
+            }
         }
         .instrument(span)
         .await
     }
 
-    /// Terminates the session's instance and deletes the key pair it created.
-    /// A session that is already gone is fine.
+    /// Commits an outside input (such as [`Input::TeardownRequested`])
+    /// through the checkpoint path, and returns the phase it led to.
+    ///
+    /// If this engine is driving the session, the input goes to that drive,
+    /// which commits it at its next step (abandoning an effect that only
+    /// looks, letting one that creates or removes something answer first)
+    /// and carries on. Otherwise this call takes the session's lease,
+    /// commits the input and drives the session until it settles; the phase
+    /// returned is then where it settled.
+    pub async fn deliver(
+        &self,
+        session_id: &str,
+        input: Input,
+        progress: &dyn ProgressSink,
+    ) -> Result<PhaseKind, EngineError> {
+        self.deliver_then(session_id, input, progress, false).await
+    }
+
+    /// Terminates the session's instance and deletes the key pair it
+    /// created: [`Engine::deliver`] of `TeardownRequested`, waiting until
+    /// the session settles. A session that is already finished is fine, and
+    /// teardown never creates anything (an unanswered launch is found by
+    /// its tag, not re-run).
     pub async fn teardown(
         &self,
         session_id: &str,
         progress: &dyn ProgressSink,
     ) -> Result<PhaseKind, EngineError> {
+        self.deliver_then(session_id, Input::TeardownRequested, progress, true)
+            .await
+    }
+
+    /// Delivers `input`; with `until_settled`, a drive this engine already
+    /// runs is also waited for until the session settles.
+    async fn deliver_then(
+        &self,
+        session_id: &str,
+        input: Input,
+        progress: &dyn ProgressSink,
+        until_settled: bool,
+    ) -> Result<PhaseKind, EngineError> {
         let span = tracing::info_span!("session", session_id = %session_id);
         async {
-            // Held (and renewed) through the pre-steps below too.
-            let renewal = self.take_lease(session_id)?;
-            let mut loaded = self.store.load(session_id)?;
-            // An explicit teardown acts now, not after a recorded backoff.
-            if let Some(intent) = loaded.pending.as_mut() {
-                intent.not_before = None;
-            }
-            let kind = loaded.state.phase.kind();
-            if kind.is_terminal() {
-                self.store.release_lease(session_id, &self.holder)?;
-                return Ok(kind);
-            }
-            if !kind.is_cleanup() {
-                // An unanswered create must be answered first, so that what it
-                // made (if anything) is known and cleaned up.
-                if let Some(intent) = loaded
-                    .pending
-                    .clone()
-                    .filter(|i| creates_something(&i.effect))
-                {
-                    let input = self
-                        .effects
-                        .run(&loaded.context, loaded.created_at, &intent.effect)
-                        .await;
-                    loaded = self.record(loaded, input, progress, Instant::now())?;
+            match self.hand_over_or_claim(session_id, &input).await? {
+                Routed::Committed(phase, _) if !until_settled => Ok(phase),
+                Routed::Committed(_, mut handle) => {
+                    let settled = handle.settled.wait_for(Option::is_some).await;
+                    settled.ok().and_then(|phase| *phase).ok_or_else(|| {
+                        EngineError::DriverStopped {
+                            session_id: session_id.to_string(),
+                        }
+                    })
                 }
-                if !loaded.state.phase.kind().is_cleanup()
-                    && !loaded.state.phase.kind().is_terminal()
-                {
-                    loaded =
-                        self.record(loaded, Input::TeardownRequested, progress, Instant::now())?;
-                }
+                Routed::Mine(claim) => Ok(self
+                    .deliver_here(claim, input, progress)
+                    .await?
+                    .phase
+                    .kind()),
             }
-            Ok(self.drive(loaded, renewal, progress).await?.phase.kind())
         }
         .instrument(span)
         .await
+    }
+
+    /// Gives `input` to the drive of this engine that owns the session, or
+    /// claims the session when there is none (or it ended before taking
+    /// the input, which is then not committed and safe to deliver here).
+    async fn hand_over_or_claim(
+        &self,
+        session_id: &str,
+        input: &Input,
+    ) -> Result<Routed<'_>, EngineError> {
+        loop {
+            let handle = match self.claim(session_id) {
+                Claim::Mine(claim) => return Ok(Routed::Mine(claim)),
+                Claim::Busy(handle) => handle,
+            };
+            let (reply, answer) = oneshot::channel();
+            let delivery = Delivery {
+                input: input.clone(),
+                reply,
+            };
+            if handle.inbox.send(delivery).is_err() {
+                continue;
+            }
+            match answer.await {
+                Ok(Ok(phase)) => return Ok(Routed::Committed(phase, handle)),
+                Ok(Err(refused)) => return Err(refused.into()),
+                // The drive ended without taking it: wait for its claim to go.
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
     }
 
     /// Resumes every session that is neither Ready nor finished: each ends
@@ -284,7 +396,7 @@ impl<E: Effects> Engine<E> {
         progress: &dyn ProgressSink,
     ) -> Result<Vec<Recovered>, EngineError> {
         let mut report = Vec::new();
-        for summary in self.store.list()? {
+        for summary in self.store.list().await? {
             if summary.phase.is_settled() {
                 continue;
             }
@@ -300,47 +412,113 @@ impl<E: Effects> Engine<E> {
         Ok(report)
     }
 
-    /// Commits one input's step and returns the session as it now stands.
-    fn record(
+    /// Takes the lease, commits `input`, drives to the end. A finished
+    /// session takes no input: it is reported as it stands.
+    async fn deliver_here(
         &self,
-        loaded: LoadedSession,
+        claim: DriveClaim<'_>,
         input: Input,
         progress: &dyn ProgressSink,
+    ) -> Result<SessionState, EngineError> {
+        let session_id = claim.session_id.clone();
+        let renewal = self.take_lease(&session_id).await?;
+        let progress = ProgressObserver(progress);
+        let observers = self.fanout(&progress);
+        let committed = async {
+            let mut loaded = self.store.load(&session_id).await?;
+            if loaded.state.phase.kind().is_terminal() && input == Input::TeardownRequested {
+                return Ok(Err(loaded.state));
+            }
+            // A pause asked for here is moot: the drive below runs the intent once more.
+            let _pause = self
+                .record(&mut loaded, input, &observers, Instant::now())
+                .await?;
+            Ok::<_, EngineError>(Ok(loaded))
+        }
+        .await;
+        match committed {
+            Ok(Ok(loaded)) => self.drive(loaded, claim, renewal, &observers).await,
+            Ok(Err(finished)) => {
+                self.release_quietly(&session_id).await;
+                Ok(finished)
+            }
+            Err(e) => {
+                self.release_quietly(&session_id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers this engine as the session's driver, unless it already is.
+    fn claim(&self, session_id: &str) -> Claim<'_> {
+        let mut driving = lock(&self.driving);
+        if let Some(handle) = driving.get(session_id) {
+            return Claim::Busy(handle.clone());
+        }
+        let (inbox_tx, inbox) = mpsc::unbounded_channel();
+        let (settled, settled_rx) = watch::channel(None);
+        driving.insert(
+            session_id.to_string(),
+            DriveHandle {
+                inbox: inbox_tx,
+                settled: settled_rx,
+            },
+        );
+        Claim::Mine(DriveClaim {
+            registry: &self.driving,
+            session_id: session_id.to_string(),
+            inbox,
+            settled,
+        })
+    }
+
+    fn fanout<'a>(&'a self, progress: &'a ProgressObserver<'a>) -> Fanout<'a> {
+        let mut all: Vec<&dyn Observer> = self.observers.iter().map(|o| o.as_ref()).collect();
+        all.push(progress);
+        Fanout(all)
+    }
+
+    /// Commits one input's step and moves `session` on to it; returns the
+    /// machine's request to pause, if any. On error `session` is unchanged.
+    async fn record(
+        &self,
+        session: &mut LoadedSession,
+        input: Input,
+        observers: &Fanout<'_>,
         started: Instant,
-    ) -> Result<LoadedSession, EngineError> {
-        let now = effects::now();
-        let step = machine::step(&loaded.context, &loaded.state, input.clone(), now)?;
+    ) -> Result<Option<Pause>, EngineError> {
+        let now = self.clock.now();
+        let step = machine::step(&session.context, &session.state, input.clone(), now)?;
         let checkpoint = Checkpoint {
             outcome: Some(input),
-            state: step.state.clone(),
+            state: step.state,
             intent: step.effect.map(|effect| Intent {
                 effect,
                 not_before: step.wake_at,
             }),
         };
         self.store
-            .commit(&loaded.context.session_id, &checkpoint, &self.holder, now)?;
-        self.announce(
-            &loaded.context,
-            &loaded.state,
-            &checkpoint,
-            &step.notices,
-            now,
-            started,
-            progress,
-        );
-        Ok(LoadedSession {
-            state: checkpoint.state,
-            pending: checkpoint.intent,
-            ..loaded
-        })
+            .commit(&session.context.session_id, &checkpoint, &self.holder, now)
+            .await?;
+        observers.observe(&Observation::Stepped {
+            context: &session.context,
+            before: &session.state,
+            checkpoint: &checkpoint,
+            notices: &step.notices,
+            at: now,
+            elapsed: started.elapsed(),
+        });
+        session.state = checkpoint.state;
+        session.pending = checkpoint.intent;
+        Ok(step.pause)
     }
 
     /// Takes the session's lease (or explains who holds it) and keeps it renewed.
-    fn take_lease(&self, session_id: &str) -> Result<LeaseRenewal, EngineError> {
+    async fn take_lease(&self, session_id: &str) -> Result<LeaseRenewal, EngineError> {
         let ttl = self.options.lease_ttl;
         self.store
-            .acquire_lease(session_id, &self.holder, ttl, effects::now())?;
+            .acquire_lease(session_id, &self.holder, ttl)
+            .await?;
         Ok(self.hold_lease(session_id))
     }
 
@@ -354,57 +532,85 @@ impl<E: Effects> Engine<E> {
         )
     }
 
+    /// Lets another driver take over at once; best effort, as the lease of
+    /// a process that died expires anyway.
+    async fn release_quietly(&self, session_id: &str) {
+        if let Err(e) = self.store.release_lease(session_id, &self.holder).await {
+            warn!(%session_id, error = %e, "could not release the lease");
+        }
+    }
+
     async fn drive(
         &self,
-        session: LoadedSession,
+        mut session: LoadedSession,
+        mut claim: DriveClaim<'_>,
         renewal: LeaseRenewal,
-        progress: &dyn ProgressSink,
+        observers: &Fanout<'_>,
     ) -> Result<SessionState, EngineError> {
-        let session_id = session.context.session_id.clone();
-        let result = self.drive_to_end(session, renewal, progress).await;
-        if let Err(e) = &result
-            && !matches!(e, EngineError::InjectedCrash { .. })
-        {
-            // Let another driver (or a retry) take over at once; best effort,
-            // a lease of a process that died expires anyway.
-            if let Err(release) = self.store.release_lease(&session_id, &self.holder) {
-                warn!(%session_id, error = %release, "could not release the lease after an error");
+        let started = Instant::now();
+        observers.observe(&Observation::Resumed { session: &session });
+        let result = self
+            .drive_loop(&mut session, &mut claim.inbox, observers, started)
+            .await;
+        drop(renewal);
+        self.release_quietly(&session.context.session_id).await;
+        match &result {
+            Ok(state) => {
+                observers.observe(&Observation::Settled {
+                    context: &session.context,
+                    state,
+                    elapsed: started.elapsed(),
+                });
+                claim.settled.send_replace(Some(state.phase.kind()));
             }
+            Err(e) => warn!(error = %e, "driving stopped"),
         }
         result
     }
 
-    async fn drive_to_end(
+    async fn drive_loop(
         &self,
-        mut session: LoadedSession,
-        renewal: LeaseRenewal,
-        progress: &dyn ProgressSink,
+        session: &mut LoadedSession,
+        inbox: &mut mpsc::UnboundedReceiver<Delivery>,
+        observers: &Fanout<'_>,
+        started: Instant,
     ) -> Result<SessionState, EngineError> {
-        let started = Instant::now();
-        let session_id = session.context.session_id.clone();
-        self.report(&session, "resuming", started, progress);
-        while let Some(intent) = session.pending.clone() {
-            self.crash_point(CrashPoint::AfterIntentCommit)?;
+        loop {
+            let Some(intent) = session.pending.clone() else {
+                // Settled; an input that arrived meanwhile (a teardown of a
+                // session that just became Ready) still counts.
+                match inbox.try_recv() {
+                    Ok(delivery) => {
+                        self.accept(session, delivery, observers, started).await?;
+                        continue;
+                    }
+                    Err(_) => return Ok(session.state.clone()),
+                }
+            };
             if let Some(at) = intent.not_before {
-                let wait = effects::now().millis_until(at);
-                if wait > 0 {
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                tokio::select! {
+                    _ = self.clock.sleep_until(at) => {}
+                    Some(delivery) = inbox.recv() => {
+                        self.accept(session, delivery, observers, started).await?;
+                        continue;
+                    }
                 }
             }
-            let input = self
-                .effects
-                .run(&session.context, session.created_at, &intent.effect)
-                .await;
-            self.crash_point(CrashPoint::AfterEffect)?;
-            let last_error = match &input {
-                Input::TransientFailure { message } => Some(message.clone()),
-                _ => None,
-            };
-            session = self.record(session, input, progress, started)?;
-            self.crash_point(CrashPoint::AfterOutcomeCommit)?;
-            let (phase, failures) = (session.state.phase.kind(), session.state.transient_failures);
-            if let Some(last_error) =
-                last_error.filter(|_| phase.is_cleanup() && failures >= CLEANUP_PATIENCE)
+            let (input, delivered) = self.run_effect(session, &intent, inbox).await;
+            let mut pause = None;
+            if let Some(input) = input {
+                pause = self.record(session, input, observers, started).await?;
+            }
+            let any_delivered = !delivered.is_empty();
+            for delivery in delivered {
+                self.accept(session, delivery, observers, started).await?;
+            }
+            // An outside input (a teardown) answers the pause: carry on.
+            if let Some(Pause::CleanupStalled {
+                phase,
+                failures,
+                last_error,
+            }) = pause.filter(|_| !any_delivered)
             {
                 return Err(EngineError::CleanupStalled {
                     session_id: session.context.session_id.clone(),
@@ -414,134 +620,60 @@ impl<E: Effects> Engine<E> {
                 });
             }
         }
-        drop(renewal);
-        self.store.release_lease(&session_id, &self.holder)?;
-        self.complete(&session, started);
-        Ok(session.state)
     }
 
-    fn crash_point(&self, point: CrashPoint) -> Result<(), EngineError> {
-        match &self.crash {
-            Some(plan)
-                if plan.point == point
-                    && plan.passed.fetch_add(1, Ordering::SeqCst) + 1 == plan.nth =>
-            {
-                Err(EngineError::InjectedCrash { point })
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn emit(&self, event: ProvisionEvent) {
-        // No subscribers is fine: events are for whoever listens.
-        let _ = self.events.send(event);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn announce(
+    /// Runs the intent's effect; outside inputs that arrive meanwhile are
+    /// returned for committing after it. An effect that only looks is
+    /// abandoned for them (its answer would be stale); one that creates or
+    /// removes something is always answered.
+    async fn run_effect(
         &self,
-        ctx: &SessionContext,
-        before: &SessionState,
-        checkpoint: &Checkpoint,
-        notices: &[Notice],
-        now: Timestamp,
-        started: Instant,
-        progress: &dyn ProgressSink,
-    ) {
-        let (from, to) = (before.phase.kind(), checkpoint.state.phase.kind());
-        let session_id = ctx.session_id.clone();
-        if from != to {
-            info!(%from, %to, "phase changed");
-            self.emit(ProvisionEvent::ProvisionPhaseChanged {
-                session_id: session_id.clone(),
-                from,
-                to,
-                at_ms: now.0,
-            });
-        }
-        for notice in notices {
-            match notice {
-                Notice::SpotFallback { reason } => {
-                    warn!(%reason, "no spot capacity, falling back to on-demand");
-                    self.emit(ProvisionEvent::SpotFallback {
-                        session_id: session_id.clone(),
-                        reason: reason.clone(),
-                        at_ms: now.0,
-                    });
+        session: &LoadedSession,
+        intent: &Intent,
+        inbox: &mut mpsc::UnboundedReceiver<Delivery>,
+    ) -> (Option<Input>, Vec<Delivery>) {
+        let effect = self
+            .effects
+            .run(&session.context, session.created_at, &intent.effect);
+        tokio::pin!(effect);
+        let mut delivered = Vec::new();
+        loop {
+            tokio::select! {
+                input = &mut effect => return (Some(input), delivered),
+                Some(delivery) = inbox.recv() => {
+                    delivered.push(delivery);
+                    if intent.effect.only_looks() {
+                        return (None, delivered);
+                    }
                 }
             }
         }
-        if let Some(Input::TransientFailure { message }) = &checkpoint.outcome {
-            warn!(%message, failures = checkpoint.state.transient_failures, "transient failure, will retry");
-        }
-        let message = match (&checkpoint.intent, &checkpoint.state.phase) {
-            (Some(intent), _) => describe(&intent.effect),
-            (None, ProvisionPhase::Ready(r)) => {
-                format!(
-                    "{} answers SSH at {}",
-                    r.instance.instance_id, r.ssh_endpoint
-                )
-            }
-            (None, ProvisionPhase::Failed(f)) => format!("cleaned up after: {}", f.reason),
-            (None, _) => "instance and key pair removed".to_string(),
-        };
-        progress.progress(&ProvisionProgress {
-            session_id,
-            phase: to,
-            message,
-            percent_complete: to.percent_complete(),
-            instance_id: checkpoint.state.phase.instance_id().map(str::to_string),
-            elapsed: started.elapsed(),
-        });
     }
 
-    fn report(
+    /// Commits an outside input and answers whoever delivered it. A refusal
+    /// by the machine leaves the session as it was.
+    async fn accept(
         &self,
-        session: &LoadedSession,
-        what: &str,
+        session: &mut LoadedSession,
+        delivery: Delivery,
+        observers: &Fanout<'_>,
         started: Instant,
-        progress: &dyn ProgressSink,
-    ) {
-        let phase = session.state.phase.kind();
-        progress.progress(&ProvisionProgress {
-            session_id: session.context.session_id.clone(),
-            phase,
-            message: session
-                .pending
-                .as_ref()
-                .map_or_else(|| what.to_string(), |i| describe(&i.effect)),
-            percent_complete: phase.percent_complete(),
-            instance_id: session.state.phase.instance_id().map(str::to_string),
-            elapsed: started.elapsed(),
-        });
+    ) -> Result<(), EngineError> {
+        match self
+            .record(session, delivery.input, observers, started)
+            .await
+        {
+            Ok(_pause) => {
+                let _ = delivery.reply.send(Ok(session.state.phase.kind()));
+                Ok(())
+            }
+            Err(EngineError::Machine(refused)) => {
+                let _ = delivery.reply.send(Err(refused));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
-
-    fn complete(&self, session: &LoadedSession, started: Instant) {
-        let phase = &session.state.phase;
-        let error = match phase {
-            ProvisionPhase::Failed(f) => Some(f.reason.clone()),
-            _ => None,
-        };
-        info!(phase = %phase.kind(), error = error.as_deref(), "session settled");
-        self.emit(ProvisionEvent::ProvisionCompleted {
-            session_id: session.context.session_id.clone(),
-            success: phase.kind() == PhaseKind::Ready,
-            phase: phase.kind(),
-            instance_id: phase.instance_id().map(str::to_string),
-            public_ip: phase.public_ip().map(str::to_string),
-            was_spot: phase.was_spot(),
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            error,
-        });
-    }
-}
-
-/// Effects whose outcome tells what exists: teardown must learn it first.
-fn creates_something(effect: &Effect) -> bool {
-    matches!(
-        effect,
-        Effect::RunInstance { .. } | Effect::EnsureKeyPair { .. }
-    )
 }
 
 fn ready_or_error(session_id: &str, state: SessionState) -> Result<ReadyInstance, EngineError> {
@@ -565,35 +697,6 @@ fn ready_or_error(session_id: &str, state: SessionState) -> Result<ReadyInstance
     }
 }
 
-/// A human line for what an effect is doing.
-pub fn describe(effect: &Effect) -> String {
-    match effect {
-        Effect::ValidateRequest => "checking image, subnets and security groups".into(),
-        Effect::EnsureKeyPair { key_name, .. } => format!("preparing key pair {key_name}"),
-        Effect::RunInstance {
-            spot, subnet_id, ..
-        } => {
-            format!(
-                "launching {} instance in {subnet_id}",
-                if *spot { "a spot" } else { "an on-demand" }
-            )
-        }
-        Effect::DescribeInstance { instance_id } => format!("waiting for {instance_id} to run"),
-        Effect::ReadConsoleHostKeys { instance_id } => {
-            format!("reading SSH host keys from {instance_id}'s console")
-        }
-        Effect::ProbeSsh { endpoint, .. } => format!("checking SSH at {endpoint}"),
-        Effect::TerminateInstance {
-            instance_id: Some(id),
-            ..
-        } => format!("terminating {id}"),
-        Effect::TerminateInstance {
-            instance_id: None, ..
-        } => "terminating any instance tagged with this session".into(),
-        Effect::DeleteKeyPair { key_name, .. } => format!("deleting key pair {key_name}"),
-    }
-}
-
 /// Renews a session's lease in the background while it is driven.
 struct LeaseRenewal(tokio::task::JoinHandle<()>);
 
@@ -609,7 +712,7 @@ impl LeaseRenewal {
         LeaseRenewal(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                match store.renew_lease(&session_id, &holder, ttl, effects::now()) {
+                match store.renew_lease(&session_id, &holder, ttl).await {
                     Ok(()) => {}
                     // Another driver owns the session now; our next commit is
                     // refused (commits are fenced by the lease) and we stop.

@@ -6,10 +6,13 @@
 //!
 //! | module | what it is | the invariant it keeps |
 //! |---|---|---|
-//! | [`machine`] | phases, inputs, effects, the transition table | pure: no async, IO or clock; every step is a table row; `Failed` only after cleanup |
-//! | [`store`] | `CheckpointStore`, SQLite event log + session row | intent commits before its effect; one live driver per session (lease); no secrets stored |
-//! | [`driver`] | the engine: `provision`, `resume`, `teardown`, `recover` | load, step, commit, execute, record; a crash anywhere is resumable |
-//! | [`effects`] | EC2 (aws-sdk-ec2), SSH probe (russh), key files, console parser; one DescribeInstances batcher per process | every failure becomes a machine input; every effect is idempotent |
+//! | [`machine`] | phases, inputs, guards, effects, the transition table | pure: no async, IO or clock; every decision (grace periods, give-ups, fallbacks, teardown) is a guarded table row; `Failed` only after cleanup |
+//! | [`store`] | `CheckpointStore` (async, backend-neutral), SQLite event log + session row | intent commits before its effect; one live driver per session (lease, judged by the store's clock); no secrets stored |
+//! | [`driver`] | the engine: `provision`, `resume`, `deliver`, `teardown`, `recover` | load, step, commit, execute, record; outside inputs take the same checkpoint path; a crash anywhere is resumable |
+//! | [`effects`] | EC2 call stack (SDK ▸ batching), SSH probe (russh), key files, console parser | effects report facts, never conclusions; every effect is idempotent |
+//! | [`error_code`] | EC2 error codes parsed once, and their classes | no other module matches code strings |
+//! | [`observe`] | one `Observer` fan-out: tracing, event channel, progress | observers see no key material and change nothing |
+//! | [`clock`] | `Clock`: the system clock, or a manual one for tests | the machine never reads a clock; the driver passes `now` in |
 //! | [`events`] | typed events and progress for library callers | never carry key material |
 //! | [`request`], [`config`] | the request model and its YAML form | a request is valid or refused naming the key |
 //! | [`net_guard`] | loopback-only guard for tests and the lab | with it on, nothing but 127.0.0.0/8 and ::1 is ever connected |
@@ -18,8 +21,9 @@
 //!
 //! ```text
 //! cli ──▶ driver ──▶ machine   (pure)
-//!            ├──▶ store        (SQLite: sessions + append-only event log)
-//!            └──▶ effects      (EC2, SSH, key files)
+//!            ├──▶ store        (async trait; SQLite: sessions + append-only event log)
+//!            ├──▶ effects      (SdkEc2 ▸ Batched ▸ AwsEffects; SSH; key files)
+//!            └──▶ observers    (tracing, events, progress)
 //! ```
 //!
 //! A session starts in `Validating`; each step records the new phase and
@@ -27,12 +31,30 @@
 //! name) in one transaction, runs the effect, and records the outcome with
 //! the next step. `recover` finishes every session that is neither Ready
 //! nor finished.
+//!
+//! # Adding a phase: five places, each checked by the compiler or a test
+//!
+//! 1. `machine/phase.rs`: the phase's struct and its variant in
+//!    `ProvisionPhase` ([`machine::PhaseKind`], its name and parsing are
+//!    derived from it), and its `percent_complete` (the match is exhaustive);
+//! 2. `machine/table.rs`: its rows, each with the guards that pick it;
+//! 3. `machine/decide.rs`: its handler, called from `decide`'s exhaustive match;
+//! 4. `machine/mod.rs`: its effect in `effect_for` (exhaustive match);
+//! 5. `machine/tests.rs`: a sample of it in `phases()` (a test fails if a
+//!    kind has none, and another if a table row is never taken).
+//!
+//! Then regenerate the diagrams (`acode-ec2 diagram`), or a test fails.
+//! Adding an input is the same list with `Input` in `machine/effect.rs`
+//! (and `possible_outcomes` if an effect answers with it).
 
+pub mod clock;
 pub mod config;
 pub mod driver;
 pub mod effects;
+pub mod error_code;
 pub mod events;
 pub mod machine;
 pub mod net_guard;
+pub mod observe;
 pub mod request;
 pub mod store;

@@ -210,8 +210,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status { session, json } => {
             let no_sessions = "no sessions yet; start one with `acode-ec2 provision`";
             let summary = match (open_existing_store(&cli)?, session) {
-                (Some(store), Some(id)) => store.summary(id)?,
-                (Some(store), None) => store.list()?.pop().context(no_sessions)?,
+                (Some(store), Some(id)) => store.summary(id).await?,
+                (Some(store), None) => store.list().await?.pop().context(no_sessions)?,
                 (None, Some(id)) => bail!("no session {id}: {no_sessions}"),
                 (None, None) => bail!(no_sessions),
             };
@@ -224,7 +224,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Sessions { json } => {
             let sessions = match open_existing_store(&cli)? {
-                Some(store) => store.list()?,
+                Some(store) => store.list().await?,
                 None => Vec::new(),
             };
             if *json {

@@ -4,6 +4,9 @@
 //! EC2 throttles Describe calls per account and region (about 100 burst,
 //! 20/s refill), and 1,000 sessions each polling every 2 s would ask 500/s.
 //!
+//! A layer over any [`Ec2Api`]: `describe_instance` is batched, every
+//! other call passes through.
+//!
 //! Invariant: every caller's answer comes from a call sent after it asked,
 //! and a call that fails answers everyone in it with that failure.
 
@@ -11,12 +14,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use aws_sdk_ec2::Client;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use zeroize::Zeroizing;
 
-use super::ec2;
-use crate::machine::Input;
+use super::api::{Ec2Api, Ec2Result, InstanceView, LaunchSpec, malformed};
+use crate::machine::ImageChoice;
+use crate::request::{AmiSelector, KeyAlgorithm};
 
 /// When a batch is sent: `idle` after its newest id, `max_wait` after its
 /// first, or at once when it holds `max_ids`.
@@ -39,29 +43,56 @@ impl Default for BatchWindow {
     }
 }
 
-pub struct DescribeBatcher {
-    ec2: Client,
+/// The batching layer: clones share one batch.
+pub struct Batched<A> {
+    inner: Arc<A>,
+    batcher: Arc<DescribeBatcher<A>>,
+}
+
+impl<A> Clone for Batched<A> {
+    fn clone(&self) -> Self {
+        Batched {
+            inner: Arc::clone(&self.inner),
+            batcher: Arc::clone(&self.batcher),
+        }
+    }
+}
+
+impl<A: Ec2Api> Batched<A> {
+    pub fn new(inner: A, window: BatchWindow) -> Batched<A> {
+        let inner = Arc::new(inner);
+        Batched {
+            batcher: Arc::new(DescribeBatcher {
+                api: Arc::clone(&inner),
+                window,
+                open: Mutex::new(None),
+            }),
+            inner,
+        }
+    }
+
+    pub fn inner(&self) -> &A {
+        &self.inner
+    }
+}
+
+type Answer = Ec2Result<Option<InstanceView>>;
+
+struct DescribeBatcher<A> {
+    api: Arc<A>,
     window: BatchWindow,
     open: Mutex<Option<OpenBatch>>,
 }
 
 /// The batch that is still taking ids; a flusher task owns its sending.
 struct OpenBatch {
-    waiters: HashMap<String, Vec<oneshot::Sender<Input>>>,
+    waiters: HashMap<String, Vec<oneshot::Sender<Answer>>>,
     first: Instant,
     newest: Instant,
     full: Arc<Notify>,
 }
 
-impl DescribeBatcher {
-    pub fn new(ec2: Client, window: BatchWindow) -> Arc<DescribeBatcher> {
-        Arc::new(DescribeBatcher {
-            ec2,
-            window,
-            open: Mutex::new(None),
-        })
-    }
-
+impl<A: Ec2Api> DescribeBatcher<A> {
     fn open(&self) -> MutexGuard<'_, Option<OpenBatch>> {
         // Only plain map and clock updates happen under the lock: a panic
         // there cannot leave it half-changed in a way that matters.
@@ -71,7 +102,7 @@ impl DescribeBatcher {
     }
 
     /// What EC2 says of `instance_id`, from the next batched call.
-    pub async fn describe(self: &Arc<Self>, instance_id: &str) -> Input {
+    async fn describe(self: &Arc<Self>, instance_id: &str) -> Answer {
         let (answer, answered) = oneshot::channel();
         {
             let mut open = self.open();
@@ -100,8 +131,11 @@ impl DescribeBatcher {
                 }
             }
         }
-        answered.await.unwrap_or_else(|_| Input::TransientFailure {
-            message: "the batched DescribeInstances call was abandoned".into(),
+        answered.await.unwrap_or_else(|_| {
+            Err(malformed(
+                "DescribeInstances",
+                "the batched call was abandoned",
+            ))
         })
     }
 
@@ -132,17 +166,81 @@ impl DescribeBatcher {
         let ids: Vec<String> = batch.waiters.keys().cloned().collect();
         let mut waiters = batch.waiters;
         for chunk in ids.chunks(self.window.max_ids.max(1)) {
-            let answers = ec2::describe_instances(&self.ec2, chunk).await;
+            let answers = self.api.describe_instances(chunk).await;
             for id in chunk {
-                let input = match &answers {
-                    Ok(found) => found.get(id).cloned().unwrap_or(Input::InstanceNotVisible),
-                    Err(failure) => failure.clone(),
+                let answer = match &answers {
+                    Ok(found) => Ok(found.get(id).cloned()),
+                    Err(failure) => Err(failure.clone()),
                 };
                 for waiter in waiters.remove(id).unwrap_or_default() {
                     // A caller that stopped waiting needs no answer.
-                    let _ = waiter.send(input.clone());
+                    let _ = waiter.send(answer.clone());
                 }
             }
         }
+    }
+}
+
+impl<A: Ec2Api> Ec2Api for Batched<A> {
+    async fn describe_instance(&self, id: &str) -> Ec2Result<Option<InstanceView>> {
+        self.batcher.describe(id).await
+    }
+
+    async fn find_image(&self, ami: &AmiSelector) -> Ec2Result<Option<ImageChoice>> {
+        self.inner.find_image(ami).await
+    }
+
+    async fn check_subnets(&self, ids: &[String]) -> Ec2Result<()> {
+        self.inner.check_subnets(ids).await
+    }
+
+    async fn check_security_groups(&self, ids: &[String]) -> Ec2Result<()> {
+        self.inner.check_security_groups(ids).await
+    }
+
+    async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {
+        self.inner.key_pair_exists(name).await
+    }
+
+    async fn create_key_pair(
+        &self,
+        name: &str,
+        algorithm: KeyAlgorithm,
+        tags: &[(String, String)],
+    ) -> Ec2Result<Zeroizing<String>> {
+        self.inner.create_key_pair(name, algorithm, tags).await
+    }
+
+    async fn import_key_pair(
+        &self,
+        name: &str,
+        public_key: &str,
+        tags: &[(String, String)],
+    ) -> Ec2Result<()> {
+        self.inner.import_key_pair(name, public_key, tags).await
+    }
+
+    async fn delete_key_pair(&self, name: &str) -> Ec2Result<()> {
+        self.inner.delete_key_pair(name).await
+    }
+
+    async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<String> {
+        self.inner.run_instance(spec).await
+    }
+
+    async fn describe_instances(&self, ids: &[String]) -> Ec2Result<HashMap<String, InstanceView>> {
+        self.inner.describe_instances(ids).await
+    }
+
+    async fn live_instances_of_session(&self, session_id: &str) -> Ec2Result<Vec<String>> {
+        self.inner.live_instances_of_session(session_id).await
+    }
+
+    async fn terminate_instance(&self, id: &str) -> Ec2Result<()> {
+        self.inner.terminate_instance(id).await
+    }
+
+    async fn console_output(&self, id: &str, latest: bool) -> Ec2Result<Option<Vec<u8>>> {
+        self.inner.console_output(id, latest).await
     }
 }

@@ -13,20 +13,19 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-use aws_sdk_ec2::Client;
-use aws_sdk_ec2::primitives::Blob;
-use aws_sdk_ec2::types::{KeyFormat, KeyType};
 use ssh_key::rand_core::UnwrapErr;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 use zeroize::Zeroizing;
 
-use super::ec2;
+use super::api::Ec2Api;
+use super::ec2::{failed, session_tags};
+use crate::error_code::{AwsErrorCode, ErrorClass, LocalRefusal};
 use crate::machine::{Input, KeyPairHandle, SessionContext, Timestamp};
 use crate::request::{KeyAlgorithm, KeyPairMode};
 
 fn file_failure(what: &str, path: &str, err: std::io::Error) -> Input {
     Input::Rejected {
-        code: "KeyFile".into(),
+        code: LocalRefusal::KeyFile.into(),
         message: format!(
             "cannot {what} key file {path}: {err}; check the key folder and its permissions"
         ),
@@ -104,7 +103,7 @@ fn public_key_of(path: &str) -> Result<String, String> {
 }
 
 pub async fn ensure(
-    ec2: &Client,
+    api: &impl Ec2Api,
     ctx: &SessionContext,
     created: Timestamp,
     key_name: &str,
@@ -115,9 +114,9 @@ pub async fn ensure(
         owned,
         private_key_path: path.map(str::to_string),
     };
-    let exists = match ec2::key_pair_exists(ec2, key_name).await {
+    let exists = match api.key_pair_exists(key_name).await {
         Ok(exists) => exists,
-        Err(input) => return input,
+        Err(failure) => return failed(failure),
     };
     let (algorithm, import) = match &ctx.request.key_pair {
         KeyPairMode::Existing {
@@ -125,7 +124,7 @@ pub async fn ensure(
         } => {
             if !exists {
                 return Input::Rejected {
-                    code: "InvalidKeyPair.NotFound".into(),
+                    code: LocalRefusal::KeyPairMissing.into(),
                     message: format!(
                         "key pair {key_name} does not exist in this region; create it or use keyPair mode temporary"
                     ),
@@ -141,7 +140,7 @@ pub async fn ensure(
     };
     let Some(path) = path else {
         return Input::Rejected {
-            code: "KeyFile".into(),
+            code: LocalRefusal::KeyFile.into(),
             message: "an owned key pair needs a key file path".into(),
         };
     };
@@ -150,7 +149,18 @@ pub async fn ensure(
     if exists && file_exists {
         return Input::KeyPairReady { key: handle(true) };
     }
-    // Import mode can finish a run that wrote the file but crashed before the import.
+    let tags = session_tags(ctx, created);
+    // Import mode can finish a run that wrote the file but crashed before
+    // the import; an unreadable file is no use and is started over.
+    if import
+        && file_exists
+        && let Ok(public) = public_key_of(path)
+    {
+        return match import_pair(api, key_name, &public, &tags).await {
+            Ok(()) => Input::KeyPairReady { key: handle(true) },
+            Err(input) => input,
+        };
+    }
     let fresh = Fresh {
         key_name,
         path,
@@ -158,21 +168,13 @@ pub async fn ensure(
         import,
         pair_exists: exists,
     };
-    // Import mode can finish a run that wrote the file but crashed before
-    // the import; an unreadable file is no use and is started over.
-    if import
-        && file_exists
-        && let Ok(public) = public_key_of(path)
-    {
-        return match import_pair(ec2, ctx, created, key_name, public).await {
-            Ok(()) => Input::KeyPairReady { key: handle(true) },
-            Err(input) => input,
-        };
+    match create_afresh(api, &tags, fresh).await {
+        Ok(()) => Input::KeyPairReady { key: handle(true) },
+        Err(input) => input,
     }
-    start_over(ec2, ctx, created, fresh).await
 }
 
-/// What `start_over` creates, and whether a stale pair must go first.
+/// What `create_afresh` creates, and whether a stale pair must go first.
 struct Fresh<'a> {
     key_name: &'a str,
     path: &'a str,
@@ -182,23 +184,11 @@ struct Fresh<'a> {
 }
 
 /// Deletes whatever half exists, then creates pair and file afresh.
-async fn start_over(
-    ec2: &Client,
-    ctx: &SessionContext,
-    created: Timestamp,
-    fresh: Fresh<'_>,
-) -> Input {
-    match create_afresh(ec2, ctx, created, fresh).await {
-        Ok(input) | Err(input) => input,
-    }
-}
-
 async fn create_afresh(
-    ec2: &Client,
-    ctx: &SessionContext,
-    created: Timestamp,
+    api: &impl Ec2Api,
+    tags: &[(String, String)],
     fresh: Fresh<'_>,
-) -> Result<Input, Input> {
+) -> Result<(), Input> {
     let Fresh {
         key_name,
         path,
@@ -208,82 +198,60 @@ async fn create_afresh(
     } = fresh;
     if pair_exists {
         // Its private key is lost (EC2 hands it out once): the pair is useless.
-        ec2::delete_key_pair(ec2, key_name).await?;
+        delete_pair(api, key_name).await?;
     }
     remove_file_if_present(path).map_err(|e| file_failure("remove stale", path, e))?;
-    let ready = Input::KeyPairReady {
-        key: KeyPairHandle {
-            key_name: key_name.to_string(),
-            owned: true,
-            private_key_path: Some(path.to_string()),
-        },
-    };
     if import {
         let (private, public) = generate(algorithm).map_err(|e| Input::Rejected {
-            code: "KeyGeneration".into(),
+            code: LocalRefusal::KeyGeneration.into(),
             message: e.to_string(),
         })?;
         // File first: the pair is useless without it, and the import can be redone from it.
         write_private_key(path, &private).map_err(|e| file_failure("write", path, e))?;
-        import_pair(ec2, ctx, created, key_name, public).await?;
-        return Ok(ready);
+        return import_pair(api, key_name, &public, tags).await;
     }
-    let key_type = match algorithm {
-        KeyAlgorithm::Ed25519 => KeyType::Ed25519,
-        KeyAlgorithm::Rsa => KeyType::Rsa,
+    let material = match api.create_key_pair(key_name, algorithm, tags).await {
+        Ok(material) => material,
+        // A delete EC2 does not show yet, or a create whose answer was
+        // lost: the next try deletes the pair and makes it again.
+        Err(failure) if failure.is(&AwsErrorCode::InvalidKeyPairDuplicate) => {
+            return Err(Input::TransientFailure {
+                message: format!("key pair {key_name} still exists; making it again"),
+            });
+        }
+        Err(failure) => return Err(failed(failure)),
     };
-    let out = ec2
-        .create_key_pair()
-        .key_name(key_name)
-        .key_type(key_type)
-        .key_format(KeyFormat::Pem)
-        .tag_specifications(ec2::key_pair_tags(ctx, created))
-        .send()
-        .await
-        .map_err(|e| {
-            if ec2::has_code(&e, "InvalidKeyPair.Duplicate") {
-                // A delete EC2 does not show yet, or a create whose answer
-                // was lost: the next try deletes the pair and makes it again.
-                return Input::TransientFailure {
-                    message: format!("key pair {key_name} still exists; making it again"),
-                };
-            }
-            ec2::key_call_failure(&e)
-        })?;
-    let material = Zeroizing::new(out.key_material.unwrap_or_default());
-    if material.is_empty() {
-        return Err(Input::TransientFailure {
-            message: "CreateKeyPair answered without key material".into(),
-        });
-    }
-    write_private_key(path, &material).map_err(|e| file_failure("write", path, e))?;
-    Ok(ready)
+    write_private_key(path, &material).map_err(|e| file_failure("write", path, e))
 }
 
 async fn import_pair(
-    ec2: &Client,
-    ctx: &SessionContext,
-    created: Timestamp,
+    api: &impl Ec2Api,
     key_name: &str,
-    public: String,
+    public: &str,
+    tags: &[(String, String)],
 ) -> Result<(), Input> {
-    match ec2
-        .import_key_pair()
-        .key_name(key_name)
-        .public_key_material(Blob::new(public.into_bytes()))
-        .tag_specifications(ec2::key_pair_tags(ctx, created))
-        .send()
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if ec2::has_code(&e, "InvalidKeyPair.Duplicate") => Ok(()),
-        Err(e) => Err(ec2::key_call_failure(&e)),
+    match api.import_key_pair(key_name, public, tags).await {
+        Ok(()) => Ok(()),
+        Err(failure) if failure.is(&AwsErrorCode::InvalidKeyPairDuplicate) => Ok(()),
+        Err(failure) => Err(failed(failure)),
+    }
+}
+
+/// DeleteKeyPair; a pair already gone is success.
+async fn delete_pair(api: &impl Ec2Api, key_name: &str) -> Result<(), Input> {
+    match api.delete_key_pair(key_name).await {
+        Ok(()) => Ok(()),
+        Err(failure) if failure.class == ErrorClass::NotFound => Ok(()),
+        // Cleanup must not give up: anything else is retried.
+        Err(failure) => Err(Input::TransientFailure {
+            message: failure.to_string(),
+        }),
     }
 }
 
 /// Deletes the pair and its key file; both already gone is success.
-pub async fn delete(ec2: &Client, key_name: &str, path: Option<&str>) -> Input {
-    if let Err(input) = ec2::delete_key_pair(ec2, key_name).await {
+pub async fn delete(api: &impl Ec2Api, key_name: &str, path: Option<&str>) -> Input {
+    if let Err(input) = delete_pair(api, key_name).await {
         return input;
     }
     // A write cut short by a crash may have left the key beside its path.

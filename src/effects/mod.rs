@@ -1,18 +1,24 @@
 //! Side effects behind one small trait: EC2, SSH, key files.
 //!
-//! Invariant: an effect never fails the driver; every error becomes an
-//! [`Input`] the machine understands (rejected, transient, not ready, …),
-//! and running the same effect twice has the same result.
+//! Layers, bottom up: [`sdk::SdkEc2`] (aws-sdk-ec2) ▸ [`describe_batch::Batched`]
+//! (DescribeInstances shared by the sessions of a process) ▸ [`AwsEffects`],
+//! which maps each [`Effect`] to calls and their answers to machine inputs.
+//!
+//! Invariant: an effect never fails the driver and never decides; every
+//! answer becomes an [`Input`] that states a fact (rejected, transient, not
+//! found, not ready, …), and running the same effect twice has the same
+//! result.
 
+pub mod api;
 pub mod console;
 pub mod describe_batch;
 pub mod ec2;
 pub mod keys;
+pub mod sdk;
 pub mod ssh;
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
@@ -20,7 +26,9 @@ use aws_config::timeout::TimeoutConfig;
 
 use crate::machine::{Effect, Input, SessionContext, Timestamp};
 use crate::net_guard::{ConnectGuard, GuardError};
-use describe_batch::{BatchWindow, DescribeBatcher};
+use api::Ec2Api;
+use describe_batch::{BatchWindow, Batched};
+use sdk::SdkEc2;
 
 /// Runs effects for the driver.
 pub trait Effects: Send + Sync + 'static {
@@ -34,22 +42,13 @@ pub trait Effects: Send + Sync + 'static {
     ) -> impl Future<Output = Input> + Send;
 }
 
-/// The wall clock, read only by the driver, never by the machine.
-pub fn now() -> Timestamp {
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    Timestamp(u64::try_from(millis).unwrap_or(u64::MAX))
-}
-
-/// The real effects: aws-sdk-ec2 for EC2, russh for SSH. Clones share one
-/// DescribeInstances batcher, so sessions driven together poll together.
+/// The real effects over an EC2 API stack (by default the SDK client with
+/// DescribeInstances batching), russh for SSH, and key files on disk.
+/// Clones share the stack, so sessions driven together poll together.
 #[derive(Clone)]
-pub struct AwsEffects {
-    ec2: aws_sdk_ec2::Client,
+pub struct AwsEffects<A = Batched<SdkEc2>> {
+    api: A,
     guard: ConnectGuard,
-    describe: Arc<DescribeBatcher>,
 }
 
 impl AwsEffects {
@@ -62,11 +61,7 @@ impl AwsEffects {
         guard: ConnectGuard,
         window: BatchWindow,
     ) -> AwsEffects {
-        AwsEffects {
-            describe: DescribeBatcher::new(ec2.clone(), window),
-            ec2,
-            guard,
-        }
+        AwsEffects::over(Batched::new(SdkEc2::new(ec2), window), guard)
     }
 
     /// Builds a client from the AWS SDK's own chain (`AWS_REGION`,
@@ -95,21 +90,28 @@ impl AwsEffects {
         let config = loader.load().await;
         Ok(AwsEffects::new(aws_sdk_ec2::Client::new(&config), guard))
     }
+}
 
-    pub fn client(&self) -> &aws_sdk_ec2::Client {
-        &self.ec2
+impl<A: Ec2Api> AwsEffects<A> {
+    /// Effects over any EC2 API stack.
+    pub fn over(api: A, guard: ConnectGuard) -> AwsEffects<A> {
+        AwsEffects { api, guard }
+    }
+
+    pub fn api(&self) -> &A {
+        &self.api
     }
 }
 
-impl Effects for AwsEffects {
+impl<A: Ec2Api> Effects for AwsEffects<A> {
     async fn run(&self, ctx: &SessionContext, created: Timestamp, effect: &Effect) -> Input {
-        let ec2 = &self.ec2;
+        let api = &self.api;
         match effect {
-            Effect::ValidateRequest => ec2::validate(ec2, &ctx.request).await,
+            Effect::ValidateRequest => ec2::validate(api, ctx).await,
             Effect::EnsureKeyPair {
                 key_name,
                 private_key_path,
-            } => keys::ensure(ec2, ctx, created, key_name, private_key_path.as_deref()).await,
+            } => keys::ensure(api, ctx, created, key_name, private_key_path.as_deref()).await,
             Effect::RunInstance {
                 client_token,
                 spot,
@@ -124,11 +126,13 @@ impl Effects for AwsEffects {
                     image,
                     key_name,
                 };
-                ec2::run_instance(ec2, ctx, created, launch).await
+                ec2::run_instance(api, ctx, created, launch).await
             }
-            Effect::DescribeInstance { instance_id } => self.describe.describe(instance_id).await,
+            Effect::DescribeInstance { instance_id } => {
+                ec2::describe_instance(api, instance_id).await
+            }
             Effect::ReadConsoleHostKeys { instance_id } => {
-                ec2::read_console_host_keys(ec2, instance_id).await
+                ec2::read_console_host_keys(api, instance_id).await
             }
             Effect::ProbeSsh {
                 endpoint,
@@ -145,14 +149,13 @@ impl Effects for AwsEffects {
                 )
                 .await
             }
-            Effect::TerminateInstance {
-                instance_id,
-                launched_at,
-            } => ec2::terminate(ec2, ctx, instance_id.as_deref(), *launched_at).await,
+            Effect::TerminateInstance { instance_id } => {
+                ec2::terminate(api, ctx, instance_id.as_deref()).await
+            }
             Effect::DeleteKeyPair {
                 key_name,
                 private_key_path,
-            } => keys::delete(ec2, key_name, private_key_path.as_deref()).await,
+            } => keys::delete(api, key_name, private_key_path.as_deref()).await,
         }
     }
 }

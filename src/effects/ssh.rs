@@ -10,6 +10,7 @@ use std::time::Duration;
 use russh::client::{self, AuthResult};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 
+use crate::error_code::LocalRefusal;
 use crate::machine::{ConsoleFingerprints, Input};
 use crate::net_guard::ConnectGuard;
 use crate::request::parse_host_port;
@@ -76,13 +77,13 @@ async fn probe_once(
 ) -> Input {
     let Some((host, port)) = parse_host_port(endpoint) else {
         return Input::Rejected {
-            code: "SshEndpoint".into(),
+            code: LocalRefusal::SshEndpoint.into(),
             message: format!("`{endpoint}` is not host:port"),
         };
     };
     if let Err(refused) = guard.check_host(&host) {
         return Input::Rejected {
-            code: "LoopbackOnly".into(),
+            code: LocalRefusal::LoopbackOnly.into(),
             message: refused.to_string(),
         };
     }
@@ -95,7 +96,7 @@ async fn probe_once(
     for addr in addrs {
         if let Err(refused) = guard.check(addr) {
             return Input::Rejected {
-                code: "LoopbackOnly".into(),
+                code: LocalRefusal::LoopbackOnly.into(),
                 message: refused.to_string(),
             };
         }
@@ -138,7 +139,7 @@ async fn probe_once(
         .unwrap_or_default();
     let Some(path) = private_key_path else {
         return Input::Rejected {
-            code: "SshKey".into(),
+            code: LocalRefusal::SshKey.into(),
             message: "no private key path to log in with".into(),
         };
     };
@@ -146,7 +147,7 @@ async fn probe_once(
         Ok(key) => Arc::new(key),
         Err(e) => {
             return Input::Rejected {
-                code: "SshKey".into(),
+                code: LocalRefusal::SshKey.into(),
                 message: format!("cannot load private key {path}: {e}"),
             };
         }

@@ -6,13 +6,14 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use strum::{EnumDiscriminants, EnumIter, IntoStaticStr};
 
-use super::Timestamp;
 use super::phase::{ConsoleFingerprints, ImageChoice, KeyPairHandle};
 use super::token::ClientToken;
+use crate::error_code::{AwsErrorCode, RejectionCode};
 
 /// One side effect, as recorded in the intent log before it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, IntoStaticStr)]
 #[serde(tag = "effect")]
 pub enum Effect {
     /// Check the AMI (resolving an alias), subnets and security groups exist.
@@ -47,14 +48,11 @@ pub enum Effect {
         trusted: Option<ConsoleFingerprints>,
     },
     /// TerminateInstances on the instance, and on any other live instance
-    /// tagged with the session (all of them when the id is unknown);
-    /// NotFound counts as done.
+    /// tagged with the session (all of them when the id is unknown). It
+    /// reports what EC2 said; whether "not found" means "gone" is the
+    /// machine's call.
     TerminateInstance {
         instance_id: Option<String>,
-        /// When that instance was launched: shortly after, EC2 may answer
-        /// NotFound for an instance that exists, which is then not "done".
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        launched_at: Option<Timestamp>,
     },
     /// DeleteKeyPair and remove the private key file; NotFound counts as done.
     DeleteKeyPair {
@@ -63,16 +61,22 @@ pub enum Effect {
     },
 }
 
-/// The outcome of an effect, or a request from the caller.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The outcome of an effect, or an input from outside (a teardown request).
+/// [`InputKind`] is derived from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, EnumDiscriminants)]
 #[serde(tag = "input")]
+#[strum_discriminants(
+    name(InputKind),
+    doc = "The name of an input without its data: what the table uses.",
+    derive(Hash, PartialOrd, Ord, Serialize, Deserialize, EnumIter, IntoStaticStr)
+)]
 pub enum Input {
     Validated {
         image: ImageChoice,
     },
     /// The request cannot succeed as asked (bad AMI, unknown subnet, …).
     Rejected {
-        code: String,
+        code: RejectionCode,
         message: String,
     },
     KeyPairReady {
@@ -84,7 +88,7 @@ pub enum Input {
     },
     /// No capacity for this attempt (`InsufficientInstanceCapacity`, …).
     CapacityUnavailable {
-        code: String,
+        code: AwsErrorCode,
         message: String,
     },
     InstancePending,
@@ -112,85 +116,33 @@ pub enum Input {
     HostKeyMismatch {
         presented: String,
     },
+    /// Every instance asked for (and every live one tagged with the
+    /// session) acknowledged termination.
     InstanceTerminated,
+    /// EC2 does not know the instance by its id: long gone, or launched so
+    /// recently that EC2 does not show it yet.
+    InstanceNotFound,
+    /// A sweep by the session tag found no live instance: none was made, or
+    /// one just made is not visible yet.
+    NoInstanceFound,
     KeyPairDeleted,
     /// A failure that may pass (throttling, 5xx, network): retry later.
     TransientFailure {
         message: String,
     },
-    TeardownRequested,
-}
-
-/// The name of an input without its data: what the table uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum InputKind {
-    Validated,
-    Rejected,
-    KeyPairReady,
-    Launched,
-    CapacityUnavailable,
-    InstancePending,
-    InstanceRunning,
-    InstanceNotVisible,
-    InstanceGone,
-    ConsoleHostKeys,
-    ConsoleNotReady,
-    SshReady,
-    SshNotReady,
-    HostKeyMismatch,
-    InstanceTerminated,
-    KeyPairDeleted,
-    TransientFailure,
+    /// From outside: the caller wants the session's resources gone.
     TeardownRequested,
 }
 
 impl Input {
     pub fn kind(&self) -> InputKind {
-        match self {
-            Input::Validated { .. } => InputKind::Validated,
-            Input::Rejected { .. } => InputKind::Rejected,
-            Input::KeyPairReady { .. } => InputKind::KeyPairReady,
-            Input::Launched { .. } => InputKind::Launched,
-            Input::CapacityUnavailable { .. } => InputKind::CapacityUnavailable,
-            Input::InstancePending => InputKind::InstancePending,
-            Input::InstanceRunning { .. } => InputKind::InstanceRunning,
-            Input::InstanceNotVisible => InputKind::InstanceNotVisible,
-            Input::InstanceGone { .. } => InputKind::InstanceGone,
-            Input::ConsoleHostKeys { .. } => InputKind::ConsoleHostKeys,
-            Input::ConsoleNotReady => InputKind::ConsoleNotReady,
-            Input::SshReady { .. } => InputKind::SshReady,
-            Input::SshNotReady { .. } => InputKind::SshNotReady,
-            Input::HostKeyMismatch { .. } => InputKind::HostKeyMismatch,
-            Input::InstanceTerminated => InputKind::InstanceTerminated,
-            Input::KeyPairDeleted => InputKind::KeyPairDeleted,
-            Input::TransientFailure { .. } => InputKind::TransientFailure,
-            Input::TeardownRequested => InputKind::TeardownRequested,
-        }
+        self.into()
     }
 }
 
 impl InputKind {
     pub fn name(self) -> &'static str {
-        match self {
-            InputKind::Validated => "Validated",
-            InputKind::Rejected => "Rejected",
-            InputKind::KeyPairReady => "KeyPairReady",
-            InputKind::Launched => "Launched",
-            InputKind::CapacityUnavailable => "CapacityUnavailable",
-            InputKind::InstancePending => "InstancePending",
-            InputKind::InstanceRunning => "InstanceRunning",
-            InputKind::InstanceNotVisible => "InstanceNotVisible",
-            InputKind::InstanceGone => "InstanceGone",
-            InputKind::ConsoleHostKeys => "ConsoleHostKeys",
-            InputKind::ConsoleNotReady => "ConsoleNotReady",
-            InputKind::SshReady => "SshReady",
-            InputKind::SshNotReady => "SshNotReady",
-            InputKind::HostKeyMismatch => "HostKeyMismatch",
-            InputKind::InstanceTerminated => "InstanceTerminated",
-            InputKind::KeyPairDeleted => "KeyPairDeleted",
-            InputKind::TransientFailure => "TransientFailure",
-            InputKind::TeardownRequested => "TeardownRequested",
-        }
+        self.into()
     }
 }
 
@@ -203,16 +155,20 @@ impl fmt::Display for InputKind {
 impl Effect {
     /// A short name for logs and the CLI.
     pub fn name(&self) -> &'static str {
-        match self {
-            Effect::ValidateRequest => "ValidateRequest",
-            Effect::EnsureKeyPair { .. } => "EnsureKeyPair",
-            Effect::RunInstance { .. } => "RunInstance",
-            Effect::DescribeInstance { .. } => "DescribeInstance",
-            Effect::ReadConsoleHostKeys { .. } => "ReadConsoleHostKeys",
-            Effect::ProbeSsh { .. } => "ProbeSsh",
-            Effect::TerminateInstance { .. } => "TerminateInstance",
-            Effect::DeleteKeyPair { .. } => "DeleteKeyPair",
-        }
+        self.into()
+    }
+
+    /// Effects that only look: a driver may abandon one mid-way (for an
+    /// outside input) without losing track of anything. Effects that
+    /// create or remove something always run to their answer.
+    pub fn only_looks(&self) -> bool {
+        matches!(
+            self,
+            Effect::ValidateRequest
+                | Effect::DescribeInstance { .. }
+                | Effect::ReadConsoleHostKeys { .. }
+                | Effect::ProbeSsh { .. }
+        )
     }
 
     /// The inputs this effect may answer with; scripted fakes and property
@@ -243,7 +199,12 @@ impl Effect {
                 Rejected,
                 TransientFailure,
             ],
-            Effect::TerminateInstance { .. } => &[InstanceTerminated, TransientFailure],
+            Effect::TerminateInstance {
+                instance_id: Some(_),
+            } => &[InstanceTerminated, InstanceNotFound, TransientFailure],
+            Effect::TerminateInstance { instance_id: None } => {
+                &[InstanceTerminated, NoInstanceFound, TransientFailure]
+            }
             Effect::DeleteKeyPair { .. } => &[KeyPairDeleted, TransientFailure],
         }
     }

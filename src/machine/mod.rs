@@ -3,17 +3,24 @@
 //! Invariants:
 //! - no async, no IO, no clock: `step(context, state, input, now)` is a pure
 //!   function, so tests drive it deterministically;
-//! - every step is a row of [`table::TRANSITIONS`]; an input a phase has no
-//!   row for is [`MachineError::InputNotAllowed`] and changes nothing;
+//! - every decision is the machine's: effects report facts (`InstanceNotFound`,
+//!   `TransientFailure`), and grace periods, give-up counts, fallbacks and
+//!   teardown rules live here, with `now` passed in;
+//! - every step is a row of [`table::TRANSITIONS`], guards included; an input
+//!   a phase has no row for is [`MachineError::InputNotAllowed`] and changes
+//!   nothing;
 //! - the effect a phase needs is a function of the phase alone
 //!   ([`effect_for`]), so the intent recorded with a phase is exactly what a
 //!   resumed session re-executes;
 //! - `Failed` and `TornDown` are reached only through cleanup
 //!   (`TerminatingInstance`, `DeletingKeyPair`) or when there was nothing to
-//!   clean; cleanup phases never give up on their own.
+//!   clean; cleanup phases never give up on their own (they may ask the
+//!   driver to stop and tell an operator, leaving the intent in place).
 
+mod decide;
 pub mod diagram;
 pub mod effect;
+pub mod guard;
 pub mod phase;
 pub mod table;
 pub mod token;
@@ -23,6 +30,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use effect::{Effect, Input, InputKind};
+pub use guard::{Guard, Guards};
 pub use phase::*;
 pub use token::ClientToken;
 
@@ -50,9 +58,22 @@ impl Timestamp {
 /// session is cleaned up. Cleanup phases retry without limit: giving up there
 /// would leak the instance.
 pub const MAX_TRANSIENT_FAILURES: u32 = 5;
+/// Consecutive failures of one cleanup step (about two minutes of backoff)
+/// after which the machine asks the driver to stop and say why, instead of
+/// retrying silently forever. The intent stays: `recover` or `teardown`
+/// carries on from it.
+pub const CLEANUP_PATIENCE: u32 = 8;
 /// Backoff after transient failures doubles from this, up to the cap.
 pub const RETRY_BASE: Duration = Duration::from_secs(1);
 pub const RETRY_CAP: Duration = Duration::from_secs(30);
+/// How long after its launch an instance EC2 says it does not know may
+/// still exist (EC2 is eventually consistent; seconds in practice). Past
+/// this, NotFound means long gone: terminated instances stay listed for
+/// about an hour, then vanish.
+pub const LAUNCH_VISIBILITY_GRACE: Duration = Duration::from_secs(300);
+/// How long after a launch whose answer was lost a sweep that finds
+/// nothing is tried again before nothing is believed.
+pub const SWEEP_SETTLE: Duration = Duration::from_secs(30);
 
 /// What a session is about, fixed at creation and stored with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,10 +126,31 @@ pub struct SessionState {
     pub transient_failures: u32,
 }
 
+impl SessionState {
+    pub fn fresh(phase: ProvisionPhase) -> SessionState {
+        SessionState {
+            phase,
+            transient_failures: 0,
+        }
+    }
+}
+
 /// Something callers are told about beside the phase change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Notice {
     SpotFallback { reason: String },
+}
+
+/// Why the machine asks the driver to stop driving for now. The intent
+/// stays recorded; whoever resumes the session runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pause {
+    /// A cleanup step failed `CLEANUP_PATIENCE` times in a row.
+    CleanupStalled {
+        phase: PhaseKind,
+        failures: u32,
+        last_error: String,
+    },
 }
 
 /// The result of one step.
@@ -120,36 +162,45 @@ pub struct Step {
     /// Run the effect no earlier than this; `None` means now.
     pub wake_at: Option<Timestamp>,
     pub notices: Vec<Notice>,
+    /// Stop driving after committing this step (the intent stays).
+    pub pause: Option<Pause>,
+    /// The guards the decision tested: with the phases and the input, the
+    /// table row it took.
+    pub guards: Guards,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MachineError {
     #[error(
-        "input {input} is not accepted in phase {phase}; this is a bug in the caller \
-         (or a teardown of a session that is already cleaning up: resume it instead)"
+        "phase {phase} does not take {input}; nothing was changed \
+         (a session that is finished takes no input: check `acode-ec2 status`)"
     )]
     InputNotAllowed { phase: PhaseKind, input: InputKind },
     #[error(
-        "step {from} --{input}--> {to} is not in the transition table: a bug, please report it; \
-         the session stays resumable, and `acode-ec2 teardown SESSION` removes what it created"
+        "bug in acode-ec2's state machine: the table lets {phase} take {input} but no rule \
+         decides it; please report it. The session is unchanged and resumable, and \
+         `acode-ec2 teardown SESSION` removes what it created"
+    )]
+    NoRule { phase: PhaseKind, input: InputKind },
+    #[error(
+        "bug in acode-ec2's state machine: it decided {from} --{input} [{guards}]--> {to}, \
+         which is not in its transition table; please report it. The session is unchanged \
+         and resumable, and `acode-ec2 teardown SESSION` removes what it created"
     )]
     OffTable {
         from: PhaseKind,
         input: InputKind,
+        guards: Guards,
         to: PhaseKind,
     },
 }
 
 /// The first step of a new session.
 pub fn start(ctx: &SessionContext) -> Step {
-    settle(
-        ctx,
-        SessionState::fresh(ProvisionPhase::Validating(Validating)),
-        None,
-    )
+    decide::Decision::go(ProvisionPhase::Validating(Validating)).settle(ctx)
 }
 
-/// Advances the machine by one input.
+/// Advances the machine by one input: an effect's outcome or an outside input.
 pub fn step(
     ctx: &SessionContext,
     state: &SessionState,
@@ -164,25 +215,20 @@ pub fn step(
             input: input_kind,
         });
     }
-    let Decision {
-        next,
-        wake_at,
-        notices,
-    } = decide(ctx, state, input, now).ok_or(MachineError::InputNotAllowed {
+    let decision = decide::decide(ctx, state, input, now).ok_or(MachineError::NoRule {
         phase: from,
         input: input_kind,
     })?;
-    let to = next.phase.kind();
-    if !table::contains(from, input_kind, to) {
+    let to = decision.next.phase.kind();
+    if !table::contains(from, input_kind, decision.guards, to) {
         return Err(MachineError::OffTable {
             from,
             input: input_kind,
+            guards: decision.guards,
             to,
         });
     }
-    let mut step = settle(ctx, next, wake_at);
-    step.notices = notices;
-    Ok(step)
+    Ok(decision.settle(ctx))
 }
 
 /// The effect a phase runs: derived from the phase alone, so recording the
@@ -225,11 +271,9 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
         }
         ProvisionPhase::TerminatingInstance(p) => Some(Effect::TerminateInstance {
             instance_id: p.instance_id.clone(),
-            launched_at: p.launched_at,
         }),
         ProvisionPhase::AbandoningSpot(p) => Some(Effect::TerminateInstance {
             instance_id: Some(p.instance.instance_id.clone()),
-            launched_at: p.instance.launched_at,
         }),
         ProvisionPhase::DeletingKeyPair(p) => Some(Effect::DeleteKeyPair {
             key_name: p.key.key_name.clone(),
@@ -239,46 +283,10 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
     }
 }
 
-impl SessionState {
-    pub fn fresh(phase: ProvisionPhase) -> SessionState {
-        SessionState {
-            phase,
-            transient_failures: 0,
-        }
-    }
-}
-
-fn settle(ctx: &SessionContext, state: SessionState, wake_at: Option<Timestamp>) -> Step {
-    let effect = effect_for(ctx, &state.phase);
-    Step {
-        wake_at: effect.as_ref().and(wake_at),
-        effect,
-        state,
-        notices: Vec::new(),
-    }
-}
-
-struct Decision {
-    next: SessionState,
-    wake_at: Option<Timestamp>,
-    notices: Vec<Notice>,
-}
-
-impl Decision {
-    fn go(phase: ProvisionPhase) -> Decision {
-        Decision {
-            next: SessionState::fresh(phase),
-            wake_at: None,
-            notices: Vec::new(),
-        }
-    }
-
-    fn poll(phase: ProvisionPhase, at: Timestamp) -> Decision {
-        Decision {
-            wake_at: Some(at),
-            ..Decision::go(phase)
-        }
-    }
+/// Backoff after `n` consecutive transient failures (n ≥ 1).
+pub fn retry_delay(n: u32) -> Duration {
+    let factor = 1u32 << n.saturating_sub(1).min(16);
+    RETRY_BASE.saturating_mul(factor).min(RETRY_CAP)
 }
 
 fn subnet(ctx: &SessionContext, index: usize) -> String {
@@ -287,381 +295,6 @@ fn subnet(ctx: &SessionContext, index: usize) -> String {
         .get(index)
         .cloned()
         .unwrap_or_default()
-}
-
-fn launch_attempt(
-    ctx: &SessionContext,
-    image: ImageChoice,
-    key: KeyPairHandle,
-    attempt: u32,
-    subnet_index: usize,
-    spot: bool,
-) -> LaunchAttempt {
-    LaunchAttempt {
-        client_token: ClientToken::derive(
-            &ctx.session_id,
-            attempt,
-            spot,
-            &subnet(ctx, subnet_index),
-        ),
-        image,
-        key,
-        attempt,
-        subnet_index,
-    }
-}
-
-/// Where a session goes to clean up: terminate first, then delete the key
-/// pair it owns, then the terminal phase the cause asks for.
-fn cleanup(launched: Launched, key: Option<KeyPairHandle>, cause: CleanupCause) -> ProvisionPhase {
-    let owned_key = key.filter(|k| k.owned);
-    let terminate = |instance_id, launched_at| {
-        ProvisionPhase::TerminatingInstance(TerminatingInstance {
-            instance_id,
-            launched_at,
-            key: owned_key.clone(),
-            cause: cause.clone(),
-        })
-    };
-    match launched {
-        Launched::Known(instance) => terminate(Some(instance.instance_id), instance.launched_at),
-        Launched::Unknown => terminate(None, None),
-        Launched::Nothing => match owned_key {
-            Some(key) => ProvisionPhase::DeletingKeyPair(DeletingKeyPair { key, cause }),
-            None => finished(cause),
-        },
-    }
-}
-
-fn abandon_spot(
-    instance: &LaunchedInstance,
-    next: &LaunchAttempt,
-    reason: String,
-) -> ProvisionPhase {
-    ProvisionPhase::AbandoningSpot(AbandoningSpot {
-        instance: instance.clone(),
-        next: next.clone(),
-        reason,
-    })
-}
-
-/// A sweep for the instance of a launch whose answer may have been lost
-/// (a transient failure, or teardown before the answer) is dated now: EC2
-/// may not show that instance for a few seconds, so finding nothing soon
-/// after does not yet mean there is nothing.
-fn after_unanswered_launch(mut cleanup: ProvisionPhase, now: Timestamp) -> ProvisionPhase {
-    if let ProvisionPhase::TerminatingInstance(t) = &mut cleanup
-        && t.instance_id.is_none()
-    {
-        t.launched_at = Some(now);
-    }
-    cleanup
-}
-
-/// What cleanup must terminate.
-enum Launched {
-    Known(LaunchedInstance),
-    /// A RunInstances may have succeeded without us hearing the answer.
-    Unknown,
-    /// Every launch attempt was answered and none made an instance.
-    Nothing,
-}
-
-fn finished(cause: CleanupCause) -> ProvisionPhase {
-    match cause {
-        CleanupCause::Failure(reason) => ProvisionPhase::Failed(Failed { reason }),
-        CleanupCause::Teardown => ProvisionPhase::TornDown(TornDown),
-    }
-}
-
-fn failure(text: impl Into<String>) -> CleanupCause {
-    CleanupCause::Failure(text.into())
-}
-
-/// Backoff after `n` consecutive transient failures (n ≥ 1).
-pub fn retry_delay(n: u32) -> Duration {
-    let factor = 1u32 << n.saturating_sub(1).min(16);
-    RETRY_BASE.saturating_mul(factor).min(RETRY_CAP)
-}
-
-/// The session's own cleanup when the current phase cannot go on.
-fn cleanup_from(
-    ctx: &SessionContext,
-    phase: &ProvisionPhase,
-    cause: CleanupCause,
-) -> ProvisionPhase {
-    let key = match phase {
-        // The key pair may exist even though EnsureKeyPair did not answer ready.
-        ProvisionPhase::PreparingKeyPair(_) => Some(ctx.planned_key()),
-        other => other.key().cloned(),
-    };
-    let launched = match phase {
-        ProvisionPhase::RequestingSpot(_) | ProvisionPhase::Launching(_) => Launched::Unknown,
-        other => other
-            .instance()
-            .map_or(Launched::Nothing, |i| Launched::Known(i.clone())),
-    };
-    cleanup(launched, key, cause)
-}
-
-/// The next state for an input the table accepts; `None` if no rule covers it
-/// (which `step` reports instead of guessing).
-fn decide(
-    ctx: &SessionContext,
-    state: &SessionState,
-    input: Input,
-    now: Timestamp,
-) -> Option<Decision> {
-    let phase = &state.phase;
-    let poll_at = now.plus(ctx.request.timeouts.poll_interval);
-    let decision = match (phase, input) {
-        (_, Input::TransientFailure { message }) => {
-            let failures = state.transient_failures + 1;
-            if !phase.kind().is_cleanup() && failures > MAX_TRANSIENT_FAILURES {
-                let reason = format!(
-                    "{} failed {failures} times in a row, last: {message}",
-                    phase.kind()
-                );
-                let cleanup = cleanup_from(ctx, phase, failure(reason));
-                return Some(Decision::go(after_unanswered_launch(cleanup, now)));
-            }
-            Decision {
-                next: SessionState {
-                    phase: phase.clone(),
-                    transient_failures: failures,
-                },
-                wake_at: Some(now.plus(retry_delay(failures))),
-                notices: Vec::new(),
-            }
-        }
-        (_, Input::TeardownRequested) => {
-            let cleanup = cleanup_from(ctx, phase, CleanupCause::Teardown);
-            Decision::go(after_unanswered_launch(cleanup, now))
-        }
-        (_, Input::Rejected { code, message }) => {
-            let reason = format!("{} rejected: {code}: {message}", phase.kind());
-            Decision::go(cleanup_from(ctx, phase, failure(reason)))
-        }
-
-        (ProvisionPhase::Validating(_), Input::Validated { image }) => {
-            Decision::go(ProvisionPhase::PreparingKeyPair(PreparingKeyPair { image }))
-        }
-
-        (ProvisionPhase::PreparingKeyPair(p), Input::KeyPairReady { key }) => {
-            let image = p.image.clone();
-            Decision::go(if ctx.request.spot.is_some() {
-                ProvisionPhase::RequestingSpot(RequestingSpot {
-                    launch: launch_attempt(ctx, image.clone(), key.clone(), 0, 0, true),
-                })
-            } else {
-                ProvisionPhase::Launching(Launching {
-                    launch: launch_attempt(ctx, image, key, 0, 0, false),
-                })
-            })
-        }
-
-        (
-            ProvisionPhase::RequestingSpot(RequestingSpot { launch }),
-            Input::Launched {
-                instance_id,
-                was_spot,
-            },
-        )
-        | (
-            ProvisionPhase::Launching(Launching { launch }),
-            Input::Launched {
-                instance_id,
-                was_spot,
-            },
-        ) => {
-            let spot = ctx.request.spot.as_ref().filter(|_| was_spot);
-            let timeout = spot.map_or(ctx.request.timeouts.running, |spot| {
-                spot.request_timeout.min(ctx.request.timeouts.running)
-            });
-            let on_demand_fallback = spot.filter(|s| s.fallback_to_on_demand).map(|_| {
-                let (image, key) = (launch.image.clone(), launch.key.clone());
-                launch_attempt(ctx, image, key, launch.attempt + 1, 0, false)
-            });
-            Decision::go(ProvisionPhase::WaitingForRunning(WaitingForRunning {
-                instance: LaunchedInstance {
-                    instance_id,
-                    key: launch.key.clone(),
-                    was_spot,
-                    launched_at: Some(now),
-                },
-                deadline: now.plus(timeout),
-                on_demand_fallback,
-            }))
-        }
-
-        (
-            ProvisionPhase::RequestingSpot(RequestingSpot { launch }),
-            Input::CapacityUnavailable { code, message },
-        ) => {
-            let next_subnet = launch.subnet_index + 1;
-            let (ami, key, attempt) =
-                (launch.image.clone(), launch.key.clone(), launch.attempt + 1);
-            if next_subnet < ctx.request.subnet_ids.len() {
-                return Some(Decision::go(ProvisionPhase::RequestingSpot(
-                    RequestingSpot {
-                        launch: launch_attempt(ctx, ami, key, attempt, next_subnet, true),
-                    },
-                )));
-            }
-            if ctx
-                .request
-                .spot
-                .as_ref()
-                .is_some_and(|s| s.fallback_to_on_demand)
-            {
-                let mut decision = Decision::go(ProvisionPhase::Launching(Launching {
-                    launch: launch_attempt(ctx, ami, key, attempt, 0, false),
-                }));
-                decision.notices.push(Notice::SpotFallback {
-                    reason: format!("{code}: {message}"),
-                });
-                return Some(decision);
-            }
-            let reason = format!(
-                "no spot capacity in any subnet and fallback is off; last: {code}: {message}"
-            );
-            Decision::go(cleanup(
-                Launched::Nothing,
-                Some(launch.key.clone()),
-                failure(reason),
-            ))
-        }
-
-        (
-            ProvisionPhase::Launching(Launching { launch }),
-            Input::CapacityUnavailable { code, message },
-        ) => {
-            let next_subnet = launch.subnet_index + 1;
-            if next_subnet < ctx.request.subnet_ids.len() {
-                let (ami, key, attempt) =
-                    (launch.image.clone(), launch.key.clone(), launch.attempt + 1);
-                return Some(Decision::go(ProvisionPhase::Launching(Launching {
-                    launch: launch_attempt(ctx, ami, key, attempt, next_subnet, false),
-                })));
-            }
-            let reason = format!("no on-demand capacity in any subnet; last: {code}: {message}");
-            Decision::go(cleanup(
-                Launched::Nothing,
-                Some(launch.key.clone()),
-                failure(reason),
-            ))
-        }
-
-        (
-            ProvisionPhase::WaitingForRunning(p),
-            Input::InstancePending | Input::InstanceNotVisible,
-        ) => {
-            if now >= p.deadline {
-                let id = &p.instance.instance_id;
-                if let Some(next) = &p.on_demand_fallback {
-                    let reason = format!(
-                        "spot instance {id} was not running within the spot request timeout"
-                    );
-                    return Some(Decision::go(abandon_spot(&p.instance, next, reason)));
-                }
-                let reason = format!("instance {id} did not reach running in time");
-                return Some(Decision::go(cleanup_from(ctx, phase, failure(reason))));
-            }
-            Decision::poll(phase.clone(), poll_at)
-        }
-        (ProvisionPhase::WaitingForRunning(p), Input::InstanceRunning { public_ip, .. }) => {
-            let ssh = &ctx.request.ssh;
-            let ssh_endpoint = match (&ssh.endpoint_override, &public_ip) {
-                (Some(endpoint), _) => endpoint.clone(),
-                (None, Some(ip)) if ip.contains(':') => format!("[{ip}]:{}", ssh.port),
-                (None, Some(ip)) => format!("{ip}:{}", ssh.port),
-                (None, None) => {
-                    let reason = format!(
-                        "instance {} has no public IP and no ssh.endpointOverride is set",
-                        p.instance.instance_id
-                    );
-                    return Some(Decision::go(cleanup_from(ctx, phase, failure(reason))));
-                }
-            };
-            let trusted_host_keys = match &ssh.host_key_policy {
-                HostKeyPolicy::Pinned(prints) => Some(ConsoleFingerprints(prints.clone())),
-                HostKeyPolicy::Console | HostKeyPolicy::InsecureAcceptAny => None,
-            };
-            Decision::go(ProvisionPhase::WaitingForSsh(WaitingForSsh {
-                instance: p.instance.clone(),
-                public_ip,
-                ssh_endpoint,
-                trusted_host_keys,
-                deadline: now.plus(ctx.request.timeouts.ssh),
-            }))
-        }
-        (ProvisionPhase::WaitingForRunning(p), Input::InstanceGone { state }) => {
-            let id = &p.instance.instance_id;
-            if let Some(next) = &p.on_demand_fallback {
-                let reason = format!("spot instance {id} went {state} before it was running");
-                return Some(Decision::go(abandon_spot(&p.instance, next, reason)));
-            }
-            let reason = format!("instance {id} went {state} before it was ready");
-            Decision::go(cleanup_from(ctx, phase, failure(reason)))
-        }
-        (ProvisionPhase::AbandoningSpot(p), Input::InstanceTerminated) => {
-            let mut decision = Decision::go(ProvisionPhase::Launching(Launching {
-                launch: p.next.clone(),
-            }));
-            decision.notices.push(Notice::SpotFallback {
-                reason: p.reason.clone(),
-            });
-            decision
-        }
-
-        (ProvisionPhase::WaitingForSsh(p), Input::ConsoleHostKeys { fingerprints }) => {
-            Decision::go(ProvisionPhase::WaitingForSsh(WaitingForSsh {
-                trusted_host_keys: Some(fingerprints),
-                ..p.clone()
-            }))
-        }
-        (ProvisionPhase::WaitingForSsh(p), Input::ConsoleNotReady | Input::SshNotReady { .. }) => {
-            if now >= p.deadline {
-                let what = if p.trusted_host_keys.is_none() {
-                    "printed no SSH host keys to its console"
-                } else {
-                    "did not accept SSH"
-                };
-                let reason = format!("instance {} {what} in time", p.instance.instance_id);
-                return Some(Decision::go(cleanup_from(ctx, phase, failure(reason))));
-            }
-            Decision::poll(phase.clone(), poll_at)
-        }
-        (
-            ProvisionPhase::WaitingForSsh(p),
-            Input::SshReady {
-                host_key_fingerprint,
-            },
-        ) => Decision::go(ProvisionPhase::Ready(Ready {
-            instance: p.instance.clone(),
-            public_ip: p.public_ip.clone(),
-            ssh_endpoint: p.ssh_endpoint.clone(),
-            host_key_fingerprint,
-        })),
-        (ProvisionPhase::WaitingForSsh(p), Input::HostKeyMismatch { presented }) => {
-            let reason = format!(
-                "SSH host key {presented} at {} is not one the instance printed to its console: \
-                 possible man in the middle, instance {} terminated",
-                p.ssh_endpoint, p.instance.instance_id
-            );
-            Decision::go(cleanup_from(ctx, phase, failure(reason)))
-        }
-
-        (ProvisionPhase::TerminatingInstance(p), Input::InstanceTerminated) => {
-            Decision::go(cleanup(Launched::Nothing, p.key.clone(), p.cause.clone()))
-        }
-        (ProvisionPhase::DeletingKeyPair(p), Input::KeyPairDeleted) => {
-            Decision::go(finished(p.cause.clone()))
-        }
-
-        _ => return None,
-    };
-    Some(decision)
 }
 
 #[cfg(test)]

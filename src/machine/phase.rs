@@ -3,6 +3,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use strum::{EnumDiscriminants, EnumIter, EnumString, IntoStaticStr};
 
 use super::Timestamp;
 use super::token::ClientToken;
@@ -149,9 +150,25 @@ pub struct Failed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TornDown;
 
-/// Every phase of a provisioning session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Every phase of a provisioning session. [`PhaseKind`] is derived from it,
+/// so a new phase can never be missing from the list of kinds (and from
+/// what a stored session may be read back as).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, EnumDiscriminants)]
 #[serde(tag = "phase")]
+#[strum_discriminants(
+    name(PhaseKind),
+    doc = "The name of a phase without its data: what the table and diagrams use.",
+    derive(
+        Hash,
+        PartialOrd,
+        Ord,
+        Serialize,
+        Deserialize,
+        EnumIter,
+        EnumString,
+        IntoStaticStr
+    )
+)]
 pub enum ProvisionPhase {
     Validating(Validating),
     PreparingKeyPair(PreparingKeyPair),
@@ -167,58 +184,13 @@ pub enum ProvisionPhase {
     TornDown(TornDown),
 }
 
-/// The name of a phase without its data: what the table and diagrams use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum PhaseKind {
-    Validating,
-    PreparingKeyPair,
-    RequestingSpot,
-    Launching,
-    WaitingForRunning,
-    AbandoningSpot,
-    WaitingForSsh,
-    Ready,
-    TerminatingInstance,
-    DeletingKeyPair,
-    Failed,
-    TornDown,
-}
-
 impl PhaseKind {
-    pub const ALL: [PhaseKind; 12] = [
-        PhaseKind::Validating,
-        PhaseKind::PreparingKeyPair,
-        PhaseKind::RequestingSpot,
-        PhaseKind::Launching,
-        PhaseKind::WaitingForRunning,
-        PhaseKind::AbandoningSpot,
-        PhaseKind::WaitingForSsh,
-        PhaseKind::Ready,
-        PhaseKind::TerminatingInstance,
-        PhaseKind::DeletingKeyPair,
-        PhaseKind::Failed,
-        PhaseKind::TornDown,
-    ];
-
     pub fn name(self) -> &'static str {
-        match self {
-            PhaseKind::Validating => "Validating",
-            PhaseKind::PreparingKeyPair => "PreparingKeyPair",
-            PhaseKind::RequestingSpot => "RequestingSpot",
-            PhaseKind::Launching => "Launching",
-            PhaseKind::WaitingForRunning => "WaitingForRunning",
-            PhaseKind::AbandoningSpot => "AbandoningSpot",
-            PhaseKind::WaitingForSsh => "WaitingForSsh",
-            PhaseKind::Ready => "Ready",
-            PhaseKind::TerminatingInstance => "TerminatingInstance",
-            PhaseKind::DeletingKeyPair => "DeletingKeyPair",
-            PhaseKind::Failed => "Failed",
-            PhaseKind::TornDown => "TornDown",
-        }
+        self.into()
     }
 
     pub fn parse(name: &str) -> Option<PhaseKind> {
-        PhaseKind::ALL.into_iter().find(|k| k.name() == name)
+        name.parse().ok()
     }
 
     /// No input leaves these phases.
@@ -261,20 +233,7 @@ impl fmt::Display for PhaseKind {
 
 impl ProvisionPhase {
     pub fn kind(&self) -> PhaseKind {
-        match self {
-            ProvisionPhase::Validating(_) => PhaseKind::Validating,
-            ProvisionPhase::PreparingKeyPair(_) => PhaseKind::PreparingKeyPair,
-            ProvisionPhase::RequestingSpot(_) => PhaseKind::RequestingSpot,
-            ProvisionPhase::Launching(_) => PhaseKind::Launching,
-            ProvisionPhase::WaitingForRunning(_) => PhaseKind::WaitingForRunning,
-            ProvisionPhase::AbandoningSpot(_) => PhaseKind::AbandoningSpot,
-            ProvisionPhase::WaitingForSsh(_) => PhaseKind::WaitingForSsh,
-            ProvisionPhase::Ready(_) => PhaseKind::Ready,
-            ProvisionPhase::TerminatingInstance(_) => PhaseKind::TerminatingInstance,
-            ProvisionPhase::DeletingKeyPair(_) => PhaseKind::DeletingKeyPair,
-            ProvisionPhase::Failed(_) => PhaseKind::Failed,
-            ProvisionPhase::TornDown(_) => PhaseKind::TornDown,
-        }
+        self.into()
     }
 
     /// The instance this phase knows of, if any.

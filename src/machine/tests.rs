@@ -4,9 +4,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use proptest::prelude::*;
+use strum::IntoEnumIterator;
 
 use super::table::{self, TRANSITIONS};
 use super::*;
+use crate::error_code::AwsErrorCode;
 use crate::request::{KeyAlgorithm, SpotPolicy, sample};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
@@ -151,12 +153,15 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
         host_key_fingerprint: "SHA256:abc".into(),
     }));
     for cause in [CleanupCause::Failure("x".into()), CleanupCause::Teardown] {
-        all.push(ProvisionPhase::TerminatingInstance(TerminatingInstance {
-            instance_id: Some("i-0123".into()),
-            launched_at: Some(T0),
-            key: Some(ctx.planned_key()),
-            cause: cause.clone(),
-        }));
+        // A known instance, and a sweep for the instance of a lost launch answer.
+        for instance_id in [Some("i-0123".to_string()), None] {
+            all.push(ProvisionPhase::TerminatingInstance(TerminatingInstance {
+                instance_id,
+                launched_at: Some(T0),
+                key: Some(ctx.planned_key()).filter(|k| k.owned),
+                cause: cause.clone(),
+            }));
+        }
         all.push(ProvisionPhase::DeletingKeyPair(DeletingKeyPair {
             key: ctx.planned_key(),
             cause,
@@ -171,7 +176,7 @@ fn sample_input(kind: InputKind) -> Input {
     match kind {
         InputKind::Validated => Input::Validated { image: image() },
         InputKind::Rejected => Input::Rejected {
-            code: "InvalidAMIID.NotFound".into(),
+            code: AwsErrorCode::InvalidAmiIdNotFound.into(),
             message: "no such image".into(),
         },
         InputKind::KeyPairReady => Input::KeyPairReady {
@@ -186,7 +191,7 @@ fn sample_input(kind: InputKind) -> Input {
             was_spot: true,
         },
         InputKind::CapacityUnavailable => Input::CapacityUnavailable {
-            code: "InsufficientInstanceCapacity".into(),
+            code: AwsErrorCode::InsufficientInstanceCapacity,
             message: "none".into(),
         },
         InputKind::InstancePending => Input::InstancePending,
@@ -212,6 +217,8 @@ fn sample_input(kind: InputKind) -> Input {
             presented: "SHA256:evil".into(),
         },
         InputKind::InstanceTerminated => Input::InstanceTerminated,
+        InputKind::InstanceNotFound => Input::InstanceNotFound,
+        InputKind::NoInstanceFound => Input::NoInstanceFound,
         InputKind::KeyPairDeleted => Input::KeyPairDeleted,
         InputKind::TransientFailure => Input::TransientFailure {
             message: "RequestLimitExceeded".into(),
@@ -220,36 +227,28 @@ fn sample_input(kind: InputKind) -> Input {
     }
 }
 
-const ALL_INPUTS: [InputKind; 18] = [
-    InputKind::Validated,
-    InputKind::Rejected,
-    InputKind::KeyPairReady,
-    InputKind::Launched,
-    InputKind::CapacityUnavailable,
-    InputKind::InstancePending,
-    InputKind::InstanceRunning,
-    InputKind::InstanceNotVisible,
-    InputKind::InstanceGone,
-    InputKind::ConsoleHostKeys,
-    InputKind::ConsoleNotReady,
-    InputKind::SshReady,
-    InputKind::SshNotReady,
-    InputKind::HostKeyMismatch,
-    InputKind::InstanceTerminated,
-    InputKind::KeyPairDeleted,
-    InputKind::TransientFailure,
-    InputKind::TeardownRequested,
-];
+#[test]
+fn every_phase_kind_has_a_sample() {
+    let sampled: BTreeSet<PhaseKind> = shapes()
+        .into_iter()
+        .flat_map(|shape| phases(&ctx(shape)))
+        .map(|p| p.kind())
+        .collect();
+    for kind in PhaseKind::iter() {
+        assert!(sampled.contains(&kind), "phases() has no sample of {kind}");
+    }
+}
 
-/// Every row of the table is taken by some (context, phase, input, time), and
-/// every input a phase has no row for is refused without a new state.
+/// Every row of the table, guards included, is taken by some (context,
+/// phase, input, time), and every input a phase has no row for is refused
+/// without a new state.
 #[test]
 fn every_table_row_is_exercised_and_nothing_else_happens() {
     let mut taken = BTreeSet::new();
     for shape in shapes() {
         let ctx = ctx(shape);
         for phase in phases(&ctx) {
-            for failures in [0, MAX_TRANSIENT_FAILURES] {
+            for failures in [0, MAX_TRANSIENT_FAILURES, CLEANUP_PATIENCE - 1] {
                 let state = SessionState {
                     phase: phase.clone(),
                     transient_failures: failures,
@@ -260,12 +259,12 @@ fn every_table_row_is_exercised_and_nothing_else_happens() {
                         public_ip: None,
                         private_ip: Some("10.0.0.5".into()),
                     };
-                    for input in ALL_INPUTS.map(sample_input).into_iter().chain([no_ip]) {
+                    for input in InputKind::iter().map(sample_input).chain([no_ip]) {
                         let kind = input.kind();
                         match step(&ctx, &state, input, now) {
                             Ok(out) => {
-                                let row = (phase.kind(), kind, out.state.phase.kind());
-                                assert!(table::contains(row.0, row.1, row.2), "{row:?}");
+                                let row = (phase.kind(), kind, out.guards, out.state.phase.kind());
+                                assert!(table::contains(row.0, row.1, row.2, row.3), "{row:?}");
                                 taken.insert(row);
                             }
                             Err(MachineError::InputNotAllowed { phase: p, input }) => {
@@ -281,7 +280,7 @@ fn every_table_row_is_exercised_and_nothing_else_happens() {
     }
     let all: BTreeSet<_> = TRANSITIONS
         .iter()
-        .map(|r| (r.from, r.input, r.to))
+        .map(|r| (r.from, r.input, r.guards, r.to))
         .collect();
     let missed: Vec<_> = all.difference(&taken).collect();
     assert!(missed.is_empty(), "rows never taken: {missed:?}");
@@ -292,10 +291,21 @@ fn table_has_no_duplicate_rows_and_terminal_phases_have_none() {
     let mut seen = BTreeSet::new();
     for row in TRANSITIONS {
         assert!(
-            seen.insert((row.from, row.input, row.to)),
-            "duplicate {row:?}"
+            seen.insert((row.from, row.input, row.guards)),
+            "two rows for the same guards: {row:?}"
         );
         assert!(!row.from.is_terminal(), "{row:?} leaves a terminal phase");
+    }
+    // Where one (phase, input) has several rows, each names what picks it.
+    for row in TRANSITIONS {
+        let siblings = TRANSITIONS
+            .iter()
+            .filter(|r| r.from == row.from && r.input == row.input)
+            .count();
+        assert!(
+            siblings == 1 || !row.guards.is_empty(),
+            "{row:?} shares its input with other rows but has no guard"
+        );
     }
 }
 
@@ -380,7 +390,6 @@ fn a_late_or_reclaimed_spot_instance_is_terminated_then_replaced_on_demand() {
             s.effect,
             Some(Effect::TerminateInstance {
                 instance_id: Some("i-0123".into()),
-                launched_at: Some(T0),
             })
         );
         assert!(s.notices.is_empty());
@@ -438,7 +447,6 @@ fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
         s.effect,
         Some(Effect::TerminateInstance {
             instance_id: Some("i-0123".into()),
-            launched_at: Some(T0),
         })
     );
 }
@@ -525,12 +533,89 @@ fn cleanup_never_gives_up_on_its_own() {
         key: None,
         cause: CleanupCause::Teardown,
     }));
-    for _ in 0..50 {
-        state = step(&ctx, &state, sample_input(InputKind::TransientFailure), T0)
-            .unwrap()
-            .state;
-        assert_eq!(state.phase.kind(), PhaseKind::TerminatingInstance);
+    for n in 1..=50 {
+        let s = step(&ctx, &state, sample_input(InputKind::TransientFailure), T0).unwrap();
+        assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
+        assert!(s.effect.is_some(), "the intent stays");
+        // From the CLEANUP_PATIENCE-th failure on, every step asks the
+        // driver to stop and say why; the machine itself never gives up.
+        match s.pause {
+            Some(Pause::CleanupStalled {
+                failures,
+                last_error,
+                ..
+            }) => {
+                assert!(n >= CLEANUP_PATIENCE, "paused after {n}");
+                assert_eq!(failures, n);
+                assert_eq!(last_error, "RequestLimitExceeded");
+            }
+            None => assert!(n < CLEANUP_PATIENCE, "no pause after {n}"),
+        }
+        state = s.state;
     }
+}
+
+/// A cleanup step that sweeps or terminates and hears "nothing there": soon
+/// after a launch that is EC2 not showing it yet, later it is the truth.
+#[test]
+fn not_found_during_cleanup_is_believed_only_after_the_grace() {
+    let ctx = ctx(shapes()[0]);
+    let terminating = |instance_id: Option<&str>| {
+        SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
+            instance_id: instance_id.map(str::to_string),
+            launched_at: Some(T0),
+            key: None,
+            cause: CleanupCause::Teardown,
+        }))
+    };
+    for (state, input, grace) in [
+        (
+            terminating(Some("i-1")),
+            Input::InstanceNotFound,
+            LAUNCH_VISIBILITY_GRACE,
+        ),
+        (terminating(None), Input::NoInstanceFound, SWEEP_SETTLE),
+    ] {
+        let early = T0.plus(grace - Duration::from_millis(1));
+        let s = step(&ctx, &state, input.clone(), early).unwrap();
+        assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
+        assert_eq!(s.guards, Guards::from(Guard::JustLaunched));
+        assert_eq!(
+            s.wake_at,
+            Some(early.plus(ctx.request.timeouts.poll_interval))
+        );
+        let s = step(&ctx, &state, input, T0.plus(grace)).unwrap();
+        assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
+        assert!(
+            s.guards.iter().any(|g| g == Guard::GraceOver),
+            "{:?}",
+            s.guards
+        );
+    }
+    // A sweep with no launch time (a refused launch made nothing) is believed at once.
+    let mut refused = terminating(None);
+    if let ProvisionPhase::TerminatingInstance(t) = &mut refused.phase {
+        t.launched_at = None;
+    }
+    let s = step(&ctx, &refused, Input::NoInstanceFound, T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
+}
+
+#[test]
+fn teardown_during_cleanup_acts_at_once_with_fresh_patience() {
+    let ctx = ctx(shapes()[0]);
+    let state = SessionState {
+        phase: ProvisionPhase::DeletingKeyPair(DeletingKeyPair {
+            key: ctx.planned_key(),
+            cause: CleanupCause::Failure("x".into()),
+        }),
+        transient_failures: CLEANUP_PATIENCE + 3,
+    };
+    let s = step(&ctx, &state, Input::TeardownRequested, T0).unwrap();
+    assert_eq!(s.state.phase, state.phase, "the cause and key stay");
+    assert_eq!(s.state.transient_failures, 0);
+    assert_eq!(s.wake_at, None);
+    assert_eq!(s.guards, Guards::from(Guard::AlreadyCleaningUp));
 }
 
 #[test]
@@ -600,7 +685,8 @@ proptest! {
             now = now.plus(Duration::from_millis(advance)).max(current.wake_at.unwrap_or(now));
             // A stray input now and then: refused unless the table has a row.
             if stray == 0 {
-                let kind = ALL_INPUTS[pick % ALL_INPUTS.len()];
+                let all: Vec<InputKind> = InputKind::iter().collect();
+                let kind = all[pick % all.len()];
                 let from = current.state.phase.kind();
                 match step(&ctx, &current.state, sample_input(kind), now) {
                     Err(MachineError::InputNotAllowed { .. }) => prop_assert!(!table::accepts(from, kind)),
@@ -618,6 +704,10 @@ proptest! {
                     cleanup_failures_in_a_row = 0;
                 }
             }
+            // A sweep finds what the world has (once EC2 shows it).
+            if kind == InputKind::NoInstanceFound && !world.launched_tokens.is_empty() {
+                kind = InputKind::InstanceTerminated;
+            }
             // EC2's token rule: a token that made an instance always answers with it.
             if let Effect::RunInstance { client_token, .. } = &effect
                 && world.launched_tokens.contains(client_token.as_str())
@@ -634,8 +724,12 @@ proptest! {
                 (Effect::RunInstance { client_token, .. }, InputKind::TransientFailure) if advance % 2 == 0 => {
                     world.launched_tokens.insert(client_token.to_string());
                 }
-                // Terminate also sweeps every instance tagged with the session.
-                (Effect::TerminateInstance { .. }, InputKind::InstanceTerminated) => world.launched_tokens.clear(),
+                // Terminate also sweeps every instance tagged with the session;
+                // "not found" answers mean nothing of the session is left.
+                (
+                    Effect::TerminateInstance { .. },
+                    InputKind::InstanceTerminated | InputKind::InstanceNotFound | InputKind::NoInstanceFound,
+                ) => world.launched_tokens.clear(),
                 (Effect::DeleteKeyPair { .. }, InputKind::KeyPairDeleted) => world.key_may_exist = false,
                 _ => {}
             }
@@ -643,7 +737,7 @@ proptest! {
             let next = step(&ctx, &current.state, outcome_for(&effect, kind), now);
             prop_assert!(next.is_ok(), "{from} refused its own effect's outcome {kind}: {next:?}");
             let next = next.unwrap();
-            prop_assert!(table::contains(from, kind, next.state.phase.kind()));
+            prop_assert!(table::contains(from, kind, next.guards, next.state.phase.kind()));
             current = next;
             steps += 1;
             if current.state.phase.kind() == PhaseKind::Ready && teardown_when_ready {

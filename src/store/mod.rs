@@ -8,12 +8,17 @@
 //! - a session has at most one live driver: every commit is fenced by the
 //!   lease, and a lease whose holder died (expired, or its process is gone)
 //!   may be taken over;
-//! - nothing secret is stored: key pairs appear by name and file path only.
+//! - nothing secret is stored: key pairs appear by name and file path only;
+//! - the trait is backend-neutral: async, no database types in its API, and
+//!   lease expiry judged by the store's own clock (one clock for every
+//!   process sharing it), so a PostgreSQL store can follow without touching
+//!   the driver.
 
 mod sqlite;
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use sqlite::SqliteStore;
@@ -133,7 +138,7 @@ pub enum StoreError {
     #[error(
         "state database error: {0}; if it persists, check disk space and that no other program holds the file"
     )]
-    Sqlite(#[from] rusqlite::Error),
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     #[error(
         "the state database is full ({0}); finish its sessions with `acode-ec2 recover` and use a fresh --state-db"
     )]
@@ -165,9 +170,11 @@ pub enum StoreError {
 }
 
 /// Durable storage of sessions. The SQLite store is the embedded default.
+#[async_trait]
 pub trait CheckpointStore: Send + Sync {
     /// Records a new session with its first checkpoint, leased to `holder`.
-    fn create(
+    /// `now` dates the log entries; the lease runs by the store's clock.
+    async fn create(
         &self,
         context: &SessionContext,
         first: &Checkpoint,
@@ -178,7 +185,7 @@ pub trait CheckpointStore: Send + Sync {
 
     /// Appends one checkpoint; refused unless `holder` still holds the lease
     /// (which the driver renews separately).
-    fn commit(
+    async fn commit(
         &self,
         session_id: &str,
         checkpoint: &Checkpoint,
@@ -186,31 +193,30 @@ pub trait CheckpointStore: Send + Sync {
         now: Timestamp,
     ) -> Result<(), StoreError>;
 
-    fn load(&self, session_id: &str) -> Result<LoadedSession, StoreError>;
+    async fn load(&self, session_id: &str) -> Result<LoadedSession, StoreError>;
 
-    fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError>;
+    async fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError>;
 
-    fn summary(&self, session_id: &str) -> Result<SessionSummary, StoreError>;
+    async fn summary(&self, session_id: &str) -> Result<SessionSummary, StoreError>;
 
-    fn list(&self) -> Result<Vec<SessionSummary>, StoreError>;
+    async fn list(&self) -> Result<Vec<SessionSummary>, StoreError>;
 
-    /// Takes the lease, or explains who holds it.
-    fn acquire_lease(
+    /// Takes the lease for `ttl` by the store's clock, or explains who holds it.
+    async fn acquire_lease(
         &self,
         session_id: &str,
         holder: &LeaseHolder,
         ttl: Duration,
-        now: Timestamp,
     ) -> Result<(), StoreError>;
 
     /// Extends a lease this holder has; `LeaseLost` if it has not.
-    fn renew_lease(
+    async fn renew_lease(
         &self,
         session_id: &str,
         holder: &LeaseHolder,
         ttl: Duration,
-        now: Timestamp,
     ) -> Result<(), StoreError>;
 
-    fn release_lease(&self, session_id: &str, holder: &LeaseHolder) -> Result<(), StoreError>;
+    async fn release_lease(&self, session_id: &str, holder: &LeaseHolder)
+    -> Result<(), StoreError>;
 }

@@ -8,16 +8,24 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{
     Checkpoint, CheckpointStore, LeaseHolder, LoadedSession, LogEntry, LoggedEvent, SessionSummary,
     StoreError, this_host,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::machine::{PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp};
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Backend(Box::new(e))
+    }
+}
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
 const MIGRATIONS: &[&str] = &[
@@ -100,14 +108,29 @@ impl<'a> SessionKey<'a> {
     }
 }
 
+/// The SQLite store. Calls run on tokio's blocking pool, one at a time per
+/// store (SQLite has one writer anyway), so an fsync never stalls the
+/// tasks driving other sessions.
+#[derive(Clone)]
 pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Judges lease expiry: one clock for every process on this file.
+    clock: Arc<dyn Clock>,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed, mode 0600, parent folder 0700) and migrates.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with_clock(path, Arc::new(SystemClock))
+    }
+
+    /// As [`SqliteStore::open`], with leases judged by `clock` (tests).
+    pub fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> Result<SqliteStore, StoreError> {
         let shown = path.display().to_string();
         let open_err = |detail: String| StoreError::Open {
             path: shown.clone(),
@@ -137,15 +160,31 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn, &shown)?;
         Ok(SqliteStore {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                conn: Mutex::new(conn),
+                clock,
+            }),
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
+    /// Runs `work` on the blocking pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
+}
+
+impl Inner {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (the
         // transaction rolls back on drop), so a poisoned lock is safe to reuse.
@@ -416,7 +455,7 @@ fn with_phase((mut summary, name): (SessionSummary, String)) -> Result<SessionSu
 
 const SUMMARY_COLUMNS: &str = "session_id, phase, instance_id, public_ip, key_path, was_spot, created_at_ms, updated_at_ms, detail";
 
-impl CheckpointStore for SqliteStore {
+impl Inner {
     fn create(
         &self,
         context: &SessionContext,
@@ -455,7 +494,7 @@ impl CheckpointStore for SqliteStore {
                 context: Box::new(context.clone()),
             },
         )?;
-        set_lease(&tx, id, holder, lease_ttl, now)?;
+        set_lease(&tx, id, holder, lease_ttl, self.clock.now())?;
         write_checkpoint(&tx, &session, first, now)?;
         tx.commit()?;
         Ok(())
@@ -591,8 +630,8 @@ impl CheckpointStore for SqliteStore {
         session_id: &str,
         holder: &LeaseHolder,
         ttl: Duration,
-        now: Timestamp,
     ) -> Result<(), StoreError> {
+        let now = self.clock.now();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         lease_check(&tx, session_id, holder, now)?;
@@ -606,8 +645,8 @@ impl CheckpointStore for SqliteStore {
         session_id: &str,
         holder: &LeaseHolder,
         ttl: Duration,
-        now: Timestamp,
     ) -> Result<(), StoreError> {
+        let now = self.clock.now();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         require_own_lease(&tx, session_id, holder)?;
@@ -623,6 +662,82 @@ impl CheckpointStore for SqliteStore {
             params![session_id, holder.owner_id],
         )?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for SqliteStore {
+    async fn create(
+        &self,
+        context: &SessionContext,
+        first: &Checkpoint,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let (context, first, holder) = (context.clone(), first.clone(), holder.clone());
+        self.run(move |s| s.create(&context, &first, &holder, lease_ttl, now))
+            .await
+    }
+
+    async fn commit(
+        &self,
+        session_id: &str,
+        checkpoint: &Checkpoint,
+        holder: &LeaseHolder,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let (id, checkpoint, holder) = (session_id.to_string(), checkpoint.clone(), holder.clone());
+        self.run(move |s| s.commit(&id, &checkpoint, &holder, now))
+            .await
+    }
+
+    async fn load(&self, session_id: &str) -> Result<LoadedSession, StoreError> {
+        let id = session_id.to_string();
+        self.run(move |s| s.load(&id)).await
+    }
+
+    async fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError> {
+        let id = session_id.to_string();
+        self.run(move |s| s.events(&id)).await
+    }
+
+    async fn summary(&self, session_id: &str) -> Result<SessionSummary, StoreError> {
+        let id = session_id.to_string();
+        self.run(move |s| s.summary(&id)).await
+    }
+
+    async fn list(&self) -> Result<Vec<SessionSummary>, StoreError> {
+        self.run(|s| s.list()).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        session_id: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (id, holder) = (session_id.to_string(), holder.clone());
+        self.run(move |s| s.acquire_lease(&id, &holder, ttl)).await
+    }
+
+    async fn renew_lease(
+        &self,
+        session_id: &str,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (id, holder) = (session_id.to_string(), holder.clone());
+        self.run(move |s| s.renew_lease(&id, &holder, ttl)).await
+    }
+
+    async fn release_lease(
+        &self,
+        session_id: &str,
+        holder: &LeaseHolder,
+    ) -> Result<(), StoreError> {
+        let (id, holder) = (session_id.to_string(), holder.clone());
+        self.run(move |s| s.release_lease(&id, &holder)).await
     }
 }
 

@@ -3,10 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use acode_ec2::clock::{Clock, ManualClock, wall_clock};
 use acode_ec2::driver::{Engine, EngineOptions};
 use acode_ec2::effects::Effects;
 use acode_ec2::request::ProvisionRequest;
-use acode_ec2::store::{LeaseHolder, SqliteStore};
+use acode_ec2::store::{CheckpointStore, LeaseHolder, SqliteStore};
+
+use crate::crashing::{CrashPoint, CrashSwitch, CrashingEffects, CrashingStore};
 
 /// A lease holder whose process has exited: what a `kill -9` leaves behind.
 pub fn dead_holder() -> LeaseHolder {
@@ -45,14 +48,68 @@ impl Harness {
         self.dir.path().join("keys").to_string_lossy().into_owned()
     }
 
-    pub fn engine<E: Effects>(&self, effects: Arc<E>) -> Engine<E> {
-        Engine::new(
-            effects,
-            self.store.clone(),
-            EngineOptions {
-                key_dir: self.key_dir(),
-                lease_ttl: Duration::from_secs(30),
-            },
-        )
+    fn options(&self) -> EngineOptions {
+        EngineOptions {
+            key_dir: self.key_dir(),
+            lease_ttl: Duration::from_secs(30),
+        }
     }
+
+    pub fn engine<E: Effects>(&self, effects: Arc<E>) -> Engine<E> {
+        Engine::new(effects, self.store.clone(), self.options())
+    }
+
+    /// An engine whose waits (polls, backoff, grace periods) pass at once.
+    pub fn fast_engine<E: Effects>(&self, effects: Arc<E>) -> Engine<E> {
+        self.engine(effects).with_clock(manual_clock())
+    }
+
+    /// An engine in a process that dies (as `kill -9` would) the `nth` time
+    /// it passes `point`, leaving its lease to a dead process. Its waits
+    /// pass at once.
+    pub fn crashing_engine<E: Effects>(
+        &self,
+        effects: Arc<E>,
+        point: CrashPoint,
+        nth: u32,
+    ) -> Engine<CrashingEffects<E>> {
+        let switch = CrashSwitch::new(point, nth);
+        let store: Arc<dyn CheckpointStore> = Arc::new(CrashingStore {
+            inner: self.store.clone(),
+            switch: switch.clone(),
+        });
+        Engine::new(
+            Arc::new(CrashingEffects::new(effects, switch)),
+            store,
+            self.options(),
+        )
+        .with_holder(dead_holder())
+        .with_clock(manual_clock())
+    }
+
+    /// The inputs the session's log recorded, in order.
+    pub async fn outcomes(&self, session_id: &str) -> Vec<acode_ec2::machine::Input> {
+        acode_ec2::store::CheckpointStore::events(self.store.as_ref(), session_id)
+            .await
+            .expect("events")
+            .into_iter()
+            .filter_map(|e| match e.entry {
+                acode_ec2::store::LogEntry::Outcome { input } => Some(input),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The only session in the store.
+    pub async fn only_session(&self) -> String {
+        let sessions = acode_ec2::store::CheckpointStore::list(self.store.as_ref())
+            .await
+            .expect("list");
+        assert_eq!(sessions.len(), 1, "{sessions:?}");
+        sessions[0].session_id.clone()
+    }
+}
+
+pub fn manual_clock() -> Arc<dyn Clock> {
+    Arc::new(ManualClock::starting_at(wall_clock()))
 }

@@ -1,15 +1,17 @@
-//! Crash injection at every intent boundary, against a scripted world that
-//! keeps EC2's token rules: resume re-sends the same token and never makes a
-//! second instance.
+//! Crash injection at every intent boundary of provisioning, cleanup and
+//! spot abandonment, against a scripted world that keeps EC2's token rules:
+//! resume re-sends the same token, never makes a second instance, and
+//! whatever was made is cleaned up.
 
 use std::sync::Arc;
 
-use acode_ec2::driver::{CrashPoint, EngineError};
+use acode_ec2::driver::{EngineError, ReadyInstance};
 use acode_ec2::events::NoProgress;
-use acode_ec2::machine::PhaseKind;
-use acode_ec2::store::CheckpointStore;
+use acode_ec2::machine::{CLEANUP_PATIENCE, PhaseKind};
+use acode_ec2::store::{CheckpointStore, LeaseHolder};
 
-use crate::common::{Harness, dead_holder, request};
+use crate::common::{Harness, request};
+use crate::crashing::{ALL_POINTS, CrashPoint, is_crash};
 use crate::fake_world::FakeWorld;
 
 const SPOT_WITH_FALLBACK: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  useSpot: true\n  pollInterval: 50ms\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
@@ -17,71 +19,95 @@ const SPOT_WITH_FALLBACK: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n 
 /// Effects a clean run performs; crashes are injected at each of them.
 const EFFECTS_IN_A_CLEAN_RUN: u32 = 6;
 
+async fn phase_of(harness: &Harness, session_id: &str) -> PhaseKind {
+    harness.store.summary(session_id).await.unwrap().phase
+}
+
+/// A session provisioned to Ready without a crash.
+async fn ready_in_a_fake_world(harness: &Harness) -> (Arc<FakeWorld>, ReadyInstance) {
+    let world = Arc::new(FakeWorld::default());
+    let ready = harness
+        .fast_engine(world.clone())
+        .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
+        .await
+        .expect("Ready");
+    (world, ready)
+}
+
+/// A fresh process tears the session down, and nothing of it is left.
+async fn tear_down_to_nothing(
+    harness: &Harness,
+    world: &Arc<FakeWorld>,
+    session_id: &str,
+    case: &str,
+) {
+    let end = harness
+        .fast_engine(world.clone())
+        .teardown(session_id, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(end, PhaseKind::TornDown, "{case}");
+    assert!(
+        world.live_instances().is_empty(),
+        "{case}: an instance is left"
+    );
+    assert!(
+        world.state.lock().unwrap().key_pairs.is_empty(),
+        "{case}: a key pair is left"
+    );
+}
+
+/// A fresh process recovers every session; each must end as `expected`.
+async fn recover_all(harness: &Harness, world: &Arc<FakeWorld>, expected: PhaseKind, case: &str) {
+    let report = harness
+        .fast_engine(world.clone())
+        .recover(&NoProgress)
+        .await
+        .unwrap();
+    for item in &report {
+        assert_eq!(
+            item.result.as_ref().ok(),
+            Some(&expected),
+            "{case}: {report:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_crash_at_any_boundary_resumes_to_one_ready_instance_with_one_token() {
-    for point in [
-        CrashPoint::AfterIntentCommit,
-        CrashPoint::AfterEffect,
-        CrashPoint::AfterOutcomeCommit,
-    ] {
+    for point in ALL_POINTS {
         for nth in 1..=EFFECTS_IN_A_CLEAN_RUN {
+            let case = format!("{point:?} #{nth}");
             let harness = Harness::new();
             let world = Arc::new(FakeWorld::default());
-            let crashing = harness
-                .engine(world.clone())
-                .with_holder(dead_holder())
-                .with_crash(point, nth);
+            let crashing = harness.crashing_engine(world.clone(), point, nth);
             let first = crashing
                 .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
                 .await;
-            let session_id = match first {
-                Err(EngineError::InjectedCrash { .. }) => {
-                    harness.store.list().unwrap()[0].session_id.clone()
-                }
-                other => panic!("{point:?} #{nth}: expected the injected crash, got {other:?}"),
-            };
-            drop(crashing);
-
-            // A new process recovers the session: the dead holder's lease is void.
-            let recovering = harness.engine(world.clone());
-            let already_ready =
-                harness.store.summary(&session_id).unwrap().phase == PhaseKind::Ready;
-            let report = recovering.recover(&NoProgress).await.unwrap();
-            if already_ready {
-                // Crashed after the final commit: nothing left to recover.
-                assert!(report.is_empty(), "{point:?} #{nth}: {report:?}");
-            } else {
-                assert_eq!(report.len(), 1, "{point:?} #{nth}: {report:?}");
-                assert_eq!(
-                    report[0].result.as_ref().ok(),
-                    Some(&PhaseKind::Ready),
-                    "{point:?} #{nth}: {report:?}"
-                );
-            }
-
+            assert!(
+                first.as_ref().is_err_and(is_crash),
+                "{case}: expected the injected crash, got {first:?}"
+            );
+            let session_id = harness.only_session().await;
+            recover_all(&harness, &world, PhaseKind::Ready, &case).await;
+            assert_eq!(
+                phase_of(&harness, &session_id).await,
+                PhaseKind::Ready,
+                "{case}"
+            );
             assert_eq!(
                 world.instances_ever(),
                 1,
-                "{point:?} #{nth}: a second instance was launched"
+                "{case}: a second instance was launched"
             );
             let tokens = world.state.lock().unwrap().run_instance_tokens.clone();
             assert!(
                 !tokens.is_empty() && tokens.iter().all(|t| *t == tokens[0]),
-                "{point:?} #{nth}: {tokens:?}"
-            );
-            assert_eq!(
-                harness.store.summary(&session_id).unwrap().phase,
-                PhaseKind::Ready
+                "{case}: {tokens:?}"
             );
 
             // And teardown leaves nothing.
-            let end = recovering.teardown(&session_id, &NoProgress).await.unwrap();
-            assert_eq!(end, PhaseKind::TornDown);
-            assert!(world.live_instances().is_empty(), "{point:?} #{nth}");
-            assert!(
-                world.state.lock().unwrap().key_pairs.is_empty(),
-                "{point:?} #{nth}"
-            );
+            tear_down_to_nothing(&harness, &world, &session_id, &case).await;
         }
     }
 }
@@ -91,7 +117,7 @@ async fn the_crash_points_cover_every_effect_of_a_clean_run() {
     let harness = Harness::new();
     let world = Arc::new(FakeWorld::default());
     harness
-        .engine(world.clone())
+        .fast_engine(world.clone())
         .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
         .await
         .unwrap();
@@ -101,24 +127,131 @@ async fn the_crash_points_cover_every_effect_of_a_clean_run() {
     );
 }
 
+/// Teardown commits the request, then terminates and deletes the key pair:
+/// a crash at any of those points is finished by `recover`.
+#[tokio::test]
+async fn a_crash_inside_cleanup_is_finished_by_recover() {
+    for point in ALL_POINTS {
+        for nth in 1..=3 {
+            let case = format!("{point:?} #{nth}");
+            let harness = Harness::new();
+            let (world, ready) = ready_in_a_fake_world(&harness).await;
+            let crashing = harness.crashing_engine(world.clone(), point, nth);
+            let first = crashing.teardown(&ready.session_id, &NoProgress).await;
+            // Teardown makes two effects and three commits: some points are never passed.
+            match first {
+                Err(e) if is_crash(&e) => {
+                    let phase = phase_of(&harness, &ready.session_id).await;
+                    assert!(
+                        phase.is_cleanup() || phase == PhaseKind::TornDown,
+                        "{case}: {phase}"
+                    );
+                    recover_all(&harness, &world, PhaseKind::TornDown, &case).await;
+                }
+                Ok(end) => assert_eq!(end, PhaseKind::TornDown, "{case}"),
+                Err(other) => panic!("{case}: {other}"),
+            }
+            assert_eq!(
+                phase_of(&harness, &ready.session_id).await,
+                PhaseKind::TornDown,
+                "{case}"
+            );
+            assert!(world.live_instances().is_empty(), "{case}");
+            assert!(world.state.lock().unwrap().key_pairs.is_empty(), "{case}");
+        }
+    }
+}
+
+/// A spot instance reclaimed before it runs is terminated, then replaced on
+/// demand: a crash at any point of that leaves one on-demand instance.
+#[tokio::test]
+async fn a_crash_while_abandoning_spot_still_ends_with_one_on_demand_instance() {
+    // Validate, key pair, spot launch, describe (gone), terminate, on-demand
+    // launch, describe, console, SSH.
+    const EFFECTS: u32 = 9;
+    for point in ALL_POINTS {
+        for nth in 1..=EFFECTS {
+            let case = format!("{point:?} #{nth}");
+            let harness = Harness::new();
+            let world = Arc::new(FakeWorld::default());
+            world.state.lock().unwrap().spot_reclaimed = true;
+            let crashing = harness.crashing_engine(world.clone(), point, nth);
+            let first = crashing
+                .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
+                .await;
+            assert!(first.as_ref().is_err_and(is_crash), "{case}: {first:?}");
+            recover_all(&harness, &world, PhaseKind::Ready, &case).await;
+            let state = world.state.lock().unwrap();
+            let live: Vec<_> = state.instances.values().filter(|i| !i.terminated).collect();
+            assert_eq!(live.len(), 1, "{case}: {:?}", state.instances);
+            assert!(!live[0].spot, "{case}: the spot instance survived");
+            assert_eq!(state.instances.len(), 2, "{case}: {:?}", state.instances);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_spot_abandoning_run_has_the_effects_the_crash_test_counts() {
+    let harness = Harness::new();
+    let world = Arc::new(FakeWorld::default());
+    world.state.lock().unwrap().spot_reclaimed = true;
+    let ready = harness
+        .fast_engine(world.clone())
+        .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
+        .await
+        .unwrap();
+    assert!(!ready.was_spot);
+    assert_eq!(
+        world.state.lock().unwrap().calls,
+        [
+            "ValidateRequest",
+            "EnsureKeyPair",
+            "RunInstance",
+            "DescribeInstance",
+            "TerminateInstance",
+            "RunInstance",
+            "DescribeInstance",
+            "ReadConsoleHostKeys",
+            "ProbeSsh"
+        ]
+    );
+}
+
+/// The process died right after recording that it would launch (or create
+/// the key pair): teardown must not launch (or create) it only to remove it.
+#[tokio::test]
+async fn teardown_after_a_crash_before_a_create_creates_nothing() {
+    for (nth, create) in [(2, "EnsureKeyPair"), (3, "RunInstance")] {
+        let harness = Harness::new();
+        let world = Arc::new(FakeWorld::default());
+        let crashing = harness.crashing_engine(world.clone(), CrashPoint::IntentCommitted, nth);
+        let first = crashing
+            .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
+            .await;
+        assert!(first.as_ref().is_err_and(is_crash), "{first:?}");
+        let before = world.count(create);
+        let session_id = harness.only_session().await;
+        tear_down_to_nothing(&harness, &world, &session_id, create).await;
+        assert_eq!(world.count(create), before, "teardown ran {create}");
+        assert_eq!(world.count("RunInstance"), 0);
+    }
+}
+
 #[tokio::test]
 async fn teardown_of_a_session_crashed_mid_launch_terminates_what_the_launch_made() {
     let harness = Harness::new();
     let world = Arc::new(FakeWorld::default());
     // Crash right after RunInstances ran (effect #3) but before its outcome was recorded.
-    let crashing = harness
-        .engine(world.clone())
-        .with_holder(dead_holder())
-        .with_crash(CrashPoint::AfterEffect, 3);
+    let crashing = harness.crashing_engine(world.clone(), CrashPoint::EffectRan, 3);
     assert!(
         crashing
             .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
             .await
             .is_err()
     );
-    let session_id = harness.store.list().unwrap()[0].session_id.clone();
+    let session_id = harness.only_session().await;
     assert_eq!(
-        harness.store.summary(&session_id).unwrap().phase,
+        phase_of(&harness, &session_id).await,
         PhaseKind::RequestingSpot
     );
     assert_eq!(
@@ -127,16 +260,7 @@ async fn teardown_of_a_session_crashed_mid_launch_terminates_what_the_launch_mad
         "the launch happened; the log does not know its id yet"
     );
 
-    let end = harness
-        .engine(world.clone())
-        .teardown(&session_id, &NoProgress)
-        .await
-        .unwrap();
-    assert_eq!(end, PhaseKind::TornDown);
-    assert!(
-        world.live_instances().is_empty(),
-        "teardown left the instance running"
-    );
+    tear_down_to_nothing(&harness, &world, &session_id, "mid-launch").await;
     assert_eq!(world.instances_ever(), 1);
 }
 
@@ -146,15 +270,15 @@ async fn a_live_driver_blocks_a_second_one() {
     let world = Arc::new(FakeWorld::default());
     // Stops dead while still holding a lease of a live process (this one).
     let first = harness
-        .engine(world.clone())
-        .with_crash(CrashPoint::AfterOutcomeCommit, 2);
+        .crashing_engine(world.clone(), CrashPoint::OutcomeCommitted, 2)
+        .with_holder(LeaseHolder::for_this_process());
     assert!(
         first
             .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
             .await
             .is_err()
     );
-    let session_id = harness.store.list().unwrap()[0].session_id.clone();
+    let session_id = harness.only_session().await;
     let err = harness
         .engine(world.clone())
         .resume(&session_id, &NoProgress)
@@ -171,63 +295,18 @@ async fn a_live_driver_blocks_a_second_one() {
     );
 }
 
-/// A cleanup step that fails on every try: the driver stops with advice
-/// after `CLEANUP_PATIENCE` failures, and the session stays recoverable.
-/// (The session is written one failure short of the limit, so the test does
-/// not sit through minutes of backoff.)
+/// A cleanup step that fails on every try: after `CLEANUP_PATIENCE`
+/// failures (their backoff passed on a manual clock) the machine asks the
+/// driver to stop with advice, and the session stays recoverable.
 #[tokio::test]
 async fn a_cleanup_that_keeps_failing_stops_with_advice_and_stays_recoverable() {
-    use acode_ec2::driver::CLEANUP_PATIENCE;
-    use acode_ec2::machine::{
-        CleanupCause, ProvisionPhase, SessionContext, SessionState, TerminatingInstance,
-    };
-    use acode_ec2::store::{Checkpoint, Intent};
-
     let harness = Harness::new();
-    let world = Arc::new(FakeWorld::default());
-    let ready = harness
-        .engine(world.clone())
-        .provision(request(SPOT_WITH_FALLBACK), &NoProgress)
-        .await
-        .unwrap();
-    let context = SessionContext {
-        session_id: "stalled-cleanup".into(),
-        request: request(SPOT_WITH_FALLBACK),
-        key_dir: harness.key_dir(),
-    };
-    let terminating = ProvisionPhase::TerminatingInstance(TerminatingInstance {
-        instance_id: Some(ready.instance_id.clone()),
-        launched_at: None,
-        key: None,
-        cause: CleanupCause::Teardown,
-    });
-    let checkpoint = Checkpoint {
-        outcome: None,
-        state: SessionState {
-            phase: terminating.clone(),
-            transient_failures: CLEANUP_PATIENCE - 1,
-        },
-        intent: acode_ec2::machine::effect_for(&context, &terminating).map(|effect| Intent {
-            effect,
-            not_before: None,
-        }),
-    };
-    let now = acode_ec2::effects::now();
-    harness
-        .store
-        .create(
-            &context,
-            &checkpoint,
-            &dead_holder(),
-            std::time::Duration::from_secs(30),
-            now,
-        )
-        .unwrap();
+    let (world, ready) = ready_in_a_fake_world(&harness).await;
     world.state.lock().unwrap().terminate_refused = true;
 
     let err = harness
-        .engine(world.clone())
-        .teardown("stalled-cleanup", &NoProgress)
+        .fast_engine(world.clone())
+        .teardown(&ready.session_id, &NoProgress)
         .await
         .unwrap_err();
     assert!(
@@ -239,8 +318,9 @@ async fn a_cleanup_that_keeps_failing_stops_with_advice_and_stays_recoverable() 
         message.contains("UnauthorizedOperation") && message.contains("acode-ec2 recover"),
         "{message}"
     );
+    assert_eq!(world.count("TerminateInstance"), CLEANUP_PATIENCE as usize);
     assert_eq!(
-        harness.store.summary("stalled-cleanup").unwrap().phase,
+        phase_of(&harness, &ready.session_id).await,
         PhaseKind::TerminatingInstance
     );
     assert_eq!(
@@ -251,11 +331,5 @@ async fn a_cleanup_that_keeps_failing_stops_with_advice_and_stays_recoverable() 
 
     // Once the cause is fixed, another driver (the lease was released) finishes it.
     world.state.lock().unwrap().terminate_refused = false;
-    let end = harness
-        .engine(world.clone())
-        .teardown("stalled-cleanup", &NoProgress)
-        .await
-        .unwrap();
-    assert_eq!(end, PhaseKind::TornDown);
-    assert!(world.live_instances().is_empty());
+    tear_down_to_nothing(&harness, &world, &ready.session_id, "after the fix").await;
 }

@@ -1,4 +1,4 @@
-//! A scripted EC2 world for crash tests of the driver's pure logic: it keeps
+//! A scripted EC2 world for crash tests of the driver's logic: it keeps
 //! EC2's idempotency rules (same token, same instance) and counts what was
 //! created, so a test can show a crash never yields a second instance. The
 //! same properties are checked against the real lab in `lab_engine.rs`.
@@ -7,19 +7,31 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use acode_ec2::effects::Effects;
+use acode_ec2::error_code::AwsErrorCode;
 use acode_ec2::machine::{
     ConsoleFingerprints, Effect, Input, KeyPairHandle, SessionContext, Timestamp,
 };
 
 #[derive(Debug, Default)]
+pub struct FakeInstance {
+    pub id: String,
+    pub spot: bool,
+    pub terminated: bool,
+}
+
+#[derive(Debug, Default)]
 pub struct WorldState {
-    /// token → (instance id, terminated)
-    pub instances: BTreeMap<String, (String, bool)>,
+    /// token → the instance it launched
+    pub instances: BTreeMap<String, FakeInstance>,
     pub key_pairs: BTreeMap<String, ()>,
     pub run_instance_tokens: Vec<String>,
     pub calls: Vec<&'static str>,
     /// While set, TerminateInstances fails as a missing permission would.
     pub terminate_refused: bool,
+    /// While set, a spot instance is reclaimed before it runs.
+    pub spot_reclaimed: bool,
+    /// While set, SSH never answers.
+    pub ssh_down: bool,
 }
 
 #[derive(Default)]
@@ -33,13 +45,64 @@ impl FakeWorld {
         state
             .instances
             .values()
-            .filter(|(_, gone)| !gone)
-            .map(|(id, _)| id.clone())
+            .filter(|i| !i.terminated)
+            .map(|i| i.id.clone())
             .collect()
     }
 
     pub fn instances_ever(&self) -> usize {
         self.state.lock().unwrap().instances.len()
+    }
+
+    /// How many times an effect ran.
+    pub fn count(&self, effect: &str) -> usize {
+        let state = self.state.lock().unwrap();
+        state.calls.iter().filter(|c| **c == effect).count()
+    }
+}
+
+impl WorldState {
+    fn instance(&self, id: &str) -> Option<&FakeInstance> {
+        self.instances.values().find(|i| i.id == id)
+    }
+
+    fn run_instance(&mut self, client_token: &str, spot: bool) -> Input {
+        self.run_instance_tokens.push(client_token.to_string());
+        let next_id = format!("i-{:04}", self.instances.len() + 1);
+        let instance = self
+            .instances
+            .entry(client_token.to_string())
+            .or_insert(FakeInstance {
+                id: next_id,
+                spot,
+                terminated: false,
+            });
+        if instance.terminated {
+            return Input::CapacityUnavailable {
+                code: AwsErrorCode::IdempotentInstanceTerminated,
+                message: "terminated".into(),
+            };
+        }
+        Input::Launched {
+            instance_id: instance.id.clone(),
+            was_spot: spot,
+        }
+    }
+
+    /// Like the real effect: the known id, and everything tagged with the
+    /// session (here: every live instance).
+    fn terminate(&mut self, instance_id: Option<&str>) -> Input {
+        let known_exists = instance_id.is_none_or(|id| self.instance(id).is_some());
+        let mut any = false;
+        for instance in self.instances.values_mut().filter(|i| !i.terminated) {
+            instance.terminated = true;
+            any = true;
+        }
+        match instance_id {
+            Some(_) if !known_exists => Input::InstanceNotFound,
+            None if !any => Input::NoInstanceFound,
+            _ => Input::InstanceTerminated,
+        }
     }
 }
 
@@ -69,31 +132,25 @@ impl Effects for FakeWorld {
             }
             Effect::RunInstance {
                 client_token, spot, ..
-            } => {
-                world.run_instance_tokens.push(client_token.to_string());
-                let next_id = format!("i-{:04}", world.instances.len() + 1);
-                let (id, terminated) = world
-                    .instances
-                    .entry(client_token.to_string())
-                    .or_insert((next_id, false))
-                    .clone();
-                if terminated {
-                    return Input::CapacityUnavailable {
-                        code: "IdempotentInstanceTerminated".into(),
-                        message: "terminated".into(),
-                    };
-                }
-                Input::Launched {
-                    instance_id: id,
-                    was_spot: *spot,
-                }
-            }
-            Effect::DescribeInstance { .. } => Input::InstanceRunning {
-                public_ip: Some("54.0.0.1".into()),
-                private_ip: None,
+            } => world.run_instance(client_token.as_str(), *spot),
+            Effect::DescribeInstance { instance_id } => match world.instance(instance_id) {
+                Some(i) if i.terminated => Input::InstanceGone {
+                    state: "terminated".into(),
+                },
+                Some(i) if i.spot && world.spot_reclaimed => Input::InstanceGone {
+                    state: "terminated".into(),
+                },
+                Some(_) => Input::InstanceRunning {
+                    public_ip: Some("54.0.0.1".into()),
+                    private_ip: None,
+                },
+                None => Input::InstanceNotVisible,
             },
             Effect::ReadConsoleHostKeys { .. } => Input::ConsoleHostKeys {
                 fingerprints: ConsoleFingerprints(vec!["SHA256:fake".into()]),
+            },
+            Effect::ProbeSsh { .. } if world.ssh_down => Input::SshNotReady {
+                reason: "connection refused".into(),
             },
             Effect::ProbeSsh { .. } => Input::SshReady {
                 host_key_fingerprint: "SHA256:fake".into(),
@@ -103,16 +160,7 @@ impl Effects for FakeWorld {
                     message: "UnauthorizedOperation: not allowed to terminate".into(),
                 }
             }
-            Effect::TerminateInstance { instance_id, .. } => {
-                // Like the real effect: the known id, and everything tagged
-                // with the session (here: everything).
-                for (id, gone) in world.instances.values_mut() {
-                    if instance_id.is_none() || instance_id.as_deref() == Some(id.as_str()) {
-                        *gone = true;
-                    }
-                }
-                Input::InstanceTerminated
-            }
+            Effect::TerminateInstance { instance_id } => world.terminate(instance_id.as_deref()),
             Effect::DeleteKeyPair { key_name, .. } => {
                 world.key_pairs.remove(key_name);
                 Input::KeyPairDeleted

@@ -4,16 +4,19 @@
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use acode_ec2::driver::{CrashPoint, Engine, EngineError, ReadyInstance};
-use acode_ec2::effects::describe_batch::{BatchWindow, DescribeBatcher};
+use acode_ec2::driver::{Engine, EngineError, ReadyInstance};
+use acode_ec2::effects::api::Ec2Api;
+use acode_ec2::effects::describe_batch::{BatchWindow, Batched};
+use acode_ec2::effects::sdk::SdkEc2;
 use acode_ec2::effects::{AwsEffects, Effects};
 use acode_ec2::events::{NoProgress, ProvisionEvent};
 use acode_ec2::machine::{Effect, Input, PhaseKind, SessionContext, Timestamp};
 use acode_ec2::net_guard::ConnectGuard;
-use acode_ec2::store::{CheckpointStore, LogEntry};
+use acode_ec2::store::CheckpointStore;
 use serde_json::json;
 
-use crate::common::{Harness, dead_holder, request};
+use crate::common::{Harness, request};
+use crate::crashing::{CrashPoint, is_crash};
 use crate::lab::Lab;
 
 async fn key_pair_exists(lab: &Lab, name: &str) -> bool {
@@ -42,7 +45,7 @@ async fn provision_ready(
 }
 
 /// No private key in the database: its file, its WAL, and the log as read back.
-fn assert_no_secrets_in(harness: &Harness) {
+async fn assert_no_secrets_in(harness: &Harness) {
     let db = harness.dir.path().join("state.db");
     let mut bytes = std::fs::read(&db).expect("state.db exists");
     bytes.extend(std::fs::read(db.with_extension("db-wal")).unwrap_or_default());
@@ -51,8 +54,8 @@ fn assert_no_secrets_in(harness: &Harness) {
         !String::from_utf8_lossy(&bytes).contains("PRIVATE KEY"),
         "private key material on disk"
     );
-    for session in harness.store.list().unwrap() {
-        for event in harness.store.events(&session.session_id).unwrap() {
+    for session in harness.store.list().await.unwrap() {
+        for event in harness.store.events(&session.session_id).await.unwrap() {
             let text = format!("{:?}", event.entry);
             assert!(
                 !text.contains("PRIVATE KEY") && !text.contains("BEGIN OPENSSH"),
@@ -95,10 +98,15 @@ async fn provisions_to_ready_with_a_verified_host_key_then_tears_down_to_nothing
     assert_eq!(live[0]["tags"]["acode"], "true");
     assert_eq!(lab.count("RunInstances"), 1);
     assert_eq!(
-        harness.store.summary(&ready.session_id).unwrap().phase,
+        harness
+            .store
+            .summary(&ready.session_id)
+            .await
+            .unwrap()
+            .phase,
         PhaseKind::Ready
     );
-    assert_no_secrets_in(&harness);
+    assert_no_secrets_in(&harness).await;
 
     let phases = progress_seen.lock().unwrap().clone();
     for phase in [
@@ -168,7 +176,7 @@ async fn imported_rsa_key_pair_works_and_is_deleted() {
         .await
         .unwrap();
     assert!(!key_pair_exists(&lab, &format!("acode-{}", ready.session_id)).await);
-    assert_no_secrets_in(&harness);
+    assert_no_secrets_in(&harness).await;
 }
 
 #[tokio::test]
@@ -254,7 +262,7 @@ async fn a_spot_instance_not_running_in_time_is_replaced_on_demand() {
         "{instances:?}"
     );
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
-    let summary = harness.store.summary(&ready.session_id).unwrap();
+    let summary = harness.store.summary(&ready.session_id).await.unwrap();
     assert!(
         !summary.was_spot,
         "status must describe the on-demand instance"
@@ -338,15 +346,16 @@ async fn sessions_driven_together_share_describe_instances_calls() {
         let ready = ready.expect("Ready");
         assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
         polls += harness
-            .store
-            .events(&ready.session_id)
-            .unwrap()
+            .outcomes(&ready.session_id)
+            .await
             .into_iter()
-            .filter(|e| {
-                matches!(&e.entry, LogEntry::Outcome { input } if matches!(
+            .filter(|input| {
+                matches!(
                     input,
-                    Input::InstancePending | Input::InstanceRunning { .. } | Input::InstanceNotVisible
-                ))
+                    Input::InstancePending
+                        | Input::InstanceRunning { .. }
+                        | Input::InstanceNotVisible
+                )
             })
             .count() as u64;
     }
@@ -366,15 +375,13 @@ async fn a_batch_larger_than_a_filter_takes_is_sent_in_parts() {
         max_ids: 2,
         ..BatchWindow::default()
     };
-    let batcher = DescribeBatcher::new(lab.ec2(), window);
+    let batched = Batched::new(SdkEc2::new(lab.ec2()), window);
     // On this single-threaded runtime all five join the batch before its
     // sender task first runs: more ids than one call may carry.
     let ids: Vec<String> = (0..5).map(|i| format!("i-{i:017x}")).collect();
-    let answers = futures::future::join_all(ids.iter().map(|id| batcher.describe(id))).await;
-    assert!(
-        answers.iter().all(|a| *a == Input::InstanceNotVisible),
-        "{answers:?}"
-    );
+    let answers =
+        futures::future::join_all(ids.iter().map(|id| batched.describe_instance(id))).await;
+    assert!(answers.iter().all(|a| *a == Ok(None)), "{answers:?}");
     assert_eq!(lab.count("DescribeInstances"), 3, "{:?}", lab.counters());
 }
 
@@ -388,7 +395,14 @@ async fn spot_capacity_is_used_when_there_is_some() {
         lab.live_instances_of(&ready.session_id)[0]["lifecycle"],
         "spot"
     );
-    assert!(harness.store.summary(&ready.session_id).unwrap().was_spot);
+    assert!(
+        harness
+            .store
+            .summary(&ready.session_id)
+            .await
+            .unwrap()
+            .was_spot
+    );
 }
 
 #[tokio::test]
@@ -432,7 +446,7 @@ async fn a_host_key_the_console_never_printed_fails_and_cleans_up() {
         "key pair left behind"
     );
     assert_eq!(
-        harness.store.summary(&session_id).unwrap().phase,
+        harness.store.summary(&session_id).await.unwrap().phase,
         PhaseKind::Failed
     );
 }
@@ -455,18 +469,10 @@ async fn a_slow_console_a_late_sshd_and_a_refusing_sshd_are_waited_out() {
         .await
         .expect("refusing sshd");
     let ssh_polls = harness
-        .store
-        .events(&ready.session_id)
-        .unwrap()
+        .outcomes(&ready.session_id)
+        .await
         .into_iter()
-        .filter(|e| {
-            matches!(
-                &e.entry,
-                acode_ec2::store::LogEntry::Outcome {
-                    input: Input::SshNotReady { .. }
-                }
-            )
-        })
+        .filter(|input| matches!(input, Input::SshNotReady { .. }))
         .count();
     assert!(ssh_polls >= 1, "the refusing sshd was never seen");
 }
@@ -537,18 +543,10 @@ async fn throttling_and_an_invisible_new_instance_are_retried() {
     assert_eq!(lab.live_instances_of(&ready.session_id).len(), 1);
     assert!(lab.count("RunInstances") >= 6, "{:?}", lab.counters());
     let retried = harness
-        .store
-        .events(&ready.session_id)
-        .unwrap()
-        .into_iter()
-        .any(|e| {
-            matches!(
-                e.entry,
-                acode_ec2::store::LogEntry::Outcome {
-                    input: Input::TransientFailure { .. }
-                }
-            )
-        });
+        .outcomes(&ready.session_id)
+        .await
+        .iter()
+        .any(|input| matches!(input, Input::TransientFailure { .. }));
     assert!(retried, "the machine never saw the throttling");
 }
 
@@ -589,19 +587,18 @@ async fn the_loopback_guard_stops_a_probe_of_the_fake_public_ip() {
     assert!(lab.live_instances_of(&session_id).is_empty());
 }
 
-/// Provisions until the `nth` effect has run, then "dies" (kill -9 style:
-/// no cleanup, a lease of a dead process left behind); returns the session.
-async fn crash_after_effect(lab: &Lab, harness: &Harness, nth: u32) -> String {
-    let crashing = harness
-        .engine(lab.effects())
-        .with_holder(dead_holder())
-        .with_crash(CrashPoint::AfterEffect, nth);
+/// Provisions until `point` is passed the `nth` time, then "dies" (kill -9
+/// style: no cleanup, a lease of a dead process left behind); returns the
+/// session.
+async fn crash_at(lab: &Lab, harness: &Harness, point: CrashPoint, nth: u32) -> String {
+    let crashing = harness.crashing_engine(lab.effects(), point, nth);
     let first = crashing.provision(lab.request(""), &NoProgress).await;
-    assert!(
-        matches!(first, Err(EngineError::InjectedCrash { .. })),
-        "{first:?}"
-    );
-    harness.store.list().unwrap()[0].session_id.clone()
+    assert!(first.as_ref().is_err_and(is_crash), "{first:?}");
+    harness.only_session().await
+}
+
+async fn crash_after_effect(lab: &Lab, harness: &Harness, nth: u32) -> String {
+    crash_at(lab, harness, CrashPoint::EffectRan, nth).await
 }
 
 #[tokio::test]
@@ -735,4 +732,39 @@ async fn teardown_finds_an_instance_whose_launch_answer_was_lost() {
         lab.live_instances_of(&session_id).is_empty(),
         "the instance whose id was never recorded is still running"
     );
+}
+
+/// The process died right after committing its RunInstances intent (the
+/// call never went out): teardown sweeps by tag and creates nothing.
+#[tokio::test]
+async fn teardown_after_a_crash_before_the_launch_creates_nothing_in_ec2() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    // Intent #3 is RunInstances (after ValidateRequest and EnsureKeyPair).
+    let session_id = crash_at(&lab, &harness, CrashPoint::IntentCommitted, 3).await;
+    let key_name = format!("acode-{session_id}");
+    assert!(key_pair_exists(&lab, &key_name).await);
+    let before = lab.counters();
+    let end = harness
+        .fast_engine(lab.effects())
+        .teardown(&session_id, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(end, PhaseKind::TornDown);
+    let after = lab.counters();
+    let calls = |counters: &std::collections::BTreeMap<String, u64>, action: &str| {
+        counters.get(action).copied().unwrap_or(0)
+    };
+    for create in ["RunInstances", "CreateKeyPair", "ImportKeyPair"] {
+        assert_eq!(
+            calls(&after, create),
+            calls(&before, create),
+            "teardown called {create}: {after:?}"
+        );
+    }
+    assert_eq!(calls(&after, "RunInstances"), 0);
+    assert!(lab.instances().is_empty(), "{:?}", lab.instances());
+    assert!(!key_pair_exists(&lab, &key_name).await);
+    let key_file = harness.dir.path().join(format!("keys/{key_name}.pem"));
+    assert!(!key_file.exists(), "key file left behind");
 }

@@ -4,6 +4,8 @@
 mod cli;
 mod common;
 mod crash;
+mod crashing;
+mod deliver;
 mod fake_world;
 mod lab;
 mod lab_behaviour;

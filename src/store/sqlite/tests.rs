@@ -59,12 +59,16 @@ fn a_session_survives_closing_and_reopening() {
     {
         let store = new_store(&dir);
         store
+            .inner
             .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
             .unwrap();
-        store.commit("s1", &validated(&ctx), &holder, NOW).unwrap();
+        store
+            .inner
+            .commit("s1", &validated(&ctx), &holder, NOW)
+            .unwrap();
     }
     let store = new_store(&dir);
-    let loaded = store.load("s1").unwrap();
+    let loaded = store.inner.load("s1").unwrap();
     assert_eq!(loaded.context, ctx);
     assert_eq!(loaded.state.phase.kind(), PhaseKind::PreparingKeyPair);
     assert!(matches!(
@@ -75,10 +79,11 @@ fn a_session_survives_closing_and_reopening() {
         })
     ));
     assert_eq!(
-        store.summary("s1").unwrap().phase,
+        store.inner.summary("s1").unwrap().phase,
         PhaseKind::PreparingKeyPair
     );
     let kinds: Vec<&str> = store
+        .inner
         .events("s1")
         .unwrap()
         .iter()
@@ -104,15 +109,16 @@ fn an_answered_intent_is_not_pending() {
     let ctx = context("s1");
     let holder = LeaseHolder::for_this_process();
     store
+        .inner
         .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
         .unwrap();
     assert_eq!(
-        store.load("s1").unwrap().pending.map(|i| i.effect),
+        store.inner.load("s1").unwrap().pending.map(|i| i.effect),
         Some(Effect::ValidateRequest)
     );
     let settled = Checkpoint {
         outcome: Some(Input::Rejected {
-            code: "InvalidAMIID.NotFound".into(),
+            code: crate::error_code::AwsErrorCode::InvalidAmiIdNotFound.into(),
             message: "gone".into(),
         }),
         state: SessionState::fresh(ProvisionPhase::Failed(machine::Failed {
@@ -120,10 +126,13 @@ fn an_answered_intent_is_not_pending() {
         })),
         intent: None,
     };
-    store.commit("s1", &settled, &holder, NOW).unwrap();
-    let loaded = store.load("s1").unwrap();
+    store.inner.commit("s1", &settled, &holder, NOW).unwrap();
+    let loaded = store.inner.load("s1").unwrap();
     assert_eq!(loaded.pending, None);
-    assert_eq!(store.summary("s1").unwrap().detail.as_deref(), Some("gone"));
+    assert_eq!(
+        store.inner.summary("s1").unwrap().detail.as_deref(),
+        Some("gone")
+    );
 }
 
 #[test]
@@ -134,21 +143,23 @@ fn a_second_driver_is_refused_while_the_first_holds_the_lease() {
     let first = LeaseHolder::for_this_process();
     let second = LeaseHolder::for_this_process();
     store
+        .inner
         .create(&ctx, &first_checkpoint(&ctx), &first, TTL, NOW)
         .unwrap();
-    let err = store.acquire_lease("s1", &second, TTL, NOW).unwrap_err();
+    let err = store.inner.acquire_lease("s1", &second, TTL).unwrap_err();
     assert!(matches!(err, StoreError::Leased { .. }), "{err}");
     assert!(err.to_string().contains("another process"), "{err}");
     // The second may not commit either: commits are fenced by the lease.
     let err = store
+        .inner
         .commit("s1", &validated(&ctx), &second, NOW)
         .unwrap_err();
     assert!(matches!(err, StoreError::LeaseLost(_)), "{err}");
     // Once released, the second takes over and the first is fenced out.
-    store.release_lease("s1", &first).unwrap();
-    store.acquire_lease("s1", &second, TTL, NOW).unwrap();
+    store.inner.release_lease("s1", &first).unwrap();
+    store.inner.acquire_lease("s1", &second, TTL).unwrap();
     assert!(matches!(
-        store.commit("s1", &validated(&ctx), &first, NOW),
+        store.inner.commit("s1", &validated(&ctx), &first, NOW),
         Err(StoreError::LeaseLost(_))
     ));
 }
@@ -156,7 +167,9 @@ fn a_second_driver_is_refused_while_the_first_holds_the_lease() {
 #[test]
 fn a_lease_whose_holder_died_can_be_taken_over() {
     let dir = tempfile::tempdir().unwrap();
-    let store = new_store(&dir);
+    // Expiry is judged by the store's clock, not by whoever asks.
+    let clock = Arc::new(crate::clock::ManualClock::starting_at(NOW));
+    let store = SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap();
     let ctx = context("s1");
     let alive_elsewhere = LeaseHolder {
         owner_id: "other".into(),
@@ -165,11 +178,15 @@ fn a_lease_whose_holder_died_can_be_taken_over() {
     };
     let me = LeaseHolder::for_this_process();
     store
+        .inner
         .create(&ctx, &first_checkpoint(&ctx), &alive_elsewhere, TTL, NOW)
         .unwrap();
-    assert!(store.acquire_lease("s1", &me, TTL, NOW).is_err());
+    assert!(store.inner.acquire_lease("s1", &me, TTL).is_err());
+    clock.advance(TTL - Duration::from_millis(1));
+    assert!(store.inner.acquire_lease("s1", &me, TTL).is_err());
     // After expiry the lease is free.
-    store.acquire_lease("s1", &me, TTL, NOW.plus(TTL)).unwrap();
+    clock.advance(Duration::from_millis(1));
+    store.inner.acquire_lease("s1", &me, TTL).unwrap();
 
     // On this host, a holder whose process is gone is noticed at once.
     let ctx2 = context("s2");
@@ -179,9 +196,10 @@ fn a_lease_whose_holder_died_can_be_taken_over() {
         host: this_host(),
     };
     store
+        .inner
         .create(&ctx2, &first_checkpoint(&ctx2), &dead_here, TTL, NOW)
         .unwrap();
-    store.acquire_lease("s2", &me, TTL, NOW).unwrap();
+    store.inner.acquire_lease("s2", &me, TTL).unwrap();
 }
 
 #[test]
@@ -193,6 +211,7 @@ fn a_torn_write_leaves_the_previous_checkpoint_intact() {
     {
         let store = SqliteStore::open(&path).unwrap();
         store
+            .inner
             .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
             .unwrap();
     }
@@ -210,14 +229,17 @@ fn a_torn_write_leaves_the_previous_checkpoint_intact() {
         drop(conn);
     }
     let store = SqliteStore::open(&path).unwrap();
-    let loaded = store.load("s1").unwrap();
+    let loaded = store.inner.load("s1").unwrap();
     assert_eq!(loaded.state.phase, ProvisionPhase::Validating(Validating));
     assert_eq!(
         loaded.pending.map(|i| i.effect),
         Some(Effect::ValidateRequest)
     );
-    assert_eq!(store.summary("s1").unwrap().phase, PhaseKind::Validating);
-    assert_eq!(store.events("s1").unwrap().len(), 3);
+    assert_eq!(
+        store.inner.summary("s1").unwrap().phase,
+        PhaseKind::Validating
+    );
+    assert_eq!(store.inner.events("s1").unwrap().len(), 3);
 }
 
 #[test]
@@ -227,6 +249,7 @@ fn the_database_file_is_private() {
     let store = SqliteStore::open(&path).unwrap();
     let ctx = context("s1");
     store
+        .inner
         .create(
             &ctx,
             &first_checkpoint(&ctx),
@@ -272,14 +295,20 @@ fn duplicate_and_unknown_sessions_are_errors() {
     let ctx = context("s1");
     let holder = LeaseHolder::for_this_process();
     store
+        .inner
         .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
         .unwrap();
     assert!(matches!(
-        store.create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW),
+        store
+            .inner
+            .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW),
         Err(StoreError::AlreadyExists { .. })
     ));
-    assert!(matches!(store.load("nope"), Err(StoreError::NotFound(_))));
-    assert_eq!(store.list().unwrap().len(), 1);
+    assert!(matches!(
+        store.inner.load("nope"),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.inner.list().unwrap().len(), 1);
 }
 
 #[test]
@@ -289,26 +318,42 @@ fn interleaved_sessions_keep_separate_ordered_logs() {
     let holder = LeaseHolder::for_this_process();
     let (a, b) = (context("a"), context("b"));
     store
+        .inner
         .create(&a, &first_checkpoint(&a), &holder, TTL, NOW)
         .unwrap();
     store
+        .inner
         .create(&b, &first_checkpoint(&b), &holder, TTL, NOW)
         .unwrap();
     // `a` was created first, so its events sit below `b`'s: appending to it
     // inserts into the middle of the log, not at its end.
-    store.commit("a", &validated(&a), &holder, NOW).unwrap();
-    let seqs = |id: &str| -> Vec<i64> { store.events(id).unwrap().iter().map(|e| e.seq).collect() };
+    store
+        .inner
+        .commit("a", &validated(&a), &holder, NOW)
+        .unwrap();
+    let seqs = |id: &str| -> Vec<i64> {
+        store
+            .inner
+            .events(id)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    };
     assert_eq!(seqs("a"), [1, 2, 3, 4, 5, 6]);
     assert_eq!(seqs("b"), [1, 2, 3]);
     assert_eq!(
-        store.load("a").unwrap().state.phase.kind(),
+        store.inner.load("a").unwrap().state.phase.kind(),
         PhaseKind::PreparingKeyPair
     );
     assert_eq!(
-        store.load("b").unwrap().state.phase.kind(),
+        store.inner.load("b").unwrap().state.phase.kind(),
         PhaseKind::Validating
     );
-    assert!(matches!(store.events("nope"), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.inner.events("nope"),
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 /// A database as acode-ec2 wrote it before migration 2.
@@ -342,10 +387,12 @@ fn a_full_database_refuses_new_sessions_and_events_and_keeps_the_rest() {
     let holder = LeaseHolder::for_this_process();
     let ctx = context("s1");
     store
+        .inner
         .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
         .unwrap();
     // Session numbers exhausted: the next session is refused.
     store
+        .inner
         .conn()
         .execute(
             "UPDATE sessions SET session_no = ?1 WHERE session_id = 's1'",
@@ -354,16 +401,18 @@ fn a_full_database_refuses_new_sessions_and_events_and_keeps_the_rest() {
         .unwrap();
     let s2 = context("s2");
     let err = store
+        .inner
         .create(&s2, &first_checkpoint(&s2), &holder, TTL, NOW)
         .unwrap_err();
     assert!(matches!(err, StoreError::Full(_)), "{err}");
-    assert_eq!(store.list().unwrap().len(), 1);
+    assert_eq!(store.inner.list().unwrap().len(), 1);
     // A session whose last event id is taken cannot append another.
     let last = SessionKey::new("s1", Some(MAX_SESSION_NO))
         .unwrap()
         .event_ids()
         .1;
     store
+        .inner
         .conn()
         .execute(
             "INSERT INTO events (id, at_ms, kind, body_json) VALUES (?1, 0, 'outcome', '{}')",
@@ -371,6 +420,7 @@ fn a_full_database_refuses_new_sessions_and_events_and_keeps_the_rest() {
         )
         .unwrap();
     let err = store
+        .inner
         .commit("s1", &validated(&ctx), &holder, NOW)
         .unwrap_err();
     assert!(matches!(err, StoreError::Full(_)), "{err}");
@@ -411,23 +461,56 @@ fn a_version_1_database_is_migrated_with_its_sessions() {
         }
     }
     let store = SqliteStore::open(&path).unwrap();
-    let loaded = store.load("old").unwrap();
+    let loaded = store.inner.load("old").unwrap();
     assert_eq!(loaded.context, ctx);
     assert_eq!(loaded.state, first.state);
     assert_eq!(loaded.pending, first.intent);
     // The migrated session goes on, and a new one gets its own log.
     let holder = LeaseHolder::for_this_process();
-    store.acquire_lease("old", &holder, TTL, NOW).unwrap();
-    store.commit("old", &validated(&ctx), &holder, NOW).unwrap();
+    store.inner.acquire_lease("old", &holder, TTL).unwrap();
+    store
+        .inner
+        .commit("old", &validated(&ctx), &holder, NOW)
+        .unwrap();
     let new = context("new");
     store
+        .inner
         .create(&new, &first_checkpoint(&new), &holder, TTL, NOW)
         .unwrap();
-    assert_eq!(store.events("old").unwrap().len(), 6);
-    assert_eq!(store.events("new").unwrap().len(), 3);
+    assert_eq!(store.inner.events("old").unwrap().len(), 6);
+    assert_eq!(store.inner.events("new").unwrap().len(), 3);
     let version: i64 = store
+        .inner
         .conn()
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version, MIGRATIONS.len() as i64);
+}
+
+/// The trait's async path (the blocking pool) over the same file.
+#[tokio::test]
+async fn the_async_api_commits_and_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn CheckpointStore> = Arc::new(new_store(&dir));
+    let ctx = context("s1");
+    let holder = LeaseHolder::for_this_process();
+    store
+        .create(&ctx, &first_checkpoint(&ctx), &holder, TTL, NOW)
+        .await
+        .unwrap();
+    store
+        .commit("s1", &validated(&ctx), &holder, NOW)
+        .await
+        .unwrap();
+    let loaded = store.load("s1").await.unwrap();
+    assert_eq!(loaded.state.phase.kind(), PhaseKind::PreparingKeyPair);
+    let other = LeaseHolder::for_this_process();
+    assert!(matches!(
+        store.acquire_lease("s1", &other, TTL).await,
+        Err(StoreError::Leased { .. })
+    ));
+    store.release_lease("s1", &holder).await.unwrap();
+    store.acquire_lease("s1", &other, TTL).await.unwrap();
+    store.renew_lease("s1", &other, TTL).await.unwrap();
+    assert_eq!(store.list().await.unwrap().len(), 1);
 }

@@ -1,0 +1,170 @@
+//! The EC2 calls the engine makes, as one trait, so layers can wrap them:
+//! the SDK client at the bottom ([`super::sdk::SdkEc2`]), then batching
+//! ([`super::describe_batch::Batched`]), and whatever comes next (rate
+//! limits, caches, metrics) without touching the effects above.
+//!
+//! Invariant: a call answers what EC2 said, as data or as an
+//! [`Ec2Failure`] whose class was decided once, by
+//! [`AwsErrorCode::class`]; it never decides what the session does next.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+
+use zeroize::Zeroizing;
+
+use crate::error_code::{AwsErrorCode, ErrorClass};
+use crate::machine::ImageChoice;
+use crate::request::{AmiSelector, KeyAlgorithm, ProvisionRequest};
+
+/// A failed call: which action, EC2's code (none for timeouts and dropped
+/// connections) and what it means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ec2Failure {
+    pub action: &'static str,
+    pub code: Option<AwsErrorCode>,
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl Ec2Failure {
+    pub fn is(&self, code: &AwsErrorCode) -> bool {
+        self.code.as_ref() == Some(code)
+    }
+}
+
+impl fmt::Display for Ec2Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.code {
+            Some(code) => write!(f, "{}: {code}: {}", self.action, self.message),
+            None => write!(f, "{}: {}", self.action, self.message),
+        }
+    }
+}
+
+pub type Ec2Result<T> = Result<T, Ec2Failure>;
+
+/// An instance's state as EC2 names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceState {
+    Pending,
+    Running,
+    ShuttingDown,
+    Terminated,
+    Stopping,
+    Stopped,
+    Other(String),
+}
+
+impl InstanceState {
+    pub fn as_str(&self) -> &str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::ShuttingDown => "shutting-down",
+            InstanceState::Terminated => "terminated",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Other(name) => name,
+        }
+    }
+}
+
+/// What DescribeInstances says of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceView {
+    pub state: InstanceState,
+    pub public_ip: Option<String>,
+    pub private_ip: Option<String>,
+}
+
+/// Everything one RunInstances call sends.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchSpec<'a> {
+    pub request: &'a ProvisionRequest,
+    pub client_token: &'a str,
+    pub spot: bool,
+    pub subnet_id: &'a str,
+    pub image: &'a ImageChoice,
+    pub key_name: &'a str,
+    /// Set at creation on the instance, its volumes and any spot request.
+    pub tags: &'a [(String, String)],
+}
+
+pub trait Ec2Api: Send + Sync + 'static {
+    /// The newest image the selector names (`None`: no such image listed).
+    fn find_image(
+        &self,
+        ami: &AmiSelector,
+    ) -> impl Future<Output = Ec2Result<Option<ImageChoice>>> + Send;
+
+    fn check_subnets(&self, ids: &[String]) -> impl Future<Output = Ec2Result<()>> + Send;
+
+    fn check_security_groups(&self, ids: &[String]) -> impl Future<Output = Ec2Result<()>> + Send;
+
+    fn key_pair_exists(&self, name: &str) -> impl Future<Output = Ec2Result<bool>> + Send;
+
+    /// CreateKeyPair: EC2 hands out the private key this once.
+    fn create_key_pair(
+        &self,
+        name: &str,
+        algorithm: KeyAlgorithm,
+        tags: &[(String, String)],
+    ) -> impl Future<Output = Ec2Result<Zeroizing<String>>> + Send;
+
+    fn import_key_pair(
+        &self,
+        name: &str,
+        public_key: &str,
+        tags: &[(String, String)],
+    ) -> impl Future<Output = Ec2Result<()>> + Send;
+
+    fn delete_key_pair(&self, name: &str) -> impl Future<Output = Ec2Result<()>> + Send;
+
+    /// RunInstances; the id of the instance it made (or made before, for
+    /// the same `ClientToken`).
+    fn run_instance(&self, spec: LaunchSpec<'_>) -> impl Future<Output = Ec2Result<String>> + Send;
+
+    /// What EC2 shows of each of `ids`; an id EC2 does not show yet is
+    /// absent, not an error.
+    fn describe_instances(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, InstanceView>>> + Send;
+
+    /// One instance; layers may share the call with other sessions.
+    fn describe_instance(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Ec2Result<Option<InstanceView>>> + Send {
+        let ids = [id.to_string()];
+        async move { Ok(self.describe_instances(&ids).await?.remove(&ids[0])) }
+    }
+
+    /// Ids of instances tagged with the session that are not (yet) shutting
+    /// down or terminated.
+    fn live_instances_of_session(
+        &self,
+        session_id: &str,
+    ) -> impl Future<Output = Ec2Result<Vec<String>>> + Send;
+
+    fn terminate_instance(&self, id: &str) -> impl Future<Output = Ec2Result<()>> + Send;
+
+    /// The console output, decoded; `None` while there is none.
+    /// `latest` asks for live output (Nitro only).
+    fn console_output(
+        &self,
+        id: &str,
+        latest: bool,
+    ) -> impl Future<Output = Ec2Result<Option<Vec<u8>>>> + Send;
+}
+
+/// A failure made here, for answers EC2 gave that make no sense.
+pub fn malformed(action: &'static str, message: impl Into<String>) -> Ec2Failure {
+    Ec2Failure {
+        action,
+        code: None,
+        class: ErrorClass::Transient,
+        message: message.into(),
+    }
+}

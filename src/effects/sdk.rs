@@ -1,0 +1,391 @@
+//! The bottom layer: [`Ec2Api`] over `aws-sdk-ec2`.
+//!
+//! Invariant: every SDK error becomes an [`Ec2Failure`] here, its code
+//! parsed once and classed by [`AwsErrorCode::class`]; nothing above sees
+//! an SDK type.
+
+use std::collections::HashMap;
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::primitives::Blob;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    Instance, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, KeyFormat, KeyType,
+    MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+    VolumeType,
+};
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+use super::api::{
+    Ec2Api, Ec2Failure, Ec2Result, InstanceState, InstanceView, LaunchSpec, malformed,
+};
+use crate::error_code::{AwsErrorCode, ErrorClass};
+use crate::machine::ImageChoice;
+use crate::request::{AmiSelector, KeyAlgorithm};
+
+/// aws-sdk-ec2, one client shared by every session of a process.
+#[derive(Clone)]
+pub struct SdkEc2 {
+    client: Client,
+}
+
+impl SdkEc2 {
+    pub fn new(client: Client) -> SdkEc2 {
+        SdkEc2 { client }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn failure<E>(action: &'static str, err: SdkError<E, HttpResponse>) -> Ec2Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match &err {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let message = err.message().unwrap_or_default().to_string();
+            match err.code().map(AwsErrorCode::parse) {
+                Some(code) => Ec2Failure {
+                    action,
+                    class: code.class(status),
+                    code: Some(code),
+                    message,
+                },
+                None => Ec2Failure {
+                    action,
+                    code: None,
+                    class: if (500..600).contains(&status) {
+                        ErrorClass::Transient
+                    } else {
+                        ErrorClass::Rejected
+                    },
+                    message: format!("HTTP {status} {message}"),
+                },
+            }
+        }
+        // Timeouts, dropped connections, unparsable answers: try again later.
+        other => Ec2Failure {
+            action,
+            code: None,
+            class: ErrorClass::Transient,
+            message: DisplayErrorContext(other).to_string(),
+        },
+    }
+}
+
+fn tags_of(tags: &[(String, String)]) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn tag_spec(kind: ResourceType, tags: &[(String, String)]) -> TagSpecification {
+    TagSpecification::builder()
+        .resource_type(kind)
+        .set_tags(Some(tags_of(tags)))
+        .build()
+}
+
+fn view_of(instance: &Instance) -> InstanceView {
+    let state = match instance.state().and_then(|s| s.name()) {
+        Some(InstanceStateName::Running) => InstanceState::Running,
+        Some(InstanceStateName::Pending) | None => InstanceState::Pending,
+        Some(InstanceStateName::ShuttingDown) => InstanceState::ShuttingDown,
+        Some(InstanceStateName::Terminated) => InstanceState::Terminated,
+        Some(InstanceStateName::Stopping) => InstanceState::Stopping,
+        Some(InstanceStateName::Stopped) => InstanceState::Stopped,
+        Some(other) => InstanceState::Other(other.as_str().to_string()),
+    };
+    InstanceView {
+        state,
+        public_ip: instance.public_ip_address().map(str::to_string),
+        private_ip: instance.private_ip_address().map(str::to_string),
+    }
+}
+
+impl Ec2Api for SdkEc2 {
+    async fn find_image(&self, ami: &AmiSelector) -> Ec2Result<Option<ImageChoice>> {
+        let call = match ami {
+            AmiSelector::Id(id) => self.client.describe_images().image_ids(id),
+            AmiSelector::Alias(alias) => {
+                let (owner, pattern) = alias.image_filter();
+                self.client
+                    .describe_images()
+                    .owners(owner)
+                    .filters(Filter::builder().name("name").values(pattern).build())
+                    .filters(Filter::builder().name("state").values("available").build())
+            }
+        };
+        let out = call
+            .send()
+            .await
+            .map_err(|e| failure("DescribeImages", e))?;
+        // The newest image wins for an alias; ISO 8601 dates sort as text.
+        let newest = out
+            .images()
+            .iter()
+            .filter(|i| i.image_id().is_some())
+            .max_by(|a, b| {
+                a.creation_date()
+                    .unwrap_or_default()
+                    .cmp(b.creation_date().unwrap_or_default())
+            });
+        Ok(newest.map(|image| ImageChoice {
+            ami_id: image.image_id().unwrap_or_default().to_string(),
+            root_device_name: image.root_device_name().map(str::to_string),
+        }))
+    }
+
+    async fn check_subnets(&self, ids: &[String]) -> Ec2Result<()> {
+        self.client
+            .describe_subnets()
+            .set_subnet_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| failure("DescribeSubnets", e))
+    }
+
+    async fn check_security_groups(&self, ids: &[String]) -> Ec2Result<()> {
+        self.client
+            .describe_security_groups()
+            .set_group_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| failure("DescribeSecurityGroups", e))
+    }
+
+    async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {
+        match self
+            .client
+            .describe_key_pairs()
+            .key_names(name)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.key_pairs().iter().any(|k| k.key_name() == Some(name))),
+            Err(e) => {
+                let failure = failure("DescribeKeyPairs", e);
+                match failure.class {
+                    ErrorClass::NotFound => Ok(false),
+                    _ => Err(failure),
+                }
+            }
+        }
+    }
+
+    async fn create_key_pair(
+        &self,
+        name: &str,
+        algorithm: KeyAlgorithm,
+        tags: &[(String, String)],
+    ) -> Ec2Result<Zeroizing<String>> {
+        let key_type = match algorithm {
+            KeyAlgorithm::Ed25519 => KeyType::Ed25519,
+            KeyAlgorithm::Rsa => KeyType::Rsa,
+        };
+        let out = self
+            .client
+            .create_key_pair()
+            .key_name(name)
+            .key_type(key_type)
+            .key_format(KeyFormat::Pem)
+            .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
+            .send()
+            .await
+            .map_err(|e| failure("CreateKeyPair", e))?;
+        let material = Zeroizing::new(out.key_material.unwrap_or_default());
+        if material.is_empty() {
+            return Err(malformed("CreateKeyPair", "answered without key material"));
+        }
+        Ok(material)
+    }
+
+    async fn import_key_pair(
+        &self,
+        name: &str,
+        public_key: &str,
+        tags: &[(String, String)],
+    ) -> Ec2Result<()> {
+        self.client
+            .import_key_pair()
+            .key_name(name)
+            .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
+            .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| failure("ImportKeyPair", e))
+    }
+
+    async fn delete_key_pair(&self, name: &str) -> Ec2Result<()> {
+        self.client
+            .delete_key_pair()
+            .key_name(name)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| failure("DeleteKeyPair", e))
+    }
+
+    async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<String> {
+        let request = spec.request;
+        let mut call = self
+            .client
+            .run_instances()
+            .client_token(spec.client_token)
+            .image_id(&spec.image.ami_id)
+            .instance_type(InstanceType::from(request.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(spec.subnet_id)
+            .set_security_group_ids(
+                (!request.security_group_ids.is_empty())
+                    .then(|| request.security_group_ids.clone()),
+            )
+            .key_name(spec.key_name)
+            .tag_specifications(tag_spec(ResourceType::Instance, spec.tags))
+            .tag_specifications(tag_spec(ResourceType::Volume, spec.tags));
+        if let Some(device) = &spec.image.root_device_name {
+            call = call.block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(device)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .volume_size(i32::try_from(request.ebs_size_gb).unwrap_or(i32::MAX))
+                            .volume_type(VolumeType::Gp3)
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        if let Some(data) = &request.user_data {
+            call = call.user_data(base64::engine::general_purpose::STANDARD.encode(data));
+        }
+        if request.enforce_imds_v2 {
+            call = call.metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            );
+        }
+        if let Some(arn) = &request.iam_instance_profile_arn {
+            call = call
+                .iam_instance_profile(IamInstanceProfileSpecification::builder().arn(arn).build());
+        }
+        if spec.spot {
+            let mut spot =
+                SpotMarketOptions::builder().spot_instance_type(SpotInstanceType::OneTime);
+            if let Some(price) = request.spot.as_ref().and_then(|s| s.max_price.as_ref()) {
+                spot = spot.max_price(price);
+            }
+            call = call
+                .tag_specifications(tag_spec(ResourceType::SpotInstancesRequest, spec.tags))
+                .instance_market_options(
+                    InstanceMarketOptionsRequest::builder()
+                        .market_type(MarketType::Spot)
+                        .spot_options(spot.build())
+                        .build(),
+                );
+        }
+        let out = call.send().await.map_err(|e| failure("RunInstances", e))?;
+        out.instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .map(str::to_string)
+            .ok_or_else(|| malformed("RunInstances", "answered without an instance id"))
+    }
+
+    /// One DescribeInstances (paged) with an `instance-id` filter, which,
+    /// unlike `InstanceIds`, does not fail the whole call when one id is not
+    /// visible yet: that id is simply absent.
+    async fn describe_instances(&self, ids: &[String]) -> Ec2Result<HashMap<String, InstanceView>> {
+        let filter = Filter::builder()
+            .name("instance-id")
+            .set_values(Some(ids.to_vec()))
+            .build();
+        let mut pages = self
+            .client
+            .describe_instances()
+            .filters(filter)
+            .into_paginator()
+            .send();
+        let mut found = HashMap::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| failure("DescribeInstances", e))?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                if let Some(id) = instance.instance_id() {
+                    found.insert(id.to_string(), view_of(instance));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn live_instances_of_session(&self, session_id: &str) -> Ec2Result<Vec<String>> {
+        let out = self
+            .client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:acode-session-id")
+                    .values(session_id)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| failure("DescribeInstances", e))?;
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.instance_id())
+            .map(str::to_string)
+            .collect())
+    }
+
+    async fn terminate_instance(&self, id: &str) -> Ec2Result<()> {
+        self.client
+            .terminate_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| failure("TerminateInstances", e))
+    }
+
+    async fn console_output(&self, id: &str, latest: bool) -> Ec2Result<Option<Vec<u8>>> {
+        let out = self
+            .client
+            .get_console_output()
+            .instance_id(id)
+            .latest(latest)
+            .send()
+            .await
+            .map_err(|e| failure("GetConsoleOutput", e))?;
+        Ok(out.output().map(|text| {
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .unwrap_or_default()
+        }))
+    }
+}

@@ -1,0 +1,622 @@
+//! The rules: one handler per phase (after rustls's `ExpectX` states and
+//! quinn's `handle_*`), plus the inputs every phase treats alike
+//! (transient failures, teardown, refusals). Each handler names the guards
+//! it tested, so `step` can check the decision against the table.
+
+use super::guard::{Guard, Guards};
+use super::*;
+use crate::error_code::RejectionCode;
+
+/// A handler's verdict before it is settled into a [`Step`].
+pub(super) struct Decision {
+    pub(super) next: SessionState,
+    wake_at: Option<Timestamp>,
+    notices: Vec<Notice>,
+    pause: Option<Pause>,
+    pub(super) guards: Guards,
+}
+
+impl Decision {
+    pub(super) fn go(phase: ProvisionPhase) -> Decision {
+        Decision {
+            next: SessionState::fresh(phase),
+            wake_at: None,
+            notices: Vec::new(),
+            pause: None,
+            guards: Guards::NONE,
+        }
+    }
+
+    /// The same phase again, its effect run no earlier than `at`.
+    fn poll(phase: &ProvisionPhase, at: Timestamp) -> Decision {
+        Decision {
+            wake_at: Some(at),
+            ..Decision::go(phase.clone())
+        }
+    }
+
+    fn because(mut self, guards: impl Into<Guards>) -> Decision {
+        self.guards = self.guards.with(guards.into());
+        self
+    }
+
+    fn notice(mut self, notice: Notice) -> Decision {
+        self.notices.push(notice);
+        self
+    }
+
+    pub(super) fn settle(self, ctx: &SessionContext) -> Step {
+        let effect = effect_for(ctx, &self.next.phase);
+        Step {
+            wake_at: effect.as_ref().and(self.wake_at),
+            effect,
+            state: self.next,
+            notices: self.notices,
+            pause: self.pause,
+            guards: self.guards,
+        }
+    }
+}
+
+/// The next state for an input the table accepts; `None` if no rule covers
+/// it (which `step` reports as a machine bug instead of guessing).
+pub(super) fn decide(
+    ctx: &SessionContext,
+    state: &SessionState,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
+    let input = match input {
+        Input::TransientFailure { message } => {
+            return transient_failure(ctx, state, message, now);
+        }
+        Input::TeardownRequested => return teardown(ctx, &state.phase, now),
+        Input::Rejected { code, message } => return rejected(ctx, &state.phase, code, message),
+        other => other,
+    };
+    match &state.phase {
+        ProvisionPhase::Validating(_) => validating(input),
+        ProvisionPhase::PreparingKeyPair(p) => preparing_key_pair(ctx, p, input),
+        ProvisionPhase::RequestingSpot(p) => requesting_spot(ctx, &p.launch, input, now),
+        ProvisionPhase::Launching(p) => launching(ctx, &p.launch, input, now),
+        ProvisionPhase::WaitingForRunning(p) => waiting_for_running(ctx, p, input, now),
+        ProvisionPhase::AbandoningSpot(p) => abandoning_spot(ctx, p, input, now),
+        ProvisionPhase::WaitingForSsh(p) => waiting_for_ssh(ctx, p, input, now),
+        ProvisionPhase::TerminatingInstance(p) => terminating_instance(ctx, p, input, now),
+        ProvisionPhase::DeletingKeyPair(p) => deleting_key_pair(p, input),
+        ProvisionPhase::Ready(_) | ProvisionPhase::Failed(_) | ProvisionPhase::TornDown(_) => None,
+    }
+}
+
+fn validating(input: Input) -> Option<Decision> {
+    Some(match input {
+        Input::Validated { image } => {
+            Decision::go(ProvisionPhase::PreparingKeyPair(PreparingKeyPair { image }))
+        }
+        _ => return None,
+    })
+}
+
+fn preparing_key_pair(
+    ctx: &SessionContext,
+    p: &PreparingKeyPair,
+    input: Input,
+) -> Option<Decision> {
+    Some(match input {
+        Input::KeyPairReady { key } => {
+            let image = p.image.clone();
+            match ctx.request.spot {
+                Some(_) => Decision::go(ProvisionPhase::RequestingSpot(RequestingSpot {
+                    launch: launch_attempt(ctx, image, key, 0, 0, true),
+                }))
+                .because(Guard::SpotRequested),
+                None => Decision::go(ProvisionPhase::Launching(Launching {
+                    launch: launch_attempt(ctx, image, key, 0, 0, false),
+                }))
+                .because(Guard::OnDemandOnly),
+            }
+        }
+        _ => return None,
+    })
+}
+
+fn requesting_spot(
+    ctx: &SessionContext,
+    launch: &LaunchAttempt,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
+    match input {
+        Input::CapacityUnavailable { code, message } => {
+            if let Some(next) = next_subnet(ctx, launch, true) {
+                let phase = ProvisionPhase::RequestingSpot(RequestingSpot { launch: next });
+                return Some(Decision::go(phase).because(Guard::MoreSubnets));
+            }
+            let last = Guards::from(Guard::LastSubnet);
+            if ctx
+                .request
+                .spot
+                .as_ref()
+                .is_some_and(|s| s.fallback_to_on_demand)
+            {
+                let (image, key) = (launch.image.clone(), launch.key.clone());
+                let next = launch_attempt(ctx, image, key, launch.attempt + 1, 0, false);
+                let reason = format!("{code}: {message}");
+                return Some(
+                    Decision::go(ProvisionPhase::Launching(Launching { launch: next }))
+                        .notice(Notice::SpotFallback { reason })
+                        .because(last.and(Guard::FallbackAllowed)),
+                );
+            }
+            let reason = format!(
+                "no spot capacity in any subnet and fallback is off; last: {code}: {message}"
+            );
+            let decision = cleanup(Launched::Nothing, Some(launch.key.clone()), failure(reason));
+            Some(decision.because(last.and(Guard::NoFallback)))
+        }
+        other => launched(ctx, launch, other, now),
+    }
+}
+
+fn launching(
+    ctx: &SessionContext,
+    launch: &LaunchAttempt,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
+    match input {
+        Input::CapacityUnavailable { code, message } => {
+            if let Some(next) = next_subnet(ctx, launch, false) {
+                let phase = ProvisionPhase::Launching(Launching { launch: next });
+                return Some(Decision::go(phase).because(Guard::MoreSubnets));
+            }
+            let reason = format!("no on-demand capacity in any subnet; last: {code}: {message}");
+            let decision = cleanup(Launched::Nothing, Some(launch.key.clone()), failure(reason));
+            Some(decision.because(Guard::LastSubnet))
+        }
+        other => launched(ctx, launch, other, now),
+    }
+}
+
+/// The same launch in the next configured subnet (a new attempt, so a new
+/// `ClientToken`), if there is one.
+fn next_subnet(ctx: &SessionContext, launch: &LaunchAttempt, spot: bool) -> Option<LaunchAttempt> {
+    let index = launch.subnet_index + 1;
+    (index < ctx.request.subnet_ids.len()).then(|| {
+        let (image, key) = (launch.image.clone(), launch.key.clone());
+        launch_attempt(ctx, image, key, launch.attempt + 1, index, spot)
+    })
+}
+
+/// What RequestingSpot and Launching share: the launch went through.
+fn launched(
+    ctx: &SessionContext,
+    launch: &LaunchAttempt,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
+    Some(match input {
+        Input::Launched {
+            instance_id,
+            was_spot,
+        } => {
+            let spot = ctx.request.spot.as_ref().filter(|_| was_spot);
+            let timeout = spot.map_or(ctx.request.timeouts.running, |spot| {
+                spot.request_timeout.min(ctx.request.timeouts.running)
+            });
+            let on_demand_fallback = spot.filter(|s| s.fallback_to_on_demand).map(|_| {
+                let (image, key) = (launch.image.clone(), launch.key.clone());
+                launch_attempt(ctx, image, key, launch.attempt + 1, 0, false)
+            });
+            Decision::go(ProvisionPhase::WaitingForRunning(WaitingForRunning {
+                instance: LaunchedInstance {
+                    instance_id,
+                    key: launch.key.clone(),
+                    was_spot,
+                    launched_at: Some(now),
+                },
+                deadline: now.plus(timeout),
+                on_demand_fallback,
+            }))
+        }
+        _ => return None,
+    })
+}
+
+fn waiting_for_running(
+    ctx: &SessionContext,
+    p: &WaitingForRunning,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
+    let id = &p.instance.instance_id;
+    let give_up = |reason: String| instance_cleanup(&p.instance, failure(reason));
+    Some(match input {
+        Input::InstancePending | Input::InstanceNotVisible if now < p.deadline => Decision::poll(
+            &ProvisionPhase::WaitingForRunning(p.clone()),
+            poll_at(ctx, now),
+        )
+        .because(Guard::BeforeDeadline),
+        Input::InstancePending | Input::InstanceNotVisible => {
+            let past = Guards::from(Guard::PastDeadline);
+            match &p.on_demand_fallback {
+                Some(next) => {
+                    let reason = format!(
+                        "spot instance {id} was not running within the spot request timeout"
+                    );
+                    abandon_spot(&p.instance, next, reason)
+                        .because(past.and(Guard::FallbackAllowed))
+                }
+                None => give_up(format!("instance {id} did not reach running in time"))
+                    .because(past.and(Guard::NoFallback)),
+            }
+        }
+        Input::InstanceRunning { public_ip, .. } => running(ctx, p, public_ip, now),
+        Input::InstanceGone { state } => match &p.on_demand_fallback {
+            Some(next) => {
+                let reason = format!("spot instance {id} went {state} before it was running");
+                abandon_spot(&p.instance, next, reason).because(Guard::FallbackAllowed)
+            }
+            None => give_up(format!("instance {id} went {state} before it was ready"))
+                .because(Guard::NoFallback),
+        },
+        _ => return None,
+    })
+}
+
+/// The instance runs: probe SSH where it can be reached.
+fn running(
+    ctx: &SessionContext,
+    p: &WaitingForRunning,
+    public_ip: Option<String>,
+    now: Timestamp,
+) -> Decision {
+    let Some(ssh_endpoint) = ssh_endpoint(ctx, public_ip.as_deref()) else {
+        let reason = format!(
+            "instance {} has no public IP and no ssh.endpointOverride is set",
+            p.instance.instance_id
+        );
+        return instance_cleanup(&p.instance, failure(reason)).because(Guard::Unreachable);
+    };
+    let trusted_host_keys = match &ctx.request.ssh.host_key_policy {
+        HostKeyPolicy::Pinned(prints) => Some(ConsoleFingerprints(prints.clone())),
+        HostKeyPolicy::Console | HostKeyPolicy::InsecureAcceptAny => None,
+    };
+    Decision::go(ProvisionPhase::WaitingForSsh(WaitingForSsh {
+        instance: p.instance.clone(),
+        public_ip,
+        ssh_endpoint,
+        trusted_host_keys,
+        deadline: now.plus(ctx.request.timeouts.ssh),
+    }))
+    .because(Guard::Reachable)
+}
+
+fn abandoning_spot(
+    ctx: &SessionContext,
+    p: &AbandoningSpot,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
+    let replace = || {
+        Decision::go(ProvisionPhase::Launching(Launching {
+            launch: p.next.clone(),
+        }))
+        .notice(Notice::SpotFallback {
+            reason: p.reason.clone(),
+        })
+    };
+    Some(match input {
+        Input::InstanceTerminated => replace(),
+        Input::InstanceNotFound if just_launched(p.instance.launched_at, now) => Decision::poll(
+            &ProvisionPhase::AbandoningSpot(p.clone()),
+            poll_at(ctx, now),
+        )
+        .because(Guard::JustLaunched),
+        Input::InstanceNotFound => replace().because(Guard::GraceOver),
+        _ => return None,
+    })
+}
+
+fn waiting_for_ssh(
+    ctx: &SessionContext,
+    p: &WaitingForSsh,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
+    let give_up = |reason: String| instance_cleanup(&p.instance, failure(reason));
+    let id = &p.instance.instance_id;
+    Some(match input {
+        Input::ConsoleHostKeys { fingerprints } => {
+            Decision::go(ProvisionPhase::WaitingForSsh(WaitingForSsh {
+                trusted_host_keys: Some(fingerprints),
+                ..p.clone()
+            }))
+        }
+        Input::ConsoleNotReady | Input::SshNotReady { .. } if now < p.deadline => {
+            Decision::poll(&ProvisionPhase::WaitingForSsh(p.clone()), poll_at(ctx, now))
+                .because(Guard::BeforeDeadline)
+        }
+        Input::ConsoleNotReady => give_up(format!(
+            "instance {id} printed no SSH host keys to its console in time"
+        ))
+        .because(Guard::PastDeadline),
+        Input::SshNotReady { reason } => give_up(format!(
+            "instance {id} did not accept SSH in time (last: {reason})"
+        ))
+        .because(Guard::PastDeadline),
+        Input::SshReady {
+            host_key_fingerprint,
+        } => Decision::go(ProvisionPhase::Ready(Ready {
+            instance: p.instance.clone(),
+            public_ip: p.public_ip.clone(),
+            ssh_endpoint: p.ssh_endpoint.clone(),
+            host_key_fingerprint,
+        })),
+        Input::HostKeyMismatch { presented } => give_up(format!(
+            "SSH host key {presented} at {} is not one the instance printed to its console: \
+             possible man in the middle, instance {id} terminated",
+            p.ssh_endpoint
+        )),
+        _ => return None,
+    })
+}
+
+fn terminating_instance(
+    ctx: &SessionContext,
+    p: &TerminatingInstance,
+    input: Input,
+    now: Timestamp,
+) -> Option<Decision> {
+    let grace = match input {
+        Input::InstanceTerminated => return Some(next_cleanup_step(p, Guards::NONE)),
+        // EC2 does not know the id: a new instance may not be visible yet.
+        Input::InstanceNotFound => LAUNCH_VISIBILITY_GRACE,
+        // The tag sweep after a lost launch answer found nothing, yet.
+        Input::NoInstanceFound => SWEEP_SETTLE,
+        _ => return None,
+    };
+    if p.launched_at.is_none_or(|at| now >= at.plus(grace)) {
+        return Some(next_cleanup_step(p, Guard::GraceOver.into()));
+    }
+    let phase = ProvisionPhase::TerminatingInstance(p.clone());
+    Some(Decision::poll(&phase, poll_at(ctx, now)).because(Guard::JustLaunched))
+}
+
+fn deleting_key_pair(p: &DeletingKeyPair, input: Input) -> Option<Decision> {
+    match input {
+        Input::KeyPairDeleted => {
+            Some(Decision::go(finished(&p.cause)).because(cause_guard(&p.cause)))
+        }
+        _ => None,
+    }
+}
+
+/// Shared by every phase: retry with backoff while tries are left, then
+/// clean up. Cleanup phases never give up, but after `CLEANUP_PATIENCE`
+/// failures in a row they ask the driver to stop and tell an operator.
+fn transient_failure(
+    ctx: &SessionContext,
+    state: &SessionState,
+    message: String,
+    now: Timestamp,
+) -> Option<Decision> {
+    let phase = &state.phase;
+    let kind = phase.kind();
+    let failures = state.transient_failures + 1;
+    let retry = |guard: Guard| Decision {
+        next: SessionState {
+            phase: phase.clone(),
+            transient_failures: failures,
+        },
+        wake_at: Some(now.plus(retry_delay(failures))),
+        ..Decision::go(phase.clone()).because(guard)
+    };
+    if kind.is_cleanup() {
+        if failures < CLEANUP_PATIENCE {
+            return Some(retry(Guard::KeepTrying));
+        }
+        let mut stalled = retry(Guard::AskOperator);
+        stalled.pause = Some(Pause::CleanupStalled {
+            phase: kind,
+            failures,
+            last_error: message,
+        });
+        return Some(stalled);
+    }
+    if failures <= MAX_TRANSIENT_FAILURES {
+        return Some(retry(Guard::TriesLeft));
+    }
+    let reason = format!("{kind} failed {failures} times in a row, last: {message}");
+    Some(cleanup_from(ctx, phase, failure(reason), now).because(Guard::TriesSpent))
+}
+
+/// Shared by every phase: an outside request to remove everything. It acts
+/// at once (no recorded backoff) and never creates anything: a launch or key
+/// pair whose answer is missing is found by its tag or name, not re-run.
+fn teardown(ctx: &SessionContext, phase: &ProvisionPhase, now: Timestamp) -> Option<Decision> {
+    Some(match phase {
+        ProvisionPhase::Validating(_) => Decision::go(ProvisionPhase::TornDown(TornDown)),
+        ProvisionPhase::TerminatingInstance(_) | ProvisionPhase::DeletingKeyPair(_) => {
+            Decision::go(phase.clone()).because(Guard::AlreadyCleaningUp)
+        }
+        ProvisionPhase::Failed(_) | ProvisionPhase::TornDown(_) => return None,
+        other => cleanup_from(ctx, other, CleanupCause::Teardown, now),
+    })
+}
+
+/// Shared by every phase whose effect can be refused: the session cannot
+/// go on as asked, so it cleans up. A refused launch made nothing, but an
+/// earlier try's answer may be lost: cleanup sweeps by tag.
+fn rejected(
+    ctx: &SessionContext,
+    phase: &ProvisionPhase,
+    code: RejectionCode,
+    message: String,
+) -> Option<Decision> {
+    let reason = failure(format!("{} rejected: {code}: {message}", phase.kind()));
+    Some(match phase {
+        ProvisionPhase::Validating(_) => Decision::go(finished(&reason)),
+        // The pair may exist even though EnsureKeyPair did not answer ready.
+        ProvisionPhase::PreparingKeyPair(_) => {
+            cleanup(Launched::Nothing, Some(ctx.planned_key()), reason)
+        }
+        ProvisionPhase::RequestingSpot(RequestingSpot { launch })
+        | ProvisionPhase::Launching(Launching { launch }) => {
+            cleanup(Launched::Unknown, Some(launch.key.clone()), reason)
+        }
+        other => instance_cleanup(other.instance()?, reason),
+    })
+}
+
+/// What cleanup must terminate.
+enum Launched {
+    Known(LaunchedInstance),
+    /// A RunInstances may have succeeded without us hearing the answer.
+    Unknown,
+    /// Every launch attempt was answered and none made an instance.
+    Nothing,
+}
+
+/// The session's own cleanup when the current phase cannot go on. A sweep
+/// for a launch whose answer may be lost is dated `now`: EC2 may not show
+/// that instance for a few seconds.
+fn cleanup_from(
+    ctx: &SessionContext,
+    phase: &ProvisionPhase,
+    cause: CleanupCause,
+    now: Timestamp,
+) -> Decision {
+    match phase {
+        ProvisionPhase::Validating(_) => Decision::go(finished(&cause)),
+        // The key pair may exist even though EnsureKeyPair did not answer ready.
+        ProvisionPhase::PreparingKeyPair(_) => {
+            cleanup(Launched::Nothing, Some(ctx.planned_key()), cause)
+        }
+        ProvisionPhase::RequestingSpot(RequestingSpot { launch })
+        | ProvisionPhase::Launching(Launching { launch }) => {
+            let mut decision = cleanup(Launched::Unknown, Some(launch.key.clone()), cause);
+            if let ProvisionPhase::TerminatingInstance(t) = &mut decision.next.phase {
+                t.launched_at = Some(now);
+            }
+            decision
+        }
+        other => match other.instance() {
+            Some(instance) => instance_cleanup(instance, cause),
+            None => Decision::go(finished(&cause)),
+        },
+    }
+}
+
+fn instance_cleanup(instance: &LaunchedInstance, cause: CleanupCause) -> Decision {
+    cleanup(
+        Launched::Known(instance.clone()),
+        Some(instance.key.clone()),
+        cause,
+    )
+}
+
+/// Where cleanup goes: terminate first, then delete the key pair the session
+/// owns, then the terminal phase the cause asks for.
+fn cleanup(launched: Launched, key: Option<KeyPairHandle>, cause: CleanupCause) -> Decision {
+    let owned_key = key.filter(|k| k.owned);
+    let terminate = |instance_id, launched_at| {
+        Decision::go(ProvisionPhase::TerminatingInstance(TerminatingInstance {
+            instance_id,
+            launched_at,
+            key: owned_key.clone(),
+            cause: cause.clone(),
+        }))
+    };
+    match launched {
+        Launched::Known(instance) => terminate(Some(instance.instance_id), instance.launched_at),
+        Launched::Unknown => terminate(None, None),
+        Launched::Nothing => match owned_key {
+            Some(key) => Decision::go(ProvisionPhase::DeletingKeyPair(DeletingKeyPair {
+                key,
+                cause,
+            }))
+            .because(Guard::OwnsKeyPair),
+            None => Decision::go(finished(&cause)).because(Guard::KeyPairNotOurs),
+        },
+    }
+}
+
+/// After the instance is gone: delete the key pair, or finish.
+fn next_cleanup_step(p: &TerminatingInstance, guards: Guards) -> Decision {
+    let decision = cleanup(Launched::Nothing, p.key.clone(), p.cause.clone()).because(guards);
+    if decision.next.phase.kind().is_terminal() {
+        return decision.because(cause_guard(&p.cause));
+    }
+    decision
+}
+
+fn abandon_spot(instance: &LaunchedInstance, next: &LaunchAttempt, reason: String) -> Decision {
+    Decision::go(ProvisionPhase::AbandoningSpot(AbandoningSpot {
+        instance: instance.clone(),
+        next: next.clone(),
+        reason,
+    }))
+}
+
+fn finished(cause: &CleanupCause) -> ProvisionPhase {
+    match cause {
+        CleanupCause::Failure(reason) => ProvisionPhase::Failed(Failed {
+            reason: reason.clone(),
+        }),
+        CleanupCause::Teardown => ProvisionPhase::TornDown(TornDown),
+    }
+}
+
+fn cause_guard(cause: &CleanupCause) -> Guard {
+    match cause {
+        CleanupCause::Failure(_) => Guard::OnFailure,
+        CleanupCause::Teardown => Guard::OnTeardown,
+    }
+}
+
+fn failure(text: impl Into<String>) -> CleanupCause {
+    CleanupCause::Failure(text.into())
+}
+
+fn poll_at(ctx: &SessionContext, now: Timestamp) -> Timestamp {
+    now.plus(ctx.request.timeouts.poll_interval)
+}
+
+/// Whether an instance launched at `at` may still be invisible to EC2.
+fn just_launched(at: Option<Timestamp>, now: Timestamp) -> bool {
+    at.is_some_and(|at| now < at.plus(LAUNCH_VISIBILITY_GRACE))
+}
+
+/// `host:port` to probe: the override, else the public IP.
+fn ssh_endpoint(ctx: &SessionContext, public_ip: Option<&str>) -> Option<String> {
+    let ssh = &ctx.request.ssh;
+    match (&ssh.endpoint_override, public_ip) {
+        (Some(endpoint), _) => Some(endpoint.clone()),
+        (None, Some(ip)) if ip.contains(':') => Some(format!("[{ip}]:{}", ssh.port)),
+        (None, Some(ip)) => Some(format!("{ip}:{}", ssh.port)),
+        (None, None) => None,
+    }
+}
+
+fn launch_attempt(
+    ctx: &SessionContext,
+    image: ImageChoice,
+    key: KeyPairHandle,
+    attempt: u32,
+    subnet_index: usize,
+    spot: bool,
+) -> LaunchAttempt {
+    LaunchAttempt {
+        client_token: ClientToken::derive(
+            &ctx.session_id,
+            attempt,
+            spot,
+            &subnet(ctx, subnet_index),
+        ),
+        image,
+        key,
+        attempt,
+        subnet_index,
+    }
+}

@@ -1,0 +1,247 @@
+//! One way out for everything a session does: the driver reports each
+//! [`Observation`] once, and an [`Observer`] per audience turns it into
+//! what that audience wants: tracing logs, typed events for subscribers,
+//! the caller's progress display (and metrics, as another observer).
+//!
+//! Invariant: observers see ids, phases, addresses and reasons, never key
+//! material, and cannot change what the driver does.
+
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use crate::events::{ProgressSink, ProvisionEvent, ProvisionProgress};
+use crate::machine::{
+    Effect, Input, Notice, PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp,
+};
+use crate::store::{Checkpoint, LoadedSession};
+
+/// Something that happened to a session, as the driver saw it.
+pub enum Observation<'a> {
+    /// A new session was recorded.
+    Started {
+        context: &'a SessionContext,
+        at: Timestamp,
+    },
+    /// A driver picked the session up from its log.
+    Resumed { session: &'a LoadedSession },
+    /// A checkpoint was committed: an input, the state it led to, the next intent.
+    Stepped {
+        context: &'a SessionContext,
+        before: &'a SessionState,
+        checkpoint: &'a Checkpoint,
+        notices: &'a [Notice],
+        at: Timestamp,
+        /// Since this driver picked the session up.
+        elapsed: Duration,
+    },
+    /// The session settled (Ready, Failed or TornDown) under this driver.
+    Settled {
+        context: &'a SessionContext,
+        state: &'a SessionState,
+        elapsed: Duration,
+    },
+}
+
+pub trait Observer: Send + Sync {
+    fn observe(&self, observation: &Observation<'_>);
+}
+
+/// Several observers as one.
+pub struct Fanout<'a>(pub Vec<&'a dyn Observer>);
+
+impl Observer for Fanout<'_> {
+    fn observe(&self, observation: &Observation<'_>) {
+        for observer in &self.0 {
+            observer.observe(observation);
+        }
+    }
+}
+
+/// Logs through `tracing`, inside the session's span.
+pub struct TracingObserver;
+
+impl Observer for TracingObserver {
+    fn observe(&self, observation: &Observation<'_>) {
+        match observation {
+            Observation::Started { context, .. } => {
+                info!(instance_type = %context.request.instance_type, "provisioning started")
+            }
+            Observation::Resumed { session } => info!(
+                phase = %session.state.phase.kind(),
+                pending = session.pending.as_ref().map(|i| i.effect.name()),
+                "resuming"
+            ),
+            Observation::Stepped {
+                before,
+                checkpoint,
+                notices,
+                ..
+            } => {
+                let (from, to) = (before.phase.kind(), checkpoint.state.phase.kind());
+                if from != to {
+                    info!(%from, %to, "phase changed");
+                }
+                for Notice::SpotFallback { reason } in notices.iter() {
+                    warn!(%reason, "spot capacity given up, falling back to on-demand");
+                }
+                if let Some(Input::TransientFailure { message }) = &checkpoint.outcome {
+                    warn!(%message, failures = checkpoint.state.transient_failures, "transient failure, will retry");
+                }
+            }
+            Observation::Settled { state, .. } => {
+                let error = match &state.phase {
+                    ProvisionPhase::Failed(f) => Some(f.reason.as_str()),
+                    _ => None,
+                };
+                info!(phase = %state.phase.kind(), error, "session settled");
+            }
+        }
+    }
+}
+
+/// Typed events on a broadcast channel, for library subscribers.
+pub struct EventChannel(pub broadcast::Sender<ProvisionEvent>);
+
+impl EventChannel {
+    fn emit(&self, event: ProvisionEvent) {
+        // No subscribers is fine: events are for whoever listens.
+        let _ = self.0.send(event);
+    }
+}
+
+impl Observer for EventChannel {
+    fn observe(&self, observation: &Observation<'_>) {
+        match observation {
+            Observation::Started { context, at } => self.emit(ProvisionEvent::ProvisionStarted {
+                session_id: context.session_id.clone(),
+                instance_type: context.request.instance_type.clone(),
+                use_spot: context.request.spot.is_some(),
+                at_ms: at.0,
+            }),
+            Observation::Resumed { .. } => {}
+            Observation::Stepped {
+                context,
+                before,
+                checkpoint,
+                notices,
+                at,
+                ..
+            } => {
+                let (from, to) = (before.phase.kind(), checkpoint.state.phase.kind());
+                if from != to {
+                    self.emit(ProvisionEvent::ProvisionPhaseChanged {
+                        session_id: context.session_id.clone(),
+                        from,
+                        to,
+                        at_ms: at.0,
+                    });
+                }
+                for Notice::SpotFallback { reason } in notices.iter() {
+                    self.emit(ProvisionEvent::SpotFallback {
+                        session_id: context.session_id.clone(),
+                        reason: reason.clone(),
+                        at_ms: at.0,
+                    });
+                }
+            }
+            Observation::Settled {
+                context,
+                state,
+                elapsed,
+            } => {
+                let phase = &state.phase;
+                self.emit(ProvisionEvent::ProvisionCompleted {
+                    session_id: context.session_id.clone(),
+                    success: phase.kind() == PhaseKind::Ready,
+                    phase: phase.kind(),
+                    instance_id: phase.instance_id().map(str::to_string),
+                    public_ip: phase.public_ip().map(str::to_string),
+                    was_spot: phase.was_spot(),
+                    duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                    error: match phase {
+                        ProvisionPhase::Failed(f) => Some(f.reason.clone()),
+                        _ => None,
+                    },
+                });
+            }
+        }
+    }
+}
+
+/// The caller's progress display: one update per step, saying what runs next.
+pub struct ProgressObserver<'a>(pub &'a dyn ProgressSink);
+
+impl Observer for ProgressObserver<'_> {
+    fn observe(&self, observation: &Observation<'_>) {
+        let (session_id, state, next, elapsed) = match observation {
+            Observation::Started { .. } | Observation::Settled { .. } => return,
+            Observation::Resumed { session } => (
+                &session.context.session_id,
+                &session.state,
+                session.pending.as_ref().map(|i| &i.effect),
+                Duration::ZERO,
+            ),
+            Observation::Stepped {
+                context,
+                checkpoint,
+                elapsed,
+                ..
+            } => (
+                &context.session_id,
+                &checkpoint.state,
+                checkpoint.intent.as_ref().map(|i| &i.effect),
+                *elapsed,
+            ),
+        };
+        let phase = state.phase.kind();
+        let message = match (next, &state.phase) {
+            (Some(effect), _) => describe(effect),
+            (None, ProvisionPhase::Ready(r)) => {
+                format!(
+                    "{} answers SSH at {}",
+                    r.instance.instance_id, r.ssh_endpoint
+                )
+            }
+            (None, ProvisionPhase::Failed(f)) => format!("cleaned up after: {}", f.reason),
+            (None, _) => "instance and key pair removed".to_string(),
+        };
+        self.0.progress(&ProvisionProgress {
+            session_id: session_id.clone(),
+            phase,
+            message,
+            percent_complete: phase.percent_complete(),
+            instance_id: state.phase.instance_id().map(str::to_string),
+            elapsed,
+        });
+    }
+}
+
+/// A human line for what an effect is doing.
+pub fn describe(effect: &Effect) -> String {
+    match effect {
+        Effect::ValidateRequest => "checking image, subnets and security groups".into(),
+        Effect::EnsureKeyPair { key_name, .. } => format!("preparing key pair {key_name}"),
+        Effect::RunInstance {
+            spot, subnet_id, ..
+        } => {
+            format!(
+                "launching {} instance in {subnet_id}",
+                if *spot { "a spot" } else { "an on-demand" }
+            )
+        }
+        Effect::DescribeInstance { instance_id } => format!("waiting for {instance_id} to run"),
+        Effect::ReadConsoleHostKeys { instance_id } => {
+            format!("reading SSH host keys from {instance_id}'s console")
+        }
+        Effect::ProbeSsh { endpoint, .. } => format!("checking SSH at {endpoint}"),
+        Effect::TerminateInstance {
+            instance_id: Some(id),
+        } => format!("terminating {id}"),
+        Effect::TerminateInstance { instance_id: None } => {
+            "terminating any instance tagged with this session".into()
+        }
+        Effect::DeleteKeyPair { key_name, .. } => format!("deleting key pair {key_name}"),
+    }
+}
