@@ -104,10 +104,14 @@ struct Delivery {
     reply: oneshot::Sender<Result<PhaseKind, MachineError>>,
 }
 
+/// What an inbox carries: boxed, because a channel allocates its slots in
+/// blocks of 32 up front and a bare `Delivery` made that 3 KiB a session.
+type Inbox = mpsc::UnboundedReceiver<Box<Delivery>>;
+
 /// How to reach a session this engine is driving.
 #[derive(Clone)]
 struct DriveHandle {
-    inbox: mpsc::UnboundedSender<Delivery>,
+    inbox: mpsc::UnboundedSender<Box<Delivery>>,
     /// The phase the session settled in; `None` until then, or for good if
     /// the drive stopped without settling.
     settled: watch::Receiver<Option<PhaseKind>>,
@@ -117,7 +121,7 @@ struct DriveHandle {
 struct DriveClaim<'a> {
     registry: &'a Mutex<HashMap<String, DriveHandle>>,
     session_id: String,
-    inbox: mpsc::UnboundedReceiver<Delivery>,
+    inbox: Inbox,
     settled: watch::Sender<Option<PhaseKind>>,
 }
 
@@ -372,10 +376,10 @@ impl<E: Effects> Engine<E> {
                 Claim::Busy(handle) => handle,
             };
             let (reply, answer) = oneshot::channel();
-            let delivery = Delivery {
+            let delivery = Box::new(Delivery {
                 input: input.clone(),
                 reply,
-            };
+            });
             if handle.inbox.send(delivery).is_err() {
                 continue;
             }
@@ -571,7 +575,7 @@ impl<E: Effects> Engine<E> {
     async fn drive_loop(
         &self,
         session: &mut LoadedSession,
-        inbox: &mut mpsc::UnboundedReceiver<Delivery>,
+        inbox: &mut Inbox,
         observers: &Fanout<'_>,
         started: Instant,
     ) -> Result<SessionState, EngineError> {
@@ -630,8 +634,8 @@ impl<E: Effects> Engine<E> {
         &self,
         session: &LoadedSession,
         intent: &Intent,
-        inbox: &mut mpsc::UnboundedReceiver<Delivery>,
-    ) -> (Option<Input>, Vec<Delivery>) {
+        inbox: &mut Inbox,
+    ) -> (Option<Input>, Vec<Box<Delivery>>) {
         let effect = self
             .effects
             .run(&session.context, session.created_at, &intent.effect);
@@ -655,7 +659,7 @@ impl<E: Effects> Engine<E> {
     async fn accept(
         &self,
         session: &mut LoadedSession,
-        delivery: Delivery,
+        delivery: Box<Delivery>,
         observers: &Fanout<'_>,
         started: Instant,
     ) -> Result<(), EngineError> {

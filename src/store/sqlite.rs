@@ -108,9 +108,8 @@ impl<'a> SessionKey<'a> {
     }
 }
 
-/// The SQLite store. Calls run on tokio's blocking pool, one at a time per
-/// store (SQLite has one writer anyway), so an fsync never stalls the
-/// tasks driving other sessions.
+/// The SQLite store: one connection, calls one at a time (SQLite has one
+/// writer anyway), each run in place (see [`SqliteStore::run`]).
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -172,15 +171,20 @@ impl SqliteStore {
         &self.inner.path
     }
 
-    /// Runs `work` on the blocking pool.
-    async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || work(&inner))
-            .await
-            .map_err(|e| StoreError::Backend(Box::new(e)))?
+    /// Runs `work` in place: on a multi-thread runtime inside
+    /// `block_in_place` (the worker's other tasks move to another thread
+    /// while SQLite fsyncs), on a current-thread runtime directly (there is
+    /// no other thread to move them to). Measured against handing the work
+    /// to the blocking pool, this saves a thread hop per commit: 1.25× the
+    /// bare-SQLite floor instead of 1.45–1.6× (`benches/commit_ratio`).
+    fn run<T>(&self, work: impl FnOnce(&Inner) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| work(&self.inner))
+        } else {
+            work(&self.inner)
+        }
     }
 }
 
@@ -675,9 +679,7 @@ impl CheckpointStore for SqliteStore {
         lease_ttl: Duration,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let (context, first, holder) = (context.clone(), first.clone(), holder.clone());
-        self.run(move |s| s.create(&context, &first, &holder, lease_ttl, now))
-            .await
+        self.run(|s| s.create(context, first, holder, lease_ttl, now))
     }
 
     async fn commit(
@@ -687,28 +689,23 @@ impl CheckpointStore for SqliteStore {
         holder: &LeaseHolder,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let (id, checkpoint, holder) = (session_id.to_string(), checkpoint.clone(), holder.clone());
-        self.run(move |s| s.commit(&id, &checkpoint, &holder, now))
-            .await
+        self.run(|s| s.commit(session_id, checkpoint, holder, now))
     }
 
     async fn load(&self, session_id: &str) -> Result<LoadedSession, StoreError> {
-        let id = session_id.to_string();
-        self.run(move |s| s.load(&id)).await
+        self.run(|s| s.load(session_id))
     }
 
     async fn events(&self, session_id: &str) -> Result<Vec<LoggedEvent>, StoreError> {
-        let id = session_id.to_string();
-        self.run(move |s| s.events(&id)).await
+        self.run(|s| s.events(session_id))
     }
 
     async fn summary(&self, session_id: &str) -> Result<SessionSummary, StoreError> {
-        let id = session_id.to_string();
-        self.run(move |s| s.summary(&id)).await
+        self.run(|s| s.summary(session_id))
     }
 
     async fn list(&self) -> Result<Vec<SessionSummary>, StoreError> {
-        self.run(|s| s.list()).await
+        self.run(|s| s.list())
     }
 
     async fn acquire_lease(
@@ -717,8 +714,7 @@ impl CheckpointStore for SqliteStore {
         holder: &LeaseHolder,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let (id, holder) = (session_id.to_string(), holder.clone());
-        self.run(move |s| s.acquire_lease(&id, &holder, ttl)).await
+        self.run(|s| s.acquire_lease(session_id, holder, ttl))
     }
 
     async fn renew_lease(
@@ -727,8 +723,7 @@ impl CheckpointStore for SqliteStore {
         holder: &LeaseHolder,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let (id, holder) = (session_id.to_string(), holder.clone());
-        self.run(move |s| s.renew_lease(&id, &holder, ttl)).await
+        self.run(|s| s.renew_lease(session_id, holder, ttl))
     }
 
     async fn release_lease(
@@ -736,8 +731,7 @@ impl CheckpointStore for SqliteStore {
         session_id: &str,
         holder: &LeaseHolder,
     ) -> Result<(), StoreError> {
-        let (id, holder) = (session_id.to_string(), holder.clone());
-        self.run(move |s| s.release_lease(&id, &holder)).await
+        self.run(|s| s.release_lease(session_id, holder))
     }
 }
 
