@@ -30,6 +30,8 @@ pub enum AwsErrorCode {
     SpotMaxPriceTooLow,
     /// The instance this attempt's token launched is gone.
     IdempotentInstanceTerminated,
+    /// The instance type (or another setting) is not offered in this AZ.
+    Unsupported,
     // Account quotas (vCPU based): another subnet will not help.
     VcpuLimitExceeded,
     InstanceLimitExceeded,
@@ -99,7 +101,8 @@ impl AwsErrorCode {
             | InsufficientFreeAddressesInSubnet
             | InsufficientCapacity
             | SpotMaxPriceTooLow
-            | IdempotentInstanceTerminated => ErrorClass::Capacity,
+            | IdempotentInstanceTerminated
+            | Unsupported => ErrorClass::Capacity,
             VcpuLimitExceeded | InstanceLimitExceeded | MaxSpotInstanceCountExceeded => {
                 ErrorClass::Quota
             }

@@ -207,7 +207,17 @@ pub async fn terminate(
         match api.terminate_instance(&id).await {
             Ok(()) => {}
             Err(failure) if failure.class == ErrorClass::NotFound => {
-                known_not_found |= instance_id == Some(id.as_str());
+                if instance_id == Some(id.as_str()) {
+                    known_not_found = true;
+                } else {
+                    // The sweep just listed it as live: EC2 has not caught up.
+                    return Input::TransientFailure {
+                        message: format!(
+                            "{failure}; instance {id} is tagged with this session and listed \
+                             as live, so it is not visible to TerminateInstances yet"
+                        ),
+                    };
+                }
             }
             Err(failure) => return keep_trying(failure),
         }

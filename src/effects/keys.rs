@@ -156,7 +156,7 @@ pub async fn ensure(
         && file_exists
         && let Ok(public) = public_key_of(path)
     {
-        return match import_pair(api, key_name, &public, &tags).await {
+        return match import_pair(api, key_name, &public, &tags, false).await {
             Ok(()) => Input::KeyPairReady { key: handle(true) },
             Err(input) => input,
         };
@@ -208,7 +208,13 @@ async fn create_afresh(
         })?;
         // File first: the pair is useless without it, and the import can be redone from it.
         write_private_key(path, &private).map_err(|e| file_failure("write", path, e))?;
-        return import_pair(api, key_name, &public, tags).await;
+        let imported = import_pair(api, key_name, &public, tags, pair_exists).await;
+        if imported.is_err() && pair_exists {
+            // The next try must not take the old pair for this file's: with
+            // the file gone it deletes the pair and starts over again.
+            remove_file_if_present(path).map_err(|e| file_failure("remove stale", path, e))?;
+        }
+        return imported;
     }
     let material = match api.create_key_pair(key_name, algorithm, tags).await {
         Ok(material) => material,
@@ -224,15 +230,26 @@ async fn create_afresh(
     write_private_key(path, &material).map_err(|e| file_failure("write", path, e))
 }
 
+/// ImportKeyPair. A Duplicate is a lost earlier answer of this same import,
+/// unless the session just deleted a stale pair: then it is that old pair
+/// (with another public key) still visible, and the import is tried again.
 async fn import_pair(
     api: &impl Ec2Api,
     key_name: &str,
     public: &str,
     tags: &[(String, String)],
+    just_deleted: bool,
 ) -> Result<(), Input> {
     match api.import_key_pair(key_name, public, tags).await {
         Ok(()) => Ok(()),
-        Err(failure) if failure.is(&AwsErrorCode::InvalidKeyPairDuplicate) => Ok(()),
+        Err(failure) if failure.is(&AwsErrorCode::InvalidKeyPairDuplicate) => {
+            if just_deleted {
+                return Err(Input::TransientFailure {
+                    message: format!("key pair {key_name} still exists; importing it again"),
+                });
+            }
+            Ok(())
+        }
         Err(failure) => Err(failed(failure)),
     }
 }

@@ -70,6 +70,13 @@ where
                 },
             }
         }
+        // A request the SDK could not even build will not build next time.
+        SdkError::ConstructionFailure(_) => Ec2Failure {
+            action,
+            code: None,
+            class: ErrorClass::Rejected,
+            message: DisplayErrorContext(&err).to_string(),
+        },
         // Timeouts, dropped connections, unparsable answers: try again later.
         other => Ec2Failure {
             action,

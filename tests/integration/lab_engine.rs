@@ -768,3 +768,29 @@ async fn teardown_after_a_crash_before_the_launch_creates_nothing_in_ec2() {
     let key_file = harness.dir.path().join(format!("keys/{key_name}.pem"));
     assert!(!key_file.exists(), "key file left behind");
 }
+
+/// A tag sweep (after a lost launch answer) lists the instance, but
+/// TerminateInstances does not know it yet: that is EC2 catching up, not
+/// "already gone", and the instance is terminated once it is visible.
+#[tokio::test]
+async fn a_swept_instance_terminate_does_not_know_yet_is_terminated_later() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    // RunInstances ran (effect #3) and the process died before recording it.
+    let session_id = crash_after_effect(&lab, &harness, 3).await;
+    assert_eq!(lab.live_instances_of(&session_id).len(), 1);
+    lab.fault(
+        json!({"action": "TerminateInstances", "code": "InvalidInstanceID.NotFound", "count": 2}),
+    );
+    let end = harness
+        .fast_engine(lab.effects())
+        .teardown(&session_id, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(end, PhaseKind::TornDown);
+    assert!(
+        lab.live_instances_of(&session_id).is_empty(),
+        "the swept instance was left running"
+    );
+    assert_eq!(lab.count("TerminateInstances"), 3, "{:?}", lab.counters());
+}
