@@ -18,6 +18,7 @@
 //!   recovers from.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::effects::Effects;
 use crate::events::{ProgressSink, ProvisionEvent};
 use crate::machine::{
-    self, Input, MachineError, Pause, PhaseKind, ProvisionPhase, SessionContext, SessionState,
+    self, Input, MachineError, OutsideInput, Pause, PhaseKind, ProvisionPhase, SessionContext,
+    SessionState,
 };
 use crate::observe::{
     EventChannel, Fanout, Observation, Observer, ProgressObserver, TracingObserver,
@@ -72,10 +74,10 @@ pub enum EngineError {
     )]
     AlreadyDriving { session_id: String },
     #[error(
-        "the driver of session {session_id} stopped before it settled (see its error); \
+        "the driver of session {session_id} stopped before the session settled: {reason}; \
          `acode-ec2 recover` resumes it"
     )]
-    DriverStopped { session_id: String },
+    DriverStopped { session_id: String, reason: String },
 }
 
 /// A session that reached Ready.
@@ -108,13 +110,20 @@ struct Delivery {
 /// blocks of 32 up front and a bare `Delivery` made that 3 KiB a session.
 type Inbox = mpsc::UnboundedReceiver<Box<Delivery>>;
 
+/// How a drive ended.
+#[derive(Debug, Clone)]
+enum Ended {
+    Settled(PhaseKind),
+    /// Stopped before the session settled, with the error it stopped on.
+    Stopped(String),
+}
+
 /// How to reach a session this engine is driving.
 #[derive(Clone)]
 struct DriveHandle {
     inbox: mpsc::UnboundedSender<Box<Delivery>>,
-    /// The phase the session settled in; `None` until then, or for good if
-    /// the drive stopped without settling.
-    settled: watch::Receiver<Option<PhaseKind>>,
+    /// `None` until the drive ends.
+    ended: watch::Receiver<Option<Ended>>,
 }
 
 /// This engine's right to drive one session; unregistered when dropped.
@@ -122,7 +131,7 @@ struct DriveClaim<'a> {
     registry: &'a Mutex<HashMap<String, DriveHandle>>,
     session_id: String,
     inbox: Inbox,
-    settled: watch::Sender<Option<PhaseKind>>,
+    ended: watch::Sender<Option<Ended>>,
 }
 
 impl Drop for DriveClaim<'_> {
@@ -298,7 +307,7 @@ impl<E: Effects> Engine<E> {
         .await
     }
 
-    /// Commits an outside input (such as [`Input::TeardownRequested`])
+    /// Commits an outside input (such as [`OutsideInput::TeardownRequested`])
     /// through the checkpoint path, and returns the phase it led to.
     ///
     /// If this engine is driving the session, the input goes to that drive,
@@ -310,10 +319,11 @@ impl<E: Effects> Engine<E> {
     pub async fn deliver(
         &self,
         session_id: &str,
-        input: Input,
+        input: OutsideInput,
         progress: &dyn ProgressSink,
     ) -> Result<PhaseKind, EngineError> {
-        self.deliver_then(session_id, input, progress, false).await
+        self.deliver_then(session_id, input.into(), progress, false)
+            .await
     }
 
     /// Terminates the session's instance and deletes the key pair it
@@ -344,12 +354,16 @@ impl<E: Effects> Engine<E> {
             match self.hand_over_or_claim(session_id, &input).await? {
                 Routed::Committed(phase, _) if !until_settled => Ok(phase),
                 Routed::Committed(_, mut handle) => {
-                    let settled = handle.settled.wait_for(Option::is_some).await;
-                    settled.ok().and_then(|phase| *phase).ok_or_else(|| {
-                        EngineError::DriverStopped {
-                            session_id: session_id.to_string(),
-                        }
-                    })
+                    let ended = handle.ended.wait_for(Option::is_some).await;
+                    let stopped = |reason: String| EngineError::DriverStopped {
+                        session_id: session_id.to_string(),
+                        reason,
+                    };
+                    match ended.ok().and_then(|ended| ended.clone()) {
+                        Some(Ended::Settled(phase)) => Ok(phase),
+                        Some(Ended::Stopped(reason)) => Err(stopped(reason)),
+                        None => Err(stopped("its engine was dropped".into())),
+                    }
                 }
                 Routed::Mine(claim) => Ok(self
                     .deliver_here(claim, input, progress)
@@ -460,19 +474,19 @@ impl<E: Effects> Engine<E> {
             return Claim::Busy(handle.clone());
         }
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
-        let (settled, settled_rx) = watch::channel(None);
+        let (ended, ended_rx) = watch::channel(None);
         driving.insert(
             session_id.to_string(),
             DriveHandle {
                 inbox: inbox_tx,
-                settled: settled_rx,
+                ended: ended_rx,
             },
         );
         Claim::Mine(DriveClaim {
             registry: &self.driving,
             session_id: session_id.to_string(),
             inbox,
-            settled,
+            ended,
         })
     }
 
@@ -554,7 +568,7 @@ impl<E: Effects> Engine<E> {
         let started = Instant::now();
         observers.observe(&Observation::Resumed { session: &session });
         let result = self
-            .drive_loop(&mut session, &mut claim.inbox, observers, started)
+            .drive_loop(&mut session, &mut claim.inbox, &renewal, observers, started)
             .await;
         drop(renewal);
         self.release_quietly(&session.context.session_id).await;
@@ -565,9 +579,16 @@ impl<E: Effects> Engine<E> {
                     state,
                     elapsed: started.elapsed(),
                 });
-                claim.settled.send_replace(Some(state.phase.kind()));
+                claim
+                    .ended
+                    .send_replace(Some(Ended::Settled(state.phase.kind())));
             }
-            Err(e) => warn!(error = %e, "driving stopped"),
+            Err(e) => {
+                warn!(error = %e, "driving stopped");
+                claim
+                    .ended
+                    .send_replace(Some(Ended::Stopped(e.to_string())));
+            }
         }
         result
     }
@@ -576,29 +597,33 @@ impl<E: Effects> Engine<E> {
         &self,
         session: &mut LoadedSession,
         inbox: &mut Inbox,
+        lease: &LeaseRenewal,
         observers: &Fanout<'_>,
         started: Instant,
     ) -> Result<SessionState, EngineError> {
         loop {
+            // Inputs that arrived meanwhile go first: a teardown must be
+            // committed before the next intent (perhaps a launch) runs.
+            if let Ok(delivery) = inbox.try_recv() {
+                self.accept(session, delivery, observers, started).await?;
+                continue;
+            }
             let Some(intent) = session.pending.clone() else {
-                // Settled; an input that arrived meanwhile (a teardown of a
-                // session that just became Ready) still counts.
-                match inbox.try_recv() {
-                    Ok(delivery) => {
-                        self.accept(session, delivery, observers, started).await?;
-                        continue;
-                    }
-                    Err(_) => return Ok(session.state.clone()),
-                }
+                return Ok(session.state.clone());
             };
             if let Some(at) = intent.not_before {
                 tokio::select! {
-                    _ = self.clock.sleep_until(at) => {}
+                    biased;
                     Some(delivery) = inbox.recv() => {
                         self.accept(session, delivery, observers, started).await?;
                         continue;
                     }
+                    _ = self.clock.sleep_until(at) => {}
                 }
+            }
+            // Another process took the session over: it runs the effects now.
+            if lease.is_lost() {
+                return Err(StoreError::LeaseLost(session.context.session_id.clone()).into());
             }
             let (input, delivered) = self.run_effect(session, &intent, inbox).await;
             let mut pause = None;
@@ -643,6 +668,7 @@ impl<E: Effects> Engine<E> {
         let mut delivered = Vec::new();
         loop {
             tokio::select! {
+                biased;
                 input = &mut effect => return (Some(input), delivered),
                 Some(delivery) = inbox.recv() => {
                     delivered.push(delivery);
@@ -655,7 +681,8 @@ impl<E: Effects> Engine<E> {
     }
 
     /// Commits an outside input and answers whoever delivered it. A refusal
-    /// by the machine leaves the session as it was.
+    /// by the machine leaves the session as it was; a teardown of a session
+    /// that has just finished is answered with where it finished.
     async fn accept(
         &self,
         session: &mut LoadedSession,
@@ -663,16 +690,19 @@ impl<E: Effects> Engine<E> {
         observers: &Fanout<'_>,
         started: Instant,
     ) -> Result<(), EngineError> {
-        match self
-            .record(session, delivery.input, observers, started)
-            .await
-        {
+        let Delivery { input, reply } = *delivery;
+        let phase = session.state.phase.kind();
+        if phase.is_terminal() && input == Input::TeardownRequested {
+            let _ = reply.send(Ok(phase));
+            return Ok(());
+        }
+        match self.record(session, input, observers, started).await {
             Ok(_pause) => {
-                let _ = delivery.reply.send(Ok(session.state.phase.kind()));
+                let _ = reply.send(Ok(session.state.phase.kind()));
                 Ok(())
             }
             Err(EngineError::Machine(refused)) => {
-                let _ = delivery.reply.send(Err(refused));
+                let _ = reply.send(Err(refused));
                 Ok(())
             }
             Err(e) => Err(e),
@@ -701,8 +731,12 @@ fn ready_or_error(session_id: &str, state: SessionState) -> Result<ReadyInstance
     }
 }
 
-/// Renews a session's lease in the background while it is driven.
-struct LeaseRenewal(tokio::task::JoinHandle<()>);
+/// Renews a session's lease in the background while it is driven, and
+/// says when it was lost to another process.
+struct LeaseRenewal {
+    task: tokio::task::JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
 
 impl LeaseRenewal {
     fn start(
@@ -713,27 +747,35 @@ impl LeaseRenewal {
     ) -> LeaseRenewal {
         let (session_id, holder) = (session_id.to_string(), holder.clone());
         let every = (ttl / 3).max(Duration::from_millis(100));
-        LeaseRenewal(tokio::spawn(async move {
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&lost);
+        let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 match store.renew_lease(&session_id, &holder, ttl).await {
                     Ok(()) => {}
-                    // Another driver owns the session now; our next commit is
-                    // refused (commits are fenced by the lease) and we stop.
+                    // Another driver owns the session now: the drive stops
+                    // before its next effect, and its commits are refused.
                     Err(e @ StoreError::LeaseLost(_)) => {
                         warn!(%session_id, error = %e, "lease lost");
+                        flag.store(true, Ordering::SeqCst);
                         return;
                     }
                     // A busy or failing database may recover before the lease expires.
                     Err(e) => warn!(%session_id, error = %e, "lease renewal failed; retrying"),
                 }
             }
-        }))
+        });
+        LeaseRenewal { task, lost }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
     }
 }
 
 impl Drop for LeaseRenewal {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }

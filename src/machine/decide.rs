@@ -71,7 +71,9 @@ pub(super) fn decide(
             return transient_failure(ctx, state, message, now);
         }
         Input::TeardownRequested => return teardown(ctx, &state.phase, now),
-        Input::Rejected { code, message } => return rejected(ctx, &state.phase, code, message),
+        Input::Rejected { code, message } => {
+            return rejected(ctx, &state.phase, code, message, now);
+        }
         other => other,
     };
     match &state.phase {
@@ -413,7 +415,9 @@ fn transient_failure(
         ..Decision::go(phase.clone()).because(guard)
     };
     if kind.is_cleanup() {
-        if failures < CLEANUP_PATIENCE {
+        // Paused every CLEANUP_PATIENCE failures: a resumed cleanup gets
+        // as many tries again before it stops to say why.
+        if !failures.is_multiple_of(CLEANUP_PATIENCE) {
             return Some(retry(Guard::KeepTrying));
         }
         let mut stalled = retry(Guard::AskOperator);
@@ -447,26 +451,20 @@ fn teardown(ctx: &SessionContext, phase: &ProvisionPhase, now: Timestamp) -> Opt
 
 /// Shared by every phase whose effect can be refused: the session cannot
 /// go on as asked, so it cleans up. A refused launch made nothing, but an
-/// earlier try's answer may be lost: cleanup sweeps by tag.
+/// earlier try's answer may be lost: cleanup sweeps by tag (see
+/// [`cleanup_from`]).
 fn rejected(
     ctx: &SessionContext,
     phase: &ProvisionPhase,
     code: RejectionCode,
     message: String,
+    now: Timestamp,
 ) -> Option<Decision> {
     let reason = failure(format!("{} rejected: {code}: {message}", phase.kind()));
-    Some(match phase {
-        ProvisionPhase::Validating(_) => Decision::go(finished(&reason)),
-        // The pair may exist even though EnsureKeyPair did not answer ready.
-        ProvisionPhase::PreparingKeyPair(_) => {
-            cleanup(Launched::Nothing, Some(ctx.planned_key()), reason)
-        }
-        ProvisionPhase::RequestingSpot(RequestingSpot { launch })
-        | ProvisionPhase::Launching(Launching { launch }) => {
-            cleanup(Launched::Unknown, Some(launch.key.clone()), reason)
-        }
-        other => instance_cleanup(other.instance()?, reason),
-    })
+    if phase.kind() == PhaseKind::Ready || phase.kind().is_cleanup() {
+        return None;
+    }
+    Some(cleanup_from(ctx, phase, reason, now))
 }
 
 /// What cleanup must terminate.

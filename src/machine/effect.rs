@@ -140,6 +140,22 @@ impl Input {
     }
 }
 
+/// The inputs that come from outside a session rather than from its own
+/// effects: the only ones a caller may deliver (an effect's answer forged
+/// by a caller could, say, declare an instance terminated that is not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutsideInput {
+    TeardownRequested,
+}
+
+impl From<OutsideInput> for Input {
+    fn from(input: OutsideInput) -> Input {
+        match input {
+            OutsideInput::TeardownRequested => Input::TeardownRequested,
+        }
+    }
+}
+
 impl InputKind {
     pub fn name(self) -> &'static str {
         self.into()

@@ -18,7 +18,7 @@ pub enum Guard {
     TriesSpent,
     /// Cleanup keeps trying, however long it takes.
     KeepTrying,
-    /// Cleanup failed `CLEANUP_PATIENCE` times in a row: stop and tell an operator.
+    /// Every `CLEANUP_PATIENCE`-th failure in a row: stop and tell an operator.
     AskOperator,
     /// The phase's deadline has not passed.
     BeforeDeadline,
@@ -62,8 +62,8 @@ impl Guard {
             Guard::PastDeadline => "past deadline".into(),
             Guard::TriesLeft => format!("under {MAX_TRANSIENT_FAILURES} tries"),
             Guard::TriesSpent => format!("after {MAX_TRANSIENT_FAILURES} tries"),
-            Guard::KeepTrying => format!("under {CLEANUP_PATIENCE} tries"),
-            Guard::AskOperator => format!("after {CLEANUP_PATIENCE} tries (stop for an operator)"),
+            Guard::KeepTrying => "keep trying".into(),
+            Guard::AskOperator => format!("every {CLEANUP_PATIENCE}th try (stop for an operator)"),
             Guard::OwnsKeyPair => "owns key pair".into(),
             Guard::KeyPairNotOurs => "key pair not ours".into(),
             Guard::OnFailure => "on failure".into(),

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use effect::{Effect, Input, InputKind};
+pub use effect::{Effect, Input, InputKind, OutsideInput};
 pub use guard::{Guard, Guards};
 pub use phase::*;
 pub use token::ClientToken;

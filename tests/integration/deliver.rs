@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use acode_ec2::driver::{Engine, EngineError};
 use acode_ec2::events::NoProgress;
-use acode_ec2::machine::{Input, MachineError, PhaseKind};
+use acode_ec2::machine::{Input, OutsideInput, PhaseKind};
 use acode_ec2::store::CheckpointStore;
 
 use crate::common::{Harness, request};
@@ -49,7 +49,7 @@ async fn a_teardown_delivered_to_a_session_being_provisioned_cleans_it_up() {
             "{second}"
         );
         engine
-            .deliver(&id, Input::TeardownRequested, &NoProgress)
+            .deliver(&id, OutsideInput::TeardownRequested, &NoProgress)
             .await
     };
     let (provisioned, delivered) = tokio::join!(
@@ -92,7 +92,7 @@ async fn teardown_from_another_task_waits_until_the_session_is_gone() {
 }
 
 #[tokio::test]
-async fn a_finished_session_refuses_inputs_but_teardown_is_a_no_op() {
+async fn a_teardown_of_a_finished_session_changes_nothing() {
     let harness = Harness::new();
     let world = Arc::new(FakeWorld::default());
     let engine = harness.fast_engine(world.clone());
@@ -100,33 +100,29 @@ async fn a_finished_session_refuses_inputs_but_teardown_is_a_no_op() {
         .provision(request(WAITS_FOR_SSH), &NoProgress)
         .await
         .unwrap();
-    // The second teardown finds nothing to do.
-    let mut calls = Vec::new();
-    for _ in 0..2 {
-        let end = engine.teardown(&ready.session_id, &NoProgress).await;
-        assert_eq!(end.unwrap(), PhaseKind::TornDown);
-        calls.push(world.state.lock().unwrap().calls.len());
-    }
-    assert_eq!(calls[0], calls[1], "a second teardown ran effects");
-    let calls = calls[1];
-    let refused = engine
-        .deliver(&ready.session_id, Input::InstancePending, &NoProgress)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            refused,
-            EngineError::Machine(MachineError::InputNotAllowed {
-                phase: PhaseKind::TornDown,
-                ..
-            })
-        ),
-        "{refused}"
-    );
+    let first = engine.teardown(&ready.session_id, &NoProgress).await;
+    assert_eq!(first.unwrap(), PhaseKind::TornDown);
+    let snapshot = async || {
+        let calls = world.state.lock().unwrap().calls.len();
+        let events = harness.store.events(&ready.session_id).await.unwrap().len();
+        (calls, events)
+    };
+    let before = snapshot().await;
+    // A second teardown, and a delivered one, find nothing to do.
+    let again = engine.teardown(&ready.session_id, &NoProgress).await;
+    assert_eq!(again.unwrap(), PhaseKind::TornDown);
+    let delivered = engine
+        .deliver(
+            &ready.session_id,
+            OutsideInput::TeardownRequested,
+            &NoProgress,
+        )
+        .await;
+    assert_eq!(delivered.unwrap(), PhaseKind::TornDown);
     assert_eq!(
-        world.state.lock().unwrap().calls.len(),
-        calls,
-        "nothing ran"
+        snapshot().await,
+        before,
+        "(effects run, events logged) changed"
     );
     // The lease was given back: another engine can take the session.
     harness
@@ -138,4 +134,50 @@ async fn a_finished_session_refuses_inputs_but_teardown_is_a_no_op() {
         )
         .await
         .unwrap();
+}
+
+/// A launch in flight when the teardown arrives is answered first (its
+/// instance must be known to be terminated), then the teardown is committed.
+#[tokio::test]
+async fn a_teardown_during_a_launch_waits_for_its_answer_then_terminates_it() {
+    let harness = Harness::new();
+    let world = Arc::new(FakeWorld::default());
+    let engine = harness.engine(world.clone());
+    let held = world.hold_launch.lock().await;
+    let cancel = async {
+        // RunInstances has been made; its answer is held back.
+        while world.count("RunInstance") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let id = harness.only_session().await;
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(held);
+        };
+        let (delivered, ()) = tokio::join!(
+            engine.deliver(&id, OutsideInput::TeardownRequested, &NoProgress),
+            release
+        );
+        delivered
+    };
+    let (provisioned, delivered) = tokio::join!(
+        engine.provision(request(WAITS_FOR_SSH), &NoProgress),
+        cancel
+    );
+    // The launch's answer was recorded, so the teardown knew the instance.
+    assert_eq!(delivered.unwrap(), PhaseKind::TerminatingInstance);
+    assert!(
+        matches!(provisioned, Err(EngineError::TornDown { .. })),
+        "{provisioned:?}"
+    );
+    assert_eq!(world.count("RunInstance"), 1);
+    assert_eq!(world.instances_ever(), 1);
+    assert!(world.live_instances().is_empty());
+    let id = harness.only_session().await;
+    let outcomes = harness.outcomes(&id).await;
+    let launched = outcomes
+        .iter()
+        .position(|i| matches!(i, Input::Launched { .. }));
+    let teardown = outcomes.iter().position(|i| *i == Input::TeardownRequested);
+    assert!(launched < teardown && launched.is_some(), "{outcomes:?}");
 }

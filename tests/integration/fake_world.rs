@@ -37,6 +37,8 @@ pub struct WorldState {
 #[derive(Default)]
 pub struct FakeWorld {
     pub state: Mutex<WorldState>,
+    /// While a test holds it, RunInstances has acted but its answer waits.
+    pub hold_launch: tokio::sync::Mutex<()>,
 }
 
 impl FakeWorld {
@@ -108,6 +110,17 @@ impl WorldState {
 
 impl Effects for FakeWorld {
     async fn run(&self, ctx: &SessionContext, _created: Timestamp, effect: &Effect) -> Input {
+        let input = self.act(ctx, effect);
+        if let Effect::RunInstance { .. } = effect {
+            let _answer_may_go = self.hold_launch.lock().await;
+        }
+        input
+    }
+}
+
+impl FakeWorld {
+    /// What the world does and answers, at once.
+    fn act(&self, ctx: &SessionContext, effect: &Effect) -> Input {
         let mut world = self.state.lock().unwrap();
         world.calls.push(effect.name());
         match effect {

@@ -487,9 +487,19 @@ fn a_version_1_database_is_migrated_with_its_sessions() {
     assert_eq!(version, MIGRATIONS.len() as i64);
 }
 
-/// The trait's async path (the blocking pool) over the same file.
+/// The trait's async path, on both kinds of runtime (in place on a
+/// current-thread one, inside `block_in_place` on a multi-thread one).
 #[tokio::test]
 async fn the_async_api_commits_and_reads_back() {
+    async_api_round_trip().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_api_works_on_a_multi_thread_runtime() {
+    async_api_round_trip().await;
+}
+
+async fn async_api_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn CheckpointStore> = Arc::new(new_store(&dir));
     let ctx = context("s1");
