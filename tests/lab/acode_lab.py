@@ -57,12 +57,13 @@ os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key  # noqa: E402
 from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
+from moto.core.serialize import return_if_not_empty  # noqa: E402
 from moto.ec2 import utils as moto_ec2_utils  # noqa: E402
 from moto.ec2.models import EC2Backend, ec2_backends  # noqa: E402
 from moto.ec2.models.instances import Instance, InstanceState  # noqa: E402
 from moto.ec2.models.spot_requests import SpotInstanceRequest  # noqa: E402
 from moto.ec2.responses._base_response import EC2BaseResponse  # noqa: E402
-from moto.ec2.utils import random_spot_request_id  # noqa: E402
+from moto.ec2.utils import generate_dns_from_ip, random_spot_request_id  # noqa: E402
 from moto.moto_server.werkzeug_app import (  # noqa: E402
     DomainDispatcherApplication,
     MotoRequestHandler,
@@ -90,6 +91,17 @@ TERMINATED = ("terminated", 48)
 CLI_CONFIG_KEYS = ("boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s")
 CONSOLE_MODES = ("ok", "wrong-fingerprint", "no-keys")
 SPOT_MODES = ("fulfilled", "capacity-not-available", "price-too-low")
+STATUS_MODES = ("ok", "impaired", "insufficient-data")
+ADDRESS_MODES = ("public", "private-only", "private-loopback")
+
+# DescribeInstanceStatus per check result: (instance/system status, reachability detail status).
+# "impaired" is what EC2 shows for a failed check.
+STATUS_CHECKS = {
+    "initializing": ("initializing", "initializing"),
+    "ok": ("ok", "passed"),
+    "impaired": ("impaired", "failed"),
+    "insufficient-data": ("insufficient-data", "insufficient-data"),
+}
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "boot_delay_s": 0.0,
@@ -97,6 +109,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "terminate_delay_s": 0.0,
     "console_lag_s": 0.0,
     "console_mode": "ok",
+    "status_mode": "ok",
+    "address_mode": "public",
     "ssh_start_delay_s": 0.0,
     "ssh_refuse_s": 0.0,
     "spot_mode": "fulfilled",
@@ -284,6 +298,34 @@ def instance_hostname(instance: Instance) -> str:
     return "ip-" + (instance.private_ip or "10-0-0-1").replace(".", "-")
 
 
+def apply_address_mode(instance: Instance, mode: str) -> None:
+    """Rewrites the instance's primary network interface for `address_mode`.
+
+    In moto 5.2.5 every address field an answer shows (ipAddress, dnsName,
+    privateIpAddress, privateDnsName, the interface's association and address
+    set) and every address filter is derived from this one object, so editing
+    its data keeps them all in agreement without patching any code.
+    """
+    nic = instance.nics.get(0)
+    if mode == "public" or nic is None:
+        return
+    nic.public_ip = None
+    # NetworkInterface.start() (moto's StartInstances) would draw a new public IP otherwise.
+    nic.public_ip_auto_assign = False
+    if mode != "private-loopback":
+        return
+    # moto's address stays reserved in the subnet, so no later instance gets it.
+    moto_ip = nic.private_ip_address
+    nic.private_ip_address = LOOPBACK
+    for entry in nic.private_ip_addresses:
+        if entry.get("PrivateIpAddress") == moto_ip:
+            entry["PrivateIpAddress"] = LOOPBACK
+            if "PrivateDnsName" in entry:
+                entry["PrivateDnsName"] = generate_dns_from_ip(LOOPBACK)
+    if getattr(nic, "private_dns_name", None):
+        nic.private_dns_name = generate_dns_from_ip(LOOPBACK)
+
+
 # --------------------------------------------------------------------------
 # Lab state
 # --------------------------------------------------------------------------
@@ -318,6 +360,8 @@ CONFIG_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "terminate_delay_s": _number,
     "console_lag_s": _number,
     "console_mode": _choice(CONSOLE_MODES),
+    "status_mode": _choice(STATUS_MODES),
+    "address_mode": _choice(ADDRESS_MODES),
     "ssh_start_delay_s": _number,
     "ssh_refuse_s": _number,
     "spot_mode": _choice(SPOT_MODES),
@@ -413,6 +457,9 @@ class InstanceTimeline:
     status_ok_at: float
     console_at: float
     visible_at: float
+    # What the status checks turn into at status_ok_at, and that moment in UTC (EC2's ImpairedSince).
+    status_mode: str
+    status_settled_utc: datetime.datetime
     terminated_at: float | None = None
 
     def state(self, now: float) -> tuple[str, int]:
@@ -421,6 +468,10 @@ class InstanceTimeline:
         if self.terminated_at is not None:
             return TERMINATED if now > self.terminated_at else SHUTTING_DOWN
         return RUNNING if now > self.running_at else PENDING
+
+    def checks(self, now: float) -> str:
+        """A key of STATUS_CHECKS."""
+        return self.status_mode if now > self.status_ok_at else "initializing"
 
 
 @dataclasses.dataclass
@@ -534,7 +585,8 @@ class Lab:
         if instance.state != name:
             # A new object, never an in-place edit: moto threads may be serializing the old one.
             instance._state = InstanceState(name, code)
-        instance.lab_checks_ok = now > timeline.status_ok_at
+        instance.lab_checks = timeline.checks(now)
+        instance.lab_checks_since = timeline.status_settled_utc
 
     def _advance_spot(self, spot: SpotTimeline, now: float) -> None:
         request = spot.request
@@ -572,6 +624,8 @@ class Lab:
             now = time.monotonic()
             for instance in reservation.instances:
                 instance.client_token = token  # moto 5.2.5 stores "ABCDE" when no token was sent
+                # Before the answer is serialized, so RunInstances already shows the mode's addresses.
+                apply_address_mode(instance, self.config["address_mode"])
                 self._track(instance, now)
                 if form and instance.lifecycle == "spot":
                     self._attach_spot_request(backend, instance, form)
@@ -603,12 +657,16 @@ class Lab:
 
     def _track(self, instance: Instance, now: float) -> None:
         running_at = now + self.config["boot_delay_s"]
+        status_ok_at = running_at + self.config["status_ok_delay_s"]
+        settled_utc = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=status_ok_at - now)
         timeline = InstanceTimeline(
             instance,
             running_at=running_at,
-            status_ok_at=running_at + self.config["status_ok_delay_s"],
+            status_ok_at=status_ok_at,
             console_at=running_at + self.config["console_lag_s"],
             visible_at=now + self.config["visibility_delay_s"],
+            status_mode=self.config["status_mode"],
+            status_settled_utc=settled_utc.replace(microsecond=0),
         )
         self.instances[instance.id] = timeline
         self.latest_instance_id = instance.id
@@ -779,6 +837,9 @@ class Lab:
                     "client_token": i.client_token,
                     "key_name": i.key_name,
                     "subnet_id": i.subnet_id,
+                    # The same attributes DescribeInstances serializes, so the two always agree.
+                    "private_ip": i.private_ip,
+                    "public_ip": i.public_ip,
                     "tags": {t["key"]: t["value"] for t in i.get_tags()},
                     "lifecycle": i.lifecycle or "on-demand",
                 }
@@ -836,11 +897,12 @@ def take_launch_form() -> dict[str, str] | None:
 def _status_checks(instance: Instance) -> dict[str, Any]:
     if instance.state_code != RUNNING[1]:
         return {"Status": "not-applicable"}
-    ok = getattr(instance, "lab_checks_ok", True)
-    return {
-        "Status": "ok" if ok else "initializing",
-        "Details": [{"Name": "reachability", "Status": "passed" if ok else "initializing"}],
-    }
+    checks = getattr(instance, "lab_checks", "ok")
+    status, reachability = STATUS_CHECKS[checks]
+    detail: dict[str, Any] = {"Name": "reachability", "Status": reachability}
+    if checks == "impaired":
+        detail["ImpairedSince"] = instance.lab_checks_since  # EC2 dates a failed check
+    return {"Status": status, "Details": [detail]}
 
 
 def install_moto_patches(lab: Lab) -> None:
@@ -913,6 +975,11 @@ def install_moto_patches(lab: Lab) -> None:
     # RunInstances answers always claim "pending"; drop that so an idempotent
     # replay shows the instance's current state (a new launch is pending anyway).
     EC2BaseResponse.RESPONSE_KEY_PATH_TO_TRANSFORMER.pop("RunInstances.Reservation.Instances.Instance.State")
+    # An interface without a public IP gets an empty <association/> in instance answers;
+    # EC2 leaves it out (moto already does so in DescribeNetworkInterfaces).
+    EC2BaseResponse.RESPONSE_KEY_PATH_TO_TRANSFORMER[
+        "Instances.Instance.NetworkInterfaces.InstanceNetworkInterface.Association"
+    ] = return_if_not_empty
 
 
 # --------------------------------------------------------------------------

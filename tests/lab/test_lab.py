@@ -114,6 +114,8 @@ class LabTest(unittest.TestCase):
                 "terminate_delay_s": 0,
                 "console_lag_s": 0,
                 "console_mode": "ok",
+                "status_mode": "ok",
+                "address_mode": "public",
                 "ssh_start_delay_s": 0,
                 "ssh_refuse_s": 0,
                 "spot_mode": "fulfilled",
@@ -178,9 +180,13 @@ class LabTest(unittest.TestCase):
         except urllib.error.HTTPError as error:
             return error.code, ""
 
-    def ssh_banner(self) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.ready["sshd_port"]), timeout=3) as conn:
+    def ssh_banner(self, host: str = "127.0.0.1") -> bytes:
+        with socket.create_connection((host, self.ready["sshd_port"]), timeout=3) as conn:
             return conn.recv(64)
+
+    def instance_statuses(self, instance_ids: list[str]) -> dict[str, dict]:
+        answer = self.ec2.describe_instance_status(InstanceIds=instance_ids, IncludeAllInstances=True)
+        return {s["InstanceId"]: s for s in answer["InstanceStatuses"]}
 
     # -- ready line --------------------------------------------------------------
 
@@ -269,6 +275,52 @@ class LabTest(unittest.TestCase):
         self.assertTrue(wait_for(listed))
         self.ec2.terminate_instances(InstanceIds=[instance_id])
 
+    def test_status_modes(self) -> None:
+        # Each mode is snapshotted at launch: the config changes between launches,
+        # and every instance keeps the mode it was launched with.
+        modes = {"ok": ("ok", "passed"), "impaired": ("impaired", "failed")}
+        modes["insufficient-data"] = ("insufficient-data", "insufficient-data")
+        launched = {}
+        for mode in modes:
+            self.control("POST", "/config", {"status_ok_delay_s": 2 * WINDOW_S, "status_mode": mode})
+            launched[self.run_instance()["Instances"][0]["InstanceId"]] = mode
+        launched_at = datetime.datetime.now(datetime.timezone.utc)
+        self.control("POST", "/config", {"status_mode": "ok"})
+
+        before = self.instance_statuses(list(launched))
+        self.assertEqual(set(before), set(launched))
+        for instance_id, status in before.items():
+            with self.subTest(status_mode=launched[instance_id], phase="before"):
+                self.assertEqual(status["InstanceState"]["Name"], "running")
+                for check in ("InstanceStatus", "SystemStatus"):
+                    self.assertEqual(status[check]["Status"], "initializing")
+                    self.assertEqual(status[check]["Details"], [{"Name": "reachability", "Status": "initializing"}])
+
+        def settled() -> dict[str, dict] | None:
+            statuses = self.instance_statuses(list(launched))
+            return None if any(s["InstanceStatus"]["Status"] == "initializing" for s in statuses.values()) else statuses
+
+        statuses = wait_for(settled)
+        self.assertTrue(statuses, "status checks never left initializing")
+        for instance_id, status in statuses.items():
+            mode = launched[instance_id]
+            with self.subTest(status_mode=mode, phase="after"):
+                expected_status, reachability = modes[mode]
+                for check in ("InstanceStatus", "SystemStatus"):
+                    self.assertEqual(status[check]["Status"], expected_status)
+                    detail = status[check]["Details"][0]
+                    self.assertEqual((detail["Name"], detail["Status"]), ("reachability", reachability))
+                    # EC2 dates a failed check, and only a failed one.
+                    if mode == "impaired":
+                        since = (detail["ImpairedSince"] - launched_at).total_seconds()
+                        self.assertTrue(-2 < since < 2 + 2 * WINDOW_S, detail["ImpairedSince"])
+                    else:
+                        self.assertNotIn("ImpairedSince", detail)
+                # Impaired checks change nothing else: the instance is running and listed without IncludeAllInstances.
+                running_only = self.ec2.describe_instance_status(InstanceIds=[instance_id])["InstanceStatuses"]
+                self.assertEqual(running_only[0]["InstanceStatus"]["Status"], expected_status)
+        self.ec2.terminate_instances(InstanceIds=list(launched))
+
     # -- ClientToken idempotency --------------------------------------------------------
 
     def test_client_token_idempotency(self) -> None:
@@ -341,6 +393,81 @@ class LabTest(unittest.TestCase):
 
         unknown = "i-0123456789abcdef0"
         self.assert_error(lambda: self.ec2.get_console_output(InstanceId=unknown), "InvalidInstanceID.NotFound", 400)
+
+    # -- address modes -------------------------------------------------------------------
+
+    def test_address_modes(self) -> None:
+        session = "addresses-1"
+        tags = [{"ResourceType": "instance", "Tags": [{"Key": "acode-session-id", "Value": session}]}]
+        launched = {}
+        for mode in ("public", "private-only", "private-loopback"):
+            self.control("POST", "/config", {"address_mode": mode})
+            answer = self.run_instance(TagSpecifications=tags)["Instances"][0]
+            launched[answer["InstanceId"]] = (mode, answer)
+        # Snapshotted at launch: a later config change moves no existing instance.
+        self.control("POST", "/config", {"address_mode": "public"})
+
+        by_tag = self.ec2.describe_instances(Filters=[{"Name": "tag:acode-session-id", "Values": [session]}])
+        filtered = {i["InstanceId"]: i for r in by_tag["Reservations"] for i in r["Instances"]}
+        self.assertEqual(set(filtered), set(launched))
+        lab_view = {i["instance_id"]: i for i in self.control("GET", "/instances")}
+        for instance_id, (mode, run_answer) in launched.items():
+            with self.subTest(address_mode=mode):
+                described = self.describe(instance_id)
+                private_ip = described["PrivateIpAddress"]
+                public_ip = described.get("PublicIpAddress")
+                if mode == "public":
+                    self.assertTrue(public_ip.startswith("54."), public_ip)
+                    self.assertIn(public_ip.replace(".", "-"), described["PublicDnsName"])
+                    self.assertEqual(described["NetworkInterfaces"][0]["Association"]["PublicIp"], public_ip)
+                else:
+                    self.assertIsNone(public_ip)
+                    self.assertIn(described.get("PublicDnsName"), (None, ""))
+                    # No public IP, no association (moto's empty <association/> is dropped, as EC2 omits it).
+                    self.assertNotIn("Association", described["NetworkInterfaces"][0])
+                    self.assertNotIn("Association", run_answer["NetworkInterfaces"][0])
+                if mode == "private-loopback":
+                    self.assertEqual(private_ip, "127.0.0.1")
+                else:
+                    self.assertTrue(private_ip.startswith("172.31."), private_ip)
+                self.assertEqual(described["PrivateDnsName"], f"ip-{private_ip.replace('.', '-')}.ec2.internal")
+                self.assertEqual(described["NetworkInterfaces"][0]["PrivateIpAddress"], private_ip)
+
+                # The RunInstances answer, filtered answers and /_lab/instances all agree.
+                for other in (run_answer, filtered[instance_id]):
+                    self.assertEqual(other["PrivateIpAddress"], private_ip)
+                    self.assertEqual(other.get("PublicIpAddress"), public_ip)
+                row = lab_view[instance_id]
+                self.assertEqual((row["private_ip"], row["public_ip"]), (private_ip, public_ip))
+                by_private = self.ec2.describe_instances(
+                    Filters=[
+                        {"Name": "private-ip-address", "Values": [private_ip]},
+                        {"Name": "tag:acode-session-id", "Values": [session]},
+                    ]
+                )["Reservations"]
+                self.assertEqual([i["InstanceId"] for r in by_private for i in r["Instances"]], [instance_id])
+                if public_ip:
+                    by_public = self.ec2.describe_instances(Filters=[{"Name": "ip-address", "Values": [public_ip]}])
+                    self.assertEqual(by_public["Reservations"][0]["Instances"][0]["InstanceId"], instance_id)
+
+                # The console's hostname is built from the private IP the instance shows.
+                text = wait_for(lambda: self.console_text(instance_id))
+                self.assertIn(f"root@ip-{private_ip.replace('.', '-')} (ED25519)".encode(), text)
+
+        # The mode wins over a request for a public IP.
+        self.control("POST", "/config", {"address_mode": "private-only"})
+        asked = {"DeviceIndex": 0, "SubnetId": self.ready["subnets"]["us-east-1a"], "AssociatePublicIpAddress": True}
+        # NetworkInterfaces exclude SubnetId, so not run_instance().
+        no_public = self.ec2.run_instances(
+            ImageId=self.ready["ami_id"], MinCount=1, MaxCount=1, NetworkInterfaces=[asked], TagSpecifications=tags
+        )["Instances"][0]
+        launched[no_public["InstanceId"]] = ("private-only", no_public)
+        self.assertNotIn("PublicIpAddress", self.describe(no_public["InstanceId"]))
+
+        # private-loopback: the private address reaches the lab's sshd (on sshd_port).
+        loopback_id = next(i for i, (mode, _) in launched.items() if mode == "private-loopback")
+        self.assertTrue(self.ssh_banner(self.describe(loopback_id)["PrivateIpAddress"]).startswith(b"SSH-2.0-"))
+        self.ec2.terminate_instances(InstanceIds=list(launched))
 
     # -- ssh ------------------------------------------------------------------------------
 
@@ -593,6 +720,8 @@ class LabTest(unittest.TestCase):
         self.assertIn("bad JSON", self.control("POST", "/config", b"{nope", expect=400)["error"])
         self.assertIn("'boot_delay'", self.control("POST", "/config", {"boot_delay": 1}, expect=400)["error"])
         self.assertIn("'spot_mode'", self.control("POST", "/config", {"spot_mode": "maybe"}, expect=400)["error"])
+        for key in ("status_mode", "address_mode"):
+            self.assertIn(f"'{key}'", self.control("POST", "/config", {key: "maybe"}, expect=400)["error"])
         bad_fault = {"action": "X", "code": "Y", "colour": 1}
         self.assertIn("'colour'", self.control("POST", "/faults", bad_fault, expect=400)["error"])
         self.control("GET", "/nothing-here", expect=404)
@@ -600,10 +729,11 @@ class LabTest(unittest.TestCase):
         expected_keys = {
             "boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s", "console_mode",
             "ssh_start_delay_s", "ssh_refuse_s", "spot_mode", "spot_fulfill_delay_s", "placement_scores",
-            "visibility_delay_s",
+            "visibility_delay_s", "status_mode", "address_mode",
         }  # fmt: skip
         self.assertEqual(set(config), expected_keys)
         self.assertEqual(config["console_mode"], "ok")
+        self.assertEqual((config["status_mode"], config["address_mode"]), ("ok", "public"))
 
     # Named to sort last: it ends the lab the other tests share.
     def test_zz_shutdown_on_stdin_eof(self) -> None:
