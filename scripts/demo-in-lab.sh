@@ -44,6 +44,7 @@ ec2Target:
   ssh:
     user: $(lab "['ssh_user']")
     endpointOverride: 127.0.0.1:$(lab "['sshd_port']")
+    retryInterval: 1s
     hostKeyVerification: console
 YAML
 

@@ -12,8 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::request::{
-    AmiSelector, HostKeyPolicy, InvalidRequest, KeyAlgorithm, KeyPairMode, OsAlias,
-    ProvisionRequest, SpotPolicy, SshSettings, Timeouts,
+    AmiSelector, DEFAULT_SSH_RETRIES, DEFAULT_SSH_RETRY_INTERVAL, HostKeyPolicy, InvalidRequest,
+    KeyAlgorithm, KeyPairMode, OsAlias, ProvisionRequest, SpotPolicy, SshAddress, SshSettings,
+    StatusCheckMode, Timeouts,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,7 @@ struct Ec2Target {
     running_timeout: Option<String>,
     ssh_timeout: Option<String>,
     poll_interval: Option<String>,
+    status_checks: Option<StatusCheckMode>,
     ssh: Option<SshBlock>,
 }
 
@@ -96,6 +98,9 @@ struct SshBlock {
     host_key_verification: Option<HostKeyModeName>,
     #[serde(default)]
     host_key_fingerprints: Vec<String>,
+    retries: Option<u32>,
+    retry_interval: Option<String>,
+    address: Option<SshAddress>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -246,6 +251,9 @@ impl Ec2Target {
             endpoint_override: None,
             host_key_verification: None,
             host_key_fingerprints: Vec::new(),
+            retries: None,
+            retry_interval: None,
+            address: None,
         });
         let host_key_policy = match (
             ssh_block.host_key_verification,
@@ -284,8 +292,16 @@ impl Ec2Target {
                 port: ssh_block.port.unwrap_or(22),
                 endpoint_override: ssh_block.endpoint_override,
                 host_key_policy,
+                retries: ssh_block.retries.unwrap_or(DEFAULT_SSH_RETRIES),
+                retry_interval: optional_duration(
+                    "ssh.retryInterval",
+                    ssh_block.retry_interval.as_ref(),
+                    DEFAULT_SSH_RETRY_INTERVAL,
+                )?,
+                address: ssh_block.address.unwrap_or_default(),
             },
             timeouts,
+            status_checks: self.status_checks.unwrap_or_default(),
         })
     }
 }
@@ -398,6 +414,64 @@ mod tests {
         );
         assert_eq!(r.ssh.port, 22);
         assert_eq!(r.ssh.host_key_policy, HostKeyPolicy::Console);
+        // The specification's readiness defaults (FR-043/044, FR-052/053).
+        assert_eq!(r.timeouts.poll_interval, Duration::from_secs(5));
+        assert_eq!(r.timeouts.running, Duration::from_secs(300));
+        assert_eq!(r.ssh.retries, 30);
+        assert_eq!(r.ssh.retry_interval, Duration::from_secs(10));
+        assert_eq!(r.ssh.address, SshAddress::Auto);
+        assert_eq!(r.status_checks, StatusCheckMode::Ok);
+    }
+
+    #[test]
+    fn readiness_settings_parse() {
+        let text = format!(
+            "{MINIMAL}  statusChecks: not-impaired
+  ssh:
+    retries: 3
+    retryInterval: 2s
+    address: private
+"
+        );
+        let r = parse(&text).unwrap();
+        assert_eq!(r.status_checks, StatusCheckMode::NotImpaired);
+        assert_eq!(r.ssh.retries, 3);
+        assert_eq!(r.ssh.retry_interval, Duration::from_secs(2));
+        assert_eq!(r.ssh.address, SshAddress::Private);
+        for (extra, key) in [
+            (
+                "  statusChecks: sometimes
+",
+                "statusChecks",
+            ),
+            (
+                "  ssh:
+    address: ipv6
+",
+                "address",
+            ),
+            (
+                "  ssh:
+    retries: 0
+",
+                "ssh.retries",
+            ),
+            (
+                "  ssh:
+    retryInterval: 1ms
+",
+                "ssh.retryInterval",
+            ),
+            (
+                "  ssh:
+    retries: -1
+",
+                "retries",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -27,13 +27,13 @@ use tracing::{Instrument, warn};
 
 use crate::clock::{Clock, SystemClock};
 use crate::effects::Effects;
+pub use crate::events::ReadyInstance;
 use crate::events::{ProgressSink, ProvisionEvent};
 use crate::machine::{
     self, Input, MachineError, OutsideInput, Pause, PhaseKind, ProvisionPhase, SessionContext,
-    SessionState,
 };
 use crate::observe::{
-    EventChannel, Fanout, Observation, Observer, ProgressObserver, TracingObserver,
+    EventChannel, Fanout, Observation, Observer, OnReady, ProgressObserver, TracingObserver,
 };
 use crate::request::{InvalidRequest, ProvisionRequest};
 use crate::store::{Checkpoint, CheckpointStore, Intent, LeaseHolder, LoadedSession, StoreError};
@@ -78,18 +78,6 @@ pub enum EngineError {
          `acode-ec2 recover` resumes it"
     )]
     DriverStopped { session_id: String, reason: String },
-}
-
-/// A session that reached Ready.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ReadyInstance {
-    pub session_id: String,
-    pub instance_id: String,
-    pub public_ip: Option<String>,
-    pub ssh_endpoint: String,
-    pub key_path: Option<String>,
-    pub host_key_fingerprint: String,
-    pub was_spot: bool,
 }
 
 /// What `recover` did with one session.
@@ -210,6 +198,12 @@ impl<E: Effects> Engine<E> {
         self
     }
 
+    /// Calls `hook` once for each session this engine drives to Ready (a
+    /// provision, or a resumed session), as soon as Ready is committed.
+    pub fn on_ready(self, hook: impl Fn(&ReadyInstance) + Send + Sync + 'static) -> Engine<E> {
+        self.with_observer(Arc::new(OnReady(hook)))
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<ProvisionEvent> {
         self.events.subscribe()
     }
@@ -264,7 +258,7 @@ impl<E: Effects> Engine<E> {
                 created_at: now,
             };
             let end = self.drive(loaded, claim, renewal, &observers).await?;
-            ready_or_error(&session_id, end)
+            ready_or_error(end)
         }
         .instrument(span)
         .await
@@ -277,14 +271,14 @@ impl<E: Effects> Engine<E> {
         progress: &dyn ProgressSink,
     ) -> Result<ReadyInstance, EngineError> {
         let end = self.resume_to_end(session_id, progress).await?;
-        ready_or_error(session_id, end)
+        ready_or_error(end)
     }
 
     async fn resume_to_end(
         &self,
         session_id: &str,
         progress: &dyn ProgressSink,
-    ) -> Result<SessionState, EngineError> {
+    ) -> Result<LoadedSession, EngineError> {
         let span = tracing::info_span!("session", session_id = %session_id);
         async {
             let Claim::Mine(claim) = self.claim(session_id) else {
@@ -368,6 +362,7 @@ impl<E: Effects> Engine<E> {
                 Routed::Mine(claim) => Ok(self
                     .deliver_here(claim, input, progress)
                     .await?
+                    .state
                     .phase
                     .kind()),
             }
@@ -421,7 +416,7 @@ impl<E: Effects> Engine<E> {
             let result = self
                 .resume_to_end(&summary.session_id, progress)
                 .await
-                .map(|s| s.phase.kind());
+                .map(|s| s.state.phase.kind());
             report.push(Recovered {
                 session_id: summary.session_id,
                 result,
@@ -437,7 +432,7 @@ impl<E: Effects> Engine<E> {
         claim: DriveClaim<'_>,
         input: Input,
         progress: &dyn ProgressSink,
-    ) -> Result<SessionState, EngineError> {
+    ) -> Result<LoadedSession, EngineError> {
         let session_id = claim.session_id.clone();
         let renewal = self.take_lease(&session_id).await?;
         let progress = ProgressObserver(progress);
@@ -445,7 +440,7 @@ impl<E: Effects> Engine<E> {
         let committed = async {
             let mut loaded = self.store.load(&session_id).await?;
             if loaded.state.phase.kind().is_terminal() && input == Input::TeardownRequested {
-                return Ok(Err(loaded.state));
+                return Ok(Err(loaded));
             }
             // A pause asked for here is moot: the drive below runs the intent once more.
             let _pause = self
@@ -558,13 +553,14 @@ impl<E: Effects> Engine<E> {
         }
     }
 
+    /// Drives the session until it settles (or stops); the session as it ends.
     async fn drive(
         &self,
         mut session: LoadedSession,
         mut claim: DriveClaim<'_>,
         renewal: LeaseRenewal,
         observers: &Fanout<'_>,
-    ) -> Result<SessionState, EngineError> {
+    ) -> Result<LoadedSession, EngineError> {
         let started = Instant::now();
         observers.observe(&Observation::Resumed { session: &session });
         let result = self
@@ -573,15 +569,14 @@ impl<E: Effects> Engine<E> {
         drop(renewal);
         self.release_quietly(&session.context.session_id).await;
         match &result {
-            Ok(state) => {
+            Ok(()) => {
                 observers.observe(&Observation::Settled {
                     context: &session.context,
-                    state,
+                    state: &session.state,
                     elapsed: started.elapsed(),
                 });
-                claim
-                    .ended
-                    .send_replace(Some(Ended::Settled(state.phase.kind())));
+                let phase = session.state.phase.kind();
+                claim.ended.send_replace(Some(Ended::Settled(phase)));
             }
             Err(e) => {
                 warn!(error = %e, "driving stopped");
@@ -590,7 +585,7 @@ impl<E: Effects> Engine<E> {
                     .send_replace(Some(Ended::Stopped(e.to_string())));
             }
         }
-        result
+        result.map(|()| session)
     }
 
     async fn drive_loop(
@@ -600,7 +595,7 @@ impl<E: Effects> Engine<E> {
         lease: &LeaseRenewal,
         observers: &Fanout<'_>,
         started: Instant,
-    ) -> Result<SessionState, EngineError> {
+    ) -> Result<(), EngineError> {
         loop {
             // Inputs that arrived meanwhile go first: a teardown must be
             // committed before the next intent (perhaps a launch) runs.
@@ -609,7 +604,7 @@ impl<E: Effects> Engine<E> {
                 continue;
             }
             let Some(intent) = session.pending.clone() else {
-                return Ok(session.state.clone());
+                return Ok(());
             };
             if let Some(at) = intent.not_before {
                 tokio::select! {
@@ -710,24 +705,15 @@ impl<E: Effects> Engine<E> {
     }
 }
 
-fn ready_or_error(session_id: &str, state: SessionState) -> Result<ReadyInstance, EngineError> {
-    match state.phase {
-        ProvisionPhase::Ready(ready) => Ok(ReadyInstance {
-            session_id: session_id.to_string(),
-            instance_id: ready.instance.instance_id,
-            public_ip: ready.public_ip,
-            ssh_endpoint: ready.ssh_endpoint,
-            key_path: ready.instance.key.private_key_path,
-            host_key_fingerprint: ready.host_key_fingerprint,
-            was_spot: ready.instance.was_spot,
-        }),
+fn ready_or_error(end: LoadedSession) -> Result<ReadyInstance, EngineError> {
+    let session_id = end.context.session_id.clone();
+    match &end.state.phase {
+        ProvisionPhase::Ready(ready) => Ok(ReadyInstance::new(&end.context, ready)),
         ProvisionPhase::Failed(failed) => Err(EngineError::ProvisionFailed {
-            session_id: session_id.to_string(),
-            reason: failed.reason,
+            session_id,
+            reason: failed.reason.clone(),
         }),
-        _ => Err(EngineError::TornDown {
-            session_id: session_id.to_string(),
-        }),
+        _ => Err(EngineError::TornDown { session_id }),
     }
 }
 

@@ -8,7 +8,68 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::machine::PhaseKind;
+use crate::machine::{PhaseKind, Ready, SessionContext};
+use crate::request::parse_host_port;
+
+/// A session that reached Ready: everything needed to use the instance
+/// with the host key that was verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReadyInstance {
+    pub session_id: String,
+    pub instance_id: String,
+    pub public_ip: Option<String>,
+    pub private_ip: Option<String>,
+    /// `host:port`, as the SSH check reached it.
+    pub ssh_endpoint: String,
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    pub ssh_user: String,
+    pub key_path: Option<String>,
+    pub host_key_fingerprint: String,
+    /// A file holding exactly the verified host key, for `ssh -o
+    /// UserKnownHostsFile=…` (absent for sessions made before it existed).
+    pub known_hosts_path: Option<String>,
+    pub was_spot: bool,
+}
+
+impl ReadyInstance {
+    pub fn new(ctx: &SessionContext, ready: &Ready) -> ReadyInstance {
+        let (ssh_host, ssh_port) = parse_host_port(&ready.ssh_endpoint)
+            .unwrap_or_else(|| (ready.ssh_endpoint.clone(), 22));
+        ReadyInstance {
+            session_id: ctx.session_id.clone(),
+            instance_id: ready.instance.instance_id.clone(),
+            public_ip: ready.public_ip.clone(),
+            private_ip: ready.private_ip.clone(),
+            ssh_endpoint: ready.ssh_endpoint.clone(),
+            ssh_host,
+            ssh_port,
+            ssh_user: ctx.request.ssh.user.clone(),
+            key_path: ready.instance.key.private_key_path.clone(),
+            host_key_fingerprint: ready.host_key_fingerprint.clone(),
+            known_hosts_path: (!ready.host_key.is_empty()).then(|| ctx.known_hosts_path()),
+            was_spot: ready.instance.was_spot,
+        }
+    }
+
+    /// A command line that logs in trusting only the verified host key.
+    pub fn ssh_command(&self) -> String {
+        let mut parts = vec!["ssh".to_string()];
+        if let Some(key) = &self.key_path {
+            parts.push(format!("-i {key}"));
+        }
+        if let Some(known_hosts) = &self.known_hosts_path {
+            parts.push(format!(
+                "-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes"
+            ));
+        }
+        if self.ssh_port != 22 {
+            parts.push(format!("-p {}", self.ssh_port));
+        }
+        parts.push(format!("{}@{}", self.ssh_user, self.ssh_host));
+        parts.join(" ")
+    }
+}
 
 /// Broadcast to every subscriber of an engine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use acode_ec2::driver::{Engine, EngineError, EngineOptions};
 use acode_ec2::effects::AwsEffects;
-use acode_ec2::events::{ProgressSink, ProvisionProgress};
+use acode_ec2::events::{ProgressSink, ProvisionProgress, ReadyInstance};
 use acode_ec2::machine::diagram;
 use acode_ec2::net_guard::ConnectGuard;
 use acode_ec2::store::{CheckpointStore, SessionSummary, SqliteStore};
@@ -42,7 +43,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Launch one instance as the config file describes and wait until SSH works.
+    /// Launch one instance as the config file describes and wait until it is Ready.
+    ///
+    /// Ready means: the instance runs, an SSH login worked against a host
+    /// key from its console (or pinned), and EC2's status checks pass
+    /// (`statusChecks`). Defaults, after the specification: the instance
+    /// state is polled every 5 s for at most 5 min (`pollInterval`,
+    /// `runningTimeout`); SSH is tried up to 30 times, 10 s apart
+    /// (`ssh.retries`, `ssh.retryInterval`), side by side with the status
+    /// checks, all within 5 min (`sshTimeout`). On Ready it prints an `ssh`
+    /// command that trusts only the verified host key.
+    ///
+    /// Exit status: 0 when Ready; 1 when provisioning failed (everything it
+    /// made is removed); 3 when the instance is Ready but the --on-ready
+    /// command failed (the instance stays Ready and tracked).
+    #[command(verbatim_doc_comment)]
     Provision {
         /// YAML file with a top-level `ec2Target:` (see fixtures/ec2-target.example.yaml).
         #[arg(long, value_name = "FILE")]
@@ -50,7 +65,16 @@ enum Command {
         /// Print the ready instance as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Run CMD (with `sh -c`) once the instance is Ready, with ACODE_SESSION_ID,
+        /// ACODE_INSTANCE_ID, ACODE_SSH_HOST, ACODE_SSH_PORT, ACODE_SSH_USER,
+        /// ACODE_KEY_PATH, ACODE_KNOWN_HOSTS, ACODE_HOST_KEY_FINGERPRINT,
+        /// ACODE_PUBLIC_IP, ACODE_PRIVATE_IP and ACODE_WAS_SPOT in its environment.
+        /// Its failure is reported (exit status 3) but leaves the instance Ready.
+        #[arg(long, value_name = "CMD")]
+        on_ready: Option<String>,
     },
+    /// Print an OpenSSH `Host` block for a Ready session (for ~/.ssh/config).
+    SshConfig { session: String },
     /// Show one session (the newest if none is named).
     Status {
         session: Option<String>,
@@ -79,7 +103,7 @@ enum DiagramFormat {
     Dot,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -95,14 +119,14 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
@@ -160,7 +184,7 @@ fn engine(cli: &Cli, effects: AwsEffects) -> Result<Engine<AwsEffects>> {
     ))
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Diagram { format } => {
             print!(
@@ -170,9 +194,13 @@ async fn run(cli: Cli) -> Result<()> {
                     DiagramFormat::Dot => diagram::dot(),
                 }
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Provision { config, json } => {
+        Command::Provision {
+            config,
+            json,
+            on_ready,
+        } => {
             let request = acode_ec2::config::load(config)?;
             let engine = engine(&cli, aws_effects().await?)?;
             let display = ProgressDisplay::new();
@@ -191,21 +219,20 @@ async fn run(cli: Cli) -> Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&ready)?);
             } else {
-                println!("session {} is Ready", ready.session_id);
-                println!(
-                    "  instance  {}{}",
-                    ready.instance_id,
-                    if ready.was_spot { " (spot)" } else { "" }
-                );
-                println!(
-                    "  ssh       {} (host key {})",
-                    ready.ssh_endpoint, ready.host_key_fingerprint
-                );
-                if let Some(path) = &ready.key_path {
-                    println!("  key       {path}");
-                }
+                print_ready(&ready);
             }
-            Ok(())
+            match on_ready {
+                Some(command) => run_on_ready(command, &ready).await,
+                None => Ok(ExitCode::SUCCESS),
+            }
+        }
+        Command::SshConfig { session } => {
+            let Some(store) = open_existing_store(&cli)? else {
+                bail!("no session {session}: there is no state database yet");
+            };
+            let summary = store.summary(session).await?;
+            print!("{}", ssh_config_block(&summary)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Status { session, json } => {
             let no_sessions = "no sessions yet; start one with `acode-ec2 provision`";
@@ -220,7 +247,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 print_summary(&summary);
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Sessions { json } => {
             let sessions = match open_existing_store(&cli)? {
@@ -246,7 +273,7 @@ async fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Teardown { session } => {
             let effects = aws_effects().await?;
@@ -264,13 +291,13 @@ async fn run(cli: Cli) -> Result<()> {
             let end = engine.teardown(session, &display).await;
             display.finish();
             println!("session {session} is {}", end?);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Recover => {
             let effects = aws_effects().await?;
             if !state_db_path(&cli)?.exists() {
                 println!("nothing to recover");
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
             let engine = engine(&cli, effects)?;
             let display = ProgressDisplay::new();
@@ -299,9 +326,82 @@ async fn run(cli: Cli) -> Result<()> {
             if failures > 0 {
                 bail!("{failures} session(s) could not be recovered; see above");
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn print_ready(ready: &ReadyInstance) {
+    println!("session {} is Ready", ready.session_id);
+    println!(
+        "  instance  {}{}",
+        ready.instance_id,
+        if ready.was_spot { " (spot)" } else { "" }
+    );
+    println!(
+        "  ssh       {} (host key {})",
+        ready.ssh_endpoint, ready.host_key_fingerprint
+    );
+    if let Some(path) = &ready.key_path {
+        println!("  key       {path}");
+    }
+    println!("  login     {}", ready.ssh_command());
+}
+
+/// Runs the --on-ready command with the Ready instance in its environment.
+async fn run_on_ready(command: &str, ready: &ReadyInstance) -> Result<ExitCode> {
+    let optional = |value: &Option<String>| value.clone().unwrap_or_default();
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("ACODE_SESSION_ID", &ready.session_id)
+        .env("ACODE_INSTANCE_ID", &ready.instance_id)
+        .env("ACODE_SSH_HOST", &ready.ssh_host)
+        .env("ACODE_SSH_PORT", ready.ssh_port.to_string())
+        .env("ACODE_SSH_USER", &ready.ssh_user)
+        .env("ACODE_KEY_PATH", optional(&ready.key_path))
+        .env("ACODE_KNOWN_HOSTS", optional(&ready.known_hosts_path))
+        .env("ACODE_HOST_KEY_FINGERPRINT", &ready.host_key_fingerprint)
+        .env("ACODE_PUBLIC_IP", optional(&ready.public_ip))
+        .env("ACODE_PRIVATE_IP", optional(&ready.private_ip))
+        .env("ACODE_WAS_SPOT", ready.was_spot.to_string())
+        .status()
+        .await
+        .with_context(|| format!("cannot run the --on-ready command `{command}`"))?;
+    if status.success() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "warning: the --on-ready command failed ({status}); session {} is Ready and tracked \
+         (`acode-ec2 teardown {}` removes it)",
+        ready.session_id, ready.session_id
+    );
+    Ok(ExitCode::from(3))
+}
+
+/// An OpenSSH `Host` block that trusts only the verified host key.
+fn ssh_config_block(s: &SessionSummary) -> Result<String> {
+    let (Some(host), Some(port), Some(user), Some(known_hosts)) =
+        (&s.ssh_host, s.ssh_port, &s.ssh_user, &s.known_hosts_path)
+    else {
+        bail!(
+            "session {} is {}, not Ready with a verified host key; `acode-ec2 status {}` says more",
+            s.session_id,
+            s.phase,
+            s.session_id
+        );
+    };
+    let mut block = format!("Host acode-{}\n", s.session_id);
+    block.push_str(&format!(
+        "    HostName {host}\n    Port {port}\n    User {user}\n"
+    ));
+    if let Some(key) = &s.key_path {
+        block.push_str(&format!("    IdentityFile {key}\n    IdentitiesOnly yes\n"));
+    }
+    block.push_str(&format!(
+        "    UserKnownHostsFile {known_hosts}\n    StrictHostKeyChecking yes\n"
+    ));
+    Ok(block)
 }
 
 fn print_summary(s: &SessionSummary) {
@@ -311,6 +411,16 @@ fn print_summary(s: &SessionSummary) {
     println!("public ip {}", s.public_ip.as_deref().unwrap_or("-"));
     println!("key       {}", s.key_path.as_deref().unwrap_or("-"));
     println!("spot      {}", s.was_spot);
+    if let (Some(host), Some(port)) = (&s.ssh_host, s.ssh_port) {
+        let user = s.ssh_user.as_deref().unwrap_or("?");
+        println!("ssh       {user}@{host} port {port}");
+    }
+    if let Some(print) = &s.host_key_fingerprint {
+        println!("host key  {print} (verified)");
+    }
+    if let Some(path) = &s.known_hosts_path {
+        println!("known     {path}");
+    }
     if let Some(detail) = &s.detail {
         println!("detail    {detail}");
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::events::{ProgressSink, ProvisionEvent, ProvisionProgress};
+use crate::events::{ProgressSink, ProvisionEvent, ProvisionProgress, ReadyInstance};
 use crate::machine::{
     Effect, Input, Notice, PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp,
 };
@@ -170,6 +170,26 @@ impl Observer for EventChannel {
     }
 }
 
+/// Calls a hook when a session becomes Ready (the step into Ready happens
+/// once per session).
+pub struct OnReady<F>(pub F);
+
+impl<F: Fn(&ReadyInstance) + Send + Sync> Observer for OnReady<F> {
+    fn observe(&self, observation: &Observation<'_>) {
+        if let Observation::Stepped {
+            context,
+            before,
+            checkpoint,
+            ..
+        } = observation
+            && let ProvisionPhase::Ready(ready) = &checkpoint.state.phase
+            && before.phase.kind() != PhaseKind::Ready
+        {
+            (self.0)(&ReadyInstance::new(context, ready));
+        }
+    }
+}
+
 /// The caller's progress display: one update per step, saying what runs next.
 pub struct ProgressObserver<'a>(pub &'a dyn ProgressSink);
 
@@ -232,6 +252,9 @@ pub fn describe(effect: &Effect) -> String {
             )
         }
         Effect::DescribeInstance { instance_id } => format!("waiting for {instance_id} to run"),
+        Effect::DescribeInstanceStatus { instance_id } => {
+            format!("waiting for {instance_id}'s EC2 status checks")
+        }
         Effect::ReadConsoleHostKeys { instance_id } => {
             format!("reading SSH host keys from {instance_id}'s console")
         }

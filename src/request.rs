@@ -130,14 +130,59 @@ pub enum HostKeyPolicy {
     InsecureAcceptAny,
 }
 
+/// Which of the instance's addresses the SSH check (and the user) connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SshAddress {
+    /// The public IP when there is one, else the private IP.
+    #[default]
+    Auto,
+    Public,
+    /// For a machine that reaches the VPC (VPN, peering, a host inside it).
+    Private,
+}
+
+/// What EC2's status checks must say before a session is Ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StatusCheckMode {
+    /// System status and instance status both `ok` (FR-046–048).
+    #[default]
+    Ok,
+    /// Neither check `impaired` (`initializing` is fine): Ready sooner.
+    NotImpaired,
+    /// Do not look at status checks.
+    Skip,
+}
+
+/// FR-052: failed SSH logins tolerated before the session is cleaned up.
+pub const DEFAULT_SSH_RETRIES: u32 = 30;
+/// FR-053: the wait between SSH logins.
+pub const DEFAULT_SSH_RETRY_INTERVAL: Duration = Duration::from_secs(10);
+
+fn default_ssh_retries() -> u32 {
+    DEFAULT_SSH_RETRIES
+}
+
+fn default_ssh_retry_interval() -> Duration {
+    DEFAULT_SSH_RETRY_INTERVAL
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshSettings {
     pub user: String,
     pub port: u16,
-    /// `host:port` to probe instead of the instance's public IP (labs,
+    /// `host:port` to probe instead of the instance's address (labs,
     /// bastions, port forwards).
     pub endpoint_override: Option<String>,
     pub host_key_policy: HostKeyPolicy,
+    /// Failed logins tolerated (sessions stored before this was kept get the default).
+    #[serde(default = "default_ssh_retries")]
+    pub retries: u32,
+    #[serde(default = "default_ssh_retry_interval", with = "duration_ms")]
+    pub retry_interval: Duration,
+    #[serde(default)]
+    pub address: SshAddress,
 }
 
 /// How long each waiting phase may take before the session is cleaned up.
@@ -152,11 +197,13 @@ pub struct Timeouts {
 }
 
 impl Default for Timeouts {
+    /// FR-043/044: poll every 5 s for at most 5 min; FR-058: readiness
+    /// (console keys, SSH, status checks) within 5 min of running.
     fn default() -> Self {
         Timeouts {
             running: Duration::from_secs(300),
             ssh: Duration::from_secs(300),
-            poll_interval: Duration::from_secs(2),
+            poll_interval: Duration::from_secs(5),
         }
     }
 }
@@ -178,6 +225,8 @@ pub struct ProvisionRequest {
     pub iam_instance_profile_arn: Option<String>,
     pub ssh: SshSettings,
     pub timeouts: Timeouts,
+    #[serde(default)]
+    pub status_checks: StatusCheckMode,
 }
 
 /// A request field that cannot work, named as in the YAML config.
@@ -297,6 +346,12 @@ impl ProvisionRequest {
         if self.timeouts.poll_interval < Duration::from_millis(50) {
             return Err(invalid("pollInterval", "must be at least 50ms"));
         }
+        if self.ssh.retries == 0 {
+            return Err(invalid("ssh.retries", "must be at least 1"));
+        }
+        if self.ssh.retry_interval < Duration::from_millis(50) {
+            return Err(invalid("ssh.retryInterval", "must be at least 50ms"));
+        }
         Ok(())
     }
 }
@@ -381,8 +436,12 @@ pub(crate) mod sample {
                 port: 22,
                 endpoint_override: None,
                 host_key_policy: HostKeyPolicy::Console,
+                retries: DEFAULT_SSH_RETRIES,
+                retry_interval: DEFAULT_SSH_RETRY_INTERVAL,
+                address: SshAddress::Auto,
             },
             timeouts: Timeouts::default(),
+            status_checks: StatusCheckMode::Ok,
         }
     }
 }
@@ -441,6 +500,11 @@ mod tests {
             (
                 "pollInterval",
                 Box::new(|r| r.timeouts.poll_interval = Duration::from_millis(1)),
+            ),
+            ("ssh.retries", Box::new(|r| r.ssh.retries = 0)),
+            (
+                "ssh.retryInterval",
+                Box::new(|r| r.ssh.retry_interval = Duration::ZERO),
             ),
         ];
         for (key, spoil) in cases {

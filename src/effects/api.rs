@@ -14,7 +14,7 @@ use std::future::Future;
 use zeroize::Zeroizing;
 
 use crate::error_code::{AwsErrorCode, ErrorClass};
-use crate::machine::ImageChoice;
+use crate::machine::{ImageChoice, StatusReport};
 use crate::request::{AmiSelector, KeyAlgorithm, ProvisionRequest};
 
 /// A failed call: which action, EC2's code (none for timeouts and dropped
@@ -139,6 +139,22 @@ pub trait Ec2Api: Send + Sync + 'static {
     ) -> impl Future<Output = Ec2Result<Option<InstanceView>>> + Send {
         let ids = [id.to_string()];
         async move { Ok(self.describe_instances(&ids).await?.remove(&ids[0])) }
+    }
+
+    /// DescribeInstanceStatus (`IncludeAllInstances`) for each of `ids`; an
+    /// id EC2 does not list is absent.
+    fn describe_instance_statuses(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, StatusReport>>> + Send;
+
+    /// One instance's status checks; layers may share the call.
+    fn instance_status(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Ec2Result<Option<StatusReport>>> + Send {
+        let ids = [id.to_string()];
+        async move { Ok(self.describe_instance_statuses(&ids).await?.remove(&ids[0])) }
     }
 
     /// Ids of instances tagged with the session that are not (yet) shutting

@@ -1,16 +1,18 @@
-//! DescribeInstances shared by every session of one process, after
-//! Karpenter's batcher: polls that arrive close together become one call.
+//! DescribeInstances and DescribeInstanceStatus shared by every session of
+//! one process, after Karpenter's batcher: polls that arrive close together
+//! become one call.
 //!
 //! EC2 throttles Describe calls per account and region (about 100 burst,
 //! 20/s refill), and 1,000 sessions each polling every 2 s would ask 500/s.
 //!
-//! A layer over any [`Ec2Api`]: `describe_instance` is batched, every
-//! other call passes through.
+//! A layer over any [`Ec2Api`]: `describe_instance` and
+//! `instance_status` are batched, every other call passes through.
 //!
 //! Invariant: every caller's answer comes from a call sent after it asked,
 //! and a call that fails answers everyone in it with that failure.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::api::{Ec2Api, Ec2Result, InstanceView, LaunchSpec, malformed};
-use crate::machine::ImageChoice;
+use crate::machine::{ImageChoice, StatusReport};
 use crate::request::{AmiSelector, KeyAlgorithm};
 
 /// When a batch is sent: `idle` after its newest id, `max_wait` after its
@@ -43,17 +45,19 @@ impl Default for BatchWindow {
     }
 }
 
-/// The batching layer: clones share one batch.
-pub struct Batched<A> {
+/// The batching layer: clones share its batches.
+pub struct Batched<A: Ec2Api> {
     inner: Arc<A>,
-    batcher: Arc<DescribeBatcher<A>>,
+    instances: Arc<Batcher<A, Instances>>,
+    statuses: Arc<Batcher<A, Statuses>>,
 }
 
-impl<A> Clone for Batched<A> {
+impl<A: Ec2Api> Clone for Batched<A> {
     fn clone(&self) -> Self {
         Batched {
             inner: Arc::clone(&self.inner),
-            batcher: Arc::clone(&self.batcher),
+            instances: Arc::clone(&self.instances),
+            statuses: Arc::clone(&self.statuses),
         }
     }
 }
@@ -62,11 +66,15 @@ impl<A: Ec2Api> Batched<A> {
     pub fn new(inner: A, window: BatchWindow) -> Batched<A> {
         let inner = Arc::new(inner);
         Batched {
-            batcher: Arc::new(DescribeBatcher {
-                api: Arc::clone(&inner),
-                window,
-                open: Mutex::new(None),
-            }),
+            instances: Batcher::new(&inner, window),
+            // DescribeInstanceStatus takes at most 100 instance ids.
+            statuses: Batcher::new(
+                &inner,
+                BatchWindow {
+                    max_ids: window.max_ids.min(100),
+                    ..window
+                },
+            ),
             inner,
         }
     }
@@ -76,24 +84,68 @@ impl<A: Ec2Api> Batched<A> {
     }
 }
 
-type Answer = Ec2Result<Option<InstanceView>>;
+/// A describe call that takes many ids and answers for each.
+trait BatchedCall<A>: Send + Sync + 'static {
+    type Item: Clone + Send + 'static;
+    const ACTION: &'static str;
+    fn call(
+        api: &A,
+        ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, Self::Item>>> + Send;
+}
 
-struct DescribeBatcher<A> {
+struct Instances;
+
+impl<A: Ec2Api> BatchedCall<A> for Instances {
+    type Item = InstanceView;
+    const ACTION: &'static str = "DescribeInstances";
+    fn call(
+        api: &A,
+        ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, InstanceView>>> + Send {
+        api.describe_instances(ids)
+    }
+}
+
+struct Statuses;
+
+impl<A: Ec2Api> BatchedCall<A> for Statuses {
+    type Item = StatusReport;
+    const ACTION: &'static str = "DescribeInstanceStatus";
+    fn call(
+        api: &A,
+        ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, StatusReport>>> + Send {
+        api.describe_instance_statuses(ids)
+    }
+}
+
+type Answer<T> = Ec2Result<Option<T>>;
+
+struct Batcher<A, C: BatchedCall<A>> {
     api: Arc<A>,
     window: BatchWindow,
-    open: Mutex<Option<OpenBatch>>,
+    open: Mutex<Option<OpenBatch<C::Item>>>,
 }
 
 /// The batch that is still taking ids; a flusher task owns its sending.
-struct OpenBatch {
-    waiters: HashMap<String, Vec<oneshot::Sender<Answer>>>,
+struct OpenBatch<T> {
+    waiters: HashMap<String, Vec<oneshot::Sender<Answer<T>>>>,
     first: Instant,
     newest: Instant,
     full: Arc<Notify>,
 }
 
-impl<A: Ec2Api> DescribeBatcher<A> {
-    fn open(&self) -> MutexGuard<'_, Option<OpenBatch>> {
+impl<A: Ec2Api, C: BatchedCall<A>> Batcher<A, C> {
+    fn new(api: &Arc<A>, window: BatchWindow) -> Arc<Batcher<A, C>> {
+        Arc::new(Batcher {
+            api: Arc::clone(api),
+            window,
+            open: Mutex::new(None),
+        })
+    }
+
+    fn open(&self) -> MutexGuard<'_, Option<OpenBatch<C::Item>>> {
         // Only plain map and clock updates happen under the lock: a panic
         // there cannot leave it half-changed in a way that matters.
         self.open
@@ -101,8 +153,8 @@ impl<A: Ec2Api> DescribeBatcher<A> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// What EC2 says of `instance_id`, from the next batched call.
-    async fn describe(self: &Arc<Self>, instance_id: &str) -> Answer {
+    /// What EC2 says of `id`, from the next batched call.
+    async fn describe(self: &Arc<Self>, id: &str) -> Answer<C::Item> {
         let (answer, answered) = oneshot::channel();
         {
             let mut open = self.open();
@@ -111,7 +163,7 @@ impl<A: Ec2Api> DescribeBatcher<A> {
                 Some(batch) => {
                     batch
                         .waiters
-                        .entry(instance_id.to_string())
+                        .entry(id.to_string())
                         .or_default()
                         .push(answer);
                     batch.newest = now;
@@ -122,7 +174,7 @@ impl<A: Ec2Api> DescribeBatcher<A> {
                 None => {
                     let full = Arc::new(Notify::new());
                     *open = Some(OpenBatch {
-                        waiters: HashMap::from([(instance_id.to_string(), vec![answer])]),
+                        waiters: HashMap::from([(id.to_string(), vec![answer])]),
                         first: now,
                         newest: now,
                         full: full.clone(),
@@ -131,12 +183,9 @@ impl<A: Ec2Api> DescribeBatcher<A> {
                 }
             }
         }
-        answered.await.unwrap_or_else(|_| {
-            Err(malformed(
-                "DescribeInstances",
-                "the batched call was abandoned",
-            ))
-        })
+        answered
+            .await
+            .unwrap_or_else(|_| Err(malformed(C::ACTION, "the batched call was abandoned")))
     }
 
     async fn send_when_due(self: Arc<Self>, full: Arc<Notify>) {
@@ -162,11 +211,11 @@ impl<A: Ec2Api> DescribeBatcher<A> {
             return;
         };
         // Ids may still have joined after the batch filled: one call per
-        // `max_ids`, the most values a filter takes.
+        // `max_ids`, the most values a call takes.
         let ids: Vec<String> = batch.waiters.keys().cloned().collect();
         let mut waiters = batch.waiters;
         for chunk in ids.chunks(self.window.max_ids.max(1)) {
-            let answers = self.api.describe_instances(chunk).await;
+            let answers = C::call(&self.api, chunk).await;
             for id in chunk {
                 let answer = match &answers {
                     Ok(found) => Ok(found.get(id).cloned()),
@@ -183,7 +232,18 @@ impl<A: Ec2Api> DescribeBatcher<A> {
 
 impl<A: Ec2Api> Ec2Api for Batched<A> {
     async fn describe_instance(&self, id: &str) -> Ec2Result<Option<InstanceView>> {
-        self.batcher.describe(id).await
+        self.instances.describe(id).await
+    }
+
+    async fn instance_status(&self, id: &str) -> Ec2Result<Option<StatusReport>> {
+        self.statuses.describe(id).await
+    }
+
+    async fn describe_instance_statuses(
+        &self,
+        ids: &[String],
+    ) -> Ec2Result<HashMap<String, StatusReport>> {
+        self.inner.describe_instance_statuses(ids).await
     }
 
     async fn find_image(&self, ami: &AmiSelector) -> Ec2Result<Option<ImageChoice>> {

@@ -8,9 +8,11 @@
 //! deletes and terminates of what is gone change nothing.
 
 use super::api::{Ec2Api, Ec2Failure, InstanceState, InstanceView, LaunchSpec};
-use super::console;
+use super::{console, known_hosts};
 use crate::error_code::{AwsErrorCode, ErrorClass, LocalRefusal, RejectionCode};
-use crate::machine::{ClientToken, ImageChoice, Input, SessionContext, Timestamp};
+use crate::machine::{
+    CheckState, ClientToken, ImageChoice, Input, SessionContext, StatusReport, Timestamp,
+};
 use crate::request::AmiSelector;
 
 /// `acode=true`, the session id, the creation time and the caller's tags.
@@ -154,6 +156,24 @@ fn instance_input(view: InstanceView) -> Input {
     }
 }
 
+/// What EC2's status checks say; an instance not listed yet (or not
+/// known yet) is reported as such, not as a failure.
+pub async fn describe_instance_status(api: &impl Ec2Api, instance_id: &str) -> Input {
+    let not_reported = StatusReport {
+        system: CheckState::NotReported,
+        instance: CheckState::NotReported,
+    };
+    match api.instance_status(instance_id).await {
+        Ok(report) => Input::StatusChecksReported {
+            report: report.unwrap_or(not_reported),
+        },
+        Err(failure) if failure.class == ErrorClass::NotFound => Input::StatusChecksReported {
+            report: not_reported,
+        },
+        Err(failure) => failed(failure),
+    }
+}
+
 /// The host keys cloud-init printed. `Latest=true` gives live output but
 /// only on Nitro types; older (Xen) types refuse it, so a refusal is asked
 /// again for the buffered output, which is all they have.
@@ -223,10 +243,15 @@ pub async fn terminate(
         }
     }
     if known_not_found {
-        Input::InstanceNotFound
-    } else {
-        Input::InstanceTerminated
+        return Input::InstanceNotFound;
     }
+    // The instance's host key is trusted no more.
+    if let Err(e) = known_hosts::remove(&ctx.known_hosts_path()) {
+        return Input::TransientFailure {
+            message: format!("cannot remove {}: {e}", ctx.known_hosts_path()),
+        };
+    }
+    Input::InstanceTerminated
 }
 
 /// Cleanup retries whatever went wrong (a missing permission may be fixed).

@@ -14,6 +14,7 @@ pub mod console;
 pub mod describe_batch;
 pub mod ec2;
 pub mod keys;
+pub mod known_hosts;
 pub mod sdk;
 pub mod ssh;
 
@@ -24,6 +25,7 @@ use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 
+use crate::error_code::LocalRefusal;
 use crate::machine::{Effect, Input, SessionContext, Timestamp};
 use crate::net_guard::{ConnectGuard, GuardError};
 use api::Ec2Api;
@@ -131,6 +133,9 @@ impl<A: Ec2Api> Effects for AwsEffects<A> {
             Effect::DescribeInstance { instance_id } => {
                 ec2::describe_instance(api, instance_id).await
             }
+            Effect::DescribeInstanceStatus { instance_id } => {
+                ec2::describe_instance_status(api, instance_id).await
+            }
             Effect::ReadConsoleHostKeys { instance_id } => {
                 ec2::read_console_host_keys(api, instance_id).await
             }
@@ -139,15 +144,26 @@ impl<A: Ec2Api> Effects for AwsEffects<A> {
                 user,
                 private_key_path,
                 trusted,
+                known_hosts_path,
             } => {
-                ssh::probe(
-                    self.guard,
+                let probe = ssh::Probe {
                     endpoint,
                     user,
-                    private_key_path.as_deref(),
-                    trusted.as_ref(),
-                )
-                .await
+                    private_key_path: private_key_path.as_deref(),
+                    trusted: trusted.as_ref(),
+                };
+                let input = ssh::probe(self.guard, probe).await;
+                if let (Input::SshReady { host_key, .. }, Some(path)) = (&input, known_hosts_path)
+                    && let Err(e) = known_hosts::write(path, endpoint, host_key)
+                {
+                    return Input::Rejected {
+                        code: LocalRefusal::KeyFile.into(),
+                        message: format!(
+                            "cannot write known_hosts file {path}: {e}; check the key folder and its permissions"
+                        ),
+                    };
+                }
+                input
             }
             Effect::TerminateInstance { instance_id } => {
                 ec2::terminate(api, ctx, instance_id.as_deref()).await

@@ -13,9 +13,9 @@ use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     Instance, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, KeyFormat, KeyType,
-    MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
-    VolumeType,
+    InstanceMetadataOptionsRequest, InstanceStateName, InstanceStatusSummary, InstanceType,
+    KeyFormat, KeyType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions,
+    SummaryStatus, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine as _;
 use zeroize::Zeroizing;
@@ -24,7 +24,7 @@ use super::api::{
     Ec2Api, Ec2Failure, Ec2Result, InstanceState, InstanceView, LaunchSpec, malformed,
 };
 use crate::error_code::{AwsErrorCode, ErrorClass};
-use crate::machine::ImageChoice;
+use crate::machine::{CheckState, ImageChoice, StatusReport};
 use crate::request::{AmiSelector, KeyAlgorithm};
 
 /// aws-sdk-ec2, one client shared by every session of a process.
@@ -114,6 +114,18 @@ fn view_of(instance: &Instance) -> InstanceView {
         state,
         public_ip: instance.public_ip_address().map(str::to_string),
         private_ip: instance.private_ip_address().map(str::to_string),
+    }
+}
+
+fn check_state(summary: Option<&InstanceStatusSummary>) -> CheckState {
+    match summary.and_then(|s| s.status()) {
+        Some(SummaryStatus::Ok) => CheckState::Ok,
+        Some(SummaryStatus::Initializing) => CheckState::Initializing,
+        Some(SummaryStatus::Impaired) => CheckState::Impaired,
+        Some(SummaryStatus::NotApplicable) => CheckState::NotApplicable,
+        None => CheckState::NotReported,
+        // `insufficient-data`, and any state this SDK does not know yet.
+        Some(_) => CheckState::InsufficientData,
     }
 }
 
@@ -333,6 +345,33 @@ impl Ec2Api for SdkEc2 {
             for instance in page.reservations().iter().flat_map(|r| r.instances()) {
                 if let Some(id) = instance.instance_id() {
                     found.insert(id.to_string(), view_of(instance));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn describe_instance_statuses(
+        &self,
+        ids: &[String],
+    ) -> Ec2Result<HashMap<String, StatusReport>> {
+        let mut pages = self
+            .client
+            .describe_instance_status()
+            .set_instance_ids(Some(ids.to_vec()))
+            .include_all_instances(true)
+            .into_paginator()
+            .send();
+        let mut found = HashMap::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| failure("DescribeInstanceStatus", e))?;
+            for status in page.instance_statuses() {
+                if let Some(id) = status.instance_id() {
+                    let report = StatusReport {
+                        system: check_state(status.system_status()),
+                        instance: check_state(status.instance_status()),
+                    };
+                    found.insert(id.to_string(), report);
                 }
             }
         }

@@ -18,9 +18,16 @@ use crate::request::parse_host_port;
 /// How long one probe may take, connect to login.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The key the server presented: its fingerprint, and `algorithm base64`.
+#[derive(Clone)]
+struct Presented {
+    fingerprint: String,
+    key: String,
+}
+
 struct HostKeyCheck {
     trusted: Option<ConsoleFingerprints>,
-    presented: Arc<Mutex<Option<String>>>,
+    presented: Arc<Mutex<Option<Presented>>>,
 }
 
 impl client::Handler for HostKeyCheck {
@@ -35,8 +42,18 @@ impl client::Handler for HostKeyCheck {
         };
         let print = key.fingerprint(HashAlg::Sha256).to_string();
         let accepted = self.trusted.as_ref().is_none_or(|t| t.0.contains(&print));
+        // known_hosts wants the key without its comment.
+        let line = key.to_openssh().unwrap_or_default();
+        let key = line
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
         if let Ok(mut slot) = self.presented.lock() {
-            *slot = Some(print);
+            *slot = Some(Presented {
+                fingerprint: print,
+                key,
+            });
         }
         Ok(accepted)
     }
@@ -48,33 +65,33 @@ fn not_ready(reason: impl Into<String>) -> Input {
     }
 }
 
-pub async fn probe(
-    guard: ConnectGuard,
-    endpoint: &str,
-    user: &str,
-    private_key_path: Option<&str>,
-    trusted: Option<&ConsoleFingerprints>,
-) -> Input {
-    match tokio::time::timeout(
-        PROBE_TIMEOUT,
-        probe_once(guard, endpoint, user, private_key_path, trusted),
-    )
-    .await
-    {
+/// One SSH readiness check.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe<'a> {
+    pub endpoint: &'a str,
+    pub user: &'a str,
+    pub private_key_path: Option<&'a str>,
+    /// `None` only under the insecure accept-any policy.
+    pub trusted: Option<&'a ConsoleFingerprints>,
+}
+
+pub async fn probe(guard: ConnectGuard, probe: Probe<'_>) -> Input {
+    match tokio::time::timeout(PROBE_TIMEOUT, probe_once(guard, probe)).await {
         Ok(input) => input,
         Err(_) => not_ready(format!(
-            "no SSH answer from {endpoint} within {PROBE_TIMEOUT:?}"
+            "no SSH answer from {} within {PROBE_TIMEOUT:?}",
+            probe.endpoint
         )),
     }
 }
 
-async fn probe_once(
-    guard: ConnectGuard,
-    endpoint: &str,
-    user: &str,
-    private_key_path: Option<&str>,
-    trusted: Option<&ConsoleFingerprints>,
-) -> Input {
+async fn probe_once(guard: ConnectGuard, probe: Probe<'_>) -> Input {
+    let Probe {
+        endpoint,
+        user,
+        private_key_path,
+        trusted,
+    } = probe;
     let Some((host, port)) = parse_host_port(endpoint) else {
         return Input::Rejected {
             code: LocalRefusal::SshEndpoint.into(),
@@ -125,18 +142,18 @@ async fn probe_once(
         Err(e) => {
             let seen = presented.lock().ok().and_then(|p| p.clone());
             return match (seen, trusted) {
-                (Some(print), Some(t)) if !t.0.contains(&print) => {
-                    Input::HostKeyMismatch { presented: print }
+                (Some(seen), Some(t)) if !t.0.contains(&seen.fingerprint) => {
+                    Input::HostKeyMismatch {
+                        presented: seen.fingerprint,
+                    }
                 }
                 _ => not_ready(format!("SSH handshake with {endpoint} failed: {e}")),
             };
         }
     };
-    let host_key_fingerprint = presented
-        .lock()
-        .ok()
-        .and_then(|p| p.clone())
-        .unwrap_or_default();
+    let Some(host_key) = presented.lock().ok().and_then(|p| p.clone()) else {
+        return not_ready(format!("{endpoint} presented no host key"));
+    };
     let Some(path) = private_key_path else {
         return Input::Rejected {
             code: LocalRefusal::SshKey.into(),
@@ -165,7 +182,8 @@ async fn probe_once(
         .await;
     match outcome {
         Ok(AuthResult::Success) => Input::SshReady {
-            host_key_fingerprint,
+            host_key_fingerprint: host_key.fingerprint,
+            host_key: host_key.key,
         },
         // cloud-init may not have installed the key yet: keep polling.
         Ok(AuthResult::Failure { .. }) => not_ready(format!(

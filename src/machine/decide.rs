@@ -6,6 +6,7 @@
 use super::guard::{Guard, Guards};
 use super::*;
 use crate::error_code::RejectionCode;
+use crate::request::{SshAddress, StatusCheckMode};
 
 /// A handler's verdict before it is settled into a [`Step`].
 pub(super) struct Decision {
@@ -253,7 +254,10 @@ fn waiting_for_running(
                     .because(past.and(Guard::NoFallback)),
             }
         }
-        Input::InstanceRunning { public_ip, .. } => running(ctx, p, public_ip, now),
+        Input::InstanceRunning {
+            public_ip,
+            private_ip,
+        } => running(ctx, p, public_ip, private_ip, now),
         Input::InstanceGone { state } => match &p.on_demand_fallback {
             Some(next) => {
                 let reason = format!("spot instance {id} went {state} before it was running");
@@ -266,30 +270,45 @@ fn waiting_for_running(
     })
 }
 
-/// The instance runs: probe SSH where it can be reached.
+/// The instance runs: check SSH where it can be reached, and its status
+/// checks, side by side.
 fn running(
     ctx: &SessionContext,
     p: &WaitingForRunning,
     public_ip: Option<String>,
+    private_ip: Option<String>,
     now: Timestamp,
 ) -> Decision {
-    let Some(ssh_endpoint) = ssh_endpoint(ctx, public_ip.as_deref()) else {
-        let reason = format!(
-            "instance {} has no public IP and no ssh.endpointOverride is set",
-            p.instance.instance_id
-        );
-        return instance_cleanup(&p.instance, failure(reason)).because(Guard::Unreachable);
+    let ssh_endpoint = match ssh_endpoint(ctx, public_ip.as_deref(), private_ip.as_deref()) {
+        Ok(endpoint) => endpoint,
+        Err(missing) => {
+            let reason = format!("instance {} {missing}", p.instance.instance_id);
+            return instance_cleanup(&p.instance, failure(reason)).because(Guard::Unreachable);
+        }
     };
     let trusted_host_keys = match &ctx.request.ssh.host_key_policy {
         HostKeyPolicy::Pinned(prints) => Some(ConsoleFingerprints(prints.clone())),
         HostKeyPolicy::Console | HostKeyPolicy::InsecureAcceptAny => None,
     };
+    let status = match ctx.request.status_checks {
+        StatusCheckMode::Skip => StatusTrack::Done,
+        StatusCheckMode::Ok | StatusCheckMode::NotImpaired => StatusTrack::Waiting {
+            due: now,
+            last: None,
+        },
+    };
     Decision::go(ProvisionPhase::WaitingForSsh(WaitingForSsh {
         instance: p.instance.clone(),
         public_ip,
+        private_ip,
         ssh_endpoint,
         trusted_host_keys,
         deadline: now.plus(ctx.request.timeouts.ssh),
+        ssh: SshTrack {
+            due: now,
+            ..SshTrack::default()
+        },
+        status,
     }))
     .because(Guard::Reachable)
 }
@@ -326,42 +345,157 @@ fn waiting_for_ssh(
     input: Input,
     now: Timestamp,
 ) -> Option<Decision> {
-    let give_up = |reason: String| instance_cleanup(&p.instance, failure(reason));
     let id = &p.instance.instance_id;
+    let give_up = |reason: String| instance_cleanup(&p.instance, failure(reason));
+    let mut next = p.clone();
     Some(match input {
         Input::ConsoleHostKeys { fingerprints } => {
-            Decision::go(ProvisionPhase::WaitingForSsh(WaitingForSsh {
-                trusted_host_keys: Some(fingerprints),
-                ..p.clone()
-            }))
+            next.trusted_host_keys = Some(fingerprints);
+            next.ssh.due = now;
+            still_waiting(next)
         }
-        Input::ConsoleNotReady | Input::SshNotReady { .. } if now < p.deadline => {
-            Decision::poll(&ProvisionPhase::WaitingForSsh(p.clone()), poll_at(ctx, now))
-                .because(Guard::BeforeDeadline)
+        Input::ConsoleNotReady if now < p.deadline => {
+            next.ssh.due = poll_at(ctx, now);
+            still_waiting(next).because(Guard::BeforeDeadline)
         }
         Input::ConsoleNotReady => give_up(format!(
-            "instance {id} printed no SSH host keys to its console in time"
+            "instance {id} printed no SSH host keys to its console in time{}",
+            status_note(p)
         ))
         .because(Guard::PastDeadline),
-        Input::SshNotReady { reason } => give_up(format!(
-            "instance {id} did not accept SSH in time (last: {reason})"
-        ))
-        .because(Guard::PastDeadline),
+        Input::SshNotReady { reason } => ssh_failed(ctx, next, reason, now),
         Input::SshReady {
             host_key_fingerprint,
-        } => Decision::go(ProvisionPhase::Ready(Ready {
-            instance: p.instance.clone(),
-            public_ip: p.public_ip.clone(),
-            ssh_endpoint: p.ssh_endpoint.clone(),
-            host_key_fingerprint,
-        })),
+            host_key,
+        } => {
+            next.ssh.verified = Some(VerifiedHostKey {
+                fingerprint: host_key_fingerprint,
+                public_key: host_key,
+            });
+            let checks = match next.status {
+                StatusTrack::Done => Guard::ChecksPassed,
+                StatusTrack::Waiting { .. } => Guard::ChecksPending,
+            };
+            ready_or_waiting(next).because(checks)
+        }
         Input::HostKeyMismatch { presented } => give_up(format!(
             "SSH host key {presented} at {} is not one the instance printed to its console: \
              possible man in the middle, instance {id} terminated",
             p.ssh_endpoint
         )),
+        Input::StatusChecksReported { report } => status_reported(ctx, next, report, now),
         _ => return None,
     })
+}
+
+/// A login failed: try again after `ssh.retryInterval`, until `ssh.retries`
+/// logins have failed or the readiness deadline passes.
+fn ssh_failed(
+    ctx: &SessionContext,
+    mut next: WaitingForSsh,
+    reason: String,
+    now: Timestamp,
+) -> Decision {
+    let ssh = &ctx.request.ssh;
+    next.ssh.failures += 1;
+    let id = &next.instance.instance_id;
+    if next.ssh.failures >= ssh.retries {
+        let why = format!(
+            "instance {id} refused SSH {} times (ssh.retries), last: {reason}{}",
+            next.ssh.failures,
+            status_note(&next)
+        );
+        return instance_cleanup(&next.instance, failure(why)).because(Guard::ProbesSpent);
+    }
+    let tries_left = Guards::from(Guard::ProbesLeft);
+    if now >= next.deadline {
+        let why = format!(
+            "instance {id} did not accept SSH in time (last: {reason}){}",
+            status_note(&next)
+        );
+        return instance_cleanup(&next.instance, failure(why))
+            .because(tries_left.and(Guard::PastDeadline));
+    }
+    next.ssh.due = now.plus(ssh.retry_interval);
+    next.ssh.last_error = Some(reason);
+    still_waiting(next).because(tries_left.and(Guard::BeforeDeadline))
+}
+
+/// EC2's status checks answered: passed as `statusChecks` asks, or polled
+/// again until the readiness deadline.
+fn status_reported(
+    ctx: &SessionContext,
+    mut next: WaitingForSsh,
+    report: StatusReport,
+    now: Timestamp,
+) -> Decision {
+    let passed = match ctx.request.status_checks {
+        StatusCheckMode::Ok => report.system == CheckState::Ok && report.instance == CheckState::Ok,
+        StatusCheckMode::NotImpaired => {
+            report.system != CheckState::Impaired && report.instance != CheckState::Impaired
+        }
+        StatusCheckMode::Skip => true,
+    };
+    if passed {
+        next.status = StatusTrack::Done;
+        let ssh = match next.ssh.verified {
+            Some(_) => Guard::SshVerified,
+            None => Guard::SshPending,
+        };
+        return ready_or_waiting(next).because(Guards::from(Guard::ChecksPassed).and(ssh));
+    }
+    let pending = Guards::from(Guard::ChecksPending);
+    if now >= next.deadline {
+        let hint =
+            if report.system == CheckState::Impaired || report.instance == CheckState::Impaired {
+                "EC2 found a problem with the instance or its host: try again (a new instance), \
+             or another instance type"
+            } else {
+                "they usually pass one to three minutes after boot: raise sshTimeout, or set \
+             statusChecks: not-impaired (or skip) not to wait for them"
+            };
+        let why = format!(
+            "instance {}'s EC2 status checks did not pass in time ({report}); {hint}",
+            next.instance.instance_id
+        );
+        return instance_cleanup(&next.instance, failure(why))
+            .because(pending.and(Guard::PastDeadline));
+    }
+    next.status = StatusTrack::Waiting {
+        due: poll_at(ctx, now),
+        last: Some(report),
+    };
+    still_waiting(next).because(pending.and(Guard::BeforeDeadline))
+}
+
+/// Ready once both checks have passed; else the next check when it is due.
+fn ready_or_waiting(next: WaitingForSsh) -> Decision {
+    match (&next.ssh.verified, &next.status) {
+        (Some(verified), StatusTrack::Done) => Decision::go(ProvisionPhase::Ready(Ready {
+            instance: next.instance.clone(),
+            public_ip: next.public_ip.clone(),
+            private_ip: next.private_ip.clone(),
+            ssh_endpoint: next.ssh_endpoint.clone(),
+            host_key_fingerprint: verified.fingerprint.clone(),
+            host_key: verified.public_key.clone(),
+        })),
+        _ => still_waiting(next),
+    }
+}
+
+fn still_waiting(next: WaitingForSsh) -> Decision {
+    let (_, due) = next.next_check();
+    Decision::poll(&ProvisionPhase::WaitingForSsh(next), due)
+}
+
+/// What the status checks said last, for an error about the SSH side.
+fn status_note(p: &WaitingForSsh) -> String {
+    match &p.status {
+        StatusTrack::Waiting {
+            last: Some(report), ..
+        } => format!(" (EC2 status checks: {report})"),
+        _ => String::new(),
+    }
 }
 
 fn terminating_instance(
@@ -586,15 +720,35 @@ fn just_launched(at: Option<Timestamp>, now: Timestamp) -> bool {
     at.is_some_and(|at| now < at.plus(LAUNCH_VISIBILITY_GRACE))
 }
 
-/// `host:port` to probe: the override, else the public IP.
-fn ssh_endpoint(ctx: &SessionContext, public_ip: Option<&str>) -> Option<String> {
+/// `host:port` to probe: the override, else the address `ssh.address`
+/// picks; or what is missing, and what to do about it.
+fn ssh_endpoint(
+    ctx: &SessionContext,
+    public_ip: Option<&str>,
+    private_ip: Option<&str>,
+) -> Result<String, String> {
     let ssh = &ctx.request.ssh;
-    match (&ssh.endpoint_override, public_ip) {
-        (Some(endpoint), _) => Some(endpoint.clone()),
-        (None, Some(ip)) if ip.contains(':') => Some(format!("[{ip}]:{}", ssh.port)),
-        (None, Some(ip)) => Some(format!("{ip}:{}", ssh.port)),
-        (None, None) => None,
+    if let Some(endpoint) = &ssh.endpoint_override {
+        return Ok(endpoint.clone());
     }
+    let host = match ssh.address {
+        SshAddress::Auto => public_ip.or(private_ip).ok_or(
+            "has neither a public nor a private IP address; check the subnet, or set \
+             ssh.endpointOverride",
+        ),
+        SshAddress::Public => public_ip.ok_or(
+            "has no public IP (its subnet does not assign one); set ssh.address: private if \
+             this machine reaches the VPC (VPN, peering), use a subnet that assigns public IPs, \
+             or set ssh.endpointOverride to a bastion or port forward",
+        ),
+        SshAddress::Private => private_ip
+            .ok_or("has no private IP address; set ssh.address: public or ssh.endpointOverride"),
+    }?;
+    Ok(if host.contains(':') {
+        format!("[{host}]:{}", ssh.port)
+    } else {
+        format!("{host}:{}", ssh.port)
+    })
 }
 
 fn launch_attempt(

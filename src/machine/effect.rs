@@ -8,7 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use strum::{EnumDiscriminants, EnumIter, IntoStaticStr};
 
-use super::phase::{ConsoleFingerprints, ImageChoice, KeyPairHandle};
+use super::phase::{ConsoleFingerprints, ImageChoice, KeyPairHandle, StatusReport};
 use super::token::ClientToken;
 use crate::error_code::{AwsErrorCode, RejectionCode};
 
@@ -39,13 +39,20 @@ pub enum Effect {
     ReadConsoleHostKeys {
         instance_id: String,
     },
-    /// Connect over SSH, check the host key against `trusted`, authenticate.
+    /// Connect over SSH, check the host key against `trusted`, authenticate;
+    /// on success, write the verified host key to `known_hosts_path`.
     ProbeSsh {
         endpoint: String,
         user: String,
         private_key_path: Option<String>,
         /// `None` only under the insecure accept-any policy.
         trusted: Option<ConsoleFingerprints>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        known_hosts_path: Option<String>,
+    },
+    /// DescribeInstanceStatus (system and instance status checks).
+    DescribeInstanceStatus {
+        instance_id: String,
     },
     /// TerminateInstances on the instance, and on any other live instance
     /// tagged with the session (all of them when the id is unknown). It
@@ -108,6 +115,13 @@ pub enum Input {
     ConsoleNotReady,
     SshReady {
         host_key_fingerprint: String,
+        /// The presented key, `algorithm base64` (empty in logs written
+        /// before it was kept).
+        #[serde(default)]
+        host_key: String,
+    },
+    StatusChecksReported {
+        report: StatusReport,
     },
     SshNotReady {
         reason: String,
@@ -182,6 +196,7 @@ impl Effect {
             self,
             Effect::ValidateRequest
                 | Effect::DescribeInstance { .. }
+                | Effect::DescribeInstanceStatus { .. }
                 | Effect::ReadConsoleHostKeys { .. }
                 | Effect::ProbeSsh { .. }
         )
@@ -215,6 +230,9 @@ impl Effect {
                 Rejected,
                 TransientFailure,
             ],
+            Effect::DescribeInstanceStatus { .. } => {
+                &[StatusChecksReported, Rejected, TransientFailure]
+            }
             Effect::TerminateInstance {
                 instance_id: Some(_),
             } => &[InstanceTerminated, InstanceNotFound, TransientFailure],

@@ -39,6 +39,15 @@ pub enum Guard {
     /// The instance has an address to probe (or an endpoint override is set).
     Reachable,
     Unreachable,
+    /// Fewer failed SSH logins than `ssh.retries`.
+    ProbesLeft,
+    ProbesSpent,
+    /// EC2's status checks say what `statusChecks` asks (or are skipped).
+    ChecksPassed,
+    ChecksPending,
+    /// An SSH login worked against a trusted host key.
+    SshVerified,
+    SshPending,
     /// Teardown asked of a session that is already cleaning up.
     AlreadyCleaningUp,
     /// The session created the key pair, so cleanup deletes it.
@@ -70,6 +79,12 @@ impl Guard {
             Guard::OnTeardown => "on teardown".into(),
             Guard::Reachable => "has an address".into(),
             Guard::Unreachable => "no address".into(),
+            Guard::ProbesLeft => "SSH tries left".into(),
+            Guard::ProbesSpent => "ssh.retries spent".into(),
+            Guard::ChecksPassed => "status checks passed".into(),
+            Guard::ChecksPending => "status checks pending".into(),
+            Guard::SshVerified => "SSH verified".into(),
+            Guard::SshPending => "SSH pending".into(),
             Guard::JustLaunched => "just launched".into(),
             Guard::GraceOver => "grace over".into(),
             Guard::AlreadyCleaningUp => "already cleaning up".into(),

@@ -37,7 +37,9 @@ pub use token::ClientToken;
 use crate::request::{HostKeyPolicy, KeyPairMode, ProvisionRequest};
 
 /// Milliseconds since the Unix epoch, always passed in by the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
@@ -93,6 +95,16 @@ impl SessionContext {
     pub fn owned_key_path(&self) -> String {
         format!(
             "{}/acode-{}.pem",
+            self.key_dir.trim_end_matches('/'),
+            self.session_id
+        )
+    }
+
+    /// The session's known_hosts file (beside its key file): the verified
+    /// host key, for the user's own `ssh`.
+    pub fn known_hosts_path(&self) -> String {
+        format!(
+            "{}/acode-{}.known_hosts",
             self.key_dir.trim_end_matches('/'),
             self.session_id
         )
@@ -256,18 +268,20 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
         }),
         ProvisionPhase::WaitingForSsh(p) => {
             let insecure = ctx.request.ssh.host_key_policy == HostKeyPolicy::InsecureAcceptAny;
-            if p.trusted_host_keys.is_none() && !insecure {
-                Some(Effect::ReadConsoleHostKeys {
-                    instance_id: p.instance.instance_id.clone(),
-                })
-            } else {
-                Some(Effect::ProbeSsh {
+            let instance_id = p.instance.instance_id.clone();
+            Some(match p.next_check().0 {
+                ReadinessCheck::StatusChecks => Effect::DescribeInstanceStatus { instance_id },
+                ReadinessCheck::Ssh if p.trusted_host_keys.is_none() && !insecure => {
+                    Effect::ReadConsoleHostKeys { instance_id }
+                }
+                ReadinessCheck::Ssh => Effect::ProbeSsh {
                     endpoint: p.ssh_endpoint.clone(),
                     user: ctx.request.ssh.user.clone(),
                     private_key_path: p.instance.key.private_key_path.clone(),
                     trusted: p.trusted_host_keys.clone(),
-                })
-            }
+                    known_hosts_path: Some(ctx.known_hosts_path()),
+                },
+            })
         }
         ProvisionPhase::TerminatingInstance(p) => Some(Effect::TerminateInstance {
             instance_id: p.instance_id.clone(),

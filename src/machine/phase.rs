@@ -91,24 +91,148 @@ pub struct AbandoningSpot {
     pub reason: String,
 }
 
+/// One EC2 status check (system or instance), as DescribeInstanceStatus says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckState {
+    Ok,
+    Initializing,
+    Impaired,
+    InsufficientData,
+    NotApplicable,
+    /// The instance is not listed (yet).
+    NotReported,
+}
+
+impl CheckState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Ok => "ok",
+            CheckState::Initializing => "initializing",
+            CheckState::Impaired => "impaired",
+            CheckState::InsufficientData => "insufficient-data",
+            CheckState::NotApplicable => "not-applicable",
+            CheckState::NotReported => "not reported",
+        }
+    }
+}
+
+/// What EC2's status checks say of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub system: CheckState,
+    pub instance: CheckState,
+}
+
+impl fmt::Display for StatusReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "system status {}, instance status {}",
+            self.system.as_str(),
+            self.instance.as_str()
+        )
+    }
+}
+
+/// The host key an SSH login was made with, after it matched a trusted fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedHostKey {
+    pub fingerprint: String,
+    /// `algorithm base64`, as a known_hosts line carries it.
+    pub public_key: String,
+}
+
+/// The SSH side of readiness: host keys from the console, then a login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SshTrack {
+    /// Set once a login worked against a trusted host key.
+    pub verified: Option<VerifiedHostKey>,
+    /// Failed logins so far (at most `ssh.retries`).
+    pub failures: u32,
+    /// When the next console read or login runs (`Timestamp(0)`: at once).
+    pub due: Timestamp,
+    /// Why the last login failed, for the error if they run out.
+    pub last_error: Option<String>,
+}
+
+/// The EC2 status-check side of readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "checks", rename_all = "snake_case")]
+pub enum StatusTrack {
+    /// Passed, or not asked for (`statusChecks: skip`, or a session stored
+    /// before status checks existed).
+    #[default]
+    Done,
+    Waiting {
+        due: Timestamp,
+        last: Option<StatusReport>,
+    },
+}
+
+/// The two checks readiness needs, polled side by side: SSH (console host
+/// keys, then a verified login) and EC2's status checks. Each has its own
+/// cadence; the one due first runs next.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaitingForSsh {
     pub instance: LaunchedInstance,
     pub public_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
     /// `host:port` the probe connects to.
     pub ssh_endpoint: String,
     /// Known once the console (or the pinned config) has told us.
     pub trusted_host_keys: Option<ConsoleFingerprints>,
+    /// FR-058: readiness must be reached by then.
     pub deadline: Timestamp,
+    #[serde(default)]
+    pub ssh: SshTrack,
+    #[serde(default)]
+    pub status: StatusTrack,
+}
+
+/// Which of the two readiness checks runs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadinessCheck {
+    Ssh,
+    StatusChecks,
+}
+
+impl WaitingForSsh {
+    /// The check to run next and when: the one due first (SSH on a tie).
+    pub fn next_check(&self) -> (ReadinessCheck, Timestamp) {
+        let ssh = self
+            .ssh
+            .verified
+            .is_none()
+            .then_some((ReadinessCheck::Ssh, self.ssh.due));
+        let status = match &self.status {
+            StatusTrack::Waiting { due, .. } => Some((ReadinessCheck::StatusChecks, *due)),
+            StatusTrack::Done => None,
+        };
+        match (ssh, status) {
+            (Some(s), Some(c)) if c.1 < s.1 => c,
+            (Some(s), _) => s,
+            (None, Some(c)) => c,
+            // Both done is Ready; never a waiting phase.
+            (None, None) => (ReadinessCheck::Ssh, self.ssh.due),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ready {
     pub instance: LaunchedInstance,
     pub public_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
     pub ssh_endpoint: String,
     /// The fingerprint of the host key the server presented and we trusted.
     pub host_key_fingerprint: String,
+    /// That key itself (`algorithm base64`); empty in sessions stored
+    /// before it was kept.
+    #[serde(default)]
+    pub host_key: String,
 }
 
 /// Why cleanup runs: it decides where cleanup ends.
@@ -258,6 +382,26 @@ impl ProvisionPhase {
         match self {
             ProvisionPhase::WaitingForSsh(p) => p.public_ip.as_deref(),
             ProvisionPhase::Ready(p) => p.public_ip.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// `host:port` the session reaches the instance's SSH at, once known.
+    pub fn ssh_endpoint(&self) -> Option<&str> {
+        match self {
+            ProvisionPhase::WaitingForSsh(p) => Some(&p.ssh_endpoint),
+            ProvisionPhase::Ready(p) => Some(&p.ssh_endpoint),
+            _ => None,
+        }
+    }
+
+    /// The verified host key's fingerprint, once an SSH login worked.
+    pub fn host_key_fingerprint(&self) -> Option<&str> {
+        match self {
+            ProvisionPhase::WaitingForSsh(p) => {
+                p.ssh.verified.as_ref().map(|v| v.fingerprint.as_str())
+            }
+            ProvisionPhase::Ready(p) => Some(&p.host_key_fingerprint),
             _ => None,
         }
     }

@@ -86,6 +86,63 @@ fn instance(ctx: &SessionContext) -> LaunchedInstance {
     }
 }
 
+fn verified() -> VerifiedHostKey {
+    VerifiedHostKey {
+        fingerprint: "SHA256:abc".into(),
+        public_key: "ssh-ed25519 AAAA".into(),
+    }
+}
+
+/// WaitingForSsh with each combination of what is known: host keys or not,
+/// SSH verified or not (and one login short of `ssh.retries`), status
+/// checks passed or awaited.
+fn waiting_for_ssh_samples(ctx: &SessionContext) -> Vec<WaitingForSsh> {
+    let base = WaitingForSsh {
+        instance: instance(ctx),
+        public_ip: Some("54.1.2.3".into()),
+        private_ip: Some("10.0.0.5".into()),
+        ssh_endpoint: "127.0.0.1:2222".into(),
+        trusted_host_keys: None,
+        deadline: T0.plus(Duration::from_secs(60)),
+        ssh: SshTrack::default(),
+        status: StatusTrack::Done,
+    };
+    let mut all = Vec::new();
+    for trusted in [None, Some(ConsoleFingerprints(vec!["SHA256:abc".into()]))] {
+        for ssh in [
+            SshTrack::default(),
+            SshTrack {
+                failures: ctx.request.ssh.retries - 1,
+                ..SshTrack::default()
+            },
+            SshTrack {
+                verified: Some(verified()),
+                ..SshTrack::default()
+            },
+        ] {
+            for status in [
+                StatusTrack::Done,
+                StatusTrack::Waiting {
+                    due: T0,
+                    last: None,
+                },
+            ] {
+                // Both checks done is Ready, never a waiting phase.
+                if ssh.verified.is_some() && status == StatusTrack::Done {
+                    continue;
+                }
+                all.push(WaitingForSsh {
+                    trusted_host_keys: trusted.clone(),
+                    ssh: ssh.clone(),
+                    status,
+                    ..base.clone()
+                });
+            }
+        }
+    }
+    all
+}
+
 /// A sample of every phase a context can be in, with each kind of data.
 fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     let launch = |subnet_index| LaunchAttempt {
@@ -137,20 +194,16 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
             reason: "spot instance i-0123 went terminated before it was running".into(),
         }));
     }
-    for trusted in [None, Some(ConsoleFingerprints(vec!["SHA256:abc".into()]))] {
-        all.push(ProvisionPhase::WaitingForSsh(WaitingForSsh {
-            instance: instance(ctx),
-            public_ip: Some("54.1.2.3".into()),
-            ssh_endpoint: "127.0.0.1:2222".into(),
-            trusted_host_keys: trusted,
-            deadline: T0.plus(Duration::from_secs(60)),
-        }));
+    for waiting in waiting_for_ssh_samples(ctx) {
+        all.push(ProvisionPhase::WaitingForSsh(waiting));
     }
     all.push(ProvisionPhase::Ready(Ready {
         instance: instance(ctx),
         public_ip: None,
+        private_ip: Some("10.0.0.5".into()),
         ssh_endpoint: "127.0.0.1:2222".into(),
         host_key_fingerprint: "SHA256:abc".into(),
+        host_key: "ssh-ed25519 AAAA".into(),
     }));
     for cause in [CleanupCause::Failure("x".into()), CleanupCause::Teardown] {
         // A known instance, and a sweep for the instance of a lost launch answer.
@@ -209,6 +262,13 @@ fn sample_input(kind: InputKind) -> Input {
         InputKind::ConsoleNotReady => Input::ConsoleNotReady,
         InputKind::SshReady => Input::SshReady {
             host_key_fingerprint: "SHA256:abc".into(),
+            host_key: "ssh-ed25519 AAAA".into(),
+        },
+        InputKind::StatusChecksReported => Input::StatusChecksReported {
+            report: StatusReport {
+                system: CheckState::Ok,
+                instance: CheckState::Ok,
+            },
         },
         InputKind::SshNotReady => Input::SshNotReady {
             reason: "connection refused".into(),
@@ -254,12 +314,20 @@ fn every_table_row_is_exercised_and_nothing_else_happens() {
                     transient_failures: failures,
                 };
                 for now in [T0, T0.plus(Duration::from_secs(3600))] {
-                    // Every input kind, plus a running instance without a public IP.
+                    // Every input kind, plus a running instance without any
+                    // address, and status checks still initializing.
                     let no_ip = Input::InstanceRunning {
                         public_ip: None,
-                        private_ip: Some("10.0.0.5".into()),
+                        private_ip: None,
                     };
-                    for input in InputKind::iter().map(sample_input).chain([no_ip]) {
+                    let initializing = Input::StatusChecksReported {
+                        report: StatusReport {
+                            system: CheckState::Ok,
+                            instance: CheckState::Initializing,
+                        },
+                    };
+                    let extra = [no_ip, initializing];
+                    for input in InputKind::iter().map(sample_input).chain(extra) {
                         let kind = input.kind();
                         match step(&ctx, &state, input, now) {
                             Ok(out) => {

@@ -81,6 +81,14 @@ pub struct SessionSummary {
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub detail: Option<String>,
+    /// Where the SSH check reaches the instance, once it runs.
+    pub ssh_host: Option<String>,
+    pub ssh_port: Option<u16>,
+    pub ssh_user: Option<String>,
+    /// The host key an SSH login verified.
+    pub host_key_fingerprint: Option<String>,
+    /// The known_hosts file holding that key, while the session is Ready.
+    pub known_hosts_path: Option<String>,
 }
 
 /// Who drives a session: one id per engine, plus where it runs so a dead

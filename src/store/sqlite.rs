@@ -20,6 +20,7 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::machine::{PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp};
+use crate::request::parse_host_port;
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
@@ -77,6 +78,14 @@ INSERT INTO session_events (id, at_ms, kind, body_json)
     FROM events e JOIN sessions s USING (session_id);
 DROP TABLE events;
 ALTER TABLE session_events RENAME TO events;
+"#,
+    r#"
+-- How to reach a Ready instance, for `status` and `ssh-config`.
+ALTER TABLE sessions ADD COLUMN ssh_endpoint TEXT;
+ALTER TABLE sessions ADD COLUMN ssh_user TEXT;
+ALTER TABLE sessions ADD COLUMN host_key_fingerprint TEXT;
+ALTER TABLE sessions ADD COLUMN known_hosts_path TEXT;
+UPDATE sessions SET ssh_user = json_extract(context_json, '$.request.ssh.user');
 "#,
 ];
 
@@ -311,10 +320,14 @@ fn write_checkpoint(
     tx.prepare_cached(
         "UPDATE sessions SET updated_at_ms = ?2, phase = ?3, detail = ?4,
              instance_id = COALESCE(?5, instance_id), public_ip = COALESCE(?6, public_ip),
-             key_path = COALESCE(?7, key_path), was_spot = COALESCE(?8, was_spot)
+             key_path = COALESCE(?7, key_path), was_spot = COALESCE(?8, was_spot),
+             ssh_endpoint = COALESCE(?9, ssh_endpoint),
+             host_key_fingerprint = COALESCE(?10, host_key_fingerprint)
          WHERE session_id = ?1 AND (phase IS NOT ?3 OR detail IS NOT ?4
              OR (?5 IS NOT NULL AND instance_id IS NOT ?5) OR (?6 IS NOT NULL AND public_ip IS NOT ?6)
-             OR (?7 IS NOT NULL AND key_path IS NOT ?7) OR (?8 IS NOT NULL AND was_spot IS NOT ?8))")?
+             OR (?7 IS NOT NULL AND key_path IS NOT ?7) OR (?8 IS NOT NULL AND was_spot IS NOT ?8)
+             OR (?9 IS NOT NULL AND ssh_endpoint IS NOT ?9)
+             OR (?10 IS NOT NULL AND host_key_fingerprint IS NOT ?10))")?
     .execute(params![
             session.id,
             now.0 as i64,
@@ -325,6 +338,8 @@ fn write_checkpoint(
             phase.key().and_then(|k| k.private_key_path.clone()),
             // Only a phase that knows its instance says what it was.
             phase.instance().map(|i| i.was_spot),
+            phase.ssh_endpoint(),
+            phase.host_key_fingerprint(),
         ])?;
     Ok(())
 }
@@ -435,6 +450,11 @@ fn corrupt(session_id: &str, detail: impl Into<String>) -> StoreError {
 
 fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(SessionSummary, String)> {
     let phase_name: String = row.get(1)?;
+    let ssh_endpoint: Option<String> = row.get(9)?;
+    let (ssh_host, ssh_port) = ssh_endpoint
+        .as_deref()
+        .and_then(parse_host_port)
+        .map_or((None, None), |(host, port)| (Some(host), Some(port)));
     Ok((
         SessionSummary {
             session_id: row.get(0)?,
@@ -446,6 +466,11 @@ fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(SessionSummary
             created_at_ms: row.get::<_, i64>(6)? as u64,
             updated_at_ms: row.get::<_, i64>(7)? as u64,
             detail: row.get(8)?,
+            ssh_host,
+            ssh_port,
+            ssh_user: row.get(10)?,
+            host_key_fingerprint: row.get(11)?,
+            known_hosts_path: row.get(12)?,
         },
         phase_name,
     ))
@@ -454,10 +479,16 @@ fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(SessionSummary
 fn with_phase((mut summary, name): (SessionSummary, String)) -> Result<SessionSummary, StoreError> {
     summary.phase = PhaseKind::parse(&name)
         .ok_or_else(|| corrupt(&summary.session_id, format!("unknown phase {name}")))?;
+    // The file is written once a login verified the host key, and removed
+    // with the instance.
+    if summary.phase != PhaseKind::Ready || summary.host_key_fingerprint.is_none() {
+        summary.known_hosts_path = None;
+    }
     Ok(summary)
 }
 
-const SUMMARY_COLUMNS: &str = "session_id, phase, instance_id, public_ip, key_path, was_spot, created_at_ms, updated_at_ms, detail";
+const SUMMARY_COLUMNS: &str = "session_id, phase, instance_id, public_ip, key_path, was_spot, \
+    created_at_ms, updated_at_ms, detail, ssh_endpoint, ssh_user, host_key_fingerprint, known_hosts_path";
 
 impl Inner {
     fn create(
@@ -473,10 +504,18 @@ impl Inner {
         let id = &context.session_id;
         let no: Option<i64> = tx
             .query_row(
-                "INSERT OR IGNORE INTO sessions (session_id, session_no, created_at_ms, updated_at_ms, context_json, phase)
-                 VALUES (?1, (SELECT COALESCE(MAX(session_no), 0) + 1 FROM sessions), ?2, ?2, ?3, ?4)
+                "INSERT OR IGNORE INTO sessions (session_id, session_no, created_at_ms, updated_at_ms,
+                     context_json, phase, ssh_user, known_hosts_path)
+                 VALUES (?1, (SELECT COALESCE(MAX(session_no), 0) + 1 FROM sessions), ?2, ?2, ?3, ?4, ?5, ?6)
                  RETURNING session_no",
-                params![id, now.0 as i64, to_json(context), first.state.phase.kind().name()],
+                params![
+                    id,
+                    now.0 as i64,
+                    to_json(context),
+                    first.state.phase.kind().name(),
+                    context.request.ssh.user,
+                    context.known_hosts_path(),
+                ],
                 |r| r.get(0),
             )
             .optional()?;

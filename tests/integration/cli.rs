@@ -230,3 +230,110 @@ fn provision_status_sessions_teardown_against_the_lab() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn on_ready_gets_the_instance_and_ssh_config_trusts_only_the_verified_key() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let config = dir.path().join("target.yaml");
+    std::fs::write(&config, format!("ec2Target:\n{}", lab.target_yaml(""))).unwrap();
+    let seen = dir.path().join("on-ready.env");
+    let hook = format!("env | grep ^ACODE_ | sort > {}", seen.display());
+    let out = cli(
+        &db,
+        Some(&lab),
+        &[
+            "provision",
+            "--config",
+            config.to_str().unwrap(),
+            "--on-ready",
+            &hook,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("StrictHostKeyChecking=yes"),
+        "no ssh line: {}",
+        text(&out.stdout)
+    );
+    let env = std::fs::read_to_string(&seen).expect("the hook ran");
+    let var = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{env}"))
+            .to_string()
+    };
+    let session = var("ACODE_SESSION_ID");
+    assert_eq!(var("ACODE_SSH_HOST"), "127.0.0.1");
+    assert_eq!(var("ACODE_SSH_PORT"), lab.info.sshd_port.to_string());
+    assert_eq!(var("ACODE_SSH_USER"), lab.info.ssh_user);
+    assert!(
+        lab.info
+            .host_key_fingerprints
+            .contains(&var("ACODE_HOST_KEY_FINGERPRINT"))
+    );
+    assert!(std::path::Path::new(&var("ACODE_KEY_PATH")).exists());
+    assert!(std::path::Path::new(&var("ACODE_KNOWN_HOSTS")).exists());
+    assert!(var("ACODE_INSTANCE_ID").starts_with("i-"));
+
+    let out = cli(&db, Some(&lab), &["status", &session, "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in ["ssh_host", "ssh_port", "ssh_user", "host_key_fingerprint"] {
+        assert!(
+            !status[field].is_null(),
+            "status --json lacks {field}: {status}"
+        );
+    }
+
+    // The Host block works as is with OpenSSH, trusting only that key.
+    let out = cli(&db, Some(&lab), &["ssh-config", &session]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let block = text(&out.stdout);
+    assert!(block.contains("StrictHostKeyChecking yes"), "{block}");
+    let ssh_config = dir.path().join("ssh_config");
+    std::fs::write(&ssh_config, &block).unwrap();
+    let login = Command::new("ssh")
+        .arg("-F")
+        .arg(&ssh_config)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+        ])
+        .arg(format!("acode-{session}"))
+        .arg("true")
+        .output()
+        .expect("run ssh");
+    assert!(login.status.success(), "{}", text(&login.stderr));
+
+    // A failing hook is reported with exit status 3; the instance stays Ready.
+    let out = cli(
+        &db,
+        Some(&lab),
+        &[
+            "provision",
+            "--config",
+            config.to_str().unwrap(),
+            "--on-ready",
+            "exit 7",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("is Ready and tracked"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cli(&db, Some(&lab), &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["phase"], "Ready");
+
+    let out = cli(&db, Some(&lab), &["ssh-config", "no-such-session"]);
+    assert!(!out.status.success());
+    for id in [session, status["session_id"].as_str().unwrap().to_string()] {
+        let out = cli(&db, Some(&lab), &["teardown", &id]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+}

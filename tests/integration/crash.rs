@@ -17,7 +17,7 @@ use crate::fake_world::FakeWorld;
 const SPOT_WITH_FALLBACK: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  useSpot: true\n  pollInterval: 50ms\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
 
 /// Effects a clean run performs; crashes are injected at each of them.
-const EFFECTS_IN_A_CLEAN_RUN: u32 = 6;
+const EFFECTS_IN_A_CLEAN_RUN: u32 = 7;
 
 async fn phase_of(harness: &Harness, session_id: &str) -> PhaseKind {
     harness.store.summary(session_id).await.unwrap().phase
@@ -167,8 +167,8 @@ async fn a_crash_inside_cleanup_is_finished_by_recover() {
 #[tokio::test]
 async fn a_crash_while_abandoning_spot_still_ends_with_one_on_demand_instance() {
     // Validate, key pair, spot launch, describe (gone), terminate, on-demand
-    // launch, describe, console, SSH.
-    const EFFECTS: u32 = 9;
+    // launch, describe, console, SSH, status checks.
+    const EFFECTS: u32 = 10;
     for point in ALL_POINTS {
         for nth in 1..=EFFECTS {
             let case = format!("{point:?} #{nth}");
@@ -212,7 +212,8 @@ async fn the_spot_abandoning_run_has_the_effects_the_crash_test_counts() {
             "RunInstance",
             "DescribeInstance",
             "ReadConsoleHostKeys",
-            "ProbeSsh"
+            "ProbeSsh",
+            "DescribeInstanceStatus"
         ]
     );
 }

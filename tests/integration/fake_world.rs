@@ -9,7 +9,8 @@ use std::sync::Mutex;
 use acode_ec2::effects::Effects;
 use acode_ec2::error_code::AwsErrorCode;
 use acode_ec2::machine::{
-    ConsoleFingerprints, Effect, Input, KeyPairHandle, SessionContext, Timestamp,
+    CheckState, ConsoleFingerprints, Effect, Input, KeyPairHandle, SessionContext, StatusReport,
+    Timestamp,
 };
 
 #[derive(Debug, Default)]
@@ -167,6 +168,13 @@ impl FakeWorld {
             },
             Effect::ProbeSsh { .. } => Input::SshReady {
                 host_key_fingerprint: "SHA256:fake".into(),
+                host_key: "ssh-ed25519 AAAAfake".into(),
+            },
+            Effect::DescribeInstanceStatus { .. } => Input::StatusChecksReported {
+                report: StatusReport {
+                    system: CheckState::Ok,
+                    instance: CheckState::Ok,
+                },
             },
             Effect::TerminateInstance { .. } if world.terminate_refused => {
                 Input::TransientFailure {

@@ -2,6 +2,9 @@
 //! for one test and stops it, sshd included, when the handle drops, even
 //! when the test panics. The lab also exits when our end of its stdin closes,
 //! so a killed test binary leaves nothing behind.
+//!
+//! Also compiled into `benches/time_to_ready.rs`, so it needs nothing else
+//! from the test crate.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -147,7 +150,7 @@ impl Lab {
             subnet = self.subnet("us-east-1a"),
             sg = self.info.security_group_id,
         ) + &format!(
-            "  ssh:\n    user: {user}\n    endpointOverride: 127.0.0.1:{port}\n",
+            "  ssh:\n    user: {user}\n    endpointOverride: 127.0.0.1:{port}\n    retryInterval: 100ms\n",
             user = self.info.ssh_user,
             port = self.info.sshd_port
         )
@@ -155,7 +158,9 @@ impl Lab {
 
     /// A request that provisions in the lab (see `target_yaml`).
     pub fn request(&self, extra: &str) -> acode_ec2::request::ProvisionRequest {
-        crate::common::request(&self.target_yaml(extra))
+        let text = format!("ec2Target:\n{}", self.target_yaml(extra));
+        acode_ec2::config::parse(&text)
+            .unwrap_or_else(|e| panic!("lab config does not parse: {e}\n{text}"))
     }
 
     /// The session trusted one of the lab sshd's real host keys.

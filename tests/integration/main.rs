@@ -10,3 +10,4 @@ mod fake_world;
 mod lab;
 mod lab_behaviour;
 mod lab_engine;
+mod lab_readiness;
