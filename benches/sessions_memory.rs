@@ -42,6 +42,7 @@ impl Effects for Parked {
     async fn run(&self, ctx: &SessionContext, _: Timestamp, effect: &Effect) -> Input {
         match effect {
             Effect::ValidateRequest => Input::Validated {
+                zones: vec!["us-east-1a".into()],
                 image: ImageChoice {
                     ami_id: "ami-0123".into(),
                     root_device_name: None,
@@ -55,6 +56,7 @@ impl Effects for Parked {
                     key_name: key_name.clone(),
                     owned: true,
                     private_key_path: private_key_path.clone(),
+                    owns_key_file: true,
                 },
             },
             Effect::RunInstance { .. } => Input::Launched {

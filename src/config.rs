@@ -19,20 +19,14 @@ use crate::request::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}; check the path and its permissions")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The causes are part of the message and not `#[source]`s: a report
+    // that prints the chain would say them twice.
+    #[error("cannot read config {path}: {cause}; check the path and its permissions")]
+    Read { path: String, cause: std::io::Error },
     #[error("config {path} is not valid: {message}")]
     Yaml { path: String, message: String },
-    #[error("config {path}: {source}")]
-    Invalid {
-        path: String,
-        #[source]
-        source: InvalidRequest,
-    },
+    #[error("config {path}: {cause}")]
+    Invalid { path: String, cause: InvalidRequest },
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +73,7 @@ struct KeyPairBlock {
     key_type: Option<KeyAlgorithm>,
     key_name: Option<String>,
     private_key_path: Option<String>,
+    public_key_path: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -121,19 +116,16 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> InvalidRequest {
 /// Reads and checks a config file.
 pub fn load(path: &Path) -> Result<ProvisionRequest, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         path: shown.clone(),
-        source,
+        cause,
     })?;
     parse(&text).map_err(|e| match e {
         ParseError::Yaml(message) => ConfigError::Yaml {
             path: shown,
             message,
         },
-        ParseError::Invalid(source) => ConfigError::Invalid {
-            path: shown,
-            source,
-        },
+        ParseError::Invalid(cause) => ConfigError::Invalid { path: shown, cause },
     })
 }
 
@@ -343,6 +335,12 @@ fn key_pair_mode(
             let algorithm = block.key_type.unwrap_or_default();
             match block.mode {
                 KeyModeName::Existing => {
+                    if block.public_key_path.is_some() {
+                        return Err(invalid(
+                            "keyPair.publicKeyPath",
+                            "an existing key pair is already in EC2; publicKeyPath goes with mode import",
+                        ));
+                    }
                     if block.key_type.is_some() {
                         return Err(invalid(
                             "keyPair.keyType",
@@ -361,11 +359,44 @@ fn key_pair_mode(
                         })?,
                     })
                 }
-                KeyModeName::Temporary | KeyModeName::Import => {
-                    if block.key_name.is_some() || block.private_key_path.is_some() {
+                KeyModeName::Import
+                    if block.public_key_path.is_some() || block.private_key_path.is_some() =>
+                {
+                    if block.key_type.is_some() {
+                        return Err(invalid(
+                            "keyPair.keyType",
+                            "your own key has its own type; leave keyType out",
+                        ));
+                    }
+                    if block.key_name.is_some() {
                         return Err(invalid(
                             "keyPair.keyName",
-                            "temporary and import pairs are named and stored by acode-ec2",
+                            "an imported pair is named acode-{session} by acode-ec2",
+                        ));
+                    }
+                    Ok(KeyPairMode::ImportOwn {
+                        public_key_path: block.public_key_path.ok_or_else(|| {
+                            invalid(
+                                "keyPair.publicKeyPath",
+                                "importing your own key needs publicKeyPath and privateKeyPath",
+                            )
+                        })?,
+                        private_key_path: block.private_key_path.ok_or_else(|| {
+                            invalid(
+                                "keyPair.privateKeyPath",
+                                "importing your own key needs publicKeyPath and privateKeyPath",
+                            )
+                        })?,
+                    })
+                }
+                KeyModeName::Temporary | KeyModeName::Import => {
+                    if block.key_name.is_some()
+                        || block.private_key_path.is_some()
+                        || block.public_key_path.is_some()
+                    {
+                        return Err(invalid(
+                            "keyPair.keyName",
+                            "temporary pairs are named and stored by acode-ec2",
                         ));
                     }
                     Ok(match block.mode {
@@ -421,6 +452,44 @@ mod tests {
         assert_eq!(r.ssh.retry_interval, Duration::from_secs(10));
         assert_eq!(r.ssh.address, SshAddress::Auto);
         assert_eq!(r.status_checks, StatusCheckMode::Ok);
+    }
+
+    #[test]
+    fn own_key_import_needs_both_paths() {
+        let block =
+            "  keyPair:\n    mode: import\n    publicKeyPath: /k.pub\n    privateKeyPath: /k\n";
+        let r = parse(&format!("{MINIMAL}{block}")).unwrap();
+        assert_eq!(
+            r.key_pair,
+            KeyPairMode::ImportOwn {
+                public_key_path: "/k.pub".into(),
+                private_key_path: "/k".into()
+            }
+        );
+        for (block, key) in [
+            (
+                "  keyPair:\n    mode: import\n    publicKeyPath: /k.pub\n",
+                "keyPair.privateKeyPath",
+            ),
+            (
+                "  keyPair:\n    mode: import\n    privateKeyPath: /k\n",
+                "keyPair.publicKeyPath",
+            ),
+            (
+                "  keyPair:\n    mode: import\n    keyType: rsa\n    publicKeyPath: /k.pub\n    privateKeyPath: /k\n",
+                "keyPair.keyType",
+            ),
+            (
+                "  keyPair:\n    mode: temporary\n    publicKeyPath: /k.pub\n",
+                "keyPair.keyName",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{block}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{block}: {err}");
+        }
+        // Without paths, import still means: generated here, imported.
+        let r = parse(&format!("{MINIMAL}  keyPair:\n    mode: import\n")).unwrap();
+        assert!(matches!(r.key_pair, KeyPairMode::Import { .. }));
     }
 
     #[test]

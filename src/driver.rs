@@ -52,7 +52,7 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Machine(#[from] MachineError),
-    #[error("invalid request: {0}")]
+    #[error(transparent)]
     Invalid(#[from] InvalidRequest),
     #[error("session {session_id} failed and was cleaned up: {reason}")]
     ProvisionFailed { session_id: String, reason: String },
@@ -332,6 +332,43 @@ impl<E: Effects> Engine<E> {
     ) -> Result<PhaseKind, EngineError> {
         self.deliver_then(session_id, Input::TeardownRequested, progress, true)
             .await
+    }
+
+    /// Commits an outside input without driving the session on: for a
+    /// process about to stop (a second Ctrl-C) that wants its last word on
+    /// record for `recover`. An effect this engine was running is abandoned
+    /// first (the caller dropped its drive); its answer is not waited for,
+    /// which cleanup covers (a launch without an answer is swept by tag).
+    pub async fn note(
+        &self,
+        session_id: &str,
+        input: OutsideInput,
+    ) -> Result<PhaseKind, EngineError> {
+        let Claim::Mine(claim) = self.claim(session_id) else {
+            return Err(EngineError::AlreadyDriving {
+                session_id: session_id.to_string(),
+            });
+        };
+        let ttl = self.options.lease_ttl;
+        self.store
+            .acquire_lease(session_id, &self.holder, ttl)
+            .await?;
+        let input: Input = input.into();
+        let noted = async {
+            let mut loaded = self.store.load(session_id).await?;
+            let phase = loaded.state.phase.kind();
+            if phase.is_terminal() && input == Input::TeardownRequested {
+                return Ok(phase);
+            }
+            let observers = Fanout(self.observers.iter().map(|o| o.as_ref()).collect());
+            self.record(&mut loaded, input, &observers, Instant::now())
+                .await?;
+            Ok(loaded.state.phase.kind())
+        }
+        .await;
+        self.release_quietly(session_id).await;
+        drop(claim);
+        noted
     }
 
     /// Delivers `input`; with `until_settled`, a drive this engine already

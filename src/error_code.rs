@@ -58,6 +58,8 @@ pub enum AwsErrorCode {
     UnauthorizedOperation,
     UnsupportedOperation,
     InvalidParameterValue,
+    /// A dry run that would have succeeded.
+    DryRunOperation,
     /// Any code not listed above.
     #[strum(default)]
     Other(String),
@@ -117,7 +119,8 @@ impl AwsErrorCode {
             | IdempotentParameterMismatch
             | UnauthorizedOperation
             | UnsupportedOperation
-            | InvalidParameterValue => ErrorClass::Rejected,
+            | InvalidParameterValue
+            | DryRunOperation => ErrorClass::Rejected,
             Other(_) if (500..600).contains(&http_status) => ErrorClass::Transient,
             Other(_) => ErrorClass::Rejected,
         }

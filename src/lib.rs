@@ -15,6 +15,7 @@
 //! | [`clock`] | `Clock`: the system clock, or a manual one for tests | the machine never reads a clock; the driver passes `now` in |
 //! | [`events`] | typed events and progress for library callers | never carry key material |
 //! | [`request`], [`config`] | the request model and its YAML form | a request is valid or refused naming the key |
+//! | [`iam_policy`] | the least-privilege policy the engine needs | grants exactly the EC2 actions the engine calls |
 //! | [`net_guard`] | loopback-only guard for tests and the lab | with it on, nothing but 127.0.0.0/8 and ::1 is ever connected |
 //!
 //! # Flow
@@ -53,6 +54,7 @@ pub mod driver;
 pub mod effects;
 pub mod error_code;
 pub mod events;
+pub mod iam_policy;
 pub mod machine;
 pub mod net_guard;
 pub mod observe;

@@ -12,8 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use acode_ec2::driver::{Engine, EngineError, EngineOptions};
 use acode_ec2::effects::AwsEffects;
-use acode_ec2::events::{ProgressSink, ProvisionProgress, ReadyInstance};
+use acode_ec2::events::{NoProgress, ProgressSink, ProvisionProgress, ReadyInstance};
 use acode_ec2::machine::diagram;
+use acode_ec2::machine::{OutsideInput, PhaseKind};
 use acode_ec2::net_guard::ConnectGuard;
 use acode_ec2::store::{CheckpointStore, SessionSummary, SqliteStore};
 
@@ -75,6 +76,26 @@ enum Command {
     },
     /// Print an OpenSSH `Host` block for a Ready session (for ~/.ssh/config).
     SshConfig { session: String },
+    /// Check a config against the account without creating anything.
+    ///
+    /// Checks everything `provision` checks before it creates anything (the
+    /// config, the image, subnets, security groups and key pair), and asks
+    /// EC2 whether the key pair and RunInstances calls would be allowed
+    /// (DryRun). Prints what would be launched; exits 1 with what to fix.
+    /// Writes no state.
+    Validate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the least-privilege IAM policy acode-ec2 needs.
+    ///
+    /// Creation calls are allowed only with the tag acode=true in the
+    /// request, terminate/delete only on resources tagged acode=true. With
+    /// --config, also iam:PassRole for the config's instance profile role.
+    IamPolicy {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Show one session (the newest if none is named).
     Status {
         session: Option<String>,
@@ -204,14 +225,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let request = acode_ec2::config::load(config)?;
             let engine = engine(&cli, aws_effects().await?)?;
             let display = ProgressDisplay::new();
-            let outcome = tokio::select! {
-                outcome = engine.provision(request, &display) => outcome,
-                _ = tokio::signal::ctrl_c() => {
+            let outcome = match provision_cancellable(&engine, request, &display).await? {
+                Provisioned::Done(outcome) => outcome,
+                Provisioned::Cancelled(end) => {
                     display.finish();
-                    let hint = display.session().map_or_else(String::new, |id| {
-                        format!("; session {id} is checkpointed: `acode-ec2 recover` resumes it, `acode-ec2 teardown {id}` removes it")
-                    });
-                    bail!("interrupted{hint}");
+                    return cancelled(end, display.session());
                 }
             };
             display.finish();
@@ -225,6 +243,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Some(command) => run_on_ready(command, &ready).await,
                 None => Ok(ExitCode::SUCCESS),
             }
+        }
+        Command::Validate { config } => {
+            let request = acode_ec2::config::load(config)?;
+            let effects = aws_effects().await?;
+            match acode_ec2::effects::preflight::check(effects.api(), &request).await {
+                Ok(lines) => {
+                    println!("{} is valid; provision would launch:", config.display());
+                    for line in lines {
+                        println!("  {line}");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problem) => bail!("{} cannot be provisioned: {problem}", config.display()),
+            }
+        }
+        Command::IamPolicy { config } => {
+            let request = config.as_deref().map(acode_ec2::config::load).transpose()?;
+            let policy = acode_ec2::iam_policy::policy(request.as_ref());
+            println!("{}", serde_json::to_string_pretty(&policy)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::SshConfig { session } => {
             let Some(store) = open_existing_store(&cli)? else {
@@ -329,6 +367,125 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// How a provision under Ctrl-C ended.
+enum Provisioned {
+    Done(Result<ReadyInstance, EngineError>),
+    /// The user asked to stop: how far cleanup got (`None`: stopped at once).
+    Cancelled(Option<Result<ReadyInstance, EngineError>>),
+}
+
+/// Provisions; the first SIGINT or SIGTERM cancels (the session is torn
+/// down through the machine's cleanup, with progress shown), a second one
+/// stops at once, leaving the session checkpointed.
+async fn provision_cancellable(
+    engine: &Engine<AwsEffects>,
+    request: acode_ec2::request::ProvisionRequest,
+    display: &ProgressDisplay,
+) -> Result<Provisioned> {
+    use tokio::signal::unix::{SignalKind, signal};
+    type Delivery<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<PhaseKind, EngineError>> + Send + 'a>,
+    >;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    // Boxed, not pinned in place: a second Ctrl-C drops it mid-way.
+    let mut provision = Box::pin(engine.provision(request, display));
+    let mut cancelling = false;
+    let mut delivery: Option<Delivery<'_>> = None;
+    let mut delivered = false;
+    loop {
+        // Once the session exists, the cancel goes in by the engine's one way in.
+        if cancelling
+            && !delivered
+            && let Some(session) = display.session()
+        {
+            delivered = true;
+            delivery = Some(Box::pin(async move {
+                engine
+                    .deliver(&session, OutsideInput::TeardownRequested, &NoProgress)
+                    .await
+            }));
+        }
+        let mut answered = None;
+        let mut signalled = false;
+        tokio::select! {
+            outcome = &mut provision => {
+                return Ok(if cancelling {
+                    Provisioned::Cancelled(Some(outcome))
+                } else {
+                    Provisioned::Done(outcome)
+                });
+            }
+            _ = interrupt.recv() => signalled = true,
+            _ = terminate.recv() => signalled = true,
+            answer = async {
+                match delivery.as_mut() {
+                    Some(pending) => pending.await,
+                    None => std::future::pending().await,
+                }
+            } => answered = Some(answer),
+            // The session is not recorded yet: look again shortly.
+            _ = tokio::time::sleep(Duration::from_millis(50)), if cancelling && !delivered => {}
+        }
+        if let Some(answer) = answered {
+            delivery = None;
+            if let Err(e) = answer {
+                display.say(&format!("the teardown was not taken: {e}"));
+            }
+        }
+        if !signalled {
+            continue;
+        }
+        if cancelling {
+            // Stop driving now, but leave the cancel on record: `recover`
+            // then finishes the cleanup instead of the provisioning.
+            drop(provision);
+            drop(delivery);
+            if let Some(session) = display.session()
+                && let Err(e) = engine.note(&session, OutsideInput::TeardownRequested).await
+            {
+                display.say(&format!("could not record the cancel: {e}"));
+            }
+            return Ok(Provisioned::Cancelled(None));
+        }
+        cancelling = true;
+        display.say(
+            "cancelling: tearing the session down (press Ctrl-C again to stop at once; \
+             the session stays checkpointed for `acode-ec2 recover`)",
+        );
+    }
+}
+
+/// The exit after a cancel: 130, with what became of the session.
+fn cancelled(
+    end: Option<Result<ReadyInstance, EngineError>>,
+    session: Option<String>,
+) -> Result<ExitCode> {
+    let id = session.unwrap_or_else(|| "(not recorded yet)".into());
+    match end {
+        Some(Err(EngineError::TornDown { .. })) => {
+            eprintln!("cancelled: session {id} was torn down; nothing is left");
+        }
+        Some(Err(EngineError::ProvisionFailed { reason, .. })) => {
+            eprintln!("cancelled: session {id} failed and was cleaned up: {reason}");
+        }
+        Some(Ok(ready)) => {
+            eprintln!(
+                "cancelled too late: session {id} is Ready; `acode-ec2 teardown {}` removes it",
+                ready.session_id
+            );
+        }
+        Some(Err(e)) => {
+            eprintln!("cancelled, but the cleanup stopped: {e}");
+        }
+        None => eprintln!(
+            "stopped at once: session {id} is checkpointed with the cancel recorded; \
+             `acode-ec2 recover` finishes its cleanup (as does `acode-ec2 teardown {id}`)"
+        ),
+    }
+    Ok(ExitCode::from(130))
 }
 
 fn print_ready(ready: &ReadyInstance) {
@@ -454,6 +611,14 @@ impl ProgressDisplay {
 
     fn session(&self) -> Option<String> {
         self.session.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// A line for the user beside the progress display.
+    fn say(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
     }
 
     fn finish(&self) {

@@ -22,33 +22,46 @@ pub enum AmiSelector {
 }
 
 /// OS aliases accepted in place of an AMI id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::EnumIter,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
 pub enum OsAlias {
     #[serde(rename = "amazon-linux-2")]
+    #[strum(serialize = "amazon-linux-2")]
     AmazonLinux2,
     #[serde(rename = "ubuntu-22.04")]
+    #[strum(serialize = "ubuntu-22.04")]
     Ubuntu2204,
     #[serde(rename = "debian-11")]
+    #[strum(serialize = "debian-11")]
     Debian11,
 }
 
 impl OsAlias {
-    pub const ALL: [OsAlias; 3] = [
-        OsAlias::AmazonLinux2,
-        OsAlias::Ubuntu2204,
-        OsAlias::Debian11,
-    ];
-
     pub fn name(self) -> &'static str {
-        match self {
-            OsAlias::AmazonLinux2 => "amazon-linux-2",
-            OsAlias::Ubuntu2204 => "ubuntu-22.04",
-            OsAlias::Debian11 => "debian-11",
-        }
+        self.into()
     }
 
     pub fn parse(text: &str) -> Option<OsAlias> {
-        OsAlias::ALL.into_iter().find(|alias| alias.name() == text)
+        text.parse().ok()
+    }
+
+    /// "amazon-linux-2, ubuntu-22.04, debian-11", for messages.
+    pub fn known() -> String {
+        use strum::IntoEnumIterator;
+        OsAlias::iter()
+            .map(OsAlias::name)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// `(owner account, image name pattern)` of the publisher's official images.
@@ -98,6 +111,13 @@ pub enum KeyPairMode {
     /// imports the public half (`ImportKeyPair`); deleted at cleanup. The
     /// private key never crosses the network.
     Import { algorithm: KeyAlgorithm },
+    /// The user's own key (FR-073): its public half is imported as the
+    /// session's pair (deleted at cleanup); the key files are the user's and
+    /// are never written or removed.
+    ImportOwn {
+        public_key_path: String,
+        private_key_path: String,
+    },
 }
 
 impl KeyPairMode {
@@ -255,7 +275,10 @@ impl ProvisionRequest {
         {
             return Err(invalid(
                 "amiId",
-                format!("`{id}` is neither an AMI id (ami-…) nor a known OS alias"),
+                format!(
+                    "`{id}` is neither an AMI id (ami-…) nor a known OS alias ({})",
+                    OsAlias::known()
+                ),
             ));
         }
         if self.instance_type.trim().is_empty() {

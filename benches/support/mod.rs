@@ -31,6 +31,7 @@ pub fn waiting_for_running(ctx: &SessionContext) -> SessionState {
                 key_name: ctx.owned_key_name(),
                 owned: true,
                 private_key_path: Some(ctx.owned_key_path()),
+                owns_key_file: true,
             },
             was_spot: true,
             launched_at: Some(NOW),

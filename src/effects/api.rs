@@ -78,6 +78,14 @@ pub struct InstanceView {
     pub private_ip: Option<String>,
 }
 
+/// A subnet as DescribeSubnets shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetInfo {
+    pub id: String,
+    pub zone: String,
+    pub vpc: String,
+}
+
 /// Everything one RunInstances call sends.
 #[derive(Debug, Clone, Copy)]
 pub struct LaunchSpec<'a> {
@@ -86,9 +94,13 @@ pub struct LaunchSpec<'a> {
     pub spot: bool,
     pub subnet_id: &'a str,
     pub image: &'a ImageChoice,
-    pub key_name: &'a str,
+    /// `None` only for a dry run before the session's key pair exists.
+    pub key_name: Option<&'a str>,
     /// Set at creation on the instance, its volumes and any spot request.
     pub tags: &'a [(String, String)],
+    /// Ask EC2 whether the call would succeed (permissions, parameters),
+    /// launching nothing.
+    pub dry_run: bool,
 }
 
 pub trait Ec2Api: Send + Sync + 'static {
@@ -98,9 +110,27 @@ pub trait Ec2Api: Send + Sync + 'static {
         ami: &AmiSelector,
     ) -> impl Future<Output = Ec2Result<Option<ImageChoice>>> + Send;
 
-    fn check_subnets(&self, ids: &[String]) -> impl Future<Output = Ec2Result<()>> + Send;
+    /// The region the calls go to, for messages.
+    fn region(&self) -> String;
+
+    /// DescribeSubnets of `ids`; NotFound if one does not exist.
+    fn describe_subnets(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Ec2Result<Vec<SubnetInfo>>> + Send;
+
+    /// Up to `limit` subnets of the region, for suggestions.
+    fn some_subnets(&self, limit: usize)
+    -> impl Future<Output = Ec2Result<Vec<SubnetInfo>>> + Send;
 
     fn check_security_groups(&self, ids: &[String]) -> impl Future<Output = Ec2Result<()>> + Send;
+
+    /// Up to `limit` security group ids (of `vpc`, if given), for suggestions.
+    fn some_security_groups(
+        &self,
+        vpc: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Ec2Result<Vec<String>>> + Send;
 
     fn key_pair_exists(&self, name: &str) -> impl Future<Output = Ec2Result<bool>> + Send;
 
@@ -120,6 +150,15 @@ pub trait Ec2Api: Send + Sync + 'static {
     ) -> impl Future<Output = Ec2Result<()>> + Send;
 
     fn delete_key_pair(&self, name: &str) -> impl Future<Output = Ec2Result<()>> + Send;
+
+    /// CreateKeyPair (or ImportKeyPair of `public_key`) with DryRun: EC2
+    /// answers whether it would be allowed, and creates nothing.
+    fn dry_run_key_pair(
+        &self,
+        name: &str,
+        public_key: Option<&str>,
+        tags: &[(String, String)],
+    ) -> impl Future<Output = Ec2Result<()>> + Send;
 
     /// RunInstances; the id of the instance it made (or made before, for
     /// the same `ClientToken`).

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::api::{Ec2Api, Ec2Result, InstanceView, LaunchSpec, malformed};
+use super::api::{Ec2Api, Ec2Result, InstanceView, LaunchSpec, SubnetInfo, malformed};
 use crate::machine::{ImageChoice, StatusReport};
 use crate::request::{AmiSelector, KeyAlgorithm};
 
@@ -250,8 +250,24 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         self.inner.find_image(ami).await
     }
 
-    async fn check_subnets(&self, ids: &[String]) -> Ec2Result<()> {
-        self.inner.check_subnets(ids).await
+    fn region(&self) -> String {
+        self.inner.region()
+    }
+
+    async fn describe_subnets(&self, ids: &[String]) -> Ec2Result<Vec<SubnetInfo>> {
+        self.inner.describe_subnets(ids).await
+    }
+
+    async fn some_subnets(&self, limit: usize) -> Ec2Result<Vec<SubnetInfo>> {
+        self.inner.some_subnets(limit).await
+    }
+
+    async fn some_security_groups(
+        &self,
+        vpc: Option<&str>,
+        limit: usize,
+    ) -> Ec2Result<Vec<String>> {
+        self.inner.some_security_groups(vpc, limit).await
     }
 
     async fn check_security_groups(&self, ids: &[String]) -> Ec2Result<()> {
@@ -278,6 +294,15 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         tags: &[(String, String)],
     ) -> Ec2Result<()> {
         self.inner.import_key_pair(name, public_key, tags).await
+    }
+
+    async fn dry_run_key_pair(
+        &self,
+        name: &str,
+        public_key: Option<&str>,
+        tags: &[(String, String)],
+    ) -> Ec2Result<()> {
+        self.inner.dry_run_key_pair(name, public_key, tags).await
     }
 
     async fn delete_key_pair(&self, name: &str) -> Ec2Result<()> {

@@ -8,7 +8,7 @@
 //! deletes and terminates of what is gone change nothing.
 
 use super::api::{Ec2Api, Ec2Failure, InstanceState, InstanceView, LaunchSpec};
-use super::{console, known_hosts};
+use super::{console, guidance, known_hosts};
 use crate::error_code::{AwsErrorCode, ErrorClass, LocalRefusal, RejectionCode};
 use crate::machine::{
     CheckState, ClientToken, ImageChoice, Input, SessionContext, StatusReport, Timestamp,
@@ -26,21 +26,35 @@ pub fn session_tags(ctx: &SessionContext, created: Timestamp) -> Vec<(String, St
     tags
 }
 
-/// The input for a failed call whose NotFound is not expected.
+/// The input for a failed call whose NotFound is not expected. A denied
+/// call says how to find out why and what policy is needed.
 pub fn failed(failure: Ec2Failure) -> Input {
+    let message = if failure.is(&AwsErrorCode::UnauthorizedOperation) {
+        guidance::unauthorized(failure.action, &failure.message)
+    } else {
+        failure.message.clone()
+    };
     match failure.class {
         ErrorClass::Transient => Input::TransientFailure {
             message: failure.to_string(),
         },
         ErrorClass::Capacity | ErrorClass::Quota | ErrorClass::NotFound | ErrorClass::Rejected => {
             Input::Rejected {
-                code: failure
-                    .code
-                    .clone()
-                    .map_or(RejectionCode::NoCode, Into::into),
-                message: failure.message,
+                code: failure.code.map_or(RejectionCode::NoCode, Into::into),
+                message,
             }
         }
+    }
+}
+
+/// A refusal with its guidance as the message.
+fn guided(failure: Ec2Failure, message: String) -> Input {
+    match failure.class {
+        ErrorClass::Transient => failed(failure),
+        _ => Input::Rejected {
+            code: failure.code.map_or(RejectionCode::NoCode, Into::into),
+            message,
+        },
     }
 }
 
@@ -51,33 +65,65 @@ fn local(refusal: LocalRefusal, message: impl Into<String>) -> Input {
     }
 }
 
+/// Checks, before anything is created, that the image, subnets and
+/// security groups exist; a missing one is refused with what does exist.
 pub async fn validate(api: &impl Ec2Api, ctx: &SessionContext) -> Input {
     let request = &ctx.request;
     let image = match api.find_image(&request.ami).await {
         Ok(Some(image)) => image,
         Ok(None) => {
-            return match &request.ami {
-                AmiSelector::Id(id) => local(
-                    LocalRefusal::ImageNotFound,
-                    format!("image {id} does not exist in this region"),
-                ),
-                AmiSelector::Alias(alias) => local(
-                    LocalRefusal::NoImageForAlias,
-                    format!("no image found for OS alias {}", alias.name()),
-                ),
+            let refusal = match &request.ami {
+                AmiSelector::Id(_) => LocalRefusal::ImageNotFound,
+                AmiSelector::Alias(_) => LocalRefusal::NoImageForAlias,
             };
+            let why = "DescribeImages listed none";
+            return local(
+                refusal,
+                guidance::missing_image(api, &request.ami, why).await,
+            );
+        }
+        Err(failure) if is_missing_image(&failure) => {
+            let text = guidance::missing_image(api, &request.ami, &failure.to_string()).await;
+            return guided(failure, text);
         }
         Err(failure) => return failed(failure),
     };
-    if let Err(failure) = api.check_subnets(&request.subnet_ids).await {
-        return failed(failure);
-    }
+    let subnets = match api.describe_subnets(&request.subnet_ids).await {
+        Ok(subnets) => subnets,
+        Err(failure) if failure.class == ErrorClass::NotFound => {
+            let why = failure.to_string();
+            let text = guidance::missing_subnets(api, &request.subnet_ids, &why).await;
+            return guided(failure, text);
+        }
+        Err(failure) => return failed(failure),
+    };
+    let zones = request
+        .subnet_ids
+        .iter()
+        .map(|id| {
+            subnets
+                .iter()
+                .find(|s| &s.id == id)
+                .map(|s| s.zone.clone())
+                .unwrap_or_default()
+        })
+        .collect();
     if !request.security_group_ids.is_empty()
         && let Err(failure) = api.check_security_groups(&request.security_group_ids).await
     {
-        return failed(failure);
+        if failure.class != ErrorClass::NotFound {
+            return failed(failure);
+        }
+        let vpc = subnets.first().map(|s| s.vpc.as_str());
+        let why = failure.to_string();
+        let text = guidance::missing_groups(api, &request.security_group_ids, vpc, &why).await;
+        return guided(failure, text);
     }
-    Input::Validated { image }
+    Input::Validated { image, zones }
+}
+
+fn is_missing_image(failure: &Ec2Failure) -> bool {
+    failure.class == ErrorClass::NotFound || failure.is(&AwsErrorCode::InvalidAmiIdMalformed)
 }
 
 /// What RunInstance needs beside the session.
@@ -102,8 +148,9 @@ pub async fn run_instance(
         spot: launch.spot,
         subnet_id: launch.subnet_id,
         image: launch.image,
-        key_name: launch.key_name,
+        key_name: Some(launch.key_name),
         tags: &tags,
+        dry_run: false,
     };
     match api.run_instance(spec).await {
         Ok(instance_id) => Input::Launched {
@@ -117,16 +164,16 @@ pub async fn run_instance(
                 message: format!("{failure}; the key pair may not be visible yet"),
             }
         }
-        Err(failure) => match (failure.class, failure.code) {
-            (ErrorClass::Capacity | ErrorClass::Quota, Some(code)) => Input::CapacityUnavailable {
+        Err(failure) => match (failure.class, failure.code.clone()) {
+            (ErrorClass::Capacity, Some(code)) => Input::CapacityUnavailable {
                 code,
                 message: failure.message,
             },
-            (class, code) => failed(Ec2Failure {
-                class,
+            (ErrorClass::Quota, Some(code)) => Input::QuotaExceeded {
+                message: guidance::quota(&code, &failure.message, launch.spot, &api.region()),
                 code,
-                ..failure
-            }),
+            },
+            _ => failed(failure),
         },
     }
 }

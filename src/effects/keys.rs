@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 
 use super::api::Ec2Api;
 use super::ec2::{failed, session_tags};
+use super::guidance;
 use crate::error_code::{AwsErrorCode, ErrorClass, LocalRefusal};
 use crate::machine::{Input, KeyPairHandle, SessionContext, Timestamp};
 use crate::request::{KeyAlgorithm, KeyPairMode};
@@ -109,10 +110,12 @@ pub async fn ensure(
     key_name: &str,
     path: Option<&str>,
 ) -> Input {
-    let handle = |owned| KeyPairHandle {
-        key_name: key_name.to_string(),
-        owned,
-        private_key_path: path.map(str::to_string),
+    let ready = Input::KeyPairReady {
+        key: KeyPairHandle {
+            key_name: key_name.to_string(),
+            private_key_path: path.map(str::to_string),
+            ..ctx.planned_key()
+        },
     };
     let exists = match api.key_pair_exists(key_name).await {
         Ok(exists) => exists,
@@ -125,15 +128,31 @@ pub async fn ensure(
             if !exists {
                 return Input::Rejected {
                     code: LocalRefusal::KeyPairMissing.into(),
-                    message: format!(
-                        "key pair {key_name} does not exist in this region; create it or use keyPair mode temporary"
-                    ),
+                    message: guidance::missing_key_pair(key_name, &api.region()),
                 };
             }
             if let Err(e) = std::fs::metadata(private_key_path) {
                 return file_failure("read", private_key_path, e);
             }
-            return Input::KeyPairReady { key: handle(false) };
+            return ready;
+        }
+        KeyPairMode::ImportOwn {
+            public_key_path,
+            private_key_path,
+        } => {
+            if exists {
+                // Imported by an earlier run of this same intent.
+                return ready;
+            }
+            let public = match own_public_key(public_key_path, private_key_path) {
+                Ok(public) => public,
+                Err(input) => return input,
+            };
+            let tags = session_tags(ctx, created);
+            return match import_pair(api, key_name, &public, &tags, false).await {
+                Ok(()) => ready,
+                Err(input) => input,
+            };
         }
         KeyPairMode::Temporary { algorithm } => (*algorithm, false),
         KeyPairMode::Import { algorithm } => (*algorithm, true),
@@ -147,7 +166,7 @@ pub async fn ensure(
     // A key file counts only if it holds a loadable key.
     let file_exists = Path::new(path).exists() && russh::keys::load_secret_key(path, None).is_ok();
     if exists && file_exists {
-        return Input::KeyPairReady { key: handle(true) };
+        return ready;
     }
     let tags = session_tags(ctx, created);
     // Import mode can finish a run that wrote the file but crashed before
@@ -157,7 +176,7 @@ pub async fn ensure(
         && let Ok(public) = public_key_of(path)
     {
         return match import_pair(api, key_name, &public, &tags, false).await {
-            Ok(()) => Input::KeyPairReady { key: handle(true) },
+            Ok(()) => ready,
             Err(input) => input,
         };
     }
@@ -169,9 +188,49 @@ pub async fn ensure(
         pair_exists: exists,
     };
     match create_afresh(api, &tags, fresh).await {
-        Ok(()) => Input::KeyPairReady { key: handle(true) },
+        Ok(()) => ready,
         Err(input) => input,
     }
+}
+
+/// The user's public key line, after checking it is ed25519 or RSA and
+/// belongs to their private key (which the SSH check logs in with, so it
+/// must load without a passphrase).
+pub fn own_public_key(public_key_path: &str, private_key_path: &str) -> Result<String, Input> {
+    let refuse = |message: String| Input::Rejected {
+        code: LocalRefusal::KeyFile.into(),
+        message,
+    };
+    let text = std::fs::read_to_string(public_key_path)
+        .map_err(|e| file_failure("read", public_key_path, e))?;
+    let public = ssh_key::PublicKey::from_openssh(text.trim()).map_err(|e| {
+        refuse(format!(
+            "{public_key_path} is not an OpenSSH public key ({e}); give the .pub file"
+        ))
+    })?;
+    if !matches!(
+        public.algorithm(),
+        Algorithm::Ed25519 | Algorithm::Rsa { .. }
+    ) {
+        return Err(refuse(format!(
+            "{public_key_path} is a {} key; EC2 imports ed25519 and RSA keys",
+            public.algorithm()
+        )));
+    }
+    let private = russh::keys::load_secret_key(private_key_path, None).map_err(|e| {
+        refuse(format!(
+            "cannot use private key {private_key_path} ({e}); it must be readable and not \
+             passphrase-protected, as the SSH check logs in with it"
+        ))
+    })?;
+    if private.public_key().key_data() != public.key_data() {
+        return Err(refuse(format!(
+            "{public_key_path} is not the public half of {private_key_path}"
+        )));
+    }
+    public
+        .to_openssh()
+        .map_err(|e| refuse(format!("cannot encode {public_key_path}: {e}")))
 }
 
 /// What `create_afresh` creates, and whether a stale pair must go first.

@@ -5,7 +5,7 @@
 //! (aside, then renamed) with mode 0600, and goes when the instance does.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::request::parse_host_port;
@@ -30,6 +30,15 @@ pub fn write(path: &str, endpoint: &str, key: &str) -> std::io::Result<()> {
             format!("`{endpoint}` is not host:port"),
         )
     })?;
+    if let Some(dir) = Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
     let partial = format!("{path}.partial");
     let written = (|| {
         let mut file = std::fs::OpenOptions::new()
@@ -86,7 +95,8 @@ mod tests {
     #[test]
     fn the_file_is_private_replaced_whole_and_removable() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.known_hosts");
+        // The key folder may not exist yet (the user's own key lives elsewhere).
+        let path = dir.path().join("keys/s.known_hosts");
         let path = path.to_str().unwrap();
         write(path, "127.0.0.1:2222", "ssh-ed25519 AAAA1").unwrap();
         write(path, "127.0.0.1:2222", "ssh-ed25519 AAAA2").unwrap();

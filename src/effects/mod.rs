@@ -13,8 +13,10 @@ pub mod api;
 pub mod console;
 pub mod describe_batch;
 pub mod ec2;
+pub mod guidance;
 pub mod keys;
 pub mod known_hosts;
+pub mod preflight;
 pub mod sdk;
 pub mod ssh;
 

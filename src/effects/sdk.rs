@@ -21,7 +21,7 @@ use base64::Engine as _;
 use zeroize::Zeroizing;
 
 use super::api::{
-    Ec2Api, Ec2Failure, Ec2Result, InstanceState, InstanceView, LaunchSpec, malformed,
+    Ec2Api, Ec2Failure, Ec2Result, InstanceState, InstanceView, LaunchSpec, SubnetInfo, malformed,
 };
 use crate::error_code::{AwsErrorCode, ErrorClass};
 use crate::machine::{CheckState, ImageChoice, StatusReport};
@@ -100,6 +100,23 @@ fn tag_spec(kind: ResourceType, tags: &[(String, String)]) -> TagSpecification {
         .build()
 }
 
+/// A dry run that would have succeeded answers `DryRunOperation`.
+fn dry_run_answer(answer: Ec2Result<()>) -> Ec2Result<()> {
+    match answer {
+        Err(failure) if failure.is(&AwsErrorCode::DryRunOperation) => Ok(()),
+        Ok(()) => Err(malformed("DryRun", "a dry run answered as if it ran")),
+        Err(failure) => Err(failure),
+    }
+}
+
+fn subnet_info(subnet: &aws_sdk_ec2::types::Subnet) -> SubnetInfo {
+    SubnetInfo {
+        id: subnet.subnet_id().unwrap_or_default().to_string(),
+        zone: subnet.availability_zone().unwrap_or_default().to_string(),
+        vpc: subnet.vpc_id().unwrap_or_default().to_string(),
+    }
+}
+
 fn view_of(instance: &Instance) -> InstanceView {
     let state = match instance.state().and_then(|s| s.name()) {
         Some(InstanceStateName::Running) => InstanceState::Running,
@@ -162,14 +179,54 @@ impl Ec2Api for SdkEc2 {
         }))
     }
 
-    async fn check_subnets(&self, ids: &[String]) -> Ec2Result<()> {
+    fn region(&self) -> String {
         self.client
+            .config()
+            .region()
+            .map_or_else(|| "(no region set)".to_string(), |r| r.to_string())
+    }
+
+    async fn describe_subnets(&self, ids: &[String]) -> Ec2Result<Vec<SubnetInfo>> {
+        let out = self
+            .client
             .describe_subnets()
             .set_subnet_ids(Some(ids.to_vec()))
             .send()
             .await
-            .map(|_| ())
-            .map_err(|e| failure("DescribeSubnets", e))
+            .map_err(|e| failure("DescribeSubnets", e))?;
+        Ok(out.subnets().iter().map(subnet_info).collect())
+    }
+
+    async fn some_subnets(&self, limit: usize) -> Ec2Result<Vec<SubnetInfo>> {
+        let out = self
+            .client
+            .describe_subnets()
+            .send()
+            .await
+            .map_err(|e| failure("DescribeSubnets", e))?;
+        Ok(out.subnets().iter().take(limit).map(subnet_info).collect())
+    }
+
+    async fn some_security_groups(
+        &self,
+        vpc: Option<&str>,
+        limit: usize,
+    ) -> Ec2Result<Vec<String>> {
+        let mut call = self.client.describe_security_groups();
+        if let Some(vpc) = vpc {
+            call = call.filters(Filter::builder().name("vpc-id").values(vpc).build());
+        }
+        let out = call
+            .send()
+            .await
+            .map_err(|e| failure("DescribeSecurityGroups", e))?;
+        Ok(out
+            .security_groups()
+            .iter()
+            .filter_map(|g| g.group_id())
+            .take(limit)
+            .map(str::to_string)
+            .collect())
     }
 
     async fn check_security_groups(&self, ids: &[String]) -> Ec2Result<()> {
@@ -245,6 +302,39 @@ impl Ec2Api for SdkEc2 {
             .map_err(|e| failure("ImportKeyPair", e))
     }
 
+    async fn dry_run_key_pair(
+        &self,
+        name: &str,
+        public_key: Option<&str>,
+        tags: &[(String, String)],
+    ) -> Ec2Result<()> {
+        let spec = tag_spec(ResourceType::KeyPair, tags);
+        let answer = match public_key {
+            Some(public_key) => self
+                .client
+                .import_key_pair()
+                .dry_run(true)
+                .key_name(name)
+                .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
+                .tag_specifications(spec)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| failure("ImportKeyPair", e)),
+            None => self
+                .client
+                .create_key_pair()
+                .dry_run(true)
+                .key_name(name)
+                .tag_specifications(spec)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| failure("CreateKeyPair", e)),
+        };
+        dry_run_answer(answer)
+    }
+
     async fn delete_key_pair(&self, name: &str) -> Ec2Result<()> {
         self.client
             .delete_key_pair()
@@ -261,6 +351,7 @@ impl Ec2Api for SdkEc2 {
             .client
             .run_instances()
             .client_token(spec.client_token)
+            .dry_run(spec.dry_run)
             .image_id(&spec.image.ami_id)
             .instance_type(InstanceType::from(request.instance_type.as_str()))
             .min_count(1)
@@ -270,7 +361,7 @@ impl Ec2Api for SdkEc2 {
                 (!request.security_group_ids.is_empty())
                     .then(|| request.security_group_ids.clone()),
             )
-            .key_name(spec.key_name)
+            .set_key_name(spec.key_name.map(str::to_string))
             .tag_specifications(tag_spec(ResourceType::Instance, spec.tags))
             .tag_specifications(tag_spec(ResourceType::Volume, spec.tags));
         if let Some(device) = &spec.image.root_device_name {
@@ -316,6 +407,14 @@ impl Ec2Api for SdkEc2 {
                         .spot_options(spot.build())
                         .build(),
                 );
+        }
+        if spec.dry_run {
+            let answer = call
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| failure("RunInstances", e));
+            return dry_run_answer(answer).map(|()| String::new());
         }
         let out = call.send().await.map_err(|e| failure("RunInstances", e))?;
         out.instances()

@@ -93,8 +93,11 @@ pub(super) fn decide(
 
 fn validating(input: Input) -> Option<Decision> {
     Some(match input {
-        Input::Validated { image } => {
-            Decision::go(ProvisionPhase::PreparingKeyPair(PreparingKeyPair { image }))
+        Input::Validated { image, zones } => {
+            Decision::go(ProvisionPhase::PreparingKeyPair(PreparingKeyPair {
+                image,
+                zones,
+            }))
         }
         _ => return None,
     })
@@ -105,21 +108,26 @@ fn preparing_key_pair(
     p: &PreparingKeyPair,
     input: Input,
 ) -> Option<Decision> {
-    Some(match input {
-        Input::KeyPairReady { key } => {
-            let image = p.image.clone();
-            match ctx.request.spot {
-                Some(_) => Decision::go(ProvisionPhase::RequestingSpot(RequestingSpot {
-                    launch: launch_attempt(ctx, image, key, 0, 0, true),
-                }))
-                .because(Guard::SpotRequested),
-                None => Decision::go(ProvisionPhase::Launching(Launching {
-                    launch: launch_attempt(ctx, image, key, 0, 0, false),
-                }))
-                .because(Guard::OnDemandOnly),
-            }
-        }
-        _ => return None,
+    let Input::KeyPairReady { key } = input else {
+        return None;
+    };
+    let first = |spot| LaunchAttempt {
+        image: p.image.clone(),
+        key: key.clone(),
+        zones: p.zones.clone(),
+        attempt: 0,
+        subnet_index: 0,
+        client_token: ClientToken::derive(&ctx.session_id, 0, spot, &subnet(ctx, 0)),
+    };
+    Some(match ctx.request.spot {
+        Some(_) => Decision::go(ProvisionPhase::RequestingSpot(RequestingSpot {
+            launch: first(true),
+        }))
+        .because(Guard::SpotRequested),
+        None => Decision::go(ProvisionPhase::Launching(Launching {
+            launch: first(false),
+        }))
+        .because(Guard::OnDemandOnly),
     })
 }
 
@@ -129,6 +137,19 @@ fn requesting_spot(
     input: Input,
     now: Timestamp,
 ) -> Option<Decision> {
+    let fallback = ctx
+        .request
+        .spot
+        .as_ref()
+        .is_some_and(|s| s.fallback_to_on_demand);
+    let fall_back = |reason: String, guards: Guards| {
+        let next = next_attempt(ctx, launch, 0, false);
+        Decision::go(ProvisionPhase::Launching(Launching { launch: next }))
+            .notice(Notice::SpotFallback { reason })
+            .because(guards.and(Guard::FallbackAllowed))
+    };
+    let give_up =
+        |reason: String| cleanup(Launched::Nothing, Some(launch.key.clone()), failure(reason));
     match input {
         Input::CapacityUnavailable { code, message } => {
             if let Some(next) = next_subnet(ctx, launch, true) {
@@ -136,27 +157,22 @@ fn requesting_spot(
                 return Some(Decision::go(phase).because(Guard::MoreSubnets));
             }
             let last = Guards::from(Guard::LastSubnet);
-            if ctx
-                .request
-                .spot
-                .as_ref()
-                .is_some_and(|s| s.fallback_to_on_demand)
-            {
-                let (image, key) = (launch.image.clone(), launch.key.clone());
-                let next = launch_attempt(ctx, image, key, launch.attempt + 1, 0, false);
-                let reason = format!("{code}: {message}");
-                return Some(
-                    Decision::go(ProvisionPhase::Launching(Launching { launch: next }))
-                        .notice(Notice::SpotFallback { reason })
-                        .because(last.and(Guard::FallbackAllowed)),
-                );
+            if fallback {
+                return Some(fall_back(format!("{code}: {message}"), last));
             }
             let reason = format!(
-                "no spot capacity in any subnet and fallback is off; last: {code}: {message}"
+                "no spot capacity in the subnets tried ({}) and spotFallbackToOnDemand is off; \
+                 last: {code}: {message}; try another instance type, a subnet in another \
+                 availability zone (failoverSubnetIds), or spotFallbackToOnDemand: true",
+                subnets_tried(ctx, launch)
             );
-            let decision = cleanup(Launched::Nothing, Some(launch.key.clone()), failure(reason));
-            Some(decision.because(last.and(Guard::NoFallback)))
+            Some(give_up(reason).because(last.and(Guard::NoFallback)))
         }
+        // A quota holds in every subnet: no point walking them.
+        Input::QuotaExceeded { code, message } if fallback => {
+            Some(fall_back(format!("{code}: {message}"), Guards::NONE))
+        }
+        Input::QuotaExceeded { message, .. } => Some(give_up(message).because(Guard::NoFallback)),
         other => launched(ctx, launch, other, now),
     }
 }
@@ -167,16 +183,23 @@ fn launching(
     input: Input,
     now: Timestamp,
 ) -> Option<Decision> {
+    let give_up =
+        |reason: String| cleanup(Launched::Nothing, Some(launch.key.clone()), failure(reason));
     match input {
         Input::CapacityUnavailable { code, message } => {
             if let Some(next) = next_subnet(ctx, launch, false) {
                 let phase = ProvisionPhase::Launching(Launching { launch: next });
                 return Some(Decision::go(phase).because(Guard::MoreSubnets));
             }
-            let reason = format!("no on-demand capacity in any subnet; last: {code}: {message}");
-            let decision = cleanup(Launched::Nothing, Some(launch.key.clone()), failure(reason));
-            Some(decision.because(Guard::LastSubnet))
+            let reason = format!(
+                "no on-demand capacity in the subnets tried ({}); last: {code}: {message}; \
+                 try another instance type (instanceType), a subnet in another availability \
+                 zone (failoverSubnetIds), or spot capacity (useSpot: true)",
+                subnets_tried(ctx, launch)
+            );
+            Some(give_up(reason).because(Guard::LastSubnet))
         }
+        Input::QuotaExceeded { message, .. } => Some(give_up(message)),
         other => launched(ctx, launch, other, now),
     }
 }
@@ -185,10 +208,43 @@ fn launching(
 /// `ClientToken`), if there is one.
 fn next_subnet(ctx: &SessionContext, launch: &LaunchAttempt, spot: bool) -> Option<LaunchAttempt> {
     let index = launch.subnet_index + 1;
-    (index < ctx.request.subnet_ids.len()).then(|| {
-        let (image, key) = (launch.image.clone(), launch.key.clone());
-        launch_attempt(ctx, image, key, launch.attempt + 1, index, spot)
-    })
+    (index < ctx.request.subnet_ids.len()).then(|| next_attempt(ctx, launch, index, spot))
+}
+
+/// The attempt after `from`: same image, key and zones, a new token.
+fn next_attempt(
+    ctx: &SessionContext,
+    from: &LaunchAttempt,
+    subnet_index: usize,
+    spot: bool,
+) -> LaunchAttempt {
+    let attempt = from.attempt + 1;
+    LaunchAttempt {
+        client_token: ClientToken::derive(
+            &ctx.session_id,
+            attempt,
+            spot,
+            &subnet(ctx, subnet_index),
+        ),
+        attempt,
+        subnet_index,
+        ..from.clone()
+    }
+}
+
+/// "subnet-a (us-east-1a), subnet-b (us-east-1b)": the subnets tried so far.
+fn subnets_tried(ctx: &SessionContext, launch: &LaunchAttempt) -> String {
+    ctx.request
+        .subnet_ids
+        .iter()
+        .take(launch.subnet_index + 1)
+        .enumerate()
+        .map(|(i, id)| match launch.zones.get(i) {
+            Some(zone) if !zone.is_empty() => format!("{id} ({zone})"),
+            _ => id.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What RequestingSpot and Launching share: the launch went through.
@@ -207,10 +263,9 @@ fn launched(
             let timeout = spot.map_or(ctx.request.timeouts.running, |spot| {
                 spot.request_timeout.min(ctx.request.timeouts.running)
             });
-            let on_demand_fallback = spot.filter(|s| s.fallback_to_on_demand).map(|_| {
-                let (image, key) = (launch.image.clone(), launch.key.clone());
-                launch_attempt(ctx, image, key, launch.attempt + 1, 0, false)
-            });
+            let on_demand_fallback = spot
+                .filter(|s| s.fallback_to_on_demand)
+                .map(|_| next_attempt(ctx, launch, 0, false));
             Decision::go(ProvisionPhase::WaitingForRunning(WaitingForRunning {
                 instance: LaunchedInstance {
                     instance_id,
@@ -749,26 +804,4 @@ fn ssh_endpoint(
     } else {
         format!("{host}:{}", ssh.port)
     })
-}
-
-fn launch_attempt(
-    ctx: &SessionContext,
-    image: ImageChoice,
-    key: KeyPairHandle,
-    attempt: u32,
-    subnet_index: usize,
-    spot: bool,
-) -> LaunchAttempt {
-    LaunchAttempt {
-        client_token: ClientToken::derive(
-            &ctx.session_id,
-            attempt,
-            spot,
-            &subnet(ctx, subnet_index),
-        ),
-        image,
-        key,
-        attempt,
-        subnet_index,
-    }
 }

@@ -80,6 +80,9 @@ pub enum Effect {
 pub enum Input {
     Validated {
         image: ImageChoice,
+        /// The availability zone of each configured subnet, in config order.
+        #[serde(default)]
+        zones: Vec<String>,
     },
     /// The request cannot succeed as asked (bad AMI, unknown subnet, …).
     Rejected {
@@ -95,6 +98,12 @@ pub enum Input {
     },
     /// No capacity for this attempt (`InsufficientInstanceCapacity`, …).
     CapacityUnavailable {
+        code: AwsErrorCode,
+        message: String,
+    },
+    /// An account quota is reached (`VcpuLimitExceeded`, …): no other
+    /// subnet will help. The message says how to raise it.
+    QuotaExceeded {
         code: AwsErrorCode,
         message: String,
     },
@@ -209,9 +218,13 @@ impl Effect {
         match self {
             Effect::ValidateRequest => &[Validated, Rejected, TransientFailure],
             Effect::EnsureKeyPair { .. } => &[KeyPairReady, Rejected, TransientFailure],
-            Effect::RunInstance { .. } => {
-                &[Launched, CapacityUnavailable, Rejected, TransientFailure]
-            }
+            Effect::RunInstance { .. } => &[
+                Launched,
+                CapacityUnavailable,
+                QuotaExceeded,
+                Rejected,
+                TransientFailure,
+            ],
             Effect::DescribeInstance { .. } => &[
                 InstancePending,
                 InstanceRunning,

@@ -120,11 +120,21 @@ impl SessionContext {
                 key_name: key_name.clone(),
                 owned: false,
                 private_key_path: Some(private_key_path.clone()),
+                owns_key_file: false,
             },
             KeyPairMode::Temporary { .. } | KeyPairMode::Import { .. } => KeyPairHandle {
                 key_name: self.owned_key_name(),
                 owned: true,
                 private_key_path: Some(self.owned_key_path()),
+                owns_key_file: true,
+            },
+            KeyPairMode::ImportOwn {
+                private_key_path, ..
+            } => KeyPairHandle {
+                key_name: self.owned_key_name(),
+                owned: true,
+                private_key_path: Some(private_key_path.clone()),
+                owns_key_file: false,
             },
         }
     }
@@ -291,7 +301,12 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
         }),
         ProvisionPhase::DeletingKeyPair(p) => Some(Effect::DeleteKeyPair {
             key_name: p.key.key_name.clone(),
-            private_key_path: p.key.private_key_path.clone(),
+            // The user's own key file is never removed.
+            private_key_path: p
+                .key
+                .private_key_path
+                .clone()
+                .filter(|_| p.key.owns_key_file),
         }),
         ProvisionPhase::Ready(_) | ProvisionPhase::Failed(_) | ProvisionPhase::TornDown(_) => None,
     }

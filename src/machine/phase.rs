@@ -16,6 +16,14 @@ pub struct KeyPairHandle {
     pub owned: bool,
     /// Where the private key lives on this machine; never its contents.
     pub private_key_path: Option<String>,
+    /// Whether that file is the session's to remove at cleanup (not when it
+    /// is the user's own key).
+    #[serde(default = "yes")]
+    pub owns_key_file: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The fingerprints (`SHA256:…`) that the instance's SSH server may present.
@@ -35,6 +43,10 @@ pub struct ImageChoice {
 pub struct LaunchAttempt {
     pub image: ImageChoice,
     pub key: KeyPairHandle,
+    /// The availability zone of each configured subnet, in config order
+    /// (empty in sessions stored before zones were kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<String>,
     pub attempt: u32,
     pub subnet_index: usize,
     pub client_token: ClientToken,
@@ -58,6 +70,9 @@ pub struct Validating;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreparingKeyPair {
     pub image: ImageChoice,
+    /// The availability zone of each configured subnet, in config order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -55,6 +55,10 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::RequestingSpot, I::CapacityUnavailable, &[G::LastSubnet, G::FallbackAllowed], P::Launching),
     t(P::RequestingSpot, I::CapacityUnavailable, &[G::LastSubnet, G::NoFallback, G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::RequestingSpot, I::CapacityUnavailable, &[G::LastSubnet, G::NoFallback, G::KeyPairNotOurs], P::Failed),
+    // A quota holds in every subnet: fall back at once, or give up.
+    t(P::RequestingSpot, I::QuotaExceeded, &[G::FallbackAllowed], P::Launching),
+    t(P::RequestingSpot, I::QuotaExceeded, &[G::NoFallback, G::OwnsKeyPair], P::DeletingKeyPair),
+    t(P::RequestingSpot, I::QuotaExceeded, &[G::NoFallback, G::KeyPairNotOurs], P::Failed),
     // An unanswered launch may have made an instance: cleanup sweeps by tag.
     t(P::RequestingSpot, I::Rejected, &[], P::TerminatingInstance),
     t(P::RequestingSpot, I::TransientFailure, &[G::TriesLeft], P::RequestingSpot),
@@ -65,6 +69,8 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::Launching, I::CapacityUnavailable, &[G::MoreSubnets], P::Launching),
     t(P::Launching, I::CapacityUnavailable, &[G::LastSubnet, G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::Launching, I::CapacityUnavailable, &[G::LastSubnet, G::KeyPairNotOurs], P::Failed),
+    t(P::Launching, I::QuotaExceeded, &[G::OwnsKeyPair], P::DeletingKeyPair),
+    t(P::Launching, I::QuotaExceeded, &[G::KeyPairNotOurs], P::Failed),
     t(P::Launching, I::Rejected, &[], P::TerminatingInstance),
     t(P::Launching, I::TransientFailure, &[G::TriesLeft], P::Launching),
     t(P::Launching, I::TransientFailure, &[G::TriesSpent], P::TerminatingInstance),

@@ -70,6 +70,13 @@ fn shapes() -> Vec<Shape> {
     all
 }
 
+/// One availability zone per configured subnet.
+fn zones(ctx: &SessionContext) -> Vec<String> {
+    (0..ctx.request.subnet_ids.len())
+        .map(|i| format!("us-east-1{}", (b'a' + i as u8) as char))
+        .collect()
+}
+
 fn image() -> ImageChoice {
     ImageChoice {
         ami_id: "ami-1".into(),
@@ -148,13 +155,17 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     let launch = |subnet_index| LaunchAttempt {
         image: image(),
         key: ctx.planned_key(),
+        zones: zones(ctx),
         attempt: 0,
         subnet_index,
         client_token: ClientToken::derive(&ctx.session_id, 0, true, "subnet-0"),
     };
     let mut all = vec![
         ProvisionPhase::Validating(Validating),
-        ProvisionPhase::PreparingKeyPair(PreparingKeyPair { image: image() }),
+        ProvisionPhase::PreparingKeyPair(PreparingKeyPair {
+            image: image(),
+            zones: zones(ctx),
+        }),
     ];
     for index in 0..ctx.request.subnet_ids.len() {
         all.push(ProvisionPhase::RequestingSpot(RequestingSpot {
@@ -227,7 +238,10 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
 
 fn sample_input(kind: InputKind) -> Input {
     match kind {
-        InputKind::Validated => Input::Validated { image: image() },
+        InputKind::Validated => Input::Validated {
+            image: image(),
+            zones: vec!["us-east-1a".into(), "us-east-1b".into()],
+        },
         InputKind::Rejected => Input::Rejected {
             code: AwsErrorCode::InvalidAmiIdNotFound.into(),
             message: "no such image".into(),
@@ -237,6 +251,7 @@ fn sample_input(kind: InputKind) -> Input {
                 key_name: "acode-x".into(),
                 owned: true,
                 private_key_path: Some("/k".into()),
+                owns_key_file: true,
             },
         },
         InputKind::Launched => Input::Launched {
@@ -246,6 +261,10 @@ fn sample_input(kind: InputKind) -> Input {
         InputKind::CapacityUnavailable => Input::CapacityUnavailable {
             code: AwsErrorCode::InsufficientInstanceCapacity,
             message: "none".into(),
+        },
+        InputKind::QuotaExceeded => Input::QuotaExceeded {
+            code: AwsErrorCode::VcpuLimitExceeded,
+            message: "the account's vCPU quota is reached".into(),
         },
         InputKind::InstancePending => Input::InstancePending,
         InputKind::InstanceRunning => Input::InstanceRunning {
@@ -724,6 +743,7 @@ fn outcome_for(effect: &Effect, kind: InputKind) -> Input {
             key: KeyPairHandle {
                 key_name: key_name.clone(),
                 owned: key_name.starts_with("acode-"),
+                owns_key_file: true,
                 private_key_path: private_key_path.clone(),
             },
         },

@@ -7,6 +7,13 @@ use serde_json::Value;
 use crate::lab::Lab;
 
 fn cli(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Output {
+    cli_command(state_db, lab, args)
+        .output()
+        .expect("run acode-ec2")
+}
+
+/// `acode-ec2 ARGS` with test credentials, the loopback guard and the lab.
+fn cli_command(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_acode-ec2"));
     command
         .args(args)
@@ -24,7 +31,7 @@ fn cli(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Output {
         Some(lab) => command.env("AWS_ENDPOINT_URL_EC2", &lab.info.ec2_endpoint),
         None => command.env_remove("AWS_ENDPOINT_URL_EC2"),
     };
-    command.output().expect("run acode-ec2")
+    command
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -336,4 +343,275 @@ fn on_ready_gets_the_instance_and_ssh_config_trusts_only_the_verified_key() {
         let out = cli(&db, Some(&lab), &["teardown", &id]);
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
+}
+
+/// Writes `ec2Target:` + `body` to a config file in `dir`.
+fn config_file(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("ec2Target:\n{body}")).unwrap();
+    path
+}
+
+#[test]
+fn validate_checks_everything_and_creates_nothing() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let good = config_file(
+        dir.path(),
+        "good.yaml",
+        &lab.target_yaml("  useSpot: true\n"),
+    );
+    let out = cli(
+        &db,
+        Some(&lab),
+        &["validate", "--config", good.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    for part in [
+        lab.info.ami_id.as_str(),
+        "us-east-1a",
+        "spot",
+        "RunInstances    allowed (dry run)",
+        "CreateKeyPair allowed",
+    ] {
+        assert!(report.contains(part), "{part} missing:\n{report}");
+    }
+    assert!(
+        lab.instances().is_empty(),
+        "validate launched: {:?}",
+        lab.instances()
+    );
+    assert_eq!(
+        lab.call("GET", "/authorized_keys", None),
+        serde_json::json!([])
+    );
+    assert!(!db.exists(), "validate wrote state");
+
+    // Each bad config: exit 1 with what is wrong and what to do.
+    let yaml = lab.target_yaml("");
+    let subnet = lab.subnet("us-east-1a");
+    let cases = [
+        (
+            yaml.replace(&lab.info.ami_id, "ami-00000000deadbeef0"),
+            vec![
+                "ami-00000000deadbeef0 was not found in us-east-1",
+                "amazon-linux-2",
+            ],
+        ),
+        (
+            yaml.replace(&subnet, "subnet-0000000000deadbee"),
+            vec![
+                "subnet subnet-0000000000deadbee does not exist",
+                "subnets that do: subnet-",
+            ],
+        ),
+        (
+            yaml.replace(&lab.info.security_group_id, "sg-0000000000deadbee"),
+            vec![
+                "security group sg-0000000000deadbee does not exist",
+                "groups that do: sg-",
+            ],
+        ),
+        (
+            format!("{yaml}  keyName: team-key\n  privateKeyPath: /nonexistent\n"),
+            vec![
+                "key pair team-key does not exist in us-east-1",
+                "mode: temporary",
+            ],
+        ),
+    ];
+    for (i, (body, expected)) in cases.into_iter().enumerate() {
+        let bad = config_file(dir.path(), &format!("bad{i}.yaml"), &body);
+        let out = cli(
+            &db,
+            Some(&lab),
+            &["validate", "--config", bad.to_str().unwrap()],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "case {i}: {}",
+            text(&out.stdout)
+        );
+        let err = text(&out.stderr);
+        for part in expected {
+            assert!(err.contains(part), "case {i}: {part} missing:\n{err}");
+        }
+    }
+
+    // Denied: what was denied, how to decode it, where the policy is.
+    lab.fault(serde_json::json!({"action": "RunInstances", "code": "UnauthorizedOperation", "count": 1,
+        "message": "You are not authorized to perform this operation. Encoded authorization failure message: Zm9vYmFy"}));
+    let out = cli(
+        &db,
+        Some(&lab),
+        &["validate", "--config", good.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    for part in [
+        "ec2:RunInstances",
+        "decode-authorization-message --encoded-message Zm9vYmFy",
+        "acode-ec2 iam-policy",
+    ] {
+        assert!(err.contains(part), "{part} missing:\n{err}");
+    }
+    assert!(lab.instances().is_empty());
+    assert!(!db.exists());
+}
+
+#[test]
+fn iam_policy_prints_a_policy_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli(&dir.path().join("s.db"), None, &["iam-policy"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let policy: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(policy["Version"], "2012-10-17");
+    let printed = policy.to_string();
+    assert!(printed.contains("ec2:ResourceTag/acode") && printed.contains("aws:RequestTag/acode"));
+}
+
+/// Starts `acode-ec2 provision`, waits until its progress shows `phase`,
+/// sends it SIGINT `signals` times; its exit code and everything it said.
+fn provision_interrupted(
+    lab: &Lab,
+    db: &std::path::Path,
+    config: &std::path::Path,
+    phase: &str,
+    signals: usize,
+) -> (Option<i32>, String) {
+    use std::io::BufRead;
+    let mut child = cli_command(
+        db,
+        Some(lab),
+        &["provision", "--config", config.to_str().unwrap()],
+    )
+    .stderr(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .spawn()
+    .expect("start acode-ec2");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut said = String::new();
+    let marker = format!("s] {phase} ");
+    loop {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("never reached {phase}:\n{said}"));
+        said.push_str(&line);
+        said.push('\n');
+        if line.contains(&marker) {
+            break;
+        }
+    }
+    for _ in 0..signals {
+        let sent = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let status = child.wait().expect("wait");
+    while let Ok(line) = lines.recv_timeout(std::time::Duration::from_secs(5)) {
+        said.push_str(&line);
+        said.push('\n');
+    }
+    (status.code(), said)
+}
+
+/// Nothing of any session is left in the lab, and no key file on disk.
+fn assert_nothing_left(lab: &Lab, dir: &std::path::Path, context: &str) {
+    let live: Vec<_> = lab
+        .instances()
+        .into_iter()
+        .filter(|i| !matches!(i["state"].as_str(), Some("terminated" | "shutting-down")))
+        .collect();
+    assert!(live.is_empty(), "{context}: instances left: {live:?}");
+    let pairs = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(lab.ec2().describe_key_pairs().send())
+        .expect("DescribeKeyPairs");
+    assert!(
+        pairs.key_pairs().is_empty(),
+        "{context}: key pairs left: {pairs:?}"
+    );
+    let keys = dir.join("keys");
+    let files: Vec<_> = std::fs::read_dir(&keys)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        files.is_empty(),
+        "{context}: files left in {}: {files:?}",
+        keys.display()
+    );
+}
+
+#[test]
+fn a_first_ctrl_c_in_any_phase_tears_the_session_down_and_exits_130() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path(), "target.yaml", &lab.target_yaml(""));
+    let slow_call =
+        |action: &str| lab.fault(serde_json::json!({"action": action, "latency_ms": 3000}));
+    type SlowDown<'a> = Box<dyn Fn() + 'a>;
+    let cases: [(&str, SlowDown); 5] = [
+        ("Validating", Box::new(|| slow_call("DescribeImages"))),
+        ("PreparingKeyPair", Box::new(|| slow_call("CreateKeyPair"))),
+        ("Launching", Box::new(|| slow_call("RunInstances"))),
+        (
+            "WaitingForRunning",
+            Box::new(|| lab.configure(serde_json::json!({"boot_delay_s": 5.0}))),
+        ),
+        (
+            "WaitingForSsh",
+            Box::new(|| {
+                lab.configure(serde_json::json!({"boot_delay_s": 0.3, "ssh_start_delay_s": 30.0}))
+            }),
+        ),
+    ];
+    for (i, (phase, slow_down)) in cases.iter().enumerate() {
+        slow_down();
+        let db = dir.path().join(format!("state-{i}.db"));
+        let (code, said) = provision_interrupted(&lab, &db, &config, phase, 1);
+        assert_eq!(code, Some(130), "{phase}:\n{said}");
+        assert!(said.contains("cancelling"), "{phase}:\n{said}");
+        assert!(
+            said.contains("was torn down; nothing is left"),
+            "{phase}:\n{said}"
+        );
+        assert_nothing_left(&lab, dir.path(), phase);
+        let out = cli(&db, Some(&lab), &["status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["phase"], "TornDown", "{phase}");
+    }
+}
+
+#[test]
+fn a_second_ctrl_c_stops_at_once_and_recover_cleans_up() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let config = config_file(dir.path(), "target.yaml", &lab.target_yaml(""));
+    // The launch answers slowly: the first Ctrl-C's teardown waits for it.
+    lab.fault(serde_json::json!({"action": "RunInstances", "latency_ms": 3000}));
+    let (code, said) = provision_interrupted(&lab, &db, &config, "Launching", 2);
+    assert_eq!(code, Some(130), "{said}");
+    assert!(
+        said.contains("stopped at once") && said.contains("acode-ec2 recover"),
+        "{said}"
+    );
+    let out = cli(&db, Some(&lab), &["recover"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_nothing_left(&lab, dir.path(), "after recover");
 }

@@ -126,6 +126,7 @@ impl FakeWorld {
         world.calls.push(effect.name());
         match effect {
             Effect::ValidateRequest => Input::Validated {
+                zones: vec!["us-east-1a".into()],
                 image: acode_ec2::machine::ImageChoice {
                     ami_id: "ami-0123".into(),
                     root_device_name: Some("/dev/xvda".into()),
@@ -141,6 +142,7 @@ impl FakeWorld {
                         key_name: key_name.clone(),
                         owned: ctx.request.key_pair.is_owned(),
                         private_key_path: private_key_path.clone(),
+                        owns_key_file: true,
                     },
                 }
             }

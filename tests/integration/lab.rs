@@ -35,6 +35,8 @@ pub struct LabInfo {
 }
 
 pub struct Lab {
+    /// Whether its EC2 actions count as the engine's (see `note_actions`).
+    noted: bool,
     child: Child,
     stdin: Option<ChildStdin>,
     pub info: LabInfo,
@@ -100,6 +102,7 @@ impl Lab {
         let info: LabInfo =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
         Lab {
+            noted: true,
             child,
             stdin,
             info,
@@ -266,8 +269,42 @@ pub fn http(
     (status, payload.to_string())
 }
 
+/// Where labs note the EC2 actions they were called with, when set (the
+/// IAM policy check compares the whole suite's calls with the policy).
+pub const ACTIONS_LOG_ENV: &str = "ACODE_EC2_ACTIONS_LOG";
+
+impl Lab {
+    /// A lab whose calls check the lab itself (raw SDK calls the engine
+    /// never makes), so they do not count toward the IAM policy check.
+    pub fn unnoted(mut self) -> Lab {
+        self.noted = false;
+        self
+    }
+
+    /// Notes every EC2 action this lab was called with, one file per lab.
+    fn note_actions(&self) {
+        let Ok(dir) = std::env::var(ACTIONS_LOG_ENV) else {
+            return;
+        };
+        if !self.noted {
+            return;
+        }
+        // Best effort: a lab that no longer answers has nothing to add.
+        let Ok(counters) =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.counters()))
+        else {
+            return;
+        };
+        let actions: Vec<&str> = counters.keys().map(String::as_str).collect();
+        let _ = std::fs::create_dir_all(&dir);
+        let file = format!("{dir}/lab-{}-{}.txt", std::process::id(), self.child.id());
+        let _ = std::fs::write(file, actions.join("\n"));
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.note_actions();
         // Closing stdin asks the lab to stop (and stop sshd); kill if it lingers.
         drop(self.stdin.take());
         for _ in 0..50 {

@@ -45,7 +45,7 @@ async fn state(lab: &Lab, id: &str) -> InstanceStateName {
 
 #[tokio::test]
 async fn client_tokens_behave_like_ec2() {
-    let lab = Lab::start();
+    let lab = Lab::start().unnoted();
     let first = run(&lab, "token-1", "t3.micro").await.unwrap();
     assert_eq!(
         run(&lab, "token-1", "t3.micro").await.unwrap(),
@@ -96,7 +96,8 @@ async fn instances_boot_pass_checks_and_terminate_with_delays() {
         "1",
         "--terminate-delay-s",
         "1",
-    ]);
+    ])
+    .unnoted();
     let id = run(&lab, "boot", "t3.micro").await.unwrap();
     assert_eq!(state(&lab, &id).await, InstanceStateName::Pending);
     tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -136,7 +137,7 @@ async fn instances_boot_pass_checks_and_terminate_with_delays() {
 
 #[tokio::test]
 async fn imds_announces_a_spot_interruption_only_after_the_trigger() {
-    let lab = Lab::start();
+    let lab = Lab::start().unnoted();
     let base = &lab.info.imds_endpoint;
     let path = "/latest/meta-data/spot/instance-action";
     let (status, token) = http(
@@ -180,7 +181,7 @@ async fn imds_announces_a_spot_interruption_only_after_the_trigger() {
 
 #[tokio::test]
 async fn spot_placement_scores_are_per_zone() {
-    let lab = Lab::start();
+    let lab = Lab::start().unnoted();
     lab.configure(json!({"placement_scores": {"us-east-1a": 7, "us-east-1b": 2}}));
     let out = lab
         .ec2()
@@ -203,7 +204,7 @@ async fn spot_placement_scores_are_per_zone() {
 
 #[test]
 fn the_lab_and_its_sshd_stop_when_the_handle_drops() {
-    let lab = Lab::start();
+    let lab = Lab::start().unnoted();
     let pid = lab.pid();
     let sshd = format!("127.0.0.1:{}", lab.info.sshd_port);
     assert!(

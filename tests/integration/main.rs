@@ -10,4 +10,6 @@ mod fake_world;
 mod lab;
 mod lab_behaviour;
 mod lab_engine;
+mod lab_guidance;
 mod lab_readiness;
+mod live;

@@ -31,6 +31,7 @@ fn first_checkpoint(ctx: &SessionContext) -> Checkpoint {
 fn validated(ctx: &SessionContext) -> Checkpoint {
     let state = machine::start(ctx).state;
     let input = Input::Validated {
+        zones: Vec::new(),
         image: machine::ImageChoice {
             ami_id: "ami-1".into(),
             root_device_name: None,

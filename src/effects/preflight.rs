@@ -1,0 +1,194 @@
+//! `acode-ec2 validate`: everything provisioning checks before it creates
+//! anything, plus EC2's own verdict on the calls it would make (DryRun).
+//!
+//! Invariant: creates nothing and writes nothing: Describe calls, and
+//! CreateKeyPair/ImportKeyPair/RunInstances with `DryRun=true` only.
+
+use super::api::{Ec2Api, LaunchSpec};
+use super::ec2::{self, session_tags};
+use super::{guidance, keys};
+use crate::error_code::{AwsErrorCode, ErrorClass};
+use crate::machine::{ImageChoice, Input, SessionContext};
+use crate::request::{AmiSelector, KeyAlgorithm, KeyPairMode, ProvisionRequest, StatusCheckMode};
+
+/// What a session with this request would launch, line by line; or why it
+/// could not, with what to do about it.
+pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<String>, String> {
+    let ctx = SessionContext {
+        session_id: "validate".into(),
+        request: request.clone(),
+        key_dir: String::new(),
+    };
+    let (image, zones) = match ec2::validate(api, &ctx).await {
+        Input::Validated { image, zones } => (image, zones),
+        Input::Rejected { code, message } => return Err(format!("{code}: {message}")),
+        other => return Err(format!("the checks could not finish: {}", describe(&other))),
+    };
+    let mut lines = describe_launch(api, request, &image, &zones);
+    let tags = session_tags(&ctx, crate::clock::wall_clock());
+    let key_name = ctx.owned_key_name();
+    let (key_line, launch_key) = match &request.key_pair {
+        KeyPairMode::Existing {
+            key_name,
+            private_key_path,
+        } => {
+            match api.key_pair_exists(key_name).await {
+                Ok(true) => {}
+                Ok(false) => return Err(guidance::missing_key_pair(key_name, &api.region())),
+                Err(failure) => return Err(refusal(failure)),
+            }
+            std::fs::metadata(private_key_path)
+                .map_err(|e| format!("cannot read private key {private_key_path}: {e}"))?;
+            (
+                format!("existing key pair {key_name} ({private_key_path})"),
+                Some(key_name.as_str()),
+            )
+        }
+        KeyPairMode::Temporary { algorithm } => {
+            dry_run_key(api, &key_name, None, &tags).await?;
+            let line = format!(
+                "a temporary {} key pair per session, made by EC2 (CreateKeyPair allowed)",
+                algorithm.name()
+            );
+            (line, None)
+        }
+        KeyPairMode::Import { algorithm } => {
+            let public = throwaway_public_key(*algorithm)?;
+            dry_run_key(api, &key_name, Some(&public), &tags).await?;
+            let line = format!(
+                "a {} key pair per session, made here and imported (ImportKeyPair allowed)",
+                algorithm.name()
+            );
+            (line, None)
+        }
+        KeyPairMode::ImportOwn {
+            public_key_path,
+            private_key_path,
+        } => {
+            let public = keys::own_public_key(public_key_path, private_key_path)
+                .map_err(|input| describe(&input))?;
+            dry_run_key(api, &key_name, Some(&public), &tags).await?;
+            (
+                format!("your key {public_key_path}, imported per session (ImportKeyPair allowed)"),
+                None,
+            )
+        }
+    };
+    lines.push(format!("key pair        {key_line}"));
+    let spec = LaunchSpec {
+        request,
+        client_token: "acode-validate",
+        spot: request.spot.is_some(),
+        subnet_id: &request.subnet_ids[0],
+        image: &image,
+        key_name: launch_key,
+        tags: &tags,
+        dry_run: true,
+    };
+    api.run_instance(spec).await.map_err(refusal)?;
+    lines.push("RunInstances    allowed (dry run): EC2 would launch this".into());
+    Ok(lines)
+}
+
+fn describe_launch(
+    api: &impl Ec2Api,
+    request: &ProvisionRequest,
+    image: &ImageChoice,
+    zones: &[String],
+) -> Vec<String> {
+    let source = match &request.ami {
+        AmiSelector::Id(_) => String::new(),
+        AmiSelector::Alias(alias) => format!(" (newest {} image)", alias.name()),
+    };
+    let subnets: Vec<String> = request
+        .subnet_ids
+        .iter()
+        .zip(zones)
+        .map(|(id, zone)| format!("{id} ({zone})"))
+        .collect();
+    let mut lines = vec![
+        format!("region          {}", api.region()),
+        format!("image           {}{source}", image.ami_id),
+        format!("instance type   {}", request.instance_type),
+        format!(
+            "subnets         {} (tried in this order)",
+            subnets.join(", ")
+        ),
+        format!(
+            "security groups {}",
+            if request.security_group_ids.is_empty() {
+                "the VPC's default".to_string()
+            } else {
+                request.security_group_ids.join(", ")
+            }
+        ),
+        format!(
+            "root volume     {} GiB gp3, deleted with the instance",
+            request.ebs_size_gb
+        ),
+    ];
+    lines.push(match &request.spot {
+        Some(spot) => format!(
+            "capacity        spot (max price {}, {}), one-time request",
+            spot.max_price.as_deref().unwrap_or("the on-demand price"),
+            if spot.fallback_to_on_demand {
+                "falls back to on-demand"
+            } else {
+                "no fallback"
+            }
+        ),
+        None => "capacity        on-demand".into(),
+    });
+    let checks = match request.status_checks {
+        StatusCheckMode::Ok => "and EC2 status checks ok",
+        StatusCheckMode::NotImpaired => "and EC2 status checks not impaired",
+        StatusCheckMode::Skip => "(status checks skipped)",
+    };
+    lines.push(format!(
+        "ready when      SSH login as {} with a verified host key {checks}, within {:?}",
+        request.ssh.user, request.timeouts.ssh
+    ));
+    lines
+}
+
+async fn dry_run_key(
+    api: &impl Ec2Api,
+    name: &str,
+    public: Option<&str>,
+    tags: &[(String, String)],
+) -> Result<(), String> {
+    api.dry_run_key_pair(name, public, tags)
+        .await
+        .map_err(refusal)
+}
+
+/// A public key for a dry-run import; its private half is dropped at once.
+fn throwaway_public_key(algorithm: KeyAlgorithm) -> Result<String, String> {
+    keys::generate(algorithm)
+        .map(|(_, public)| public)
+        .map_err(|e| format!("cannot generate a {} key: {e}", algorithm.name()))
+}
+
+/// A failed check as the user reads it: the guidance for a denial, else
+/// EC2's words.
+fn refusal(failure: super::api::Ec2Failure) -> String {
+    if failure.is(&AwsErrorCode::UnauthorizedOperation) {
+        return format!(
+            "{}: {}",
+            failure.action,
+            guidance::unauthorized(failure.action, &failure.message)
+        );
+    }
+    if failure.class == ErrorClass::Transient {
+        return format!("{failure}; EC2 did not answer, try again");
+    }
+    failure.to_string()
+}
+
+fn describe(input: &Input) -> String {
+    match input {
+        Input::Rejected { code, message } => format!("{code}: {message}"),
+        Input::TransientFailure { message } => format!("{message}; EC2 did not answer, try again"),
+        other => format!("{other:?}"),
+    }
+}
