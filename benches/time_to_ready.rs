@@ -16,6 +16,10 @@
 //! cadence). Needs the lab's venv (`scripts/setup.sh`); connects only to
 //! loopback.
 
+// The engine's provision future is deeply nested; computing its layout
+// needs more than the default query depth.
+#![recursion_limit = "256"]
+
 #[allow(dead_code)]
 #[path = "../tests/integration/lab.rs"]
 mod lab;

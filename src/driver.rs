@@ -33,7 +33,8 @@ use crate::machine::{
     self, Input, MachineError, OutsideInput, Pause, PhaseKind, ProvisionPhase, SessionContext,
 };
 use crate::observe::{
-    EventChannel, Fanout, Observation, Observer, OnReady, ProgressObserver, TracingObserver,
+    EventChannel, Fanout, MetricsObserver, Observation, Observer, OnReady, ProgressObserver,
+    TracingObserver,
 };
 use crate::request::{InvalidRequest, ProvisionRequest};
 use crate::store::{Checkpoint, CheckpointStore, Intent, LeaseHolder, LoadedSession, StoreError};
@@ -173,6 +174,7 @@ impl<E: Effects> Engine<E> {
             observers: vec![
                 Arc::new(TracingObserver),
                 Arc::new(EventChannel(events.clone())),
+                Arc::new(MetricsObserver::default()),
             ],
             events,
             driving: Mutex::new(HashMap::new()),
@@ -220,7 +222,7 @@ impl<E: Effects> Engine<E> {
     ) -> Result<ReadyInstance, EngineError> {
         request.check()?;
         let session_id = uuid::Uuid::new_v4().to_string();
-        let span = tracing::info_span!("session", session_id = %session_id);
+        let span = session_span(&session_id);
         async {
             let Claim::Mine(claim) = self.claim(&session_id) else {
                 return Err(EngineError::AlreadyDriving { session_id });
@@ -247,9 +249,11 @@ impl<E: Effects> Engine<E> {
             let renewal = self.hold_lease(&session_id);
             let progress = ProgressObserver(progress);
             let observers = self.fanout(&progress);
+            let region = self.effects.region();
             observers.observe(&Observation::Started {
                 context: &ctx,
                 at: now,
+                region: region.as_deref(),
             });
             let loaded = LoadedSession {
                 context: ctx,
@@ -279,7 +283,7 @@ impl<E: Effects> Engine<E> {
         session_id: &str,
         progress: &dyn ProgressSink,
     ) -> Result<LoadedSession, EngineError> {
-        let span = tracing::info_span!("session", session_id = %session_id);
+        let span = session_span(session_id);
         async {
             let Claim::Mine(claim) = self.claim(session_id) else {
                 return Err(EngineError::AlreadyDriving {
@@ -380,7 +384,7 @@ impl<E: Effects> Engine<E> {
         progress: &dyn ProgressSink,
         until_settled: bool,
     ) -> Result<PhaseKind, EngineError> {
-        let span = tracing::info_span!("session", session_id = %session_id);
+        let span = session_span(session_id);
         async {
             match self.hand_over_or_claim(session_id, &input).await? {
                 Routed::Committed(phase, _) if !until_settled => Ok(phase),
@@ -555,6 +559,8 @@ impl<E: Effects> Engine<E> {
             before: &session.state,
             checkpoint: &checkpoint,
             notices: &step.notices,
+            guards: step.guards,
+            created_at: session.created_at,
             at: now,
             elapsed: started.elapsed(),
         });
@@ -599,7 +605,10 @@ impl<E: Effects> Engine<E> {
         observers: &Fanout<'_>,
     ) -> Result<LoadedSession, EngineError> {
         let started = Instant::now();
-        observers.observe(&Observation::Resumed { session: &session });
+        observers.observe(&Observation::Resumed {
+            session: &session,
+            at: self.clock.now(),
+        });
         let result = self
             .drive_loop(&mut session, &mut claim.inbox, &renewal, observers, started)
             .await;
@@ -610,7 +619,8 @@ impl<E: Effects> Engine<E> {
                 observers.observe(&Observation::Settled {
                     context: &session.context,
                     state: &session.state,
-                    elapsed: started.elapsed(),
+                    created_at: session.created_at,
+                    at: self.clock.now(),
                 });
                 let phase = session.state.phase.kind();
                 claim.ended.send_replace(Some(Ended::Settled(phase)));
@@ -740,6 +750,16 @@ impl<E: Effects> Engine<E> {
             Err(e) => Err(e),
         }
     }
+}
+
+/// One span per session: its id, and its phase and instance as they change.
+fn session_span(session_id: &str) -> tracing::Span {
+    tracing::info_span!(
+        "session",
+        session_id = %session_id,
+        phase = tracing::field::Empty,
+        instance_id = tracing::field::Empty
+    )
 }
 
 fn ready_or_error(end: LoadedSession) -> Result<ReadyInstance, EngineError> {

@@ -78,6 +78,8 @@ pub enum ProvisionEvent {
     ProvisionStarted {
         session_id: String,
         instance_type: String,
+        /// The AWS region the session's calls go to, when known.
+        region: Option<String>,
         use_spot: bool,
         at_ms: u64,
     },
@@ -99,6 +101,7 @@ pub enum ProvisionEvent {
         instance_id: Option<String>,
         public_ip: Option<String>,
         was_spot: bool,
+        /// From the session's creation to now, whoever drove it.
         duration_ms: u64,
         error: Option<String>,
     },

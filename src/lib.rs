@@ -12,6 +12,7 @@
 //! | [`effects`] | EC2 call stack (SDK ▸ batching), SSH probe (russh), key files, console parser | effects report facts, never conclusions; every effect is idempotent |
 //! | [`error_code`] | EC2 error codes parsed once, and their classes | no other module matches code strings |
 //! | [`observe`] | one `Observer` fan-out: tracing, event channel, progress | observers see no key material and change nothing |
+//! | [`telemetry`] | metric names; every EC2 call logged (action, duration, request id, code) and counted | labels never carry ids or key material |
 //! | [`clock`] | `Clock`: the system clock, or a manual one for tests | the machine never reads a clock; the driver passes `now` in |
 //! | [`events`] | typed events and progress for library callers | never carry key material |
 //! | [`request`], [`config`] | the request model and its YAML form | a request is valid or refused naming the key |
@@ -60,3 +61,4 @@ pub mod net_guard;
 pub mod observe;
 pub mod request;
 pub mod store;
+pub mod telemetry;

@@ -16,7 +16,7 @@ use acode_ec2::events::{NoProgress, ProgressSink, ProvisionProgress, ReadyInstan
 use acode_ec2::machine::diagram;
 use acode_ec2::machine::{OutsideInput, PhaseKind};
 use acode_ec2::net_guard::ConnectGuard;
-use acode_ec2::store::{CheckpointStore, SessionSummary, SqliteStore};
+use acode_ec2::store::{CheckpointStore, PhaseSpan, SessionSummary, SqliteStore, phase_timeline};
 
 /// Provision EC2 instances for coding-agent sessions: each session ends with
 /// a Ready instance that accepted an SSH login, its host key checked against
@@ -37,6 +37,23 @@ struct Cli {
     /// [default: `keys/` beside the state database].
     #[arg(long, global = true, env = "ACODE_EC2_KEY_DIR", value_name = "DIR")]
     key_dir: Option<PathBuf>,
+
+    /// Log lines on stderr as text, or as JSON objects (one per line, with
+    /// the session's id, phase and instance, and for each EC2 call its
+    /// action, duration, request id and error code). JSON replaces the
+    /// progress lines. Levels: ACODE_EC2_LOG (a tracing filter, default warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Write metrics (Prometheus text) to PATH when the command ends, for
+    /// node_exporter's textfile collector (written aside, then renamed).
+    #[arg(long, global = true, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
+
+    /// Serve metrics (Prometheus text, /metrics) on ADDR while the command
+    /// runs, e.g. 127.0.0.1:9464 for a long `recover`.
+    #[arg(long, global = true, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 
     #[command(subcommand)]
     command: Command,
@@ -118,6 +135,12 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum DiagramFormat {
     Mermaid,
@@ -126,13 +149,19 @@ enum DiagramFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ACODE_EC2_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ACODE_EC2_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -143,12 +172,62 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(async {
+        let metrics = Metrics::install(&cli)?;
+        let outcome = run(&cli).await;
+        // Written whatever the command's outcome: a failure has metrics too.
+        metrics.write_file(cli.metrics_file.as_deref())?;
+        outcome
+    });
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The Prometheus recorder, installed only when metrics are asked for.
+struct Metrics(Option<metrics_exporter_prometheus::PrometheusHandle>);
+
+impl Metrics {
+    fn install(cli: &Cli) -> Result<Metrics> {
+        if cli.metrics_file.is_none() && cli.metrics_listen.is_none() {
+            return Ok(Metrics(None));
+        }
+        let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+        if let Some(addr) = cli.metrics_listen {
+            if ConnectGuard::from_env().is_loopback_only() && !addr.ip().is_loopback() {
+                bail!(
+                    "--metrics-listen {addr}: {}=1 allows loopback addresses only",
+                    acode_ec2::net_guard::LOOPBACK_ONLY_ENV
+                );
+            }
+            builder = builder.with_http_listener(addr);
+        }
+        let (recorder, exporter) = builder
+            .build()
+            .context("cannot set up the metrics exporter (--metrics-listen)")?;
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder)
+            .context("a metrics recorder is already installed")?;
+        tokio::spawn(async move {
+            if let Err(e) = exporter.await {
+                tracing::warn!(error = ?e, "the metrics listener stopped");
+            }
+        });
+        Ok(Metrics(Some(handle)))
+    }
+
+    fn write_file(&self, path: Option<&Path>) -> Result<()> {
+        let (Some(handle), Some(path)) = (&self.0, path) else {
+            return Ok(());
+        };
+        let aside = path.with_extension("prom.partial");
+        std::fs::write(&aside, handle.render())
+            .and_then(|()| std::fs::rename(&aside, path))
+            .with_context(|| format!("cannot write metrics to {}", path.display()))
     }
 }
 
@@ -205,7 +284,7 @@ fn engine(cli: &Cli, effects: AwsEffects) -> Result<Engine<AwsEffects>> {
     ))
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
+async fn run(cli: &Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Diagram { format } => {
             print!(
@@ -223,8 +302,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             on_ready,
         } => {
             let request = acode_ec2::config::load(config)?;
-            let engine = engine(&cli, aws_effects().await?)?;
-            let display = ProgressDisplay::new();
+            let engine = engine(cli, aws_effects().await?)?;
+            let display = ProgressDisplay::new(cli.log_format);
             let outcome = match provision_cancellable(&engine, request, &display).await? {
                 Provisioned::Done(outcome) => outcome,
                 Provisioned::Cancelled(end) => {
@@ -265,7 +344,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::SshConfig { session } => {
-            let Some(store) = open_existing_store(&cli)? else {
+            let Some(store) = open_existing_store(cli)? else {
                 bail!("no session {session}: there is no state database yet");
             };
             let summary = store.summary(session).await?;
@@ -274,21 +353,33 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { session, json } => {
             let no_sessions = "no sessions yet; start one with `acode-ec2 provision`";
-            let summary = match (open_existing_store(&cli)?, session) {
-                (Some(store), Some(id)) => store.summary(id).await?,
-                (Some(store), None) => store.list().await?.pop().context(no_sessions)?,
+            let (store, summary) = match (open_existing_store(cli)?, session) {
+                (Some(store), Some(id)) => {
+                    let summary = store.summary(id).await?;
+                    (store, summary)
+                }
+                (Some(store), None) => {
+                    let newest = store.list().await?.pop().context(no_sessions)?;
+                    (store, newest)
+                }
                 (None, Some(id)) => bail!("no session {id}: {no_sessions}"),
                 (None, None) => bail!(no_sessions),
             };
+            let phases = phase_timeline(&store.events(&summary.session_id).await?);
             if *json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                let view = StatusView {
+                    summary: &summary,
+                    phases: &phases,
+                };
+                println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print_summary(&summary);
+                print_phases(&phases);
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Sessions { json } => {
-            let sessions = match open_existing_store(&cli)? {
+            let sessions = match open_existing_store(cli)? {
                 Some(store) => store.list().await?,
                 None => Vec::new(),
             };
@@ -316,7 +407,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Teardown { session } => {
             let effects = aws_effects().await?;
             // Without a database there is nothing to tear down: none is created.
-            let path = state_db_path(&cli)?;
+            let path = state_db_path(cli)?;
             if !path.exists() {
                 bail!(
                     "no session {session}: there is no state database at {}; \
@@ -324,8 +415,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     path.display()
                 );
             }
-            let engine = engine(&cli, effects)?;
-            let display = ProgressDisplay::new();
+            let engine = engine(cli, effects)?;
+            let display = ProgressDisplay::new(cli.log_format);
             let end = engine.teardown(session, &display).await;
             display.finish();
             println!("session {session} is {}", end?);
@@ -333,12 +424,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Recover => {
             let effects = aws_effects().await?;
-            if !state_db_path(&cli)?.exists() {
+            if !state_db_path(cli)?.exists() {
                 println!("nothing to recover");
                 return Ok(ExitCode::SUCCESS);
             }
-            let engine = engine(&cli, effects)?;
-            let display = ProgressDisplay::new();
+            let engine = engine(cli, effects)?;
+            let display = ProgressDisplay::new(cli.log_format);
             let report = engine.recover(&display).await;
             display.finish();
             let report = report?;
@@ -561,6 +652,38 @@ fn ssh_config_block(s: &SessionSummary) -> Result<String> {
     Ok(block)
 }
 
+/// `status --json`: the summary's fields, and where the time went.
+#[derive(serde::Serialize)]
+struct StatusView<'a> {
+    #[serde(flatten)]
+    summary: &'a SessionSummary,
+    phases: &'a [PhaseSpan],
+}
+
+fn print_phases(phases: &[PhaseSpan]) {
+    let Some(first) = phases.first() else {
+        return;
+    };
+    println!("phases");
+    for span in phases {
+        let start = Duration::from_millis(span.entered_at_ms.saturating_sub(first.entered_at_ms));
+        let took = span.duration_ms.map_or_else(
+            || "(now)".to_string(),
+            |ms| format!("{:.1} s", ms as f64 / 1000.0),
+        );
+        let answers = match span.attempts {
+            1 => "1 answer".to_string(),
+            n => format!("{n} answers"),
+        };
+        println!(
+            "  +{:>6.1} s  {:<19} {:>9}  {answers}",
+            start.as_secs_f64(),
+            span.phase.name(),
+            took
+        );
+    }
+}
+
 fn print_summary(s: &SessionSummary) {
     println!("session   {}", s.session_id);
     println!("phase     {}", s.phase);
@@ -586,13 +709,16 @@ fn print_summary(s: &SessionSummary) {
 /// A live bar with phase and elapsed time on a terminal; plain lines otherwise.
 struct ProgressDisplay {
     bar: Option<ProgressBar>,
+    /// Plain lines when there is no bar (off beside JSON logs).
+    lines: bool,
     last_line: Mutex<String>,
     session: Mutex<Option<String>>,
 }
 
 impl ProgressDisplay {
-    fn new() -> ProgressDisplay {
-        let bar = std::io::stderr().is_terminal().then(|| {
+    /// A bar on a terminal, plain lines otherwise, nothing beside JSON logs.
+    fn new(logs: LogFormat) -> ProgressDisplay {
+        let bar = (logs == LogFormat::Text && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(100);
             let style = ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}] {bar:30} {pos:>3}% {prefix:<19} {msg}",
@@ -604,6 +730,7 @@ impl ProgressDisplay {
         });
         ProgressDisplay {
             bar,
+            lines: logs == LogFormat::Text,
             last_line: Mutex::new(String::new()),
             session: Mutex::new(None),
         }
@@ -639,6 +766,7 @@ impl ProgressSink for ProgressDisplay {
                 bar.set_prefix(p.phase.name());
                 bar.set_message(p.message.clone());
             }
+            None if !self.lines => {}
             None => {
                 let line = format!("{:<19} {}", p.phase.name(), p.message);
                 let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());

@@ -13,9 +13,11 @@ use tracing::{info, warn};
 
 use crate::events::{ProgressSink, ProvisionEvent, ProvisionProgress, ReadyInstance};
 use crate::machine::{
-    Effect, Input, Notice, PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp,
+    Effect, Guard, Guards, Input, Notice, PhaseKind, ProvisionPhase, SessionContext, SessionState,
+    Timestamp,
 };
 use crate::store::{Checkpoint, LoadedSession};
+use crate::telemetry;
 
 /// Something that happened to a session, as the driver saw it.
 pub enum Observation<'a> {
@@ -23,15 +25,23 @@ pub enum Observation<'a> {
     Started {
         context: &'a SessionContext,
         at: Timestamp,
+        /// The AWS region its calls go to, when the effects know it.
+        region: Option<&'a str>,
     },
     /// A driver picked the session up from its log.
-    Resumed { session: &'a LoadedSession },
+    Resumed {
+        session: &'a LoadedSession,
+        at: Timestamp,
+    },
     /// A checkpoint was committed: an input, the state it led to, the next intent.
     Stepped {
         context: &'a SessionContext,
         before: &'a SessionState,
         checkpoint: &'a Checkpoint,
         notices: &'a [Notice],
+        /// The guards the machine's decision tested.
+        guards: Guards,
+        created_at: Timestamp,
         at: Timestamp,
         /// Since this driver picked the session up.
         elapsed: Duration,
@@ -40,7 +50,8 @@ pub enum Observation<'a> {
     Settled {
         context: &'a SessionContext,
         state: &'a SessionState,
-        elapsed: Duration,
+        created_at: Timestamp,
+        at: Timestamp,
     },
 }
 
@@ -68,11 +79,18 @@ impl Observer for TracingObserver {
             Observation::Started { context, .. } => {
                 info!(instance_type = %context.request.instance_type, "provisioning started")
             }
-            Observation::Resumed { session } => info!(
-                phase = %session.state.phase.kind(),
-                pending = session.pending.as_ref().map(|i| i.effect.name()),
-                "resuming"
-            ),
+            Observation::Resumed { session, .. } => {
+                let span = tracing::Span::current();
+                span.record("phase", session.state.phase.kind().name());
+                if let Some(id) = session.state.phase.instance_id() {
+                    span.record("instance_id", id);
+                }
+                info!(
+                    phase = %session.state.phase.kind(),
+                    pending = session.pending.as_ref().map(|i| i.effect.name()),
+                    "resuming"
+                );
+            }
             Observation::Stepped {
                 before,
                 checkpoint,
@@ -81,6 +99,11 @@ impl Observer for TracingObserver {
             } => {
                 let (from, to) = (before.phase.kind(), checkpoint.state.phase.kind());
                 if from != to {
+                    let span = tracing::Span::current();
+                    span.record("phase", to.name());
+                    if let Some(id) = checkpoint.state.phase.instance_id() {
+                        span.record("instance_id", id);
+                    }
                     info!(%from, %to, "phase changed");
                 }
                 for Notice::SpotFallback { reason } in notices.iter() {
@@ -114,9 +137,14 @@ impl EventChannel {
 impl Observer for EventChannel {
     fn observe(&self, observation: &Observation<'_>) {
         match observation {
-            Observation::Started { context, at } => self.emit(ProvisionEvent::ProvisionStarted {
+            Observation::Started {
+                context,
+                at,
+                region,
+            } => self.emit(ProvisionEvent::ProvisionStarted {
                 session_id: context.session_id.clone(),
                 instance_type: context.request.instance_type.clone(),
+                region: region.map(str::to_string),
                 use_spot: context.request.spot.is_some(),
                 at_ms: at.0,
             }),
@@ -149,7 +177,8 @@ impl Observer for EventChannel {
             Observation::Settled {
                 context,
                 state,
-                elapsed,
+                created_at,
+                at,
             } => {
                 let phase = &state.phase;
                 self.emit(ProvisionEvent::ProvisionCompleted {
@@ -159,12 +188,112 @@ impl Observer for EventChannel {
                     instance_id: phase.instance_id().map(str::to_string),
                     public_ip: phase.public_ip().map(str::to_string),
                     was_spot: phase.was_spot(),
-                    duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                    // From the session's creation, whoever drove it.
+                    duration_ms: created_at.millis_until(*at),
                     error: match phase {
                         ProvisionPhase::Failed(f) => Some(f.reason.clone()),
                         _ => None,
                     },
                 });
+            }
+        }
+    }
+}
+
+/// Metrics through the `metrics` facade (see [`crate::telemetry`] for the
+/// names): phase durations, time to settle, retries, fallbacks, failovers,
+/// and a gauge of sessions per phase. Keeps, per session it has seen, the
+/// phase it is in and since when.
+#[derive(Default)]
+pub struct MetricsObserver {
+    phases: std::sync::Mutex<std::collections::HashMap<String, (PhaseKind, Timestamp)>>,
+}
+
+fn capacity(context: &SessionContext, phase: &ProvisionPhase) -> &'static str {
+    let spot = phase
+        .instance()
+        .map_or(context.request.spot.is_some(), |i| i.was_spot);
+    if spot { "spot" } else { "on_demand" }
+}
+
+impl MetricsObserver {
+    /// Moves the session's gauge and clock to `phase` (or off the books).
+    fn enter(
+        &self,
+        session_id: &str,
+        phase: Option<PhaseKind>,
+        at: Timestamp,
+    ) -> Option<(PhaseKind, Timestamp)> {
+        let mut phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        let before = match phase {
+            Some(phase) => phases.insert(session_id.to_string(), (phase, at)),
+            None => phases.remove(session_id),
+        };
+        if let Some((old, _)) = before {
+            metrics::gauge!(telemetry::SESSIONS, "phase" => old.name()).decrement(1.0);
+        }
+        if let Some(phase) = phase {
+            metrics::gauge!(telemetry::SESSIONS, "phase" => phase.name()).increment(1.0);
+        }
+        before
+    }
+}
+
+impl Observer for MetricsObserver {
+    fn observe(&self, observation: &Observation<'_>) {
+        match observation {
+            Observation::Started { context, at, .. } => {
+                self.enter(&context.session_id, Some(PhaseKind::Validating), *at);
+            }
+            Observation::Resumed { session, at } => {
+                let phase = session.state.phase.kind();
+                self.enter(&session.context.session_id, Some(phase), *at);
+            }
+            Observation::Stepped {
+                context,
+                before,
+                checkpoint,
+                notices,
+                guards,
+                created_at,
+                at,
+                ..
+            } => {
+                let from = before.phase.kind();
+                let phase = &checkpoint.state.phase;
+                if let Some(Input::TransientFailure { .. }) = &checkpoint.outcome {
+                    metrics::counter!(telemetry::RETRIES, "phase" => from.name()).increment(1);
+                }
+                if !notices.is_empty() {
+                    metrics::counter!(telemetry::SPOT_FALLBACKS).increment(notices.len() as u64);
+                }
+                if guards.iter().any(|g| g == Guard::MoreSubnets) {
+                    metrics::counter!(telemetry::SUBNET_FAILOVERS).increment(1);
+                }
+                if from == phase.kind() {
+                    return;
+                }
+                let left = capacity(context, &before.phase);
+                let entered = self.enter(&context.session_id, Some(phase.kind()), *at);
+                if let Some((_, since)) = entered {
+                    metrics::histogram!(telemetry::PHASE_SECONDS, "phase" => from.name(), "capacity" => left)
+                        .record(since.millis_until(*at) as f64 / 1000.0);
+                }
+                let outcome = match phase.kind() {
+                    PhaseKind::Ready => "ready",
+                    PhaseKind::Failed => "failed",
+                    PhaseKind::TornDown if from != PhaseKind::Ready => "torn_down",
+                    _ => return,
+                };
+                let settled = capacity(context, phase);
+                metrics::histogram!(telemetry::TIME_TO_SETTLE_SECONDS, "outcome" => outcome, "capacity" => settled)
+                    .record(created_at.millis_until(*at) as f64 / 1000.0);
+            }
+            Observation::Settled { context, state, .. } => {
+                // A finished session is off the books; a Ready one stays counted.
+                if state.phase.kind().is_terminal() {
+                    self.enter(&context.session_id, None, Timestamp::default());
+                }
             }
         }
     }
@@ -197,7 +326,7 @@ impl Observer for ProgressObserver<'_> {
     fn observe(&self, observation: &Observation<'_>) {
         let (session_id, state, next, elapsed) = match observation {
             Observation::Started { .. } | Observation::Settled { .. } => return,
-            Observation::Resumed { session } => (
+            Observation::Resumed { session, .. } => (
                 &session.context.session_id,
                 &session.state,
                 session.pending.as_ref().map(|i| &i.effect),

@@ -269,6 +269,10 @@ pub async fn terminate(
     if ids.is_empty() {
         return Input::NoInstanceFound;
     }
+    if instance_id.is_none() {
+        // An instance whose launch answer was lost: the sweep earned its keep.
+        metrics::counter!(crate::telemetry::ORPHAN_SWEEPS_FOUND).increment(1);
+    }
     let mut known_not_found = false;
     for id in ids {
         match api.terminate_instance(&id).await {

@@ -44,6 +44,11 @@ pub trait Effects: Send + Sync + 'static {
         created: Timestamp,
         effect: &Effect,
     ) -> impl Future<Output = Input> + Send;
+
+    /// The AWS region effects reach, for events and logs.
+    fn region(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The real effects over an EC2 API stack (by default the SDK client with
@@ -108,6 +113,10 @@ impl<A: Ec2Api> AwsEffects<A> {
 }
 
 impl<A: Ec2Api> Effects for AwsEffects<A> {
+    fn region(&self) -> Option<String> {
+        Some(self.api.region())
+    }
+
     async fn run(&self, ctx: &SessionContext, created: Timestamp, effect: &Effect) -> Input {
         let api = &self.api;
         match effect {

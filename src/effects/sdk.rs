@@ -6,9 +6,13 @@
 
 use std::collections::HashMap;
 
+use std::future::Future;
+use std::time::Instant;
+
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
@@ -26,6 +30,7 @@ use super::api::{
 use crate::error_code::{AwsErrorCode, ErrorClass};
 use crate::machine::{CheckState, ImageChoice, StatusReport};
 use crate::request::{AmiSelector, KeyAlgorithm};
+use crate::telemetry::{self, CallResult};
 
 /// aws-sdk-ec2, one client shared by every session of a process.
 #[derive(Clone)]
@@ -42,6 +47,52 @@ impl SdkEc2 {
         &self.client
     }
 }
+
+/// Sending a call the measured way: timed, logged with its request id and
+/// error code, counted (see [`telemetry`]), and its SDK error made an
+/// [`Ec2Failure`].
+trait Measured<T, E>: Future<Output = Result<T, SdkError<E, HttpResponse>>> + Sized {
+    async fn measured(self, action: &'static str) -> Ec2Result<T>
+    where
+        T: RequestId,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let started = Instant::now();
+        let answer = self.await;
+        settle(action, started, answer)
+    }
+}
+
+/// Logs and counts an answer that took since `started`.
+fn settle<T, E>(
+    action: &'static str,
+    started: Instant,
+    answer: Result<T, SdkError<E, HttpResponse>>,
+) -> Ec2Result<T>
+where
+    T: RequestId,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let elapsed = started.elapsed();
+    match answer {
+        Ok(out) => {
+            telemetry::ec2_call(action, elapsed, out.request_id(), CallResult::Ok);
+            Ok(out)
+        }
+        Err(e) => {
+            let request_id = e.meta().request_id().map(str::to_string);
+            let failure = failure(action, e);
+            let result = failure
+                .code
+                .as_ref()
+                .map_or(CallResult::NoCode, CallResult::Code);
+            telemetry::ec2_call(action, elapsed, request_id.as_deref(), result);
+            Err(failure)
+        }
+    }
+}
+
+impl<T, E, F> Measured<T, E> for F where F: Future<Output = Result<T, SdkError<E, HttpResponse>>> {}
 
 fn failure<E>(action: &'static str, err: SdkError<E, HttpResponse>) -> Ec2Failure
 where
@@ -159,10 +210,7 @@ impl Ec2Api for SdkEc2 {
                     .filters(Filter::builder().name("state").values("available").build())
             }
         };
-        let out = call
-            .send()
-            .await
-            .map_err(|e| failure("DescribeImages", e))?;
+        let out = call.send().measured("DescribeImages").await?;
         // The newest image wins for an alias; ISO 8601 dates sort as text.
         let newest = out
             .images()
@@ -192,8 +240,8 @@ impl Ec2Api for SdkEc2 {
             .describe_subnets()
             .set_subnet_ids(Some(ids.to_vec()))
             .send()
-            .await
-            .map_err(|e| failure("DescribeSubnets", e))?;
+            .measured("DescribeSubnets")
+            .await?;
         Ok(out.subnets().iter().map(subnet_info).collect())
     }
 
@@ -202,8 +250,8 @@ impl Ec2Api for SdkEc2 {
             .client
             .describe_subnets()
             .send()
-            .await
-            .map_err(|e| failure("DescribeSubnets", e))?;
+            .measured("DescribeSubnets")
+            .await?;
         Ok(out.subnets().iter().take(limit).map(subnet_info).collect())
     }
 
@@ -216,10 +264,7 @@ impl Ec2Api for SdkEc2 {
         if let Some(vpc) = vpc {
             call = call.filters(Filter::builder().name("vpc-id").values(vpc).build());
         }
-        let out = call
-            .send()
-            .await
-            .map_err(|e| failure("DescribeSecurityGroups", e))?;
+        let out = call.send().measured("DescribeSecurityGroups").await?;
         Ok(out
             .security_groups()
             .iter()
@@ -234,9 +279,9 @@ impl Ec2Api for SdkEc2 {
             .describe_security_groups()
             .set_group_ids(Some(ids.to_vec()))
             .send()
+            .measured("DescribeSecurityGroups")
             .await
             .map(|_| ())
-            .map_err(|e| failure("DescribeSecurityGroups", e))
     }
 
     async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {
@@ -245,16 +290,12 @@ impl Ec2Api for SdkEc2 {
             .describe_key_pairs()
             .key_names(name)
             .send()
+            .measured("DescribeKeyPairs")
             .await
         {
             Ok(out) => Ok(out.key_pairs().iter().any(|k| k.key_name() == Some(name))),
-            Err(e) => {
-                let failure = failure("DescribeKeyPairs", e);
-                match failure.class {
-                    ErrorClass::NotFound => Ok(false),
-                    _ => Err(failure),
-                }
-            }
+            Err(failure) if failure.class == ErrorClass::NotFound => Ok(false),
+            Err(failure) => Err(failure),
         }
     }
 
@@ -276,8 +317,8 @@ impl Ec2Api for SdkEc2 {
             .key_format(KeyFormat::Pem)
             .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
             .send()
-            .await
-            .map_err(|e| failure("CreateKeyPair", e))?;
+            .measured("CreateKeyPair")
+            .await?;
         let material = Zeroizing::new(out.key_material.unwrap_or_default());
         if material.is_empty() {
             return Err(malformed("CreateKeyPair", "answered without key material"));
@@ -297,9 +338,9 @@ impl Ec2Api for SdkEc2 {
             .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
             .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
             .send()
+            .measured("ImportKeyPair")
             .await
             .map(|_| ())
-            .map_err(|e| failure("ImportKeyPair", e))
     }
 
     async fn dry_run_key_pair(
@@ -318,9 +359,9 @@ impl Ec2Api for SdkEc2 {
                 .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
                 .tag_specifications(spec)
                 .send()
+                .measured("ImportKeyPair")
                 .await
-                .map(|_| ())
-                .map_err(|e| failure("ImportKeyPair", e)),
+                .map(|_| ()),
             None => self
                 .client
                 .create_key_pair()
@@ -328,9 +369,9 @@ impl Ec2Api for SdkEc2 {
                 .key_name(name)
                 .tag_specifications(spec)
                 .send()
+                .measured("CreateKeyPair")
                 .await
-                .map(|_| ())
-                .map_err(|e| failure("CreateKeyPair", e)),
+                .map(|_| ()),
         };
         dry_run_answer(answer)
     }
@@ -340,9 +381,9 @@ impl Ec2Api for SdkEc2 {
             .delete_key_pair()
             .key_name(name)
             .send()
+            .measured("DeleteKeyPair")
             .await
             .map(|_| ())
-            .map_err(|e| failure("DeleteKeyPair", e))
     }
 
     async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<String> {
@@ -409,14 +450,10 @@ impl Ec2Api for SdkEc2 {
                 );
         }
         if spec.dry_run {
-            let answer = call
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| failure("RunInstances", e));
+            let answer = call.send().measured("RunInstances").await.map(|_| ());
             return dry_run_answer(answer).map(|()| String::new());
         }
-        let out = call.send().await.map_err(|e| failure("RunInstances", e))?;
+        let out = call.send().measured("RunInstances").await?;
         out.instances()
             .first()
             .and_then(|i| i.instance_id())
@@ -439,8 +476,12 @@ impl Ec2Api for SdkEc2 {
             .into_paginator()
             .send();
         let mut found = HashMap::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| failure("DescribeInstances", e))?;
+        loop {
+            let started = Instant::now();
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            let page = settle("DescribeInstances", started, page)?;
             for instance in page.reservations().iter().flat_map(|r| r.instances()) {
                 if let Some(id) = instance.instance_id() {
                     found.insert(id.to_string(), view_of(instance));
@@ -462,8 +503,12 @@ impl Ec2Api for SdkEc2 {
             .into_paginator()
             .send();
         let mut found = HashMap::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| failure("DescribeInstanceStatus", e))?;
+        loop {
+            let started = Instant::now();
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            let page = settle("DescribeInstanceStatus", started, page)?;
             for status in page.instance_statuses() {
                 if let Some(id) = status.instance_id() {
                     let report = StatusReport {
@@ -497,8 +542,8 @@ impl Ec2Api for SdkEc2 {
                     .build(),
             )
             .send()
-            .await
-            .map_err(|e| failure("DescribeInstances", e))?;
+            .measured("DescribeInstances")
+            .await?;
         Ok(out
             .reservations()
             .iter()
@@ -513,9 +558,9 @@ impl Ec2Api for SdkEc2 {
             .terminate_instances()
             .instance_ids(id)
             .send()
+            .measured("TerminateInstances")
             .await
             .map(|_| ())
-            .map_err(|e| failure("TerminateInstances", e))
     }
 
     async fn console_output(&self, id: &str, latest: bool) -> Ec2Result<Option<Vec<u8>>> {
@@ -525,8 +570,8 @@ impl Ec2Api for SdkEc2 {
             .instance_id(id)
             .latest(latest)
             .send()
-            .await
-            .map_err(|e| failure("GetConsoleOutput", e))?;
+            .measured("GetConsoleOutput")
+            .await?;
         Ok(out.output().map(|text| {
             base64::engine::general_purpose::STANDARD
                 .decode(text.trim())

@@ -91,6 +91,50 @@ pub struct SessionSummary {
     pub known_hosts_path: Option<String>,
 }
 
+/// One stretch of a session in one phase, read from its event log: where
+/// the time went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PhaseSpan {
+    pub phase: PhaseKind,
+    pub entered_at_ms: u64,
+    /// `None` for the phase the session is in now.
+    pub duration_ms: Option<u64>,
+    /// Answers recorded in the phase: effect runs (polls, retries) and outside inputs.
+    pub attempts: u32,
+}
+
+/// The phases a session went through, in order, from its log.
+pub fn phase_timeline(events: &[LoggedEvent]) -> Vec<PhaseSpan> {
+    let mut spans: Vec<PhaseSpan> = Vec::new();
+    for event in events {
+        match &event.entry {
+            LogEntry::Transition { state } => {
+                let phase = state.phase.kind();
+                if spans.last().is_some_and(|s| s.phase == phase) {
+                    continue;
+                }
+                if let Some(open) = spans.last_mut() {
+                    open.duration_ms = Some(Timestamp(open.entered_at_ms).millis_until(event.at));
+                }
+                spans.push(PhaseSpan {
+                    phase,
+                    entered_at_ms: event.at.0,
+                    duration_ms: None,
+                    attempts: 0,
+                });
+            }
+            // An outcome answers the phase the session was in.
+            LogEntry::Outcome { .. } => {
+                if let Some(open) = spans.last_mut() {
+                    open.attempts += 1;
+                }
+            }
+            LogEntry::Created { .. } | LogEntry::Intent { .. } => {}
+        }
+    }
+    spans
+}
+
 /// Who drives a session: one id per engine, plus where it runs so a dead
 /// holder on this host is noticed without waiting for the lease to expire.
 #[derive(Debug, Clone, PartialEq, Eq)]

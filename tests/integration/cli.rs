@@ -6,14 +6,14 @@ use serde_json::Value;
 
 use crate::lab::Lab;
 
-fn cli(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Output {
+pub fn cli(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Output {
     cli_command(state_db, lab, args)
         .output()
         .expect("run acode-ec2")
 }
 
 /// `acode-ec2 ARGS` with test credentials, the loopback guard and the lab.
-fn cli_command(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Command {
+pub fn cli_command(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_acode-ec2"));
     command
         .args(args)
@@ -34,7 +34,7 @@ fn cli_command(state_db: &std::path::Path, lab: Option<&Lab>, args: &[&str]) -> 
     command
 }
 
-fn text(bytes: &[u8]) -> String {
+pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -346,7 +346,7 @@ fn on_ready_gets_the_instance_and_ssh_config_trusts_only_the_verified_key() {
 }
 
 /// Writes `ec2Target:` + `body` to a config file in `dir`.
-fn config_file(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+pub fn config_file(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, format!("ec2Target:\n{body}")).unwrap();
     path

@@ -13,3 +13,5 @@ mod lab_engine;
 mod lab_guidance;
 mod lab_readiness;
 mod live;
+mod observability;
+mod secrets;
