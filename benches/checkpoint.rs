@@ -25,7 +25,7 @@ fn machine_step(c: &mut Criterion) {
             machine::step(
                 &ctx,
                 std::hint::black_box(&state),
-                Input::InstancePending,
+                Input::InstancePending { spot_request: None },
                 NOW,
             )
         })
@@ -55,6 +55,7 @@ fn commits(c: &mut Criterion) {
     let running = Input::InstanceRunning {
         public_ip: Some("54.0.0.1".into()),
         private_ip: None,
+        spot_request: None,
     };
     let ssh =
         machine::step(&ctx, &waiting_for_running(&ctx), running.clone(), NOW).expect("running");

@@ -1,4 +1,4 @@
-//! What metrics cost a provision: whole provisions (validate to Ready, 7
+//! What metrics cost a provision: whole provisions (validate to Ready, 8
 //! effects answered at once, every checkpoint committed to SQLite on
 //! tmpfs so fsync does not drown the difference), with and without a
 //! Prometheus recorder, in alternating batches; the figure is the median of
@@ -31,8 +31,13 @@ impl Effects for Healthy {
                 image: ImageChoice {
                     ami_id: "ami-0123".into(),
                     root_device_name: None,
+                    platform: None,
                 },
                 zones: vec!["us-east-1a".into()],
+                zone_ids: vec!["use1-az6".into()],
+            },
+            Effect::FindPlacement { .. } => Input::PlacementFound {
+                facts: Box::default(),
             },
             Effect::EnsureKeyPair { .. } => Input::KeyPairReady {
                 key: ctx.planned_key(),
@@ -40,10 +45,12 @@ impl Effects for Healthy {
             Effect::RunInstance { .. } => Input::Launched {
                 instance_id: format!("i-{}", &ctx.session_id[..8]),
                 was_spot: false,
+                spot_request_id: None,
             },
             Effect::DescribeInstance { .. } => Input::InstanceRunning {
                 public_ip: Some("54.0.0.1".into()),
                 private_ip: None,
+                spot_request: None,
             },
             Effect::ReadConsoleHostKeys { .. } => Input::ConsoleHostKeys {
                 fingerprints: ConsoleFingerprints(vec!["SHA256:x".into()]),
@@ -57,6 +64,10 @@ impl Effects for Healthy {
                     system: CheckState::Ok,
                     instance: CheckState::Ok,
                 },
+            },
+            Effect::CancelSpotRequest { .. } => Input::SpotRequestCancelled {
+                state: None,
+                instance_id: None,
             },
             Effect::TerminateInstance { .. } => Input::InstanceTerminated,
             Effect::DeleteKeyPair { .. } => Input::KeyPairDeleted,

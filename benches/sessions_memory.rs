@@ -43,10 +43,15 @@ impl Effects for Parked {
         match effect {
             Effect::ValidateRequest => Input::Validated {
                 zones: vec!["us-east-1a".into()],
+                zone_ids: vec!["use1-az6".into()],
                 image: ImageChoice {
                     ami_id: "ami-0123".into(),
                     root_device_name: None,
+                    platform: None,
                 },
+            },
+            Effect::FindPlacement { .. } => Input::PlacementFound {
+                facts: Box::default(),
             },
             Effect::EnsureKeyPair {
                 key_name,
@@ -62,6 +67,7 @@ impl Effects for Parked {
             Effect::RunInstance { .. } => Input::Launched {
                 instance_id: format!("i-{}", &ctx.session_id[..8]),
                 was_spot: false,
+                spot_request_id: None,
             },
             _ => {
                 self.waiting.fetch_add(1, Ordering::SeqCst);

@@ -30,6 +30,11 @@ pub struct ReadyInstance {
     /// UserKnownHostsFile=…` (absent for sessions made before it existed).
     pub known_hosts_path: Option<String>,
     pub was_spot: bool,
+    /// The spot request behind a spot instance.
+    pub spot_request_id: Option<String>,
+    /// What a spot instance saves against on-demand, in one line (or why
+    /// that is unknown).
+    pub spot_savings: Option<String>,
 }
 
 impl ReadyInstance {
@@ -49,6 +54,8 @@ impl ReadyInstance {
             host_key_fingerprint: ready.host_key_fingerprint.clone(),
             known_hosts_path: (!ready.host_key.is_empty()).then(|| ctx.known_hosts_path()),
             was_spot: ready.instance.was_spot,
+            spot_request_id: (ready.instance.spot_request.as_ref()).map(|r| r.request_id.clone()),
+            spot_savings: ready.instance.savings.as_ref().map(ToString::to_string),
         }
     }
 
@@ -72,7 +79,7 @@ impl ReadyInstance {
 }
 
 /// Broadcast to every subscriber of an engine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event")]
 pub enum ProvisionEvent {
     ProvisionStarted {
@@ -89,10 +96,25 @@ pub enum ProvisionEvent {
         to: PhaseKind,
         at_ms: u64,
     },
+    /// The specification's `SpotFallbackEvent`.
     SpotFallback {
         session_id: String,
+        /// The spot request given up (cancelled first), when there was one.
+        spot_request_id: Option<String>,
         reason: String,
         at_ms: u64,
+    },
+    /// FR-036: a spot session is Ready; what it saves against on-demand.
+    SpotSavings {
+        session_id: String,
+        instance_id: String,
+        /// USD per hour; `None` when unknown (see `unknown_reason`).
+        spot_price: Option<f64>,
+        on_demand_price: Option<f64>,
+        savings_percent: Option<f64>,
+        unknown_reason: Option<String>,
+        /// One line for people: "spot $0.003100/h against …: 70.1% saved".
+        summary: String,
     },
     ProvisionCompleted {
         session_id: String,
@@ -113,6 +135,7 @@ impl ProvisionEvent {
             ProvisionEvent::ProvisionStarted { session_id, .. }
             | ProvisionEvent::ProvisionPhaseChanged { session_id, .. }
             | ProvisionEvent::SpotFallback { session_id, .. }
+            | ProvisionEvent::SpotSavings { session_id, .. }
             | ProvisionEvent::ProvisionCompleted { session_id, .. } => session_id,
         }
     }

@@ -3,8 +3,9 @@
 //! `acode=true` at creation, and it may terminate or delete only what
 //! carries that tag.
 //!
-//! Invariant: [`EC2_ACTIONS`] is every EC2 action the engine calls, no more
-//! (a test compares it with what the whole test suite called in the lab).
+//! Invariant: [`granted_actions`] is every action the engine calls, no
+//! more (a test compares it with what the whole test suite called in the
+//! lab).
 
 use serde_json::{Value, json};
 
@@ -19,21 +20,49 @@ pub const READ_ACTIONS: &[&str] = &[
     "DescribeInstances",
     "DescribeInstanceStatus",
     "GetConsoleOutput",
+    "GetSpotPlacementScores",
+    "DescribeSpotPriceHistory",
+    "DescribeSpotInstanceRequests",
 ];
 
 /// EC2 actions that create; allowed only with the `acode=true` tag in the request.
 pub const CREATE_ACTIONS: &[&str] = &["RunInstances", "CreateKeyPair", "ImportKeyPair"];
 
 /// EC2 actions that remove; allowed only on resources tagged `acode=true`.
-pub const REMOVE_ACTIONS: &[&str] = &["TerminateInstances", "DeleteKeyPair"];
+pub const REMOVE_ACTIONS: &[&str] = &[
+    "TerminateInstances",
+    "DeleteKeyPair",
+    "CancelSpotInstanceRequests",
+];
+
+/// AWS Price List actions (on-demand prices, for spot savings).
+pub const PRICING_ACTIONS: &[&str] = &["GetProducts"];
 
 /// Granted, but never called by name: EC2 authorizes tags given at creation
 /// (TagSpecifications) as `ec2:CreateTags`.
 pub const IMPLIED_ACTIONS: &[&str] = &["CreateTags"];
 
-/// Every EC2 action the engine calls.
-pub fn ec2_actions() -> Vec<&'static str> {
-    [READ_ACTIONS, CREATE_ACTIONS, REMOVE_ACTIONS].concat()
+/// Every action the engine calls, with its service prefix (`ec2:…`, `pricing:…`).
+pub fn granted_actions() -> Vec<String> {
+    [
+        READ_ACTIONS,
+        CREATE_ACTIONS,
+        REMOVE_ACTIONS,
+        PRICING_ACTIONS,
+    ]
+    .concat()
+    .into_iter()
+    .map(qualified)
+    .collect()
+}
+
+/// An action as IAM names it: the Price List's under `pricing:`, the rest under `ec2:`.
+pub fn qualified(action: &str) -> String {
+    if PRICING_ACTIONS.contains(&action) {
+        format!("pricing:{action}")
+    } else {
+        format!("ec2:{action}")
+    }
 }
 
 fn ec2(actions: &[&str]) -> Vec<String> {
@@ -102,6 +131,12 @@ pub fn policy(request: Option<&ProvisionRequest>) -> Value {
             "Action": ec2(REMOVE_ACTIONS),
             "Resource": "*",
             "Condition": { "StringEquals": { "ec2:ResourceTag/acode": "true" } }
+        }),
+        json!({
+            "Sid": "AcodeReadOnDemandPrices",
+            "Effect": "Allow",
+            "Action": PRICING_ACTIONS.iter().map(|a| qualified(a)).collect::<Vec<_>>(),
+            "Resource": "*"
         }),
     ];
     if let Some(role) = request

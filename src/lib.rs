@@ -6,17 +6,17 @@
 //!
 //! | module | what it is | the invariant it keeps |
 //! |---|---|---|
-//! | [`machine`] | phases, inputs, guards, effects, the transition table | pure: no async, IO or clock; every decision (grace periods, give-ups, fallbacks, teardown) is a guarded table row; `Failed` only after cleanup |
+//! | [`machine`] | phases, inputs, guards, effects, the transition table; subnet ranking and spot savings ([`machine::placement`]) | pure: no async, IO or clock; every decision (grace periods, give-ups, fallbacks, teardown, where to launch) is a guarded table row or a function of checkpointed facts; `Failed` only after cleanup |
 //! | [`store`] | `CheckpointStore` (async, backend-neutral), SQLite event log + session row | intent commits before its effect; one live driver per session (lease, judged by the store's clock); no secrets stored |
 //! | [`driver`] | the engine: `provision`, `resume`, `deliver`, `teardown`, `recover` | load, step, commit, execute, record; outside inputs take the same checkpoint path; a crash anywhere is resumable |
-//! | [`effects`] | EC2 call stack (SDK ▸ batching), SSH probe (russh), key files, console parser | effects report facts, never conclusions; every effect is idempotent |
+//! | [`effects`] | EC2 call stack (SDK ▸ batching), placement facts (scores, prices, recent capacity failures shared by a process), SSH probe (russh), key files, console parser | effects report facts, never conclusions; every effect is idempotent; placement never fails a launch |
 //! | [`error_code`] | EC2 error codes parsed once, and their classes | no other module matches code strings |
 //! | [`observe`] | one `Observer` fan-out: tracing, event channel, progress | observers see no key material and change nothing |
 //! | [`telemetry`] | metric names; every EC2 call logged (action, duration, request id, code) and counted | labels never carry ids or key material |
 //! | [`clock`] | `Clock`: the system clock, or a manual one for tests | the machine never reads a clock; the driver passes `now` in |
 //! | [`events`] | typed events and progress for library callers | never carry key material |
 //! | [`request`], [`config`] | the request model and its YAML form | a request is valid or refused naming the key |
-//! | [`iam_policy`] | the least-privilege policy the engine needs | grants exactly the EC2 actions the engine calls |
+//! | [`iam_policy`] | the least-privilege policy the engine needs | grants exactly the EC2 and Price List actions the engine calls |
 //! | [`net_guard`] | loopback-only guard for tests and the lab | with it on, nothing but 127.0.0.0/8 and ::1 is ever connected |
 //!
 //! # Flow

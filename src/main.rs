@@ -14,7 +14,7 @@ use acode_ec2::driver::{Engine, EngineError, EngineOptions};
 use acode_ec2::effects::AwsEffects;
 use acode_ec2::events::{NoProgress, ProgressSink, ProvisionProgress, ReadyInstance};
 use acode_ec2::machine::diagram;
-use acode_ec2::machine::{OutsideInput, PhaseKind};
+use acode_ec2::machine::{OutsideInput, PhaseKind, SpotRequestStatus, SpotSavings};
 use acode_ec2::net_guard::ConnectGuard;
 use acode_ec2::store::{CheckpointStore, PhaseSpan, SessionSummary, SqliteStore, phase_timeline};
 
@@ -366,14 +366,26 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 (None, None) => bail!(no_sessions),
             };
             let phases = phase_timeline(&store.events(&summary.session_id).await?);
+            let session = store.load(&summary.session_id).await?;
+            let instance = session.state.phase.instance();
+            let spot = instance.and_then(|i| i.spot_request.as_deref());
+            let savings = instance.and_then(|i| i.savings.as_deref());
             if *json {
                 let view = StatusView {
                     summary: &summary,
                     phases: &phases,
+                    spot,
+                    spot_savings: savings,
                 };
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print_summary(&summary);
+                if let Some(request) = spot {
+                    print_spot_request(request);
+                }
+                if let Some(savings) = savings {
+                    println!("savings   {savings}");
+                }
                 print_phases(&phases);
             }
             Ok(ExitCode::SUCCESS)
@@ -593,6 +605,9 @@ fn print_ready(ready: &ReadyInstance) {
     if let Some(path) = &ready.key_path {
         println!("  key       {path}");
     }
+    if let Some(savings) = &ready.spot_savings {
+        println!("  savings   {savings}");
+    }
     println!("  login     {}", ready.ssh_command());
 }
 
@@ -658,6 +673,22 @@ struct StatusView<'a> {
     #[serde(flatten)]
     summary: &'a SessionSummary,
     phases: &'a [PhaseSpan],
+    /// The spot request behind the current instance, as last polled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spot: Option<&'a SpotRequestStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spot_savings: Option<&'a SpotSavings>,
+}
+
+fn print_spot_request(r: &SpotRequestStatus) {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!(
+        "spot req  {} (state {}, status {}, price {})",
+        r.request_id,
+        or_dash(&r.state),
+        or_dash(&r.status_code),
+        or_dash(&r.price)
+    );
 }
 
 fn print_phases(phases: &[PhaseSpan]) {

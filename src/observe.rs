@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::events::{ProgressSink, ProvisionEvent, ProvisionProgress, ReadyInstance};
 use crate::machine::{
     Effect, Guard, Guards, Input, Notice, PhaseKind, ProvisionPhase, SessionContext, SessionState,
-    Timestamp,
+    SpotSavings, Timestamp,
 };
 use crate::store::{Checkpoint, LoadedSession};
 use crate::telemetry;
@@ -106,8 +106,8 @@ impl Observer for TracingObserver {
                     }
                     info!(%from, %to, "phase changed");
                 }
-                for Notice::SpotFallback { reason } in notices.iter() {
-                    warn!(%reason, "spot capacity given up, falling back to on-demand");
+                for notice in notices.iter() {
+                    log_notice(notice);
                 }
                 if let Some(Input::TransientFailure { message }) = &checkpoint.outcome {
                     warn!(%message, failures = checkpoint.state.transient_failures, "transient failure, will retry");
@@ -120,6 +120,71 @@ impl Observer for TracingObserver {
                 };
                 info!(phase = %state.phase.kind(), error, "session settled");
             }
+        }
+    }
+}
+
+fn log_notice(notice: &Notice) {
+    match notice {
+        Notice::SpotFallback { reason, request_id } => {
+            warn!(%reason, request_id, "spot capacity given up, falling back to on-demand");
+        }
+        Notice::PlacementChosen {
+            subnets,
+            basis,
+            gaps,
+        } => {
+            let order = subnets.join(", ");
+            if gaps.is_empty() {
+                info!(%order, %basis, "placement chosen");
+            } else {
+                let gaps = gaps.join("; ");
+                warn!(%order, %basis, %gaps, "placement chosen without every fact");
+            }
+        }
+        Notice::SpotSavings {
+            instance_id,
+            savings,
+        } => info!(instance_id, %savings, "spot savings"),
+    }
+}
+
+/// The event a notice is told as, if any (placement is only logged).
+fn notice_event(session_id: &str, notice: &Notice, at: Timestamp) -> Option<ProvisionEvent> {
+    let session_id = session_id.to_string();
+    match notice {
+        Notice::SpotFallback { reason, request_id } => Some(ProvisionEvent::SpotFallback {
+            session_id,
+            spot_request_id: request_id.clone(),
+            reason: reason.clone(),
+            at_ms: at.0,
+        }),
+        Notice::PlacementChosen { .. } => None,
+        Notice::SpotSavings {
+            instance_id,
+            savings,
+        } => {
+            let (spot_price, on_demand_price, unknown) = match savings {
+                SpotSavings::Known {
+                    spot_price,
+                    on_demand_price,
+                    ..
+                } => (
+                    Some(spot_price.as_dollars()),
+                    Some(on_demand_price.as_dollars()),
+                    None,
+                ),
+                SpotSavings::Unknown { why } => (None, None, Some(why.clone())),
+            };
+            Some(ProvisionEvent::SpotSavings {
+                session_id,
+                instance_id: instance_id.clone(),
+                spot_price,
+                on_demand_price,
+                savings_percent: savings.savings_percent(),
+                unknown_reason: unknown,
+                summary: savings.to_string(),
+            })
         }
     }
 }
@@ -166,12 +231,10 @@ impl Observer for EventChannel {
                         at_ms: at.0,
                     });
                 }
-                for Notice::SpotFallback { reason } in notices.iter() {
-                    self.emit(ProvisionEvent::SpotFallback {
-                        session_id: context.session_id.clone(),
-                        reason: reason.clone(),
-                        at_ms: at.0,
-                    });
+                for notice in notices.iter() {
+                    if let Some(event) = notice_event(&context.session_id, notice, *at) {
+                        self.emit(event);
+                    }
                 }
             }
             Observation::Settled {
@@ -264,8 +327,12 @@ impl Observer for MetricsObserver {
                 if let Some(Input::TransientFailure { .. }) = &checkpoint.outcome {
                     metrics::counter!(telemetry::RETRIES, "phase" => from.name()).increment(1);
                 }
-                if !notices.is_empty() {
-                    metrics::counter!(telemetry::SPOT_FALLBACKS).increment(notices.len() as u64);
+                let fallbacks = notices
+                    .iter()
+                    .filter(|n| matches!(n, Notice::SpotFallback { .. }))
+                    .count();
+                if fallbacks > 0 {
+                    metrics::counter!(telemetry::SPOT_FALLBACKS).increment(fallbacks as u64);
                 }
                 if guards.iter().any(|g| g == Guard::MoreSubnets) {
                     metrics::counter!(telemetry::SUBNET_FAILOVERS).increment(1);
@@ -380,7 +447,14 @@ pub fn describe(effect: &Effect) -> String {
                 if *spot { "a spot" } else { "an on-demand" }
             )
         }
-        Effect::DescribeInstance { instance_id } => format!("waiting for {instance_id} to run"),
+        Effect::FindPlacement { spot: true, .. } => {
+            "choosing a subnet by spot placement scores and prices".into()
+        }
+        Effect::FindPlacement { spot: false, .. } => "choosing a subnet".into(),
+        Effect::DescribeInstance { instance_id, .. } => {
+            format!("waiting for {instance_id} to run")
+        }
+        Effect::CancelSpotRequest { request_id } => format!("cancelling spot request {request_id}"),
         Effect::DescribeInstanceStatus { instance_id } => {
             format!("waiting for {instance_id}'s EC2 status checks")
         }

@@ -35,6 +35,9 @@ pub fn waiting_for_running(ctx: &SessionContext) -> SessionState {
             },
             was_spot: true,
             launched_at: Some(NOW),
+            zone: None,
+            spot_request: None,
+            savings: None,
         },
         deadline: NOW.plus(Duration::from_secs(300)),
         on_demand_fallback: None,
@@ -45,9 +48,15 @@ pub fn waiting_for_running(ctx: &SessionContext) -> SessionState {
 /// and the intent of the next poll.
 pub fn poll_checkpoint(ctx: &SessionContext) -> Checkpoint {
     let state = waiting_for_running(ctx);
-    let step = machine::step(ctx, &state, Input::InstancePending, NOW).expect("step");
+    let step = machine::step(
+        ctx,
+        &state,
+        Input::InstancePending { spot_request: None },
+        NOW,
+    )
+    .expect("step");
     Checkpoint {
-        outcome: Some(Input::InstancePending),
+        outcome: Some(Input::InstancePending { spot_request: None }),
         state: step.state,
         intent: step.effect.map(|effect| Intent {
             effect,

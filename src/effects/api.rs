@@ -14,7 +14,7 @@ use std::future::Future;
 use zeroize::Zeroizing;
 
 use crate::error_code::{AwsErrorCode, ErrorClass};
-use crate::machine::{ImageChoice, StatusReport};
+use crate::machine::{ImageChoice, MicroUsd, SpotRequestStatus, StatusReport};
 use crate::request::{AmiSelector, KeyAlgorithm, ProvisionRequest};
 
 /// A failed call: which action, EC2's code (none for timeouts and dropped
@@ -83,7 +83,31 @@ pub struct InstanceView {
 pub struct SubnetInfo {
     pub id: String,
     pub zone: String,
+    /// The zone's id (`use1-az6`): the same physical zone in every account.
+    pub zone_id: String,
     pub vpc: String,
+}
+
+/// What RunInstances answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchedView {
+    pub instance_id: String,
+    /// The one-time spot request EC2 made for a spot launch.
+    pub spot_request_id: Option<String>,
+}
+
+/// What DescribeInstanceStatus (`IncludeAllInstances`) says of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceHealth {
+    pub report: StatusReport,
+    pub state: InstanceState,
+}
+
+/// A spot request and the instance it produced, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpotRequestView {
+    pub status: SpotRequestStatus,
+    pub instance_id: Option<String>,
 }
 
 /// Everything one RunInstances call sends.
@@ -160,9 +184,41 @@ pub trait Ec2Api: Send + Sync + 'static {
         tags: &[(String, String)],
     ) -> impl Future<Output = Ec2Result<()>> + Send;
 
-    /// RunInstances; the id of the instance it made (or made before, for
-    /// the same `ClientToken`).
-    fn run_instance(&self, spec: LaunchSpec<'_>) -> impl Future<Output = Ec2Result<String>> + Send;
+    /// RunInstances; the instance it made (or made before, for the same
+    /// `ClientToken`).
+    fn run_instance(
+        &self,
+        spec: LaunchSpec<'_>,
+    ) -> impl Future<Output = Ec2Result<LaunchedView>> + Send;
+
+    /// GetSpotPlacementScores for one instance of `instance_type` in a
+    /// single zone of this region: score (1–10) by zone id.
+    fn spot_placement_scores(
+        &self,
+        instance_type: &str,
+    ) -> impl Future<Output = Ec2Result<HashMap<String, u8>>> + Send;
+
+    /// DescribeSpotPriceHistory of the last hours: the latest price by zone
+    /// name, for the zones asked.
+    fn spot_prices(
+        &self,
+        instance_type: &str,
+        product_description: &str,
+        zones: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, MicroUsd>>> + Send;
+
+    /// DescribeSpotInstanceRequests of one request; `None` if EC2 does not
+    /// know it.
+    fn spot_request(
+        &self,
+        request_id: &str,
+    ) -> impl Future<Output = Ec2Result<Option<SpotRequestView>>> + Send;
+
+    /// CancelSpotInstanceRequests; the request's state after it.
+    fn cancel_spot_request(
+        &self,
+        request_id: &str,
+    ) -> impl Future<Output = Ec2Result<Option<String>>> + Send;
 
     /// What EC2 shows of each of `ids`; an id EC2 does not show yet is
     /// absent, not an error.
@@ -185,13 +241,13 @@ pub trait Ec2Api: Send + Sync + 'static {
     fn describe_instance_statuses(
         &self,
         ids: &[String],
-    ) -> impl Future<Output = Ec2Result<HashMap<String, StatusReport>>> + Send;
+    ) -> impl Future<Output = Ec2Result<HashMap<String, InstanceHealth>>> + Send;
 
     /// One instance's status checks; layers may share the call.
     fn instance_status(
         &self,
         id: &str,
-    ) -> impl Future<Output = Ec2Result<Option<StatusReport>>> + Send {
+    ) -> impl Future<Output = Ec2Result<Option<InstanceHealth>>> + Send {
         let ids = [id.to_string()];
         async move { Ok(self.describe_instance_statuses(&ids).await?.remove(&ids[0])) }
     }

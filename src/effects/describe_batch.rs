@@ -20,8 +20,11 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::api::{Ec2Api, Ec2Result, InstanceView, LaunchSpec, SubnetInfo, malformed};
-use crate::machine::{ImageChoice, StatusReport};
+use super::api::{
+    Ec2Api, Ec2Result, InstanceHealth, InstanceView, LaunchSpec, LaunchedView, SpotRequestView,
+    SubnetInfo, malformed,
+};
+use crate::machine::{ImageChoice, MicroUsd};
 use crate::request::{AmiSelector, KeyAlgorithm};
 
 /// When a batch is sent: `idle` after its newest id, `max_wait` after its
@@ -110,12 +113,12 @@ impl<A: Ec2Api> BatchedCall<A> for Instances {
 struct Statuses;
 
 impl<A: Ec2Api> BatchedCall<A> for Statuses {
-    type Item = StatusReport;
+    type Item = InstanceHealth;
     const ACTION: &'static str = "DescribeInstanceStatus";
     fn call(
         api: &A,
         ids: &[String],
-    ) -> impl Future<Output = Ec2Result<HashMap<String, StatusReport>>> + Send {
+    ) -> impl Future<Output = Ec2Result<HashMap<String, InstanceHealth>>> + Send {
         api.describe_instance_statuses(ids)
     }
 }
@@ -235,14 +238,14 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         self.instances.describe(id).await
     }
 
-    async fn instance_status(&self, id: &str) -> Ec2Result<Option<StatusReport>> {
+    async fn instance_status(&self, id: &str) -> Ec2Result<Option<InstanceHealth>> {
         self.statuses.describe(id).await
     }
 
     async fn describe_instance_statuses(
         &self,
         ids: &[String],
-    ) -> Ec2Result<HashMap<String, StatusReport>> {
+    ) -> Ec2Result<HashMap<String, InstanceHealth>> {
         self.inner.describe_instance_statuses(ids).await
     }
 
@@ -309,8 +312,31 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         self.inner.delete_key_pair(name).await
     }
 
-    async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<String> {
+    async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<LaunchedView> {
         self.inner.run_instance(spec).await
+    }
+
+    async fn spot_placement_scores(&self, instance_type: &str) -> Ec2Result<HashMap<String, u8>> {
+        self.inner.spot_placement_scores(instance_type).await
+    }
+
+    async fn spot_prices(
+        &self,
+        instance_type: &str,
+        product_description: &str,
+        zones: &[String],
+    ) -> Ec2Result<HashMap<String, MicroUsd>> {
+        self.inner
+            .spot_prices(instance_type, product_description, zones)
+            .await
+    }
+
+    async fn spot_request(&self, request_id: &str) -> Ec2Result<Option<SpotRequestView>> {
+        self.inner.spot_request(request_id).await
+    }
+
+    async fn cancel_spot_request(&self, request_id: &str) -> Ec2Result<Option<String>> {
+        self.inner.cancel_spot_request(request_id).await
     }
 
     async fn describe_instances(&self, ids: &[String]) -> Ec2Result<HashMap<String, InstanceView>> {

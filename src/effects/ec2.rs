@@ -97,16 +97,16 @@ pub async fn validate(api: &impl Ec2Api, ctx: &SessionContext) -> Input {
         }
         Err(failure) => return failed(failure),
     };
+    let subnet_of = |id: &String| subnets.iter().find(|s| &s.id == id);
     let zones = request
         .subnet_ids
         .iter()
-        .map(|id| {
-            subnets
-                .iter()
-                .find(|s| &s.id == id)
-                .map(|s| s.zone.clone())
-                .unwrap_or_default()
-        })
+        .map(|id| subnet_of(id).map(|s| s.zone.clone()).unwrap_or_default())
+        .collect();
+    let zone_ids = request
+        .subnet_ids
+        .iter()
+        .map(|id| subnet_of(id).map(|s| s.zone_id.clone()).unwrap_or_default())
         .collect();
     if !request.security_group_ids.is_empty()
         && let Err(failure) = api.check_security_groups(&request.security_group_ids).await
@@ -119,7 +119,11 @@ pub async fn validate(api: &impl Ec2Api, ctx: &SessionContext) -> Input {
         let text = guidance::missing_groups(api, &request.security_group_ids, vpc, &why).await;
         return guided(failure, text);
     }
-    Input::Validated { image, zones }
+    Input::Validated {
+        image,
+        zones,
+        zone_ids,
+    }
 }
 
 fn is_missing_image(failure: &Ec2Failure) -> bool {
@@ -153,9 +157,10 @@ pub async fn run_instance(
         dry_run: false,
     };
     match api.run_instance(spec).await {
-        Ok(instance_id) => Input::Launched {
-            instance_id,
+        Ok(launched) => Input::Launched {
+            instance_id: launched.instance_id,
             was_spot: launch.spot,
+            spot_request_id: launched.spot_request_id,
         },
         // The session made (or checked) its key pair moments ago: EC2 being
         // eventually consistent, RunInstances may not see it yet.
@@ -178,10 +183,26 @@ pub async fn run_instance(
     }
 }
 
-/// What DescribeInstances said of the instance.
-pub async fn describe_instance(api: &impl Ec2Api, instance_id: &str) -> Input {
+/// What DescribeInstances said of the instance, with its spot request's
+/// status when it has one.
+pub async fn describe_instance(
+    api: &impl Ec2Api,
+    instance_id: &str,
+    spot_request_id: Option<&str>,
+) -> Input {
     match api.describe_instance(instance_id).await {
-        Ok(Some(view)) => instance_input(view),
+        Ok(Some(view)) => {
+            let mut input = instance_input(view);
+            if let Some(request_id) = spot_request_id {
+                let status = spot_request_status(api, request_id).await;
+                if let Input::InstancePending { spot_request }
+                | Input::InstanceRunning { spot_request, .. } = &mut input
+                {
+                    *spot_request = status;
+                }
+            }
+            input
+        }
         // Absent from a filtered answer, or NotFound by id: EC2 does not
         // show it (yet).
         Ok(None) => Input::InstanceNotVisible,
@@ -190,13 +211,29 @@ pub async fn describe_instance(api: &impl Ec2Api, instance_id: &str) -> Input {
     }
 }
 
+/// The spot request's status, for the record. It only informs (the
+/// instance's own state decides), so a failed look is logged and skipped.
+async fn spot_request_status(
+    api: &impl Ec2Api,
+    request_id: &str,
+) -> Option<Box<crate::machine::SpotRequestStatus>> {
+    match api.spot_request(request_id).await {
+        Ok(view) => view.map(|v| Box::new(v.status)),
+        Err(failure) => {
+            tracing::debug!(%failure, request_id, "spot request status not read");
+            None
+        }
+    }
+}
+
 fn instance_input(view: InstanceView) -> Input {
     match view.state {
         InstanceState::Running => Input::InstanceRunning {
             public_ip: view.public_ip,
             private_ip: view.private_ip,
+            spot_request: None,
         },
-        InstanceState::Pending => Input::InstancePending,
+        InstanceState::Pending => Input::InstancePending { spot_request: None },
         other => Input::InstanceGone {
             state: other.as_str().to_string(),
         },
@@ -211,8 +248,17 @@ pub async fn describe_instance_status(api: &impl Ec2Api, instance_id: &str) -> I
         instance: CheckState::NotReported,
     };
     match api.instance_status(instance_id).await {
-        Ok(report) => Input::StatusChecksReported {
-            report: report.unwrap_or(not_reported),
+        Ok(Some(health)) => match health.state {
+            InstanceState::Pending | InstanceState::Running => Input::StatusChecksReported {
+                report: health.report,
+            },
+            // Reclaimed (spot) or stopped by someone else: it will not be Ready.
+            gone => Input::InstanceGone {
+                state: gone.as_str().to_string(),
+            },
+        },
+        Ok(None) => Input::StatusChecksReported {
+            report: not_reported,
         },
         Err(failure) if failure.class == ErrorClass::NotFound => Input::StatusChecksReported {
             report: not_reported,
@@ -303,6 +349,23 @@ pub async fn terminate(
         };
     }
     Input::InstanceTerminated
+}
+
+/// Cancels a spot request, then reads which instance it produced (one may
+/// have been fulfilled as the cancel went in). A request EC2 no longer
+/// knows is as good as cancelled. Failures are transient: the machine
+/// retries, then cleans up.
+pub async fn cancel_spot_request(api: &impl Ec2Api, request_id: &str) -> Input {
+    let state = match api.cancel_spot_request(request_id).await {
+        Ok(state) => state,
+        Err(failure) if failure.class == ErrorClass::NotFound => None,
+        Err(failure) => return keep_trying(failure),
+    };
+    let instance_id = match api.spot_request(request_id).await {
+        Ok(view) => view.and_then(|v| v.instance_id),
+        Err(failure) => return keep_trying(failure),
+    };
+    Input::SpotRequestCancelled { state, instance_id }
 }
 
 /// Cleanup retries whatever went wrong (a missing permission may be fixed).

@@ -3,6 +3,9 @@
 //! Layers, bottom up: [`sdk::SdkEc2`] (aws-sdk-ec2) ▸ [`describe_batch::Batched`]
 //! (DescribeInstances shared by the sessions of a process) ▸ [`AwsEffects`],
 //! which maps each [`Effect`] to calls and their answers to machine inputs.
+//! Beside the EC2 stack, [`placement::PlacementSources`] keeps what every
+//! session of a process shares for placement (recent capacity failures,
+//! on-demand prices).
 //!
 //! Invariant: an effect never fails the driver and never decides; every
 //! answer becomes an [`Input`] that states a fact (rejected, transient, not
@@ -16,22 +19,26 @@ pub mod ec2;
 pub mod guidance;
 pub mod keys;
 pub mod known_hosts;
+pub mod placement;
 pub mod preflight;
 pub mod sdk;
 pub mod ssh;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 
+use crate::clock::Clock;
 use crate::error_code::LocalRefusal;
 use crate::machine::{Effect, Input, SessionContext, Timestamp};
 use crate::net_guard::{ConnectGuard, GuardError};
 use api::Ec2Api;
 use describe_batch::{BatchWindow, Batched};
+use placement::{OnDemandPrices, PlacementQuery, PlacementSources};
 use sdk::SdkEc2;
 
 /// Runs effects for the driver.
@@ -58,6 +65,7 @@ pub trait Effects: Send + Sync + 'static {
 pub struct AwsEffects<A = Batched<SdkEc2>> {
     api: A,
     guard: ConnectGuard,
+    placement: Arc<PlacementSources>,
 }
 
 impl AwsEffects {
@@ -97,14 +105,44 @@ impl AwsEffects {
             );
         }
         let config = loader.load().await;
-        Ok(AwsEffects::new(aws_sdk_ec2::Client::new(&config), guard))
+        // The Price List API answers in us-east-1 (and two other regions),
+        // whatever region the instances are in.
+        let pricing = aws_sdk_pricing::config::Builder::from(&config)
+            .region(aws_config::Region::new("us-east-1"))
+            .build();
+        Ok(AwsEffects::new(aws_sdk_ec2::Client::new(&config), guard)
+            .with_price_list(aws_sdk_pricing::Client::from_conf(pricing)))
     }
 }
 
 impl<A: Ec2Api> AwsEffects<A> {
     /// Effects over any EC2 API stack.
     pub fn over(api: A, guard: ConnectGuard) -> AwsEffects<A> {
-        AwsEffects { api, guard }
+        AwsEffects {
+            api,
+            guard,
+            placement: Arc::new(PlacementSources::default()),
+        }
+    }
+
+    /// On-demand prices (for spot savings) from this Price List client.
+    /// Call before cloning: clones share one price cache.
+    #[must_use]
+    pub fn with_price_list(self, client: aws_sdk_pricing::Client) -> AwsEffects<A> {
+        self.with_sources(|s| s.prices = OnDemandPrices::new(Some(client)))
+    }
+
+    /// The clock recent capacity failures are dated by (a manual one in tests).
+    #[must_use]
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> AwsEffects<A> {
+        self.with_sources(|s| s.clock = clock)
+    }
+
+    fn with_sources(mut self, change: impl FnOnce(&mut PlacementSources)) -> AwsEffects<A> {
+        let mut sources = Arc::try_unwrap(self.placement).unwrap_or_default();
+        change(&mut sources);
+        self.placement = Arc::new(sources);
+        self
     }
 
     pub fn api(&self) -> &A {
@@ -125,12 +163,27 @@ impl<A: Ec2Api> Effects for AwsEffects<A> {
                 key_name,
                 private_key_path,
             } => keys::ensure(api, ctx, created, key_name, private_key_path.as_deref()).await,
+            Effect::FindPlacement {
+                spot,
+                zones,
+                zone_ids,
+                platform,
+            } => {
+                let query = PlacementQuery {
+                    spot: *spot,
+                    zones,
+                    zone_ids,
+                    platform: platform.as_deref(),
+                };
+                placement::find(api, &self.placement, ctx, query).await
+            }
             Effect::RunInstance {
                 client_token,
                 spot,
                 subnet_id,
                 image,
                 key_name,
+                zone,
             } => {
                 let launch = ec2::Launch {
                     client_token,
@@ -139,10 +192,20 @@ impl<A: Ec2Api> Effects for AwsEffects<A> {
                     image,
                     key_name,
                 };
-                ec2::run_instance(api, ctx, created, launch).await
+                let input = ec2::run_instance(api, ctx, created, launch).await;
+                if let (Input::CapacityUnavailable { .. }, Some(zone)) = (&input, zone) {
+                    let now = self.placement.clock.now();
+                    let instance_type = &ctx.request.instance_type;
+                    (self.placement.shortages).note(instance_type, zone, *spot, now);
+                }
+                input
             }
-            Effect::DescribeInstance { instance_id } => {
-                ec2::describe_instance(api, instance_id).await
+            Effect::DescribeInstance {
+                instance_id,
+                spot_request_id,
+            } => ec2::describe_instance(api, instance_id, spot_request_id.as_deref()).await,
+            Effect::CancelSpotRequest { request_id } => {
+                ec2::cancel_spot_request(api, request_id).await
             }
             Effect::DescribeInstanceStatus { instance_id } => {
                 ec2::describe_instance_status(api, instance_id).await

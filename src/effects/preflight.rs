@@ -20,7 +20,7 @@ pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<
         key_dir: String::new(),
     };
     let (image, zones) = match ec2::validate(api, &ctx).await {
-        Input::Validated { image, zones } => (image, zones),
+        Input::Validated { image, zones, .. } => (image, zones),
         Input::Rejected { code, message } => return Err(format!("{code}: {message}")),
         other => return Err(format!("the checks could not finish: {}", describe(&other))),
     };

@@ -25,10 +25,11 @@ use base64::Engine as _;
 use zeroize::Zeroizing;
 
 use super::api::{
-    Ec2Api, Ec2Failure, Ec2Result, InstanceState, InstanceView, LaunchSpec, SubnetInfo, malformed,
+    Ec2Api, Ec2Failure, Ec2Result, InstanceHealth, InstanceState, InstanceView, LaunchSpec,
+    LaunchedView, SpotRequestView, SubnetInfo, malformed,
 };
 use crate::error_code::{AwsErrorCode, ErrorClass};
-use crate::machine::{CheckState, ImageChoice, StatusReport};
+use crate::machine::{CheckState, ImageChoice, MicroUsd, SpotRequestStatus, StatusReport};
 use crate::request::{AmiSelector, KeyAlgorithm};
 use crate::telemetry::{self, CallResult};
 
@@ -51,7 +52,9 @@ impl SdkEc2 {
 /// Sending a call the measured way: timed, logged with its request id and
 /// error code, counted (see [`telemetry`]), and its SDK error made an
 /// [`Ec2Failure`].
-trait Measured<T, E>: Future<Output = Result<T, SdkError<E, HttpResponse>>> + Sized {
+pub(super) trait Measured<T, E>:
+    Future<Output = Result<T, SdkError<E, HttpResponse>>> + Sized
+{
     async fn measured(self, action: &'static str) -> Ec2Result<T>
     where
         T: RequestId,
@@ -164,12 +167,16 @@ fn subnet_info(subnet: &aws_sdk_ec2::types::Subnet) -> SubnetInfo {
     SubnetInfo {
         id: subnet.subnet_id().unwrap_or_default().to_string(),
         zone: subnet.availability_zone().unwrap_or_default().to_string(),
+        zone_id: subnet
+            .availability_zone_id()
+            .unwrap_or_default()
+            .to_string(),
         vpc: subnet.vpc_id().unwrap_or_default().to_string(),
     }
 }
 
-fn view_of(instance: &Instance) -> InstanceView {
-    let state = match instance.state().and_then(|s| s.name()) {
+fn state_of(name: Option<&InstanceStateName>) -> InstanceState {
+    match name {
         Some(InstanceStateName::Running) => InstanceState::Running,
         Some(InstanceStateName::Pending) | None => InstanceState::Pending,
         Some(InstanceStateName::ShuttingDown) => InstanceState::ShuttingDown,
@@ -177,9 +184,12 @@ fn view_of(instance: &Instance) -> InstanceView {
         Some(InstanceStateName::Stopping) => InstanceState::Stopping,
         Some(InstanceStateName::Stopped) => InstanceState::Stopped,
         Some(other) => InstanceState::Other(other.as_str().to_string()),
-    };
+    }
+}
+
+fn view_of(instance: &Instance) -> InstanceView {
     InstanceView {
-        state,
+        state: state_of(instance.state().and_then(|s| s.name())),
         public_ip: instance.public_ip_address().map(str::to_string),
         private_ip: instance.private_ip_address().map(str::to_string),
     }
@@ -224,6 +234,7 @@ impl Ec2Api for SdkEc2 {
         Ok(newest.map(|image| ImageChoice {
             ami_id: image.image_id().unwrap_or_default().to_string(),
             root_device_name: image.root_device_name().map(str::to_string),
+            platform: image.platform_details().map(str::to_string),
         }))
     }
 
@@ -386,7 +397,7 @@ impl Ec2Api for SdkEc2 {
             .map(|_| ())
     }
 
-    async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<String> {
+    async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<LaunchedView> {
         let request = spec.request;
         let mut call = self
             .client
@@ -451,14 +462,131 @@ impl Ec2Api for SdkEc2 {
         }
         if spec.dry_run {
             let answer = call.send().measured("RunInstances").await.map(|_| ());
-            return dry_run_answer(answer).map(|()| String::new());
+            return dry_run_answer(answer).map(|()| LaunchedView {
+                instance_id: String::new(),
+                spot_request_id: None,
+            });
         }
         let out = call.send().measured("RunInstances").await?;
-        out.instances()
-            .first()
+        let instance = out.instances().first();
+        let instance_id = instance
             .and_then(|i| i.instance_id())
             .map(str::to_string)
-            .ok_or_else(|| malformed("RunInstances", "answered without an instance id"))
+            .ok_or_else(|| malformed("RunInstances", "answered without an instance id"))?;
+        Ok(LaunchedView {
+            instance_id,
+            spot_request_id: instance
+                .and_then(|i| i.spot_instance_request_id())
+                .map(str::to_string),
+        })
+    }
+
+    async fn spot_placement_scores(&self, instance_type: &str) -> Ec2Result<HashMap<String, u8>> {
+        let out = self
+            .client
+            .get_spot_placement_scores()
+            .instance_types(instance_type)
+            .target_capacity(1)
+            .single_availability_zone(true)
+            .region_names(self.region())
+            .send()
+            .measured("GetSpotPlacementScores")
+            .await?;
+        Ok(out
+            .spot_placement_scores()
+            .iter()
+            .filter_map(|s| {
+                let zone = s.availability_zone_id()?.to_string();
+                let score = u8::try_from(s.score()?.clamp(0, 10)).ok()?;
+                Some((zone, score))
+            })
+            .collect())
+    }
+
+    async fn spot_prices(
+        &self,
+        instance_type: &str,
+        product_description: &str,
+        zones: &[String],
+    ) -> Ec2Result<HashMap<String, MicroUsd>> {
+        // Prices change at most every few minutes; three hours is "recent".
+        let since = std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 3600);
+        let out = self
+            .client
+            .describe_spot_price_history()
+            .instance_types(InstanceType::from(instance_type))
+            .product_descriptions(product_description)
+            .start_time(aws_sdk_ec2::primitives::DateTime::from(since))
+            .filters(
+                Filter::builder()
+                    .name("availability-zone")
+                    .set_values(Some(zones.to_vec()))
+                    .build(),
+            )
+            .send()
+            .measured("DescribeSpotPriceHistory")
+            .await?;
+        // The newest entry per zone; the answer is not promised to be sorted.
+        let mut latest: HashMap<String, (aws_sdk_ec2::primitives::DateTime, MicroUsd)> =
+            HashMap::new();
+        for entry in out.spot_price_history() {
+            let (Some(zone), Some(price), Some(at)) = (
+                entry.availability_zone(),
+                entry.spot_price().and_then(MicroUsd::parse),
+                entry.timestamp(),
+            ) else {
+                continue;
+            };
+            let newer = latest
+                .get(zone)
+                .is_none_or(|(seen, _)| at.secs() > seen.secs());
+            if newer {
+                latest.insert(zone.to_string(), (*at, price));
+            }
+        }
+        Ok(latest.into_iter().map(|(z, (_, p))| (z, p)).collect())
+    }
+
+    async fn spot_request(&self, request_id: &str) -> Ec2Result<Option<SpotRequestView>> {
+        let answer = self
+            .client
+            .describe_spot_instance_requests()
+            .spot_instance_request_ids(request_id)
+            .send()
+            .measured("DescribeSpotInstanceRequests")
+            .await;
+        let out = match answer {
+            Ok(out) => out,
+            Err(failure) if failure.class == ErrorClass::NotFound => return Ok(None),
+            Err(failure) => return Err(failure),
+        };
+        Ok(out
+            .spot_instance_requests()
+            .first()
+            .map(|r| SpotRequestView {
+                status: SpotRequestStatus {
+                    request_id: request_id.to_string(),
+                    state: r.state().map(|s| s.as_str().to_string()),
+                    status_code: r.status().and_then(|s| s.code()).map(str::to_string),
+                    price: r.spot_price().map(str::to_string),
+                },
+                instance_id: r.instance_id().map(str::to_string),
+            }))
+    }
+
+    async fn cancel_spot_request(&self, request_id: &str) -> Ec2Result<Option<String>> {
+        let out = self
+            .client
+            .cancel_spot_instance_requests()
+            .spot_instance_request_ids(request_id)
+            .send()
+            .measured("CancelSpotInstanceRequests")
+            .await?;
+        Ok(out
+            .cancelled_spot_instance_requests()
+            .first()
+            .and_then(|r| r.state())
+            .map(|s| s.as_str().to_string()))
     }
 
     /// One DescribeInstances (paged) with an `instance-id` filter, which,
@@ -494,7 +622,7 @@ impl Ec2Api for SdkEc2 {
     async fn describe_instance_statuses(
         &self,
         ids: &[String],
-    ) -> Ec2Result<HashMap<String, StatusReport>> {
+    ) -> Ec2Result<HashMap<String, InstanceHealth>> {
         let mut pages = self
             .client
             .describe_instance_status()
@@ -515,7 +643,8 @@ impl Ec2Api for SdkEc2 {
                         system: check_state(status.system_status()),
                         instance: check_state(status.instance_status()),
                     };
-                    found.insert(id.to_string(), report);
+                    let state = state_of(status.instance_state().and_then(|s| s.name()));
+                    found.insert(id.to_string(), InstanceHealth { report, state });
                 }
             }
         }

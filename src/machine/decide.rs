@@ -79,7 +79,8 @@ pub(super) fn decide(
     };
     match &state.phase {
         ProvisionPhase::Validating(_) => validating(input),
-        ProvisionPhase::PreparingKeyPair(p) => preparing_key_pair(ctx, p, input),
+        ProvisionPhase::PreparingKeyPair(p) => preparing_key_pair(p, input),
+        ProvisionPhase::ChoosingPlacement(p) => choosing_placement(ctx, p, input),
         ProvisionPhase::RequestingSpot(p) => requesting_spot(ctx, &p.launch, input, now),
         ProvisionPhase::Launching(p) => launching(ctx, &p.launch, input, now),
         ProvisionPhase::WaitingForRunning(p) => waiting_for_running(ctx, p, input, now),
@@ -93,42 +94,69 @@ pub(super) fn decide(
 
 fn validating(input: Input) -> Option<Decision> {
     Some(match input {
-        Input::Validated { image, zones } => {
-            Decision::go(ProvisionPhase::PreparingKeyPair(PreparingKeyPair {
-                image,
-                zones,
-            }))
-        }
+        Input::Validated {
+            image,
+            zones,
+            zone_ids,
+        } => Decision::go(ProvisionPhase::PreparingKeyPair(PreparingKeyPair {
+            image,
+            zones,
+            zone_ids,
+        })),
         _ => return None,
     })
 }
 
-fn preparing_key_pair(
-    ctx: &SessionContext,
-    p: &PreparingKeyPair,
-    input: Input,
-) -> Option<Decision> {
+fn preparing_key_pair(p: &PreparingKeyPair, input: Input) -> Option<Decision> {
     let Input::KeyPairReady { key } = input else {
         return None;
     };
-    let first = |spot| LaunchAttempt {
-        image: p.image.clone(),
-        key: key.clone(),
-        zones: p.zones.clone(),
-        attempt: 0,
-        subnet_index: 0,
-        client_token: ClientToken::derive(&ctx.session_id, 0, spot, &subnet(ctx, 0)),
+    Some(Decision::go(ProvisionPhase::ChoosingPlacement(
+        ChoosingPlacement {
+            image: p.image.clone(),
+            key,
+            zones: p.zones.clone(),
+            zone_ids: p.zone_ids.clone(),
+        },
+    )))
+}
+
+/// Placement is in: the first launch goes to the subnet it ranks first.
+fn choosing_placement(
+    ctx: &SessionContext,
+    p: &ChoosingPlacement,
+    input: Input,
+) -> Option<Decision> {
+    let Input::PlacementFound { facts } = input else {
+        return None;
     };
-    Some(match ctx.request.spot {
-        Some(_) => Decision::go(ProvisionPhase::RequestingSpot(RequestingSpot {
-            launch: first(true),
-        }))
-        .because(Guard::SpotRequested),
-        None => Decision::go(ProvisionPhase::Launching(Launching {
-            launch: first(false),
-        }))
-        .because(Guard::OnDemandOnly),
-    })
+    let spot = ctx.request.spot.is_some();
+    let order = facts.order(&p.zones, ctx.request.subnet_ids.len(), spot);
+    let first = order.first().copied().unwrap_or(0);
+    let notice = Notice::PlacementChosen {
+        subnets: order
+            .iter()
+            .map(|&i| subnet_named(ctx, &p.zones, i))
+            .collect(),
+        basis: facts.basis(spot),
+        gaps: facts.gaps.clone(),
+    };
+    let launch = LaunchAttempt {
+        image: p.image.clone(),
+        key: p.key.clone(),
+        zones: p.zones.clone(),
+        placement: facts,
+        attempt: 0,
+        subnet_index: first,
+        client_token: ClientToken::derive(&ctx.session_id, 0, spot, &subnet(ctx, first)),
+    };
+    let decision = if spot {
+        Decision::go(ProvisionPhase::RequestingSpot(RequestingSpot { launch }))
+            .because(Guard::SpotRequested)
+    } else {
+        Decision::go(ProvisionPhase::Launching(Launching { launch })).because(Guard::OnDemandOnly)
+    };
+    Some(decision.notice(notice))
 }
 
 fn requesting_spot(
@@ -143,9 +171,12 @@ fn requesting_spot(
         .as_ref()
         .is_some_and(|s| s.fallback_to_on_demand);
     let fall_back = |reason: String, guards: Guards| {
-        let next = next_attempt(ctx, launch, 0, false);
+        let next = on_demand_attempt(ctx, launch);
         Decision::go(ProvisionPhase::Launching(Launching { launch: next }))
-            .notice(Notice::SpotFallback { reason })
+            .notice(Notice::SpotFallback {
+                reason,
+                request_id: None,
+            })
             .because(guards.and(Guard::FallbackAllowed))
     };
     let give_up =
@@ -164,7 +195,7 @@ fn requesting_spot(
                 "no spot capacity in the subnets tried ({}) and spotFallbackToOnDemand is off; \
                  last: {code}: {message}; try another instance type, a subnet in another \
                  availability zone (failoverSubnetIds), or spotFallbackToOnDemand: true",
-                subnets_tried(ctx, launch)
+                subnets_tried(ctx, launch, true)
             );
             Some(give_up(reason).because(last.and(Guard::NoFallback)))
         }
@@ -195,7 +226,7 @@ fn launching(
                 "no on-demand capacity in the subnets tried ({}); last: {code}: {message}; \
                  try another instance type (instanceType), a subnet in another availability \
                  zone (failoverSubnetIds), or spot capacity (useSpot: true)",
-                subnets_tried(ctx, launch)
+                subnets_tried(ctx, launch, false)
             );
             Some(give_up(reason).because(Guard::LastSubnet))
         }
@@ -204,11 +235,27 @@ fn launching(
     }
 }
 
-/// The same launch in the next configured subnet (a new attempt, so a new
-/// `ClientToken`), if there is one.
+/// The order placement gave for this kind of capacity: indices into the
+/// configured subnets, best first.
+fn subnet_order(ctx: &SessionContext, launch: &LaunchAttempt, spot: bool) -> Vec<usize> {
+    launch
+        .placement
+        .order(&launch.zones, ctx.request.subnet_ids.len(), spot)
+}
+
+/// The same launch in the next subnet of the placement order (a new
+/// attempt, so a new `ClientToken`), if there is one.
 fn next_subnet(ctx: &SessionContext, launch: &LaunchAttempt, spot: bool) -> Option<LaunchAttempt> {
-    let index = launch.subnet_index + 1;
-    (index < ctx.request.subnet_ids.len()).then(|| next_attempt(ctx, launch, index, spot))
+    let order = subnet_order(ctx, launch, spot);
+    let at = order.iter().position(|&i| i == launch.subnet_index)?;
+    let index = *order.get(at + 1)?;
+    Some(next_attempt(ctx, launch, index, spot))
+}
+
+/// The first on-demand launch after spot: the subnet on-demand ranks first.
+fn on_demand_attempt(ctx: &SessionContext, from: &LaunchAttempt) -> LaunchAttempt {
+    let first = subnet_order(ctx, from, false).first().copied().unwrap_or(0);
+    next_attempt(ctx, from, first, false)
 }
 
 /// The attempt after `from`: same image, key and zones, a new token.
@@ -232,19 +279,28 @@ fn next_attempt(
     }
 }
 
-/// "subnet-a (us-east-1a), subnet-b (us-east-1b)": the subnets tried so far.
-fn subnets_tried(ctx: &SessionContext, launch: &LaunchAttempt) -> String {
-    ctx.request
-        .subnet_ids
+/// "subnet-a (us-east-1a), subnet-b (us-east-1b)": the subnets tried so
+/// far, in the order they were tried.
+fn subnets_tried(ctx: &SessionContext, launch: &LaunchAttempt, spot: bool) -> String {
+    let order = subnet_order(ctx, launch, spot);
+    let tried = order
         .iter()
-        .take(launch.subnet_index + 1)
-        .enumerate()
-        .map(|(i, id)| match launch.zones.get(i) {
-            Some(zone) if !zone.is_empty() => format!("{id} ({zone})"),
-            _ => id.clone(),
-        })
+        .position(|&i| i == launch.subnet_index)
+        .map_or(order.len(), |at| at + 1);
+    order[..tried]
+        .iter()
+        .map(|&i| subnet_named(ctx, &launch.zones, i))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// "subnet-a (us-east-1a)", or the id alone when the zone is unknown.
+fn subnet_named(ctx: &SessionContext, zones: &[String], index: usize) -> String {
+    let id = subnet(ctx, index);
+    match zones.get(index) {
+        Some(zone) if !zone.is_empty() => format!("{id} ({zone})"),
+        _ => id,
+    }
 }
 
 /// What RequestingSpot and Launching share: the launch went through.
@@ -258,6 +314,7 @@ fn launched(
         Input::Launched {
             instance_id,
             was_spot,
+            spot_request_id,
         } => {
             let spot = ctx.request.spot.as_ref().filter(|_| was_spot);
             let timeout = spot.map_or(ctx.request.timeouts.running, |spot| {
@@ -265,13 +322,29 @@ fn launched(
             });
             let on_demand_fallback = spot
                 .filter(|s| s.fallback_to_on_demand)
-                .map(|_| next_attempt(ctx, launch, 0, false));
+                .map(|_| Box::new(on_demand_attempt(ctx, launch)));
+            let zone = launch
+                .zones
+                .get(launch.subnet_index)
+                .filter(|z| !z.is_empty())
+                .cloned();
             Decision::go(ProvisionPhase::WaitingForRunning(WaitingForRunning {
                 instance: LaunchedInstance {
                     instance_id,
                     key: launch.key.clone(),
                     was_spot,
                     launched_at: Some(now),
+                    savings: was_spot
+                        .then(|| Box::new(launch.placement.savings_in(zone.as_deref()))),
+                    zone,
+                    spot_request: spot_request_id.map(|request_id| {
+                        Box::new(SpotRequestStatus {
+                            request_id,
+                            state: None,
+                            status_code: None,
+                            price: None,
+                        })
+                    }),
                 },
                 deadline: now.plus(timeout),
                 on_demand_fallback,
@@ -287,20 +360,41 @@ fn waiting_for_running(
     input: Input,
     now: Timestamp,
 ) -> Option<Decision> {
+    let mut p = p.clone();
+    if let Input::InstancePending {
+        spot_request: Some(request),
+    }
+    | Input::InstanceRunning {
+        spot_request: Some(request),
+        ..
+    } = &input
+    {
+        p.instance.spot_request = Some(request.clone());
+    }
+    let p = &p;
     let id = &p.instance.instance_id;
     let give_up = |reason: String| instance_cleanup(&p.instance, failure(reason));
     Some(match input {
-        Input::InstancePending | Input::InstanceNotVisible if now < p.deadline => Decision::poll(
-            &ProvisionPhase::WaitingForRunning(p.clone()),
-            poll_at(ctx, now),
-        )
-        .because(Guard::BeforeDeadline),
-        Input::InstancePending | Input::InstanceNotVisible => {
+        Input::InstancePending { .. } | Input::InstanceNotVisible if now < p.deadline => {
+            Decision::poll(
+                &ProvisionPhase::WaitingForRunning(p.clone()),
+                poll_at(ctx, now),
+            )
+            .because(Guard::BeforeDeadline)
+        }
+        Input::InstancePending { .. } | Input::InstanceNotVisible => {
             let past = Guards::from(Guard::PastDeadline);
             match &p.on_demand_fallback {
                 Some(next) => {
+                    let status = p
+                        .instance
+                        .spot_request
+                        .as_ref()
+                        .and_then(|r| r.status_code.as_deref())
+                        .map(|code| format!(" (spot request status: {code})"))
+                        .unwrap_or_default();
                     let reason = format!(
-                        "spot instance {id} was not running within the spot request timeout"
+                        "spot instance {id} was not running within the spot request timeout{status}"
                     );
                     abandon_spot(&p.instance, next, reason)
                         .because(past.and(Guard::FallbackAllowed))
@@ -312,6 +406,7 @@ fn waiting_for_running(
         Input::InstanceRunning {
             public_ip,
             private_ip,
+            ..
         } => running(ctx, p, public_ip, private_ip, now),
         Input::InstanceGone { state } => match &p.on_demand_fallback {
             Some(next) => {
@@ -346,7 +441,7 @@ fn running(
         HostKeyPolicy::Console | HostKeyPolicy::InsecureAcceptAny => None,
     };
     let status = match ctx.request.status_checks {
-        StatusCheckMode::Skip => StatusTrack::Done,
+        StatusCheckMode::Skip => after_checks(p.on_demand_fallback.is_some(), ctx, now),
         StatusCheckMode::Ok | StatusCheckMode::NotImpaired => StatusTrack::Waiting {
             due: now,
             last: None,
@@ -364,6 +459,7 @@ fn running(
             ..SshTrack::default()
         },
         status,
+        on_demand_fallback: p.on_demand_fallback.clone(),
     }))
     .because(Guard::Reachable)
 }
@@ -380,9 +476,19 @@ fn abandoning_spot(
         }))
         .notice(Notice::SpotFallback {
             reason: p.reason.clone(),
+            request_id: p
+                .instance
+                .spot_request
+                .as_ref()
+                .map(|r| r.request_id.clone()),
         })
     };
     Some(match input {
+        Input::SpotRequestCancelled { .. } => {
+            let mut next = p.clone();
+            next.request_cancelled = true;
+            Decision::go(ProvisionPhase::AbandoningSpot(next))
+        }
         Input::InstanceTerminated => replace(),
         Input::InstanceNotFound if just_launched(p.instance.launched_at, now) => Decision::poll(
             &ProvisionPhase::AbandoningSpot(p.clone()),
@@ -427,9 +533,9 @@ fn waiting_for_ssh(
                 fingerprint: host_key_fingerprint,
                 public_key: host_key,
             });
-            let checks = match next.status {
-                StatusTrack::Done => Guard::ChecksPassed,
-                StatusTrack::Waiting { .. } => Guard::ChecksPending,
+            let checks = match next.status.passed() {
+                true => Guard::ChecksPassed,
+                false => Guard::ChecksPending,
             };
             ready_or_waiting(next).because(checks)
         }
@@ -439,6 +545,15 @@ fn waiting_for_ssh(
             p.ssh_endpoint
         )),
         Input::StatusChecksReported { report } => status_reported(ctx, next, report, now),
+        Input::InstanceGone { state } => match &p.on_demand_fallback {
+            Some(fallback) => {
+                let reason =
+                    format!("spot instance {id} went {state} (reclaimed) before it was Ready");
+                abandon_spot(&p.instance, fallback, reason).because(Guard::FallbackAllowed)
+            }
+            None => give_up(format!("instance {id} went {state} before it was Ready"))
+                .because(Guard::NoFallback),
+        },
         _ => return None,
     })
 }
@@ -484,15 +599,18 @@ fn status_reported(
     report: StatusReport,
     now: Timestamp,
 ) -> Decision {
-    let passed = match ctx.request.status_checks {
-        StatusCheckMode::Ok => report.system == CheckState::Ok && report.instance == CheckState::Ok,
-        StatusCheckMode::NotImpaired => {
-            report.system != CheckState::Impaired && report.instance != CheckState::Impaired
-        }
-        StatusCheckMode::Skip => true,
-    };
+    let passed = next.status.passed()
+        || match ctx.request.status_checks {
+            StatusCheckMode::Ok => {
+                report.system == CheckState::Ok && report.instance == CheckState::Ok
+            }
+            StatusCheckMode::NotImpaired => {
+                report.system != CheckState::Impaired && report.instance != CheckState::Impaired
+            }
+            StatusCheckMode::Skip => true,
+        };
     if passed {
-        next.status = StatusTrack::Done;
+        next.status = after_checks(next.on_demand_fallback.is_some(), ctx, now);
         let ssh = match next.ssh.verified {
             Some(_) => Guard::SshVerified,
             None => Guard::SshPending,
@@ -523,19 +641,46 @@ fn status_reported(
     still_waiting(next).because(pending.and(Guard::BeforeDeadline))
 }
 
-/// Ready once both checks have passed; else the next check when it is due.
-fn ready_or_waiting(next: WaitingForSsh) -> Decision {
-    match (&next.ssh.verified, &next.status) {
-        (Some(verified), StatusTrack::Done) => Decision::go(ProvisionPhase::Ready(Ready {
-            instance: next.instance.clone(),
-            public_ip: next.public_ip.clone(),
-            private_ip: next.private_ip.clone(),
-            ssh_endpoint: next.ssh_endpoint.clone(),
-            host_key_fingerprint: verified.fingerprint.clone(),
-            host_key: verified.public_key.clone(),
-        })),
-        _ => still_waiting(next),
+/// Once the status checks pass: done, or, for a spot instance that may
+/// fall back, still watched (until Ready) so a reclaim is seen.
+fn after_checks(watch: bool, ctx: &SessionContext, now: Timestamp) -> StatusTrack {
+    match watch {
+        true => StatusTrack::Watching {
+            due: poll_at(ctx, now),
+        },
+        false => StatusTrack::Done,
     }
+}
+
+/// Ready once both checks have passed (telling what a spot instance
+/// saves); else the next check when it is due.
+fn ready_or_waiting(next: WaitingForSsh) -> Decision {
+    let (Some(verified), true) = (&next.ssh.verified, next.status.passed()) else {
+        return still_waiting(next);
+    };
+    let instance = &next.instance;
+    let ready = Decision::go(ProvisionPhase::Ready(Ready {
+        instance: instance.clone(),
+        public_ip: next.public_ip.clone(),
+        private_ip: next.private_ip.clone(),
+        ssh_endpoint: next.ssh_endpoint.clone(),
+        host_key_fingerprint: verified.fingerprint.clone(),
+        host_key: verified.public_key.clone(),
+    }));
+    if !instance.was_spot {
+        return ready;
+    }
+    let savings = instance
+        .savings
+        .as_deref()
+        .cloned()
+        .unwrap_or_else(|| SpotSavings::Unknown {
+            why: "the session was launched before savings were tracked".into(),
+        });
+    ready.notice(Notice::SpotSavings {
+        instance_id: instance.instance_id.clone(),
+        savings,
+    })
 }
 
 fn still_waiting(next: WaitingForSsh) -> Decision {
@@ -658,7 +803,7 @@ fn rejected(
 
 /// What cleanup must terminate.
 enum Launched {
-    Known(LaunchedInstance),
+    Known(Box<LaunchedInstance>),
     /// A RunInstances may have succeeded without us hearing the answer.
     Unknown,
     /// Every launch attempt was answered and none made an instance.
@@ -680,6 +825,9 @@ fn cleanup_from(
         ProvisionPhase::PreparingKeyPair(_) => {
             cleanup(Launched::Nothing, Some(ctx.planned_key()), cause)
         }
+        ProvisionPhase::ChoosingPlacement(p) => {
+            cleanup(Launched::Nothing, Some(p.key.clone()), cause)
+        }
         ProvisionPhase::RequestingSpot(RequestingSpot { launch })
         | ProvisionPhase::Launching(Launching { launch }) => {
             let mut decision = cleanup(Launched::Unknown, Some(launch.key.clone()), cause);
@@ -697,7 +845,7 @@ fn cleanup_from(
 
 fn instance_cleanup(instance: &LaunchedInstance, cause: CleanupCause) -> Decision {
     cleanup(
-        Launched::Known(instance.clone()),
+        Launched::Known(Box::new(instance.clone())),
         Some(instance.key.clone()),
         cause,
     )
@@ -743,6 +891,7 @@ fn abandon_spot(instance: &LaunchedInstance, next: &LaunchAttempt, reason: Strin
         instance: instance.clone(),
         next: next.clone(),
         reason,
+        request_cancelled: false,
     }))
 }
 

@@ -8,7 +8,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use strum::{EnumDiscriminants, EnumIter, IntoStaticStr};
 
-use super::phase::{ConsoleFingerprints, ImageChoice, KeyPairHandle, StatusReport};
+use super::phase::{
+    ConsoleFingerprints, ImageChoice, KeyPairHandle, SpotRequestStatus, StatusReport,
+};
+use super::placement::PlacementFacts;
 use super::token::ClientToken;
 use crate::error_code::{AwsErrorCode, RejectionCode};
 
@@ -24,6 +27,16 @@ pub enum Effect {
         key_name: String,
         private_key_path: Option<String>,
     },
+    /// Gather what decides where to launch: the capacity failures this
+    /// process saw lately in `zones`, and for spot the placement scores,
+    /// recent spot prices and the on-demand price. Never fails: what it
+    /// cannot learn it reports as a gap.
+    FindPlacement {
+        spot: bool,
+        zones: Vec<String>,
+        zone_ids: Vec<String>,
+        platform: Option<String>,
+    },
     /// RunInstances with this `ClientToken`; same token, same instance.
     RunInstance {
         client_token: ClientToken,
@@ -31,14 +44,21 @@ pub enum Effect {
         subnet_id: String,
         image: ImageChoice,
         key_name: String,
+        /// The subnet's zone, so a capacity failure is remembered for it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        zone: Option<String>,
     },
+    /// DescribeInstances, and for a spot instance its request's status.
     DescribeInstance {
         instance_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spot_request_id: Option<String>,
     },
+    /// CancelSpotInstanceRequests: no instance may come of the request
+    /// after this (one that already did is terminated next).
+    CancelSpotRequest { request_id: String },
     /// Read the host key fingerprints cloud-init printed to the console.
-    ReadConsoleHostKeys {
-        instance_id: String,
-    },
+    ReadConsoleHostKeys { instance_id: String },
     /// Connect over SSH, check the host key against `trusted`, authenticate;
     /// on success, write the verified host key to `known_hosts_path`.
     ProbeSsh {
@@ -51,16 +71,12 @@ pub enum Effect {
         known_hosts_path: Option<String>,
     },
     /// DescribeInstanceStatus (system and instance status checks).
-    DescribeInstanceStatus {
-        instance_id: String,
-    },
+    DescribeInstanceStatus { instance_id: String },
     /// TerminateInstances on the instance, and on any other live instance
     /// tagged with the session (all of them when the id is unknown). It
     /// reports what EC2 said; whether "not found" means "gone" is the
     /// machine's call.
-    TerminateInstance {
-        instance_id: Option<String>,
-    },
+    TerminateInstance { instance_id: Option<String> },
     /// DeleteKeyPair and remove the private key file; NotFound counts as done.
     DeleteKeyPair {
         key_name: String,
@@ -83,6 +99,12 @@ pub enum Input {
         /// The availability zone of each configured subnet, in config order.
         #[serde(default)]
         zones: Vec<String>,
+        /// Their zone ids (`use1-az6`), in the same order.
+        #[serde(default)]
+        zone_ids: Vec<String>,
+    },
+    PlacementFound {
+        facts: Box<PlacementFacts>,
     },
     /// The request cannot succeed as asked (bad AMI, unknown subnet, …).
     Rejected {
@@ -95,6 +117,8 @@ pub enum Input {
     Launched {
         instance_id: String,
         was_spot: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spot_request_id: Option<String>,
     },
     /// No capacity for this attempt (`InsufficientInstanceCapacity`, …).
     CapacityUnavailable {
@@ -107,10 +131,15 @@ pub enum Input {
         code: AwsErrorCode,
         message: String,
     },
-    InstancePending,
+    InstancePending {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spot_request: Option<Box<SpotRequestStatus>>,
+    },
     InstanceRunning {
         public_ip: Option<String>,
         private_ip: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spot_request: Option<Box<SpotRequestStatus>>,
     },
     /// Eventual consistency right after launch: not yet visible, not gone.
     InstanceNotVisible,
@@ -149,6 +178,12 @@ pub enum Input {
     /// one just made is not visible yet.
     NoInstanceFound,
     KeyPairDeleted,
+    /// The spot request is cancelled (or was already closed or gone).
+    SpotRequestCancelled {
+        state: Option<String>,
+        /// The instance the request produced, if it did.
+        instance_id: Option<String>,
+    },
     /// A failure that may pass (throttling, 5xx, network): retry later.
     TransientFailure {
         message: String,
@@ -204,6 +239,7 @@ impl Effect {
         matches!(
             self,
             Effect::ValidateRequest
+                | Effect::FindPlacement { .. }
                 | Effect::DescribeInstance { .. }
                 | Effect::DescribeInstanceStatus { .. }
                 | Effect::ReadConsoleHostKeys { .. }
@@ -218,6 +254,8 @@ impl Effect {
         match self {
             Effect::ValidateRequest => &[Validated, Rejected, TransientFailure],
             Effect::EnsureKeyPair { .. } => &[KeyPairReady, Rejected, TransientFailure],
+            Effect::FindPlacement { .. } => &[PlacementFound],
+            Effect::CancelSpotRequest { .. } => &[SpotRequestCancelled, TransientFailure],
             Effect::RunInstance { .. } => &[
                 Launched,
                 CapacityUnavailable,
@@ -243,9 +281,12 @@ impl Effect {
                 Rejected,
                 TransientFailure,
             ],
-            Effect::DescribeInstanceStatus { .. } => {
-                &[StatusChecksReported, Rejected, TransientFailure]
-            }
+            Effect::DescribeInstanceStatus { .. } => &[
+                StatusChecksReported,
+                InstanceGone,
+                Rejected,
+                TransientFailure,
+            ],
             Effect::TerminateInstance {
                 instance_id: Some(_),
             } => &[InstanceTerminated, InstanceNotFound, TransientFailure],

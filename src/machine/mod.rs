@@ -22,6 +22,7 @@ pub mod diagram;
 pub mod effect;
 pub mod guard;
 pub mod phase;
+pub mod placement;
 pub mod table;
 pub mod token;
 
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use effect::{Effect, Input, InputKind, OutsideInput};
 pub use guard::{Guard, Guards};
 pub use phase::*;
+pub use placement::{MicroUsd, PlacementFacts, ShortZone, SpotSavings};
 pub use token::ClientToken;
 
 use crate::request::{HostKeyPolicy, KeyPairMode, ProvisionRequest};
@@ -160,7 +162,24 @@ impl SessionState {
 /// Something callers are told about beside the phase change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Notice {
-    SpotFallback { reason: String },
+    /// Spot was given up for on-demand (after the spot request, if any,
+    /// was cancelled).
+    SpotFallback {
+        reason: String,
+        request_id: Option<String>,
+    },
+    /// The order subnets will be tried in, what it rests on, and what
+    /// placement could not learn.
+    PlacementChosen {
+        subnets: Vec<String>,
+        basis: String,
+        gaps: Vec<String>,
+    },
+    /// A spot instance is Ready: what it saves, or why that is unknown.
+    SpotSavings {
+        instance_id: String,
+        savings: SpotSavings,
+    },
 }
 
 /// Why the machine asks the driver to stop driving for now. The intent
@@ -265,6 +284,12 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
                 private_key_path: key.private_key_path,
             })
         }
+        ProvisionPhase::ChoosingPlacement(p) => Some(Effect::FindPlacement {
+            spot: ctx.request.spot.is_some(),
+            zones: p.zones.clone(),
+            zone_ids: p.zone_ids.clone(),
+            platform: p.image.platform.clone(),
+        }),
         ProvisionPhase::RequestingSpot(RequestingSpot { launch })
         | ProvisionPhase::Launching(Launching { launch }) => Some(Effect::RunInstance {
             client_token: launch.client_token.clone(),
@@ -272,9 +297,19 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
             subnet_id: subnet(ctx, launch.subnet_index),
             image: launch.image.clone(),
             key_name: launch.key.key_name.clone(),
+            zone: launch
+                .zones
+                .get(launch.subnet_index)
+                .filter(|z| !z.is_empty())
+                .cloned(),
         }),
         ProvisionPhase::WaitingForRunning(p) => Some(Effect::DescribeInstance {
             instance_id: p.instance.instance_id.clone(),
+            spot_request_id: p
+                .instance
+                .spot_request
+                .as_ref()
+                .map(|r| r.request_id.clone()),
         }),
         ProvisionPhase::WaitingForSsh(p) => {
             let insecure = ctx.request.ssh.host_key_policy == HostKeyPolicy::InsecureAcceptAny;
@@ -296,8 +331,13 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
         ProvisionPhase::TerminatingInstance(p) => Some(Effect::TerminateInstance {
             instance_id: p.instance_id.clone(),
         }),
-        ProvisionPhase::AbandoningSpot(p) => Some(Effect::TerminateInstance {
-            instance_id: Some(p.instance.instance_id.clone()),
+        ProvisionPhase::AbandoningSpot(p) => Some(match p.request_to_cancel() {
+            Some(request_id) => Effect::CancelSpotRequest {
+                request_id: request_id.to_string(),
+            },
+            None => Effect::TerminateInstance {
+                instance_id: Some(p.instance.instance_id.clone()),
+            },
         }),
         ProvisionPhase::DeletingKeyPair(p) => Some(Effect::DeleteKeyPair {
             key_name: p.key.key_name.clone(),

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use strum::{EnumDiscriminants, EnumIter, EnumString, IntoStaticStr};
 
 use super::Timestamp;
+use super::placement::{PlacementFacts, SpotSavings};
 use super::token::ClientToken;
 
 /// The key pair an instance is launched with.
@@ -36,6 +37,10 @@ pub struct ImageChoice {
     pub ami_id: String,
     /// The root volume's device name (`/dev/xvda`, `/dev/sda1`), for sizing it.
     pub root_device_name: Option<String>,
+    /// DescribeImages' `PlatformDetails` (`Linux/UNIX`, `Windows`, …): what
+    /// spot prices and the Price List are filtered by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
 }
 
 /// One RunInstances attempt: a new attempt number means a new `ClientToken`.
@@ -47,9 +52,28 @@ pub struct LaunchAttempt {
     /// (empty in sessions stored before zones were kept).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zones: Vec<String>,
+    /// What placement found: the order subnets are tried in follows from
+    /// it (empty in sessions stored before placement: config order).
+    #[serde(default)]
+    pub placement: Box<PlacementFacts>,
     pub attempt: u32,
+    /// Index into the configured subnets (not into the placement order).
     pub subnet_index: usize,
     pub client_token: ClientToken,
+}
+
+/// A spot request as DescribeSpotInstanceRequests last showed it (the
+/// specification's `SpotRequestStatus`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpotRequestStatus {
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<String>,
+    /// The request's price (its maximum), as EC2 prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<String>,
 }
 
 /// An instance EC2 has accepted for this session.
@@ -62,6 +86,15 @@ pub struct LaunchedInstance {
     /// the instance yet (`None` in checkpoints written before this was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launched_at: Option<Timestamp>,
+    /// The availability zone of the subnet it was launched in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The spot request behind a spot instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_request: Option<Box<SpotRequestStatus>>,
+    /// What a spot instance saves, worked out at launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub savings: Option<Box<SpotSavings>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +106,19 @@ pub struct PreparingKeyPair {
     /// The availability zone of each configured subnet, in config order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zones: Vec<String>,
+    /// Their zone ids (`use1-az6`), which placement scores are given by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zone_ids: Vec<String>,
+}
+
+/// The key pair is ready: find out where to launch (placement scores,
+/// prices, recent capacity failures) before the first launch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChoosingPlacement {
+    pub image: ImageChoice,
+    pub key: KeyPairHandle,
+    pub zones: Vec<String>,
+    pub zone_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,7 +139,7 @@ pub struct WaitingForRunning {
     /// launch to make instead if it is not running by `deadline` (the spot
     /// request timeout) or is reclaimed first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_demand_fallback: Option<LaunchAttempt>,
+    pub on_demand_fallback: Option<Box<LaunchAttempt>>,
 }
 
 /// A spot instance given up on before it ran: terminate it, then launch
@@ -104,6 +150,18 @@ pub struct AbandoningSpot {
     pub next: LaunchAttempt,
     /// Why, for the `SpotFallback` notice once the instance is gone.
     pub reason: String,
+    /// The spot request is cancelled (or there is none to cancel): only
+    /// the instance is left to terminate.
+    #[serde(default)]
+    pub request_cancelled: bool,
+}
+
+impl AbandoningSpot {
+    /// The spot request still to cancel before the instance is terminated.
+    pub fn request_to_cancel(&self) -> Option<&str> {
+        let request = self.instance.spot_request.as_ref()?;
+        (!self.request_cancelled).then_some(request.request_id.as_str())
+    }
 }
 
 /// One EC2 status check (system or instance), as DescribeInstanceStatus says it.
@@ -183,6 +241,16 @@ pub enum StatusTrack {
         due: Timestamp,
         last: Option<StatusReport>,
     },
+    /// Passed (or skipped), but a spot instance that may fall back is
+    /// still looked at until it is Ready: a reclaim shows here first.
+    Watching { due: Timestamp },
+}
+
+impl StatusTrack {
+    /// Whether the checks are no reason to wait any more.
+    pub fn passed(&self) -> bool {
+        !matches!(self, StatusTrack::Waiting { .. })
+    }
 }
 
 /// The two checks readiness needs, polled side by side: SSH (console host
@@ -204,6 +272,10 @@ pub struct WaitingForSsh {
     pub ssh: SshTrack,
     #[serde(default)]
     pub status: StatusTrack,
+    /// For a spot instance that may fall back: the on-demand launch to make
+    /// if it is reclaimed before it is Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand_fallback: Option<Box<LaunchAttempt>>,
 }
 
 /// Which of the two readiness checks runs next.
@@ -222,7 +294,9 @@ impl WaitingForSsh {
             .is_none()
             .then_some((ReadinessCheck::Ssh, self.ssh.due));
         let status = match &self.status {
-            StatusTrack::Waiting { due, .. } => Some((ReadinessCheck::StatusChecks, *due)),
+            StatusTrack::Waiting { due, .. } | StatusTrack::Watching { due } => {
+                Some((ReadinessCheck::StatusChecks, *due))
+            }
             StatusTrack::Done => None,
         };
         match (ssh, status) {
@@ -311,6 +385,7 @@ pub struct TornDown;
 pub enum ProvisionPhase {
     Validating(Validating),
     PreparingKeyPair(PreparingKeyPair),
+    ChoosingPlacement(ChoosingPlacement),
     RequestingSpot(RequestingSpot),
     Launching(Launching),
     WaitingForRunning(WaitingForRunning),
@@ -354,6 +429,7 @@ impl PhaseKind {
         match self {
             PhaseKind::Validating => 5,
             PhaseKind::PreparingKeyPair => 15,
+            PhaseKind::ChoosingPlacement => 22,
             PhaseKind::RequestingSpot | PhaseKind::Launching | PhaseKind::AbandoningSpot => 30,
             PhaseKind::WaitingForRunning => 50,
             PhaseKind::WaitingForSsh => 75,
@@ -423,6 +499,7 @@ impl ProvisionPhase {
 
     pub fn key(&self) -> Option<&KeyPairHandle> {
         match self {
+            ProvisionPhase::ChoosingPlacement(p) => Some(&p.key),
             ProvisionPhase::RequestingSpot(p) => Some(&p.launch.key),
             ProvisionPhase::Launching(p) => Some(&p.launch.key),
             ProvisionPhase::TerminatingInstance(p) => p.key.as_ref(),

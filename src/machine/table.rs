@@ -39,8 +39,7 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::Validating, I::TransientFailure, &[G::TriesSpent], P::Failed),
     t(P::Validating, I::TeardownRequested, &[], P::TornDown),
     //
-    t(P::PreparingKeyPair, I::KeyPairReady, &[G::SpotRequested], P::RequestingSpot),
-    t(P::PreparingKeyPair, I::KeyPairReady, &[G::OnDemandOnly], P::Launching),
+    t(P::PreparingKeyPair, I::KeyPairReady, &[], P::ChoosingPlacement),
     // The pair may exist even though EnsureKeyPair did not answer ready.
     t(P::PreparingKeyPair, I::Rejected, &[G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::PreparingKeyPair, I::Rejected, &[G::KeyPairNotOurs], P::Failed),
@@ -49,6 +48,12 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::PreparingKeyPair, I::TransientFailure, &[G::TriesSpent, G::KeyPairNotOurs], P::Failed),
     t(P::PreparingKeyPair, I::TeardownRequested, &[G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::PreparingKeyPair, I::TeardownRequested, &[G::KeyPairNotOurs], P::TornDown),
+    //
+    // Placement never fails: what it cannot learn leaves the config order.
+    t(P::ChoosingPlacement, I::PlacementFound, &[G::SpotRequested], P::RequestingSpot),
+    t(P::ChoosingPlacement, I::PlacementFound, &[G::OnDemandOnly], P::Launching),
+    t(P::ChoosingPlacement, I::TeardownRequested, &[G::OwnsKeyPair], P::DeletingKeyPair),
+    t(P::ChoosingPlacement, I::TeardownRequested, &[G::KeyPairNotOurs], P::TornDown),
     //
     t(P::RequestingSpot, I::Launched, &[], P::WaitingForRunning),
     t(P::RequestingSpot, I::CapacityUnavailable, &[G::MoreSubnets], P::RequestingSpot),
@@ -92,6 +97,8 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::WaitingForRunning, I::TransientFailure, &[G::TriesSpent], P::TerminatingInstance),
     t(P::WaitingForRunning, I::TeardownRequested, &[], P::TerminatingInstance),
     //
+    // Cancel the spot request first, so no instance comes of it later.
+    t(P::AbandoningSpot, I::SpotRequestCancelled, &[], P::AbandoningSpot),
     t(P::AbandoningSpot, I::InstanceTerminated, &[], P::Launching),
     t(P::AbandoningSpot, I::InstanceNotFound, &[G::JustLaunched], P::AbandoningSpot),
     t(P::AbandoningSpot, I::InstanceNotFound, &[G::GraceOver], P::Launching),
@@ -113,6 +120,9 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::WaitingForSsh, I::StatusChecksReported, &[G::BeforeDeadline, G::ChecksPending], P::WaitingForSsh),
     t(P::WaitingForSsh, I::StatusChecksReported, &[G::PastDeadline, G::ChecksPending], P::TerminatingInstance),
     t(P::WaitingForSsh, I::HostKeyMismatch, &[], P::TerminatingInstance),
+    // A spot instance reclaimed before it is Ready is replaced when fallback is allowed.
+    t(P::WaitingForSsh, I::InstanceGone, &[G::FallbackAllowed], P::AbandoningSpot),
+    t(P::WaitingForSsh, I::InstanceGone, &[G::NoFallback], P::TerminatingInstance),
     t(P::WaitingForSsh, I::Rejected, &[], P::TerminatingInstance),
     t(P::WaitingForSsh, I::TransientFailure, &[G::TriesLeft], P::WaitingForSsh),
     t(P::WaitingForSsh, I::TransientFailure, &[G::TriesSpent], P::TerminatingInstance),

@@ -81,6 +81,7 @@ fn image() -> ImageChoice {
     ImageChoice {
         ami_id: "ami-1".into(),
         root_device_name: Some("/dev/xvda".into()),
+        platform: Some("Linux/UNIX".into()),
     }
 }
 
@@ -90,6 +91,25 @@ fn instance(ctx: &SessionContext) -> LaunchedInstance {
         key: ctx.planned_key(),
         was_spot: false,
         launched_at: Some(T0),
+        zone: Some("us-east-1a".into()),
+        spot_request: None,
+        savings: None,
+    }
+}
+
+fn spot_instance(ctx: &SessionContext) -> LaunchedInstance {
+    LaunchedInstance {
+        was_spot: true,
+        spot_request: Some(Box::new(SpotRequestStatus {
+            request_id: "sir-1".into(),
+            state: Some("open".into()),
+            status_code: Some("pending-fulfillment".into()),
+            price: None,
+        })),
+        savings: Some(Box::new(SpotSavings::Unknown {
+            why: "no Price List client is configured".into(),
+        })),
+        ..instance(ctx)
     }
 }
 
@@ -113,6 +133,7 @@ fn waiting_for_ssh_samples(ctx: &SessionContext) -> Vec<WaitingForSsh> {
         deadline: T0.plus(Duration::from_secs(60)),
         ssh: SshTrack::default(),
         status: StatusTrack::Done,
+        on_demand_fallback: None,
     };
     let mut all = Vec::new();
     for trusted in [None, Some(ConsoleFingerprints(vec!["SHA256:abc".into()]))] {
@@ -133,9 +154,10 @@ fn waiting_for_ssh_samples(ctx: &SessionContext) -> Vec<WaitingForSsh> {
                     due: T0,
                     last: None,
                 },
+                StatusTrack::Watching { due: T0 },
             ] {
                 // Both checks done is Ready, never a waiting phase.
-                if ssh.verified.is_some() && status == StatusTrack::Done {
+                if ssh.verified.is_some() && status.passed() {
                     continue;
                 }
                 all.push(WaitingForSsh {
@@ -156,6 +178,7 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
         image: image(),
         key: ctx.planned_key(),
         zones: zones(ctx),
+        placement: Box::default(),
         attempt: 0,
         subnet_index,
         client_token: ClientToken::derive(&ctx.session_id, 0, true, "subnet-0"),
@@ -165,6 +188,13 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
         ProvisionPhase::PreparingKeyPair(PreparingKeyPair {
             image: image(),
             zones: zones(ctx),
+            zone_ids: Vec::new(),
+        }),
+        ProvisionPhase::ChoosingPlacement(ChoosingPlacement {
+            image: image(),
+            key: ctx.planned_key(),
+            zones: zones(ctx),
+            zone_ids: Vec::new(),
         }),
     ];
     for index in 0..ctx.request.subnet_ids.len() {
@@ -197,13 +227,24 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
                 ..instance(ctx)
             },
             deadline: T0.plus(Duration::from_secs(60)),
-            on_demand_fallback: Some(on_demand.clone()),
+            on_demand_fallback: Some(Box::new(on_demand.clone())),
         }));
-        all.push(ProvisionPhase::AbandoningSpot(AbandoningSpot {
-            instance: instance(ctx),
-            next: on_demand,
-            reason: "spot instance i-0123 went terminated before it was running".into(),
-        }));
+        // Before and after its spot request is cancelled.
+        for request_cancelled in [false, true] {
+            all.push(ProvisionPhase::AbandoningSpot(AbandoningSpot {
+                instance: spot_instance(ctx),
+                next: on_demand.clone(),
+                reason: "spot instance i-0123 went terminated before it was running".into(),
+                request_cancelled,
+            }));
+        }
+        for waiting in waiting_for_ssh_samples(ctx) {
+            all.push(ProvisionPhase::WaitingForSsh(WaitingForSsh {
+                instance: spot_instance(ctx),
+                on_demand_fallback: Some(Box::new(on_demand.clone())),
+                ..waiting
+            }));
+        }
     }
     for waiting in waiting_for_ssh_samples(ctx) {
         all.push(ProvisionPhase::WaitingForSsh(waiting));
@@ -241,6 +282,10 @@ fn sample_input(kind: InputKind) -> Input {
         InputKind::Validated => Input::Validated {
             image: image(),
             zones: vec!["us-east-1a".into(), "us-east-1b".into()],
+            zone_ids: vec!["use1-az6".into(), "use1-az1".into()],
+        },
+        InputKind::PlacementFound => Input::PlacementFound {
+            facts: Box::default(),
         },
         InputKind::Rejected => Input::Rejected {
             code: AwsErrorCode::InvalidAmiIdNotFound.into(),
@@ -257,6 +302,7 @@ fn sample_input(kind: InputKind) -> Input {
         InputKind::Launched => Input::Launched {
             instance_id: "i-0123".into(),
             was_spot: true,
+            spot_request_id: Some("sir-1".into()),
         },
         InputKind::CapacityUnavailable => Input::CapacityUnavailable {
             code: AwsErrorCode::InsufficientInstanceCapacity,
@@ -266,10 +312,11 @@ fn sample_input(kind: InputKind) -> Input {
             code: AwsErrorCode::VcpuLimitExceeded,
             message: "the account's vCPU quota is reached".into(),
         },
-        InputKind::InstancePending => Input::InstancePending,
+        InputKind::InstancePending => Input::InstancePending { spot_request: None },
         InputKind::InstanceRunning => Input::InstanceRunning {
             public_ip: Some("54.1.2.3".into()),
             private_ip: Some("10.0.0.5".into()),
+            spot_request: None,
         },
         InputKind::InstanceNotVisible => Input::InstanceNotVisible,
         InputKind::InstanceGone => Input::InstanceGone {
@@ -298,6 +345,10 @@ fn sample_input(kind: InputKind) -> Input {
         InputKind::InstanceTerminated => Input::InstanceTerminated,
         InputKind::InstanceNotFound => Input::InstanceNotFound,
         InputKind::NoInstanceFound => Input::NoInstanceFound,
+        InputKind::SpotRequestCancelled => Input::SpotRequestCancelled {
+            state: Some("cancelled".into()),
+            instance_id: Some("i-0123".into()),
+        },
         InputKind::KeyPairDeleted => Input::KeyPairDeleted,
         InputKind::TransientFailure => Input::TransientFailure {
             message: "RequestLimitExceeded".into(),
@@ -338,6 +389,7 @@ fn every_table_row_is_exercised_and_nothing_else_happens() {
                     let no_ip = Input::InstanceRunning {
                         public_ip: None,
                         private_ip: None,
+                        spot_request: None,
                     };
                     let initializing = Input::StatusChecksReported {
                         report: StatusReport {
@@ -404,9 +456,7 @@ fn spot_capacity_failure_falls_back_to_on_demand_with_a_new_token() {
         owned_key: true,
         policy: 0,
     });
-    let first = start(&ctx);
-    let s = step(&ctx, &first.state, sample_input(InputKind::Validated), T0).unwrap();
-    let s = step(&ctx, &s.state, sample_input(InputKind::KeyPairReady), T0).unwrap();
+    let s = first_launch(&ctx, PlacementFacts::default());
     let Some(Effect::RunInstance {
         client_token: spot_token,
         spot: true,
@@ -438,11 +488,36 @@ fn spot_capacity_failure_falls_back_to_on_demand_with_a_new_token() {
     assert_ne!(client_token, spot_token);
 }
 
+/// Validated, key pair ready, placement found: the first launch is next.
+fn first_launch(ctx: &SessionContext, facts: PlacementFacts) -> Step {
+    let s = start(ctx);
+    let validated = Input::Validated {
+        image: image(),
+        zones: zones(ctx),
+        zone_ids: Vec::new(),
+    };
+    let s = step(ctx, &s.state, validated, T0).unwrap();
+    let s = step(ctx, &s.state, sample_input(InputKind::KeyPairReady), T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::ChoosingPlacement);
+    let s = step(
+        ctx,
+        &s.state,
+        Input::PlacementFound {
+            facts: Box::new(facts),
+        },
+        T0,
+    )
+    .unwrap();
+    assert!(matches!(
+        s.notices.as_slice(),
+        [Notice::PlacementChosen { .. }]
+    ));
+    s
+}
+
 /// A spot instance launched with fallback allowed, waiting to run.
 fn waiting_spot_instance(ctx: &SessionContext) -> (SessionState, ClientToken) {
-    let s = start(ctx);
-    let s = step(ctx, &s.state, sample_input(InputKind::Validated), T0).unwrap();
-    let s = step(ctx, &s.state, sample_input(InputKind::KeyPairReady), T0).unwrap();
+    let s = first_launch(ctx, PlacementFacts::default());
     let Some(Effect::RunInstance { client_token, .. }) = s.effect.clone() else {
         panic!("expected a spot RunInstance, got {:?}", s.effect)
     };
@@ -463,7 +538,11 @@ fn a_late_or_reclaimed_spot_instance_is_terminated_then_replaced_on_demand() {
     let late = T0.plus(spot_timeout);
     let (waiting, spot_token) = waiting_spot_instance(&ctx);
     for (input, now, why) in [
-        (Input::InstancePending, late, "not running within"),
+        (
+            Input::InstancePending { spot_request: None },
+            late,
+            "not running within",
+        ),
         (Input::InstanceNotVisible, late, "not running within"),
         (sample_input(InputKind::InstanceGone), T0, "went terminated"),
     ] {
@@ -472,7 +551,21 @@ fn a_late_or_reclaimed_spot_instance_is_terminated_then_replaced_on_demand() {
             panic!("{:?}", s.state.phase)
         };
         assert!(abandoning.reason.contains(why), "{}", abandoning.reason);
-        // The spot instance goes first, so there are never two.
+        // The request is cancelled first, so nothing more comes of it ...
+        assert_eq!(
+            s.effect,
+            Some(Effect::CancelSpotRequest {
+                request_id: "sir-1".into()
+            })
+        );
+        let s = step(
+            &ctx,
+            &s.state,
+            sample_input(InputKind::SpotRequestCancelled),
+            now,
+        )
+        .unwrap();
+        // ... then the spot instance goes, so there are never two.
         assert_eq!(
             s.effect,
             Some(Effect::TerminateInstance {
@@ -483,7 +576,8 @@ fn a_late_or_reclaimed_spot_instance_is_terminated_then_replaced_on_demand() {
         let s = step(&ctx, &s.state, Input::InstanceTerminated, now).unwrap();
         assert!(matches!(
             s.notices.as_slice(),
-            [Notice::SpotFallback { reason }] if reason.contains(why)
+            [Notice::SpotFallback { reason, request_id: Some(id) }]
+                if reason.contains(why) && id == "sir-1"
         ));
         let Some(Effect::RunInstance {
             client_token,
@@ -498,8 +592,156 @@ fn a_late_or_reclaimed_spot_instance_is_terminated_then_replaced_on_demand() {
         assert_eq!(subnet_id, "subnet-0");
     }
     // Before the spot timeout, a pending spot instance is simply polled.
-    let s = step(&ctx, &waiting, Input::InstancePending, T0).unwrap();
+    let s = step(
+        &ctx,
+        &waiting,
+        Input::InstancePending { spot_request: None },
+        T0,
+    )
+    .unwrap();
     assert_eq!(s.state.phase.kind(), PhaseKind::WaitingForRunning);
+}
+
+#[test]
+fn the_first_spot_launch_goes_where_placement_ranks_first_and_fails_over_in_that_order() {
+    let ctx = ctx(Shape {
+        spot: Some(true),
+        subnets: 3,
+        owned_key: true,
+        policy: 0,
+    });
+    let facts = PlacementFacts {
+        scores: [("us-east-1b", 9), ("us-east-1c", 9), ("us-east-1a", 2)]
+            .map(|(z, s)| (z.to_string(), s))
+            .into(),
+        spot_prices: [("us-east-1b", 50), ("us-east-1c", 40), ("us-east-1a", 10)]
+            .map(|(z, p)| (z.to_string(), MicroUsd(p)))
+            .into(),
+        ..PlacementFacts::default()
+    };
+    let s = first_launch(&ctx, facts.clone());
+    let subnet_of = |s: &Step| match &s.effect {
+        Some(Effect::RunInstance {
+            subnet_id,
+            client_token,
+            zone,
+            ..
+        }) => (subnet_id.clone(), client_token.clone(), zone.clone()),
+        other => panic!("expected RunInstance, got {other:?}"),
+    };
+    let (subnet, token, zone) = subnet_of(&s);
+    assert_eq!(
+        (subnet.as_str(), zone.as_deref()),
+        ("subnet-2", Some("us-east-1c"))
+    );
+    // The token is the one a resumed session derives from the same facts.
+    assert_eq!(token, subnet_of(&first_launch(&ctx, facts)).1);
+    let capacity = sample_input(InputKind::CapacityUnavailable);
+    let s = step(&ctx, &s.state, capacity.clone(), T0).unwrap();
+    assert_eq!(subnet_of(&s).0, "subnet-1");
+    let s = step(&ctx, &s.state, capacity.clone(), T0).unwrap();
+    assert_eq!(subnet_of(&s).0, "subnet-0");
+    // Spot is spent everywhere: on-demand starts in config order.
+    let s = step(&ctx, &s.state, capacity, T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::Launching);
+    assert_eq!(subnet_of(&s).0, "subnet-0");
+}
+
+/// A spot session with fallback, waiting for SSH after its instance ran.
+fn spot_waiting_for_ssh(ctx: &SessionContext) -> SessionState {
+    let (waiting, _) = waiting_spot_instance(ctx);
+    let s = step(ctx, &waiting, sample_input(InputKind::InstanceRunning), T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::WaitingForSsh);
+    s.state
+}
+
+#[test]
+fn a_spot_instance_reclaimed_while_waiting_for_ssh_falls_back_one_instance_at_a_time() {
+    let with_fallback = ctx(Shape {
+        spot: Some(true),
+        subnets: 1,
+        owned_key: true,
+        policy: 0,
+    });
+    let waiting = spot_waiting_for_ssh(&with_fallback);
+    let gone = sample_input(InputKind::InstanceGone);
+    let s = step(&with_fallback, &waiting, gone.clone(), T0).unwrap();
+    let ProvisionPhase::AbandoningSpot(abandoning) = &s.state.phase else {
+        panic!("{:?}", s.state.phase)
+    };
+    assert!(
+        abandoning.reason.contains("reclaimed"),
+        "{}",
+        abandoning.reason
+    );
+    assert!(matches!(s.effect, Some(Effect::CancelSpotRequest { .. })));
+    let without = ctx(Shape {
+        spot: Some(false),
+        ..Shape {
+            spot: None,
+            subnets: 1,
+            owned_key: true,
+            policy: 0,
+        }
+    });
+    let waiting = spot_waiting_for_ssh(&without);
+    let s = step(&without, &waiting, gone, T0).unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
+}
+
+#[test]
+fn a_ready_spot_instance_tells_its_savings_and_its_request_is_tracked() {
+    let ctx = ctx(Shape {
+        spot: Some(true),
+        subnets: 1,
+        owned_key: true,
+        policy: 0,
+    });
+    let facts = PlacementFacts {
+        spot_prices: [("us-east-1a".to_string(), MicroUsd(3_100))].into(),
+        on_demand_price: Some(MicroUsd(10_400)),
+        ..PlacementFacts::default()
+    };
+    let s = first_launch(&ctx, facts);
+    let s = step(&ctx, &s.state, sample_input(InputKind::Launched), T0).unwrap();
+    assert_eq!(
+        s.effect,
+        Some(Effect::DescribeInstance {
+            instance_id: "i-0123".into(),
+            spot_request_id: Some("sir-1".into()),
+        })
+    );
+    let polled = SpotRequestStatus {
+        request_id: "sir-1".into(),
+        state: Some("active".into()),
+        status_code: Some("fulfilled".into()),
+        price: Some("0.0104".into()),
+    };
+    let running = Input::InstanceRunning {
+        public_ip: Some("54.1.2.3".into()),
+        private_ip: None,
+        spot_request: Some(Box::new(polled.clone())),
+    };
+    let mut s = step(&ctx, &s.state, running, T0).unwrap();
+    assert_eq!(
+        s.state
+            .phase
+            .instance()
+            .and_then(|i| i.spot_request.as_deref().cloned()),
+        Some(polled)
+    );
+    for input in [
+        sample_input(InputKind::ConsoleHostKeys),
+        sample_input(InputKind::SshReady),
+        sample_input(InputKind::StatusChecksReported),
+    ] {
+        s = step(&ctx, &s.state, input, T0).unwrap();
+    }
+    assert_eq!(s.state.phase.kind(), PhaseKind::Ready);
+    let [Notice::SpotSavings { savings, .. }] = s.notices.as_slice() else {
+        panic!("expected the savings notice, got {:?}", s.notices)
+    };
+    assert_eq!(savings.savings_percent(), Some(70.1));
 }
 
 #[test]
@@ -512,7 +754,13 @@ fn without_fallback_a_late_spot_instance_is_cleaned_up() {
     });
     let (waiting, _) = waiting_spot_instance(&ctx);
     let late = T0.plus(Duration::from_secs(120));
-    let s = step(&ctx, &waiting, Input::InstancePending, late).unwrap();
+    let s = step(
+        &ctx,
+        &waiting,
+        Input::InstancePending { spot_request: None },
+        late,
+    )
+    .unwrap();
     assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
 }
 
@@ -524,11 +772,23 @@ fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
         .find(|p| p.kind() == PhaseKind::WaitingForRunning)
         .unwrap();
     let state = SessionState::fresh(phase);
-    let s = step(&ctx, &state, Input::InstancePending, T0).unwrap();
+    let s = step(
+        &ctx,
+        &state,
+        Input::InstancePending { spot_request: None },
+        T0,
+    )
+    .unwrap();
     assert_eq!(s.state.phase.kind(), PhaseKind::WaitingForRunning);
     assert_eq!(s.wake_at, Some(T0.plus(ctx.request.timeouts.poll_interval)));
     let late = T0.plus(Duration::from_secs(61));
-    let s = step(&ctx, &state, Input::InstancePending, late).unwrap();
+    let s = step(
+        &ctx,
+        &state,
+        Input::InstancePending { spot_request: None },
+        late,
+    )
+    .unwrap();
     assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
     assert_eq!(
         s.effect,
@@ -750,6 +1010,7 @@ fn outcome_for(effect: &Effect, kind: InputKind) -> Input {
         (Effect::RunInstance { spot, .. }, InputKind::Launched) => Input::Launched {
             instance_id: "i-0123".into(),
             was_spot: *spot,
+            spot_request_id: spot.then(|| "sir-1".to_string()),
         },
         _ => sample_input(kind),
     }

@@ -17,7 +17,7 @@ use crate::fake_world::FakeWorld;
 const SPOT_WITH_FALLBACK: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  useSpot: true\n  pollInterval: 50ms\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
 
 /// Effects a clean run performs; crashes are injected at each of them.
-const EFFECTS_IN_A_CLEAN_RUN: u32 = 7;
+const EFFECTS_IN_A_CLEAN_RUN: u32 = 8;
 
 async fn phase_of(harness: &Harness, session_id: &str) -> PhaseKind {
     harness.store.summary(session_id).await.unwrap().phase
@@ -166,9 +166,10 @@ async fn a_crash_inside_cleanup_is_finished_by_recover() {
 /// demand: a crash at any point of that leaves one on-demand instance.
 #[tokio::test]
 async fn a_crash_while_abandoning_spot_still_ends_with_one_on_demand_instance() {
-    // Validate, key pair, spot launch, describe (gone), terminate, on-demand
-    // launch, describe, console, SSH, status checks.
-    const EFFECTS: u32 = 10;
+    // Validate, key pair, placement, spot launch, describe (gone), cancel
+    // the spot request, terminate, on-demand launch, describe, console,
+    // SSH, status checks.
+    const EFFECTS: u32 = 12;
     for point in ALL_POINTS {
         for nth in 1..=EFFECTS {
             let case = format!("{point:?} #{nth}");
@@ -206,8 +207,10 @@ async fn the_spot_abandoning_run_has_the_effects_the_crash_test_counts() {
         [
             "ValidateRequest",
             "EnsureKeyPair",
+            "FindPlacement",
             "RunInstance",
             "DescribeInstance",
+            "CancelSpotRequest",
             "TerminateInstance",
             "RunInstance",
             "DescribeInstance",
@@ -222,7 +225,7 @@ async fn the_spot_abandoning_run_has_the_effects_the_crash_test_counts() {
 /// the key pair): teardown must not launch (or create) it only to remove it.
 #[tokio::test]
 async fn teardown_after_a_crash_before_a_create_creates_nothing() {
-    for (nth, create) in [(2, "EnsureKeyPair"), (3, "RunInstance")] {
+    for (nth, create) in [(2, "EnsureKeyPair"), (4, "RunInstance")] {
         let harness = Harness::new();
         let world = Arc::new(FakeWorld::default());
         let crashing = harness.crashing_engine(world.clone(), CrashPoint::IntentCommitted, nth);
@@ -242,8 +245,8 @@ async fn teardown_after_a_crash_before_a_create_creates_nothing() {
 async fn teardown_of_a_session_crashed_mid_launch_terminates_what_the_launch_made() {
     let harness = Harness::new();
     let world = Arc::new(FakeWorld::default());
-    // Crash right after RunInstances ran (effect #3) but before its outcome was recorded.
-    let crashing = harness.crashing_engine(world.clone(), CrashPoint::EffectRan, 3);
+    // Crash right after RunInstances ran (effect #4) but before its outcome was recorded.
+    let crashing = harness.crashing_engine(world.clone(), CrashPoint::EffectRan, 4);
     assert!(
         crashing
             .provision(request(SPOT_WITH_FALLBACK), &NoProgress)

@@ -89,6 +89,7 @@ impl WorldState {
         Input::Launched {
             instance_id: instance.id.clone(),
             was_spot: spot,
+            spot_request_id: spot.then(|| format!("sir-{}", instance.id)),
         }
     }
 
@@ -127,10 +128,19 @@ impl FakeWorld {
         match effect {
             Effect::ValidateRequest => Input::Validated {
                 zones: vec!["us-east-1a".into()],
+                zone_ids: vec!["use1-az6".into()],
                 image: acode_ec2::machine::ImageChoice {
                     ami_id: "ami-0123".into(),
                     root_device_name: Some("/dev/xvda".into()),
+                    platform: None,
                 },
+            },
+            Effect::FindPlacement { .. } => Input::PlacementFound {
+                facts: Default::default(),
+            },
+            Effect::CancelSpotRequest { .. } => Input::SpotRequestCancelled {
+                state: Some("cancelled".into()),
+                instance_id: None,
             },
             Effect::EnsureKeyPair {
                 key_name,
@@ -149,7 +159,7 @@ impl FakeWorld {
             Effect::RunInstance {
                 client_token, spot, ..
             } => world.run_instance(client_token.as_str(), *spot),
-            Effect::DescribeInstance { instance_id } => match world.instance(instance_id) {
+            Effect::DescribeInstance { instance_id, .. } => match world.instance(instance_id) {
                 Some(i) if i.terminated => Input::InstanceGone {
                     state: "terminated".into(),
                 },
@@ -159,6 +169,7 @@ impl FakeWorld {
                 Some(_) => Input::InstanceRunning {
                     public_ip: Some("54.0.0.1".into()),
                     private_ip: None,
+                    spot_request: None,
                 },
                 None => Input::InstanceNotVisible,
             },

@@ -131,9 +131,32 @@ impl Lab {
         aws_sdk_ec2::Client::from_conf(config)
     }
 
-    /// Real effects against the lab, behind the loopback guard.
+    /// The Price List API the lab answers on its EC2 port.
+    pub fn pricing(&self) -> aws_sdk_pricing::Client {
+        let config = aws_sdk_pricing::Config::builder()
+            .behavior_version(aws_sdk_pricing::config::BehaviorVersion::latest())
+            .region(aws_sdk_pricing::config::Region::new("us-east-1"))
+            .credentials_provider(Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "acode-lab",
+            ))
+            .endpoint_url(&self.info.ec2_endpoint)
+            .build();
+        aws_sdk_pricing::Client::from_conf(config)
+    }
+
+    /// Real effects against the lab (EC2 and the Price List), behind the
+    /// loopback guard.
     pub fn effects(&self) -> Arc<AwsEffects> {
-        Arc::new(AwsEffects::new(self.ec2(), ConnectGuard::loopback_only()))
+        Arc::new(self.bare_effects())
+    }
+
+    /// The same, not yet shared: for adding a clock before use.
+    pub fn bare_effects(&self) -> AwsEffects {
+        AwsEffects::new(self.ec2(), ConnectGuard::loopback_only()).with_price_list(self.pricing())
     }
 
     pub fn subnet(&self, az: &str) -> String {

@@ -352,7 +352,7 @@ async fn sessions_driven_together_share_describe_instances_calls() {
             .filter(|input| {
                 matches!(
                     input,
-                    Input::InstancePending
+                    Input::InstancePending { .. }
                         | Input::InstanceRunning { .. }
                         | Input::InstanceNotVisible
                 )
@@ -605,8 +605,8 @@ async fn crash_after_effect(lab: &Lab, harness: &Harness, nth: u32) -> String {
 async fn a_crash_after_run_instances_resumes_with_the_same_token_and_one_instance() {
     let lab = Lab::start();
     let harness = Harness::new();
-    // Effect #3 is RunInstances: crash after it ran, before its outcome was recorded.
-    let session_id = crash_after_effect(&lab, &harness, 3).await;
+    // Effect #4 is RunInstances: crash after it ran, before its outcome was recorded.
+    let session_id = crash_after_effect(&lab, &harness, 4).await;
     assert_eq!(lab.live_instances_of(&session_id).len(), 1);
 
     let report = harness
@@ -714,8 +714,8 @@ async fn teardown_finds_an_instance_whose_launch_answer_was_lost() {
     // while, so a sweep right after the launch finds nothing.
     lab.configure(json!({"visibility_delay_s": 3.0}));
     let harness = Harness::new();
-    // RunInstances ran (effect #3) and the process died before recording it.
-    let session_id = crash_after_effect(&lab, &harness, 3).await;
+    // RunInstances ran (effect #4) and the process died before recording it.
+    let session_id = crash_after_effect(&lab, &harness, 4).await;
     assert_eq!(lab.live_instances_of(&session_id).len(), 1);
     // From now on every RunInstances answer is lost after EC2 acted on it.
     lab.fault(
@@ -740,8 +740,8 @@ async fn teardown_finds_an_instance_whose_launch_answer_was_lost() {
 async fn teardown_after_a_crash_before_the_launch_creates_nothing_in_ec2() {
     let lab = Lab::start();
     let harness = Harness::new();
-    // Intent #3 is RunInstances (after ValidateRequest and EnsureKeyPair).
-    let session_id = crash_at(&lab, &harness, CrashPoint::IntentCommitted, 3).await;
+    // Intent #4 is RunInstances (after ValidateRequest, EnsureKeyPair, FindPlacement).
+    let session_id = crash_at(&lab, &harness, CrashPoint::IntentCommitted, 4).await;
     let key_name = format!("acode-{session_id}");
     assert!(key_pair_exists(&lab, &key_name).await);
     let before = lab.counters();
@@ -776,8 +776,8 @@ async fn teardown_after_a_crash_before_the_launch_creates_nothing_in_ec2() {
 async fn a_swept_instance_terminate_does_not_know_yet_is_terminated_later() {
     let lab = Lab::start();
     let harness = Harness::new();
-    // RunInstances ran (effect #3) and the process died before recording it.
-    let session_id = crash_after_effect(&lab, &harness, 3).await;
+    // RunInstances ran (effect #4) and the process died before recording it.
+    let session_id = crash_after_effect(&lab, &harness, 4).await;
     assert_eq!(lab.live_instances_of(&session_id).len(), 1);
     lab.fault(
         json!({"action": "TerminateInstances", "code": "InvalidInstanceID.NotFound", "count": 2}),

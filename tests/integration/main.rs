@@ -12,6 +12,7 @@ mod lab_behaviour;
 mod lab_engine;
 mod lab_guidance;
 mod lab_readiness;
+mod lab_spot;
 mod live;
 mod observability;
 mod secrets;

@@ -81,6 +81,7 @@ fn a_provision_writes_its_metrics_and_json_logs_and_status_shows_the_phases() {
         [
             "Validating",
             "PreparingKeyPair",
+            "ChoosingPlacement",
             "Launching",
             "WaitingForRunning",
             "WaitingForSsh",
@@ -88,12 +89,12 @@ fn a_provision_writes_its_metrics_and_json_logs_and_status_shows_the_phases() {
         ]
     );
     assert!(
-        phases[..5]
+        phases[..6]
             .iter()
             .all(|p| p["duration_ms"].is_u64() && p["attempts"].as_u64() >= Some(1))
     );
     assert!(
-        phases[5]["duration_ms"].is_null(),
+        phases[6]["duration_ms"].is_null(),
         "the phase it is in has no end yet"
     );
     let out = cli(&db, Some(&lab), &["status"]);

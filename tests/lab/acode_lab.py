@@ -4,10 +4,11 @@
 moto's EC2 (pinned to moto 5.2.5) answers the API. This program wraps it in a
 WSGI middleware and a few patches of moto's in-process models to add what
 moto lacks: boot/terminate timing, status checks, ClientToken idempotency,
-cloud-init console output with real host keys, spot request behaviour, spot
-placement scores and fault injection. Next to it run a real OpenSSH sshd
-(behind a small TCP gate that can refuse or reset connections) and an
-IMDSv2-style endpoint.
+cloud-init console output with real host keys, spot request behaviour
+(fulfilment, the cancel race, interruption and reclaim), spot placement scores
+and price history, the Price List API's GetProducts, and fault injection. Next
+to it run a real OpenSSH sshd (behind a small TCP gate that can refuse or reset
+connections) and an IMDSv2-style endpoint.
 
     python tests/lab/acode_lab.py --state-dir DIR [--boot-delay-s F] ...
 
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import select
 import signal
@@ -60,7 +62,7 @@ from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.core.serialize import return_if_not_empty  # noqa: E402
 from moto.ec2 import utils as moto_ec2_utils  # noqa: E402
 from moto.ec2.models import EC2Backend, ec2_backends  # noqa: E402
-from moto.ec2.models.instances import Instance, InstanceState  # noqa: E402
+from moto.ec2.models.instances import Instance, InstanceState, StateReason  # noqa: E402
 from moto.ec2.models.spot_requests import SpotInstanceRequest  # noqa: E402
 from moto.ec2.responses._base_response import EC2BaseResponse  # noqa: E402
 from moto.ec2.utils import generate_dns_from_ip, random_spot_request_id  # noqa: E402
@@ -93,6 +95,13 @@ CONSOLE_MODES = ("ok", "wrong-fingerprint", "no-keys")
 SPOT_MODES = ("fulfilled", "capacity-not-available", "price-too-low")
 STATUS_MODES = ("ok", "impaired", "insufficient-data")
 ADDRESS_MODES = ("public", "private-only", "private-loopback")
+# What POST /_lab/ssh accepts: "auto" is the timing-based gate (ssh_start_delay_s, ssh_refuse_s).
+SSH_MODES = ("auto", "open", "closed", "reset")
+# What an interruption notice can announce (IMDS spot/instance-action "action").
+INTERRUPTION_ACTIONS = ("terminate", "stop", "hibernate")
+# The header that tells the lab's one IMDS which instance is asking (the engine sends it; a real
+# IMDS ignores it).
+IMDS_INSTANCE_HEADER = "X-Acode-Instance-Id"
 
 # DescribeInstanceStatus per check result: (instance/system status, reachability detail status).
 # "impaired" is what EC2 shows for a failed check.
@@ -117,14 +126,29 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "spot_fulfill_delay_s": 0.0,
     "placement_scores": {"us-east-1a": 9, "us-east-1b": 3},
     "visibility_delay_s": 0.0,
+    "spot_prices": {
+        "us-east-1a": 0.0035,
+        "us-east-1b": 0.0031,
+        "us-east-1c": 0.0040,
+        "us-east-1d": 0.0042,
+        "us-east-1e": 0.0045,
+        "us-east-1f": 0.0050,
+    },
+    "on_demand_prices": {"t3.micro": 0.0104, "t3.small": 0.0208, "t3.medium": 0.0416, "m5.large": 0.096},
+    "spot_cancel_race": False,
+    "spot_reclaim_after_running_s": None,
+    "spot_reclaim_notice_s": 120.0,
 }
 
-# HTTP status EC2 uses for an error code; anything else is a client error.
+# HTTP status EC2 (and, for the *Exception codes, the JSON services) uses for an
+# error code; anything else is a client error.
 ERROR_STATUS = {
     "RequestLimitExceeded": 503,
     "InsufficientInstanceCapacity": 500,
     "InternalError": 500,
     "Unavailable": 503,
+    "InternalErrorException": 500,
+    "ServiceUnavailableException": 503,
 }
 ERROR_MESSAGES = {
     "RequestLimitExceeded": "Request limit exceeded.",
@@ -142,9 +166,56 @@ SPOT_STATUS = {
     "capacity-not-available": "There is no Spot capacity available that matches your request.",
     "price-too-low": "Your Spot request price is lower than the minimum required Spot request fulfillment price.",
     "marked-for-termination": "Spot Instance is marked for termination.",
+    "marked-for-stop": "Spot Instance is marked for stopping.",
+    "instance-terminated-by-price": "Your instance was terminated because the Spot price exceeded your maximum price.",
+    "instance-stopped-by-price": "Your instance was stopped because the Spot price exceeded your maximum price.",
+    "instance-terminated-by-user": "You terminated the Spot Instance.",
     "canceled-before-fulfillment": "The Spot request was canceled before it was fulfilled.",
     "request-canceled-and-instance-running": "Spot request canceled but instance is still running.",
 }
+# What a reclaim does per announced action: (moto Instance method, request state, request status code).
+# moto has no hibernation, so the lab reclaims a hibernating instance as a stopped one.
+RECLAIM_OUTCOMES = {
+    "terminate": ("terminate", "closed", "instance-terminated-by-price"),
+    "stop": ("stop", "disabled", "instance-stopped-by-price"),
+    "hibernate": ("stop", "disabled", "instance-stopped-by-price"),
+}
+
+# DescribeSpotPriceHistory: the product descriptions the lab prices (every one at the AZ's price),
+# and the filters it applies.
+SPOT_PRODUCT_DESCRIPTIONS = ("Linux/UNIX", "Linux/UNIX (Amazon VPC)")
+SPOT_PRICE_FILTERS = {
+    "availability-zone": "availabilityZone",
+    "instance-type": "instanceType",
+    "product-description": "productDescription",
+    "spot-price": "spotPrice",
+}
+# The history of each price: (seconds before the latest change, price relative to the configured one),
+# latest first, so the configured price is the current one.
+SPOT_HISTORY = ((0, 1.0), (53 * 60, 1.04), (2 * 3600 + 41 * 60, 0.97), (5 * 3600 + 17 * 60, 1.08))
+
+# The AWS Price List API (service `pricing`, awsJson1_1), answered on the EC2 port.
+PRICING_TARGET_PREFIX = "AWSPriceListService."
+JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
+ON_DEMAND_TERM_CODE = "JRTCKXETXF"  # EC2's code for the on-demand offer term
+HOURLY_RATE_CODE = "6YS6EN2CT7"  # and for its hourly price dimension
+# vCPUs, memory and family shown for the types the lab knows; other priced types show none.
+INSTANCE_SPECS = {
+    "t3.micro": ("2", "1 GiB", "General purpose"),
+    "t3.small": ("2", "2 GiB", "General purpose"),
+    "t3.medium": ("2", "4 GiB", "General purpose"),
+    "m5.large": ("2", "8 GiB", "General purpose"),
+}
+# The products GetProducts has per priced type: (operatingSystem, tenancy, preInstalledSw,
+# capacitystatus, usagetype prefix, price factor). As in the real price list, only the first matches
+# the filters EC2 clients send (Linux, Shared, NA, Used); the rest make an unfiltered query ambiguous.
+PRICE_VARIANTS = (
+    ("Linux", "Shared", "NA", "Used", "BoxUsage", 1.0),
+    ("Linux", "Shared", "NA", "UnusedCapacityReservation", "UnusedBox", 1.0),
+    ("Linux", "Shared", "NA", "AllocatedCapacityReservation", "Reservation", 0.0),
+    ("Linux", "Dedicated", "NA", "Used", "DedicatedUsage", 1.1),
+    ("Windows", "Shared", "NA", "Used", "BoxUsage", 1.9),
+)
 # What RunInstances with InstanceMarketOptions.MarketType=spot answers per spot_mode.
 SPOT_LAUNCH_ERRORS = {
     "capacity-not-available": (
@@ -207,8 +278,39 @@ class Ec2HttpError(HTTPException):
         return [("Content-Type", "text/xml;charset=UTF-8")]
 
 
+def json_response(payload: Any) -> Response:
+    """An awsJson1_1 answer (the Price List API)."""
+    return Response(
+        json.dumps(payload), status=200, content_type=JSON_CONTENT_TYPE, headers={"x-amzn-RequestId": str(uuid.uuid4())}
+    )
+
+
+def json_error_response(code: str, message: str | None = None, status: int | None = None) -> Response:
+    """An awsJson1_1 error: the SDKs read the code from `__type` or from the x-amzn-ErrorType header."""
+    body = {"__type": code, "message": message or ERROR_MESSAGES.get(code, f"{code} (injected by the acode lab)")}
+    headers = {"x-amzn-ErrorType": code, "x-amzn-RequestId": str(uuid.uuid4())}
+    return Response(
+        json.dumps(body), status=status or ERROR_STATUS.get(code, 400), content_type=JSON_CONTENT_TYPE, headers=headers
+    )
+
+
 def utc_iso(when: datetime.datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def utc_at(monotonic_s: float) -> datetime.datetime:
+    """The wall-clock moment of a time.monotonic() value: the lab keeps its timeline in monotonic time."""
+    return utc_now() + datetime.timedelta(seconds=monotonic_s - time.monotonic())
+
+
+def parse_utc(value: str) -> datetime.datetime:
+    """An ISO-8601 timestamp as the SDKs send it (`2024-01-01T00:00:00Z`, maybe with fractions); naive means UTC."""
+    when = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
 
 def request_fingerprint(form: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -219,6 +321,34 @@ def request_fingerprint(form: dict[str, str]) -> tuple[tuple[str, str], ...]:
 def form_values(form: dict[str, str], prefix: str) -> list[str]:
     """Values of a query-protocol list such as RegionName.1, RegionName.2, ..."""
     return [v for k, v in sorted(form.items()) if k.startswith(prefix + ".")]
+
+
+def form_filters(form: dict[str, str]) -> dict[str, list[str]]:
+    """EC2 filters from the query form: Filter.N.Name and Filter.N.Value.M."""
+    filters: dict[str, list[str]] = {}
+    for key, name in form.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "Filter" and parts[2] == "Name":
+            filters.setdefault(name, []).extend(form_values(form, f"Filter.{parts[1]}.Value"))
+    return filters
+
+
+def filter_matches(values: list[str], actual: str) -> bool:
+    """An EC2 filter value list: any value matches, with EC2's * and ? wildcards (and no others)."""
+    return any(re.fullmatch(wildcard_pattern(value), actual) for value in values)
+
+
+def wildcard_pattern(value: str) -> str:
+    return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+
+
+def paginate(items: list[Any], max_results: int, next_token: str | None) -> tuple[list[Any], str | None]:
+    """One page and the token for the next (None on the last page). Tokens are offsets."""
+    if next_token and not next_token.isdigit():
+        raise ValueError(f"bad next token {next_token!r}")
+    start = int(next_token) if next_token else 0
+    end = start + max_results
+    return items[start:end], (str(end) if end < len(items) else None)
 
 
 # --------------------------------------------------------------------------
@@ -327,6 +457,181 @@ def apply_address_mode(instance: Instance, mode: str) -> None:
 
 
 # --------------------------------------------------------------------------
+# Prices: DescribeSpotPriceHistory and the Price List API
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SpotPriceQuery:
+    """The parameters of a DescribeSpotPriceHistory call."""
+
+    instance_types: list[str]  # empty: every type in on_demand_prices
+    product_descriptions: list[str]
+    availability_zone: str | None
+    start: datetime.datetime | None
+    end: datetime.datetime | None
+    filters: dict[str, list[str]]
+    max_results: int
+    next_token: str | None
+
+    @classmethod
+    def parse(cls, form: dict[str, str]) -> SpotPriceQuery:
+        filters = form_filters(form)
+        unknown = sorted(set(filters) - set(SPOT_PRICE_FILTERS))
+        if unknown:
+            raise ValueError(f"The filter '{unknown[0]}' is invalid (the acode lab knows {sorted(SPOT_PRICE_FILTERS)})")
+        asked = form_values(form, "ProductDescription")
+        max_results = form.get("MaxResults", "1000")
+        if not max_results.isdigit() or not 1 <= int(max_results) <= 1000:
+            raise ValueError(f"MaxResults must be 1..1000, got {max_results!r}")
+        return cls(
+            instance_types=form_values(form, "InstanceType"),
+            product_descriptions=[d for d in SPOT_PRODUCT_DESCRIPTIONS if not asked or d in asked],
+            availability_zone=form.get("AvailabilityZone") or None,
+            start=cls._time(form, "StartTime"),
+            end=cls._time(form, "EndTime"),
+            filters=filters,
+            max_results=int(max_results),
+            next_token=form.get("NextToken") or None,
+        )
+
+    @staticmethod
+    def _time(form: dict[str, str], key: str) -> datetime.datetime | None:
+        value = form.get(key)
+        if not value:
+            return None
+        try:
+            return parse_utc(value)
+        except ValueError:
+            raise ValueError(f"{key}: not an ISO-8601 timestamp: {value!r}") from None
+
+    def matches(self, item: dict[str, Any]) -> bool:
+        return all(filter_matches(values, item[SPOT_PRICE_FILTERS[name]]) for name, values in self.filters.items())
+
+
+def spot_price_points(
+    zone: str, instance_type: str, description: str, price: float, latest: datetime.datetime, query: SpotPriceQuery
+) -> list[dict[str, Any]]:
+    """The history of one price within the query's StartTime..EndTime, newest first. As in EC2, the
+    price in effect at StartTime is included too, so StartTime=now gives the current price."""
+    points = [(latest - datetime.timedelta(seconds=ago), price * factor) for ago, factor in SPOT_HISTORY]
+    if query.end is not None:
+        points = [point for point in points if point[0] <= query.end]
+    if query.start is not None:
+        in_window = [point for point in points if point[0] >= query.start]
+        in_effect = [point for point in points if point[0] <= query.start][:1]
+        points = in_window + [point for point in in_effect if point not in in_window]
+    return [
+        {
+            "availabilityZone": zone,
+            "instanceType": instance_type,
+            "productDescription": description,
+            "spotPrice": f"{value:.6f}",
+            "timestamp": utc_iso(when),
+            "when": when,  # for sorting; not sent
+        }
+        for when, value in points
+    ]
+
+
+@dataclasses.dataclass
+class ProductQuery:
+    """The body of a Price List API GetProducts call."""
+
+    service_code: str
+    term_matches: list[tuple[str, str]]  # (Field, Value)
+    max_results: int
+    next_token: str | None
+
+    @classmethod
+    def parse(cls, body: Any) -> ProductQuery:
+        if not isinstance(body, dict) or not isinstance(body.get("ServiceCode"), str):
+            raise ValueError("ServiceCode is required")
+        if body.get("FormatVersion", "aws_v1") != "aws_v1":
+            raise ValueError("FormatVersion must be aws_v1")
+        term_matches = []
+        for rule in body.get("Filters") or []:
+            if not isinstance(rule, dict) or not all(isinstance(rule.get(k), str) for k in ("Type", "Field", "Value")):
+                raise ValueError("every filter needs Type, Field and Value")
+            if rule["Type"] != "TERM_MATCH":
+                raise ValueError(f"filter type {rule['Type']!r}: the acode lab answers TERM_MATCH only")
+            term_matches.append((rule["Field"], rule["Value"]))
+        max_results = body.get("MaxResults", 100)
+        if type(max_results) is not int or not 1 <= max_results <= 100:
+            raise ValueError("MaxResults must be 1..100")
+        next_token = body.get("NextToken")
+        return cls(body["ServiceCode"], term_matches, max_results, next_token if isinstance(next_token, str) else None)
+
+    def matches(self, product: dict[str, Any]) -> bool:
+        fields = {**product["product"]["attributes"], "productFamily": product["product"]["productFamily"]}
+        return all(fields.get(field) == value for field, value in self.term_matches)
+
+
+def ec2_price_list(prices: dict[str, float]) -> list[dict[str, Any]]:
+    """The lab's AmazonEC2 price list: PRICE_VARIANTS for every type in on_demand_prices, in REGION only."""
+    return [
+        ec2_product(instance_type, price * factor, os_name, tenancy, software, capacity, usage)
+        for instance_type, price in sorted(prices.items())
+        for os_name, tenancy, software, capacity, usage, factor in PRICE_VARIANTS
+    ]
+
+
+def ec2_product(
+    instance_type: str, price: float, os_name: str, tenancy: str, software: str, capacity: str, usage: str
+) -> dict[str, Any]:
+    """One product with its on-demand term, in the shape the real price list has (trimmed attributes)."""
+    attributes = {
+        "instanceType": instance_type,
+        "regionCode": REGION,
+        "location": "US East (N. Virginia)",
+        "locationType": "AWS Region",
+        "operatingSystem": os_name,
+        "tenancy": tenancy,
+        "preInstalledSw": software,
+        "capacitystatus": capacity,
+        "licenseModel": "No License required",
+        "usagetype": f"{usage}:{instance_type}",
+        "operation": "RunInstances" if os_name == "Linux" else "RunInstances:0002",
+        "marketoption": "OnDemand",
+        "servicecode": "AmazonEC2",
+        "servicename": "Amazon Elastic Compute Cloud",
+    }
+    if instance_type in INSTANCE_SPECS:
+        vcpu, memory, family = INSTANCE_SPECS[instance_type]
+        attributes.update(vcpu=vcpu, memory=memory, instanceFamily=family)
+    digest = hashlib.sha256(json.dumps(attributes, sort_keys=True).encode()).digest()
+    sku = base64.b32encode(digest).decode()[:16]  # stable across calls and lab runs
+    term = f"{sku}.{ON_DEMAND_TERM_CODE}"
+    rate = f"{term}.{HOURLY_RATE_CODE}"
+    dimension = {
+        "unit": "Hrs",
+        "endRange": "Inf",
+        "description": f"${price:.4f} per On Demand {os_name} {instance_type} Instance Hour",
+        "appliesTo": [],
+        "rateCode": rate,
+        "beginRange": "0",
+        "pricePerUnit": {"USD": f"{price:.10f}"},
+    }
+    return {
+        "product": {"productFamily": "Compute Instance", "attributes": attributes, "sku": sku},
+        "serviceCode": "AmazonEC2",
+        "terms": {
+            "OnDemand": {
+                term: {
+                    "priceDimensions": {rate: dimension},
+                    "sku": sku,
+                    "effectiveDate": "2024-06-01T00:00:00Z",
+                    "offerTermCode": ON_DEMAND_TERM_CODE,
+                    "termAttributes": {},
+                }
+            }
+        },
+        "version": "20240601000000",
+        "publicationDate": "2024-06-01T00:00:00Z",
+    }
+
+
+# --------------------------------------------------------------------------
 # Lab state
 # --------------------------------------------------------------------------
 
@@ -354,6 +659,25 @@ def _scores(key: str, value: Any) -> dict[str, int]:
     return dict(value)
 
 
+def _prices(key: str, value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(
+        isinstance(name, str) and not isinstance(price, bool) and isinstance(price, (int, float)) and price > 0
+        for name, price in value.items()
+    ):
+        raise BadRequest(f"config key '{key}': expected a map of name to a price in USD per hour > 0")
+    return {name: float(price) for name, price in value.items()}
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"config key '{key}': expected true or false, got {value!r}")
+    return value
+
+
+def _optional_number(key: str, value: Any) -> float | None:
+    return None if value is None else _number(key, value)
+
+
 CONFIG_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "boot_delay_s": _number,
     "status_ok_delay_s": _number,
@@ -368,6 +692,11 @@ CONFIG_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "spot_fulfill_delay_s": _number,
     "placement_scores": _scores,
     "visibility_delay_s": _number,
+    "spot_prices": _prices,
+    "on_demand_prices": _prices,
+    "spot_cancel_race": _flag,
+    "spot_reclaim_after_running_s": _optional_number,
+    "spot_reclaim_notice_s": _number,
 }
 
 
@@ -437,15 +766,32 @@ class FaultRule:
             and self.availability_zone in (None, availability_zone)
         )
 
-    def error_response(self) -> Response | None:
+    def error_response(self, json_protocol: bool = False) -> Response | None:
+        """The injected error, in the protocol of the faulted call: EC2's XML, or awsJson for GetProducts."""
         if self.code:
-            return ec2_error_response(self.code, self.message, self.http_status)
+            build = json_error_response if json_protocol else ec2_error_response
+            return build(self.code, self.message, self.http_status)
         if self.http_status:
             return Response(b"", status=self.http_status)  # a bare server error, no EC2 XML
         return None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Interruption:
+    """A spot interruption notice for one instance, and the reclaim it announces."""
+
+    action: str  # one of INTERRUPTION_ACTIONS
+    reclaim_at: float  # time.monotonic() when the lab takes the instance back
+    time_utc: str  # reclaim_at as IMDS shows it
+    terminate_delay_s: float  # snapshotted when the notice is given, as for TerminateInstances
+    done: bool = False
+
+    def notice(self) -> dict[str, str]:
+        """The IMDS spot/instance-action document."""
+        return {"action": self.action, "time": self.time_utc}
 
 
 @dataclasses.dataclass
@@ -461,6 +807,21 @@ class InstanceTimeline:
     status_mode: str
     status_settled_utc: datetime.datetime
     terminated_at: float | None = None
+    # spot_reclaim_after_running_s: when this spot instance gets its interruption notice (None: never),
+    # and how long the notice runs (spot_reclaim_notice_s).
+    reclaim_notice_at: float | None = None
+    reclaim_notice_s: float = 120.0
+    interruption: Interruption | None = None
+
+    def shift(self, delta_s: float) -> None:
+        """Moves the whole boot timeline, for a spot launch fulfilled earlier than planned (the cancel race)."""
+        self.running_at += delta_s
+        self.status_ok_at += delta_s
+        self.console_at += delta_s
+        settled = self.status_settled_utc + datetime.timedelta(seconds=delta_s)
+        self.status_settled_utc = settled.replace(microsecond=0)
+        if self.reclaim_notice_at is not None:
+            self.reclaim_notice_at += delta_s
 
     def state(self, now: float) -> tuple[str, int]:
         # Strict comparisons: even with zero delays the RunInstances answer says
@@ -484,6 +845,9 @@ class TokenRecord:
 class SpotTimeline:
     request: SpotInstanceRequest
     fulfill_at: float
+    # A RunInstances spot launch: its instance exists (pending) from the launch on, and the request
+    # only waits for fulfill_at. None for RequestSpotInstances, whose instance is launched at fulfilment.
+    instance: Instance | None = None
 
 
 class Lab:
@@ -509,11 +873,19 @@ class Lab:
         self.instances: dict[str, InstanceTimeline] = {}
         self.tokens: dict[str, TokenRecord] = {}
         self.spot_requests: dict[str, SpotTimeline] = {}
+        # The latest interruption notice of any instance: what IMDS answers without X-Acode-Instance-Id.
         self.instance_action: dict[str, str] | None = None
         self.last_launch_at: float | None = None
         self.latest_instance_id: str | None = None
         self.imds_tokens: dict[str, float] = {}
-        self.on_launch: Callable[[], None] = lambda: None  # the SSH gate's hook
+        # The latest change of spot_prices: the time of the newest DescribeSpotPriceHistory point.
+        self.spot_prices_at = utc_now().replace(microsecond=0)
+        self.ssh_mode = "auto"  # POST /_lab/ssh; "auto" leaves the gate to the launch-timed windows
+        # The SSH gate's hooks: apply a mode change at once (settle: and wait until it holds;
+        # never under `lock`), and cut the sessions it carries.
+        self.on_gate_change: Callable[[], None] = lambda: None
+        self.settle_gate: Callable[[], None] = lambda: None
+        self.drop_ssh_sessions: Callable[[], int] = lambda: 0
         authorized_keys_path.write_text("")
         authorized_keys_path.chmod(0o600)
 
@@ -522,6 +894,8 @@ class Lab:
     def update_config(self, changes: Any) -> dict[str, Any]:
         valid = validate_config(changes)
         with self.lock:
+            if "spot_prices" in valid and valid["spot_prices"] != self.config["spot_prices"]:
+                self.spot_prices_at = utc_now().replace(microsecond=0)
             self.config.update(valid)
             log.info("config updated: %s", valid)
             return self.config_snapshot()
@@ -572,10 +946,23 @@ class Lab:
         """Brings moto's objects up to date with the lab timeline; runs before every EC2 call."""
         now = time.monotonic()
         with self.lock:
-            for timeline in self.instances.values():
-                self._apply(timeline, now)
+            for timeline in list(self.instances.values()):
+                self._advance_instance(timeline, now)
             for spot in list(self.spot_requests.values()):
                 self._advance_spot(spot, now)
+
+    def _advance_instance(self, timeline: InstanceTimeline, now: float) -> None:
+        self._apply(timeline, now)
+        due = timeline.reclaim_notice_at
+        if due is not None and timeline.interruption is None and now > due and timeline.instance.state == "running":
+            request = self._spot_request_of(timeline.instance)
+            action = request.instance_interruption_behaviour if request is not None else "terminate"
+            # Dated from when it was due, not from this (lazy) call, so the timeline is exact.
+            self._give_notice(timeline, action, timeline.reclaim_notice_s, due)
+        interruption = timeline.interruption
+        if interruption is not None and not interruption.done and now > interruption.reclaim_at:
+            self._reclaim(timeline, interruption)
+            self._apply(timeline, now)
 
     def _apply(self, timeline: InstanceTimeline, now: float) -> None:
         instance = timeline.instance
@@ -592,17 +979,41 @@ class Lab:
         request = spot.request
         if request.state != "open":
             return
+        if spot.instance is not None:
+            # A RunInstances launch passed the spot_mode check when it was made; only the delay is left.
+            if self.instances[spot.instance.id].terminated_at is not None:
+                # Terminated by the client while waiting: nothing left to fulfil.
+                request.state = "closed"
+                self._set_spot_status(request, "instance-terminated-by-user")
+            elif now > spot.fulfill_at:
+                self._fulfil(request, spot.instance)
+            else:
+                self._set_spot_status(request, "pending-fulfillment")
+            return
         mode = self.config["spot_mode"]
         if mode != "fulfilled":
             self._set_spot_status(request, mode)
         elif now > spot.fulfill_at:
-            request.lab_release = True
-            request.instance = request.launch_instance()
-            request.state = "active"
-            self._set_spot_status(request, "fulfilled")
-            log.info("spot request %s fulfilled by %s", request.id, request.instance.id)
+            self._fulfil(request, self._launch_for(request))
         else:
             self._set_spot_status(request, "pending-fulfillment")
+
+    def _launch_for(self, request: SpotInstanceRequest) -> Instance:
+        """Launches a RequestSpotInstances request's instance (moto's launch_instance, held back until now)."""
+        request.lab_release = True
+        instance = request.launch_instance()
+        instance.spot_instance_request_id = request.id  # EC2 shows it in DescribeInstances; moto does not
+        return instance
+
+    def _fulfil(self, request: SpotInstanceRequest, instance: Instance) -> None:
+        request.instance = instance
+        request.state = "active"
+        self._set_spot_status(request, "fulfilled")
+        log.info("spot request %s fulfilled by %s", request.id, instance.id)
+
+    def _spot_request_of(self, instance: Instance) -> SpotInstanceRequest | None:
+        request_id = getattr(instance, "spot_instance_request_id", None)
+        return self.backend.spot_instance_requests.get(request_id) if request_id else None
 
     @staticmethod
     def _set_spot_status(request: SpotInstanceRequest, code: str) -> None:
@@ -626,13 +1037,16 @@ class Lab:
                 instance.client_token = token  # moto 5.2.5 stores "ABCDE" when no token was sent
                 # Before the answer is serialized, so RunInstances already shows the mode's addresses.
                 apply_address_mode(instance, self.config["address_mode"])
-                self._track(instance, now)
-                if form and instance.lifecycle == "spot":
-                    self._attach_spot_request(backend, instance, form)
+                # A RunInstances spot launch boots once its request is fulfilled.
+                spot_launch = form is not None and instance.lifecycle == "spot"
+                fulfill_at = now + (self.config["spot_fulfill_delay_s"] if spot_launch else 0.0)
+                self._track(instance, now, boot_from=fulfill_at)
+                if spot_launch:
+                    self._attach_spot_request(backend, instance, form, fulfill_at, now)
             if token:
                 self.tokens[token] = TokenRecord(request_fingerprint(form), reservation)
             self.last_launch_at = now
-            self.on_launch()
+            self.on_gate_change()
             self._install_key(backend, kwargs.get("key_name"))
             log.info("launched %s (token %s)", [i.id for i in reservation.instances], token)
             return reservation
@@ -655,10 +1069,11 @@ class Lab:
         if refusal:
             raise Ec2HttpError(*refusal)
 
-    def _track(self, instance: Instance, now: float) -> None:
-        running_at = now + self.config["boot_delay_s"]
+    def _track(self, instance: Instance, now: float, boot_from: float) -> None:
+        running_at = boot_from + self.config["boot_delay_s"]
         status_ok_at = running_at + self.config["status_ok_delay_s"]
-        settled_utc = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=status_ok_at - now)
+        settled_utc = utc_now() + datetime.timedelta(seconds=status_ok_at - now)
+        reclaim_after_s = self.config["spot_reclaim_after_running_s"]
         timeline = InstanceTimeline(
             instance,
             running_at=running_at,
@@ -668,12 +1083,21 @@ class Lab:
             status_mode=self.config["status_mode"],
             status_settled_utc=settled_utc.replace(microsecond=0),
         )
+        if instance.lifecycle == "spot" and reclaim_after_s is not None:  # on-demand instances are never reclaimed
+            timeline.reclaim_notice_at = running_at + reclaim_after_s
+            timeline.reclaim_notice_s = self.config["spot_reclaim_notice_s"]
         self.instances[instance.id] = timeline
         self.latest_instance_id = instance.id
         self._apply(timeline, now)
 
-    def _attach_spot_request(self, backend: EC2Backend, instance: Instance, form: dict[str, str]) -> None:
-        """EC2 backs a RunInstances spot launch with a one-time spot request; moto 5.2.5 does not."""
+    def _attach_spot_request(
+        self, backend: EC2Backend, instance: Instance, form: dict[str, str], fulfill_at: float, now: float
+    ) -> None:
+        """EC2 backs a RunInstances spot launch with a one-time spot request; moto 5.2.5 does not.
+
+        The request is fulfilled at once without spot_fulfill_delay_s; with it, the request stays
+        open/pending-fulfillment and the instance pending until fulfill_at.
+        """
         request = SpotInstanceRequest(
             ec2_backend=backend,
             spot_request_id=random_spot_request_id(),
@@ -697,10 +1121,14 @@ class Lab:
             spot_fleet_id=None,
             instance_interruption_behaviour=form.get("InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"),
         )
-        request.instance = instance
-        self._set_spot_status(request, "fulfilled")
         backend.spot_instance_requests[request.id] = request
         instance.spot_instance_request_id = request.id
+        if fulfill_at <= now:
+            self._fulfil(request, instance)
+            return
+        request.state = "open"
+        self._set_spot_status(request, "pending-fulfillment")
+        self.spot_requests[request.id] = SpotTimeline(request, fulfill_at, instance)
 
     def _install_key(self, backend: EC2Backend, key_name: str | None) -> None:
         """Appends the key pair's public key to sshd's authorized_keys, as cloud-init would."""
@@ -758,30 +1186,115 @@ class Lab:
                     f"The spot instance request ID '{missing[0]}' does not exist",
                 )
             requests = [backend.spot_instance_requests[rid] for rid in request_ids]
+            now = time.monotonic()
             for request in requests:
-                if request.state in ("open", "active"):
-                    running = request.instance is not None
-                    self._set_spot_status(
-                        request, "request-canceled-and-instance-running" if running else "canceled-before-fulfillment"
-                    )
+                if request.state == "open":
+                    self._cancel_open(request, now)
+                elif request.state == "active":
+                    self._set_spot_status(request, "request-canceled-and-instance-running")
                 request.state = "cancelled"
             return requests
 
+    def _cancel_open(self, request: SpotInstanceRequest, now: float) -> None:
+        """Cancels a request that is not fulfilled yet. Its pending RunInstances instance goes too, unless
+        spot_cancel_race lets the fulfilment win: then the instance launches (or boots) now and runs on,
+        and only a client that also terminates it gets rid of it."""
+        spot = self.spot_requests.get(request.id)
+        pending = spot.instance if spot is not None else None
+        # Without capacity nothing can win the race; a RunInstances launch passed that check already.
+        race = self.config["spot_cancel_race"] and (pending is not None or self.config["spot_mode"] == "fulfilled")
+        if race:
+            if pending is not None:
+                self.instances[pending.id].shift(min(0.0, now - spot.fulfill_at))
+                request.instance = pending
+            else:
+                request.instance = self._launch_for(request)
+            self._set_spot_status(request, "request-canceled-and-instance-running")
+            log.info("spot request %s cancelled, but %s won the race", request.id, request.instance.id)
+            return
+        self._set_spot_status(request, "canceled-before-fulfillment")
+        if pending is not None:
+            pending.terminate()  # moto's model: releases the interfaces, as TerminateInstances does
+            timeline = self.instances[pending.id]
+            timeline.terminated_at = now + self.config["terminate_delay_s"]
+            self._apply(timeline, now)
+
     # -- spot interruption and IMDS -------------------------------------------
 
-    def interrupt(self, instance_id: str | None) -> dict[str, Any]:
+    def interrupt(self, instance_id: str | None, action: str, notice_s: float) -> dict[str, Any]:
+        """POST /_lab/spot/interrupt: notices for one spot instance, or for every live one; each is
+        reclaimed when its notice runs out."""
         self.advance()
         with self.lock:
-            when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=2)
-            self.instance_action = {"action": "terminate", "time": utc_iso(when)}
-            marked = []
-            for request in self.backend.spot_instance_requests.values():
-                target = request.instance
-                if request.state == "active" and target and instance_id in (None, target.id):
-                    self._set_spot_status(request, "marked-for-termination")
-                    marked.append(request.id)
+            now = time.monotonic()
+            targets = [self._interruptible(instance_id)] if instance_id else self._live_spot_timelines()
+            requests = [self._give_notice(timeline, action, notice_s, now) for timeline in targets]
+            if not instance_id:
+                # As before: the IMDS answer without X-Acode-Instance-Id shows the notice even with no spot instance.
+                self.instance_action = {"action": action, "time": utc_iso(utc_at(now + notice_s))}
+            marked = [request.id for request in requests if request is not None]
             log.info("spot interruption: %s, marked %s", self.instance_action, marked)
-            return {"instance_action": self.instance_action, "marked_requests": marked}
+            return {
+                "instance_action": self.instance_action,
+                "marked_requests": marked,
+                "instance_ids": [timeline.instance.id for timeline in targets],
+            }
+
+    def _interruptible(self, instance_id: str) -> InstanceTimeline:
+        timeline = self.instances.get(instance_id)
+        if timeline is None:
+            raise BadRequest(f"spot/interrupt: the lab launched no instance '{instance_id}'")
+        if timeline.instance.lifecycle != "spot" or timeline.instance.state not in ("pending", "running"):
+            raise BadRequest(f"spot/interrupt: '{instance_id}' is not a pending or running spot instance")
+        request = self._spot_request_of(timeline.instance)
+        if request is not None and request.instance is not timeline.instance:
+            raise BadRequest(f"spot/interrupt: the spot request of '{instance_id}' is not fulfilled yet")
+        return timeline
+
+    def _live_spot_timelines(self) -> list[InstanceTimeline]:
+        """Spot instances that a fulfilled request launched and that are still pending or running."""
+        return [
+            self.instances[request.instance.id]
+            for request in self.backend.spot_instance_requests.values()
+            if request.instance is not None
+            and request.state in ("active", "cancelled")
+            and request.instance.id in self.instances
+            and request.instance.state in ("pending", "running")
+        ]
+
+    def _give_notice(
+        self, timeline: InstanceTimeline, action: str, notice_s: float, at: float
+    ) -> SpotInstanceRequest | None:
+        """The interruption notice: IMDS instance-action for the instance, the request marked."""
+        reclaim_at = at + notice_s
+        interruption = Interruption(action, reclaim_at, utc_iso(utc_at(reclaim_at)), self.config["terminate_delay_s"])
+        timeline.interruption = interruption
+        self.instance_action = interruption.notice()
+        request = self._spot_request_of(timeline.instance)
+        if request is not None:
+            self._set_spot_status(request, "marked-for-termination" if action == "terminate" else "marked-for-stop")
+        log.info("interruption notice for %s: %s", timeline.instance.id, interruption.notice())
+        return request
+
+    def _reclaim(self, timeline: InstanceTimeline, interruption: Interruption) -> None:
+        """The notice ran out: EC2 takes the instance back, unless the client ended it first."""
+        interruption.done = True
+        instance = timeline.instance
+        if timeline.terminated_at is not None or instance.state not in ("pending", "running"):
+            return
+        method, request_state, status = RECLAIM_OUTCOMES[interruption.action]
+        getattr(instance, method)()  # moto's model, as TerminateInstances / StopInstances call it
+        if method == "terminate":
+            timeline.terminated_at = interruption.reclaim_at + interruption.terminate_delay_s
+            instance.state_reason = StateReason(
+                "Server.SpotInstanceTermination: Spot instance termination", "Server.SpotInstanceTermination"
+            )
+        request = self._spot_request_of(instance)
+        if request is not None:
+            if request.state == "active":
+                request.state = request_state
+            self._set_spot_status(request, status)
+        log.info("reclaimed %s (%s)", instance.id, interruption.action)
 
     def imds_issue_token(self, ttl_s: int) -> str:
         token = secrets.token_urlsafe(32)
@@ -793,12 +1306,23 @@ class Lab:
         with self.lock:
             return token is not None and self.imds_tokens.get(token, 0.0) > time.monotonic()
 
-    def imds_get(self, path: str) -> tuple[int, str]:
+    def imds_get(self, path: str, instance_id: str | None) -> tuple[int, str]:
+        """What the IMDS of `instance_id` answers (X-Acode-Instance-Id); without it, the lab-wide view:
+        the latest notice and the latest launched instance."""
+        self.advance()  # notices from spot_reclaim_after_running_s fall due without any EC2 call
         with self.lock:
-            if path == "/latest/meta-data/spot/instance-action" and self.instance_action:
-                return 200, json.dumps(self.instance_action)
-            if path == "/latest/meta-data/instance-id" and self.latest_instance_id:
-                return 200, self.latest_instance_id
+            if instance_id is None:
+                action, own_id = self.instance_action, self.latest_instance_id
+            else:
+                timeline = self.instances.get(instance_id)
+                if timeline is None:
+                    return 404, ""
+                action = timeline.interruption.notice() if timeline.interruption else None
+                own_id = instance_id
+            if path == "/latest/meta-data/spot/instance-action" and action:
+                return 200, json.dumps(action)
+            if path == "/latest/meta-data/instance-id" and own_id:
+                return 200, own_id
         return 404, ""
 
     # -- views -----------------------------------------------------------------
@@ -816,8 +1340,11 @@ class Lab:
             return True, render_console(instance_hostname(timeline.instance), keys)
 
     def ssh_gate_mode(self) -> str:
-        """"closed" (refused), "reset" (accepted then reset) or "open", measured from the latest launch."""
+        """"closed" (refused), "reset" (accepted then reset) or "open": as set by POST /_lab/ssh, or
+        in "auto" measured from the latest launch."""
         with self.lock:
+            if self.ssh_mode != "auto":
+                return self.ssh_mode
             if self.last_launch_at is None:
                 return "open"
             age = time.monotonic() - self.last_launch_at
@@ -826,6 +1353,21 @@ class Lab:
             if age < self.config["ssh_refuse_s"]:
                 return "reset"
             return "open"
+
+    def set_ssh_mode(self, mode: str, drop_sessions: bool) -> dict[str, Any]:
+        """POST /_lab/ssh: takes SSH down (or up) at run time, e.g. for an instance that is already Ready."""
+        with self.lock:
+            self.ssh_mode = mode
+        # The new mode holds from this answer on, not from the gate's next poll.
+        self.on_gate_change()
+        self.settle_gate()
+        dropped = self.drop_ssh_sessions() if drop_sessions else 0
+        log.info("ssh mode %s (dropped %d sessions)", mode, dropped)
+        return {"mode": mode, "effective": self.ssh_gate_mode(), "dropped_sessions": dropped}
+
+    def ssh_view(self) -> dict[str, Any]:
+        with self.lock:
+            return {"mode": self.ssh_mode, "effective": self.ssh_gate_mode()}
 
     def instances_view(self) -> list[dict[str, Any]]:
         self.advance()
@@ -868,6 +1410,69 @@ class Lab:
                 items = [f"<item><region>{REGION}</region><score>{max(scores.values(), default=1)}</score></item>"]
         inner = f"<spotPlacementScoreSet>{''.join(items)}</spotPlacementScoreSet>"
         return ec2_result_response("GetSpotPlacementScores", inner)
+
+    def request_spot_price(self, request: SpotInstanceRequest) -> str | None:
+        """A spot request's SpotPrice: its own maximum, else its zone's price from spot_prices."""
+        if request.price:
+            return request.price
+        zone = request.launch_specification.availability_zone
+        if not zone and request.launch_specification.subnet_id:
+            zone = self._request_zone({}, request.launch_specification.subnet_id)
+        with self.lock:
+            price = self.config["spot_prices"].get(zone or "")
+        return None if price is None else f"{price:.6f}"
+
+    def spot_price_history(self, form: dict[str, str]) -> Response:
+        """DescribeSpotPriceHistory from spot_prices (moto 5.2.5 answers one fixed price for all zones)."""
+        try:
+            query = SpotPriceQuery.parse(form)
+        except ValueError as error:
+            return ec2_error_response("InvalidParameterValue", str(error))
+        with self.lock:
+            prices = dict(self.config["spot_prices"])
+            latest = self.spot_prices_at
+            types = query.instance_types or sorted(self.config["on_demand_prices"])
+        items = [
+            item
+            for zone, price in sorted(prices.items())
+            if query.availability_zone in (None, zone)
+            for instance_type in types
+            for description in query.product_descriptions
+            for item in spot_price_points(zone, instance_type, description, price, latest, query)
+            if query.matches(item)
+        ]
+        # Newest first, as EC2 lists them.
+        items.sort(key=lambda item: (-item["when"].timestamp(), item["availabilityZone"], item["instanceType"]))
+        try:
+            page, next_token = paginate(items, query.max_results, query.next_token)
+        except ValueError:
+            return ec2_error_response("InvalidPaginationToken", f"Invalid pagination token {query.next_token!r}")
+        inner = "".join(
+            "<item>" + "".join(f"<{k}>{escape(v)}</{k}>" for k, v in item.items() if k != "when") + "</item>"
+            for item in page
+        )
+        return ec2_result_response(
+            "DescribeSpotPriceHistory",
+            f"<spotPriceHistorySet>{inner}</spotPriceHistorySet><nextToken>{escape(next_token or '')}</nextToken>",
+        )
+
+    def get_products(self, body: Any) -> Response:
+        """The Price List API's GetProducts (service `pricing`) from on_demand_prices."""
+        try:
+            query = ProductQuery.parse(body)
+        except ValueError as error:
+            return json_error_response("InvalidParameterException", str(error))
+        with self.lock:
+            prices = dict(self.config["on_demand_prices"])
+        products = [p for p in ec2_price_list(prices) if query.matches(p)] if query.service_code == "AmazonEC2" else []
+        try:
+            page, next_token = paginate(products, query.max_results, query.next_token)
+        except ValueError:
+            return json_error_response("InvalidNextTokenException", "The next token is invalid.")
+        answer: dict[str, Any] = {"FormatVersion": "aws_v1", "PriceList": [json.dumps(p) for p in page]}
+        if next_token:
+            answer["NextToken"] = next_token
+        return json_response(answer)
 
 
 # --------------------------------------------------------------------------
@@ -965,6 +1570,8 @@ def install_moto_patches(lab: Lab) -> None:
     SpotInstanceRequest.launch_instance = patched_launch_instance
     # SpotInstanceRequest.instance_id assumes an instance exists.
     SpotInstanceRequest.instance_id = property(lambda r: r.instance.id if r.instance else None)
+    # SpotInstanceRequest.spot_price is only the request's own maximum; EC2 always shows a price.
+    SpotInstanceRequest.spot_price = property(lab.request_spot_price)
     # Instance.instance_status / system_status say "ok" as soon as the instance runs.
     Instance.instance_status = property(_status_checks)
     Instance.system_status = property(_status_checks)
@@ -1004,19 +1611,43 @@ class Ec2Middleware:
         self.own_actions = {
             "GetConsoleOutput": self._console_output,
             "GetSpotPlacementScores": self.lab.placement_scores,
+            "DescribeSpotPriceHistory": self.lab.spot_price_history,
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
         if environ.get("PATH_INFO", "").startswith("/_lab/"):
             return self.control(environ, start_response)
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if target.startswith(PRICING_TARGET_PREFIX):
+            # moto has no Price List API. Other awsJson targets (e.g. Service Quotas) go to moto as before.
+            return self._pricing(target[len(PRICING_TARGET_PREFIX) :], environ)(environ, start_response)
         form = self._read_form(environ)
         action = form.get("Action")
         if not action:
             return self.moto_app(environ, start_response)
         self.lab.count(action)
         rule = self.lab.take_fault(action, form)
-        response = self._faulted(rule, action, form, environ) if rule else self._answer(action, form, environ)
+        answer = lambda: self._answer(action, form, environ)  # noqa: E731
+        response = self._faulted(rule, answer, environ) if rule else answer()
         return response(environ, start_response)
+
+    def _pricing(self, operation: str, environ: dict[str, Any]) -> Response:
+        """The Price List API (awsJson1_1): counted and faulted like EC2 actions, by operation name."""
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        raw = environ["wsgi.input"].read(length) if length else b""
+        self.lab.count(operation)
+        rule = self.lab.take_fault(operation, {})
+
+        def answer() -> Response:
+            if operation != "GetProducts":
+                return json_error_response("UnknownOperationException", f"The acode lab does not answer {operation}")
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                return json_error_response("SerializationException", "The request body is not JSON")
+            return self.lab.get_products(body)
+
+        return self._faulted(rule, answer, environ, json_protocol=True) if rule else answer()
 
     @staticmethod
     def _read_form(environ: dict[str, Any]) -> dict[str, str]:
@@ -1027,15 +1658,18 @@ class Ec2Middleware:
         text = body.decode("utf-8", "replace") or environ.get("QUERY_STRING", "")
         return dict(parse_qsl(text, keep_blank_values=True))
 
-    def _faulted(self, rule: FaultRule, action: str, form: dict[str, str], environ: dict[str, Any]) -> Response:
-        answer = self._answer(action, form, environ) if rule.when == "after" else None
+    @staticmethod
+    def _faulted(
+        rule: FaultRule, answer: Callable[[], Response], environ: dict[str, Any], json_protocol: bool = False
+    ) -> Response:
+        early = answer() if rule.when == "after" else None
         time.sleep(rule.latency_ms / 1000.0)
         if rule.drop_connection:
             drop_connection(environ)
-        error = rule.error_response()
+        error = rule.error_response(json_protocol)
         if error is not None:
             return error
-        return answer if answer is not None else self._answer(action, form, environ)
+        return early if early is not None else answer()
 
     def _answer(self, action: str, form: dict[str, str], environ: dict[str, Any]) -> Response:
         self.lab.advance()
@@ -1085,6 +1719,9 @@ class ControlApi:
             ("GET", "/_lab/counters"): self._counters,
             ("POST", "/_lab/counters/reset"): self._reset_counters,
             ("POST", "/_lab/spot/interrupt"): self._interrupt,
+            ("POST", "/_lab/interrupt"): self._interrupt,
+            ("GET", "/_lab/ssh"): lambda req: lab.ssh_view(),
+            ("POST", "/_lab/ssh"): self._ssh,
             ("GET", "/_lab/instances"): lambda req: lab.instances_view(),
             ("GET", "/_lab/authorized_keys"): self._authorized_keys,
         }
@@ -1138,9 +1775,36 @@ class ControlApi:
 
     def _interrupt(self, request: Request) -> dict[str, Any]:
         body = self._json(request, default={})
-        if not isinstance(body, dict) or set(body) - {"instance_id"}:
-            raise BadRequest("spot/interrupt: body may only hold 'instance_id'")
-        return self.lab.interrupt(body.get("instance_id"))
+        if not isinstance(body, dict):
+            raise BadRequest("spot/interrupt: expected a JSON object")
+        unknown = sorted(set(body) - {"instance_id", "notice_s", "action"})
+        if unknown:
+            raise BadRequest(f"spot/interrupt: unknown key '{unknown[0]}'")
+        instance_id = body.get("instance_id")
+        if instance_id is not None and not isinstance(instance_id, str):
+            raise BadRequest("spot/interrupt key 'instance_id': expected a string")
+        action = body.get("action", "terminate")
+        if action not in INTERRUPTION_ACTIONS:
+            raise BadRequest(f"spot/interrupt key 'action': expected one of {list(INTERRUPTION_ACTIONS)}")
+        notice_s = body.get("notice_s", 120)
+        if isinstance(notice_s, bool) or not isinstance(notice_s, (int, float)) or notice_s < 0:
+            raise BadRequest("spot/interrupt key 'notice_s': expected a number >= 0")
+        return self.lab.interrupt(instance_id, action, float(notice_s))
+
+    def _ssh(self, request: Request) -> dict[str, Any]:
+        body = self._json(request)
+        if not isinstance(body, dict) or "mode" not in body:
+            raise BadRequest("ssh: expected {\"mode\": ...}")
+        unknown = sorted(set(body) - {"mode", "drop_sessions"})
+        if unknown:
+            raise BadRequest(f"ssh: unknown key '{unknown[0]}'")
+        mode = body["mode"]
+        if mode not in SSH_MODES:
+            raise BadRequest(f"ssh key 'mode': expected one of {list(SSH_MODES)}")
+        drop_sessions = body.get("drop_sessions", False)
+        if not isinstance(drop_sessions, bool):
+            raise BadRequest("ssh key 'drop_sessions': expected true or false")
+        return self.lab.set_ssh_mode(mode, drop_sessions)
 
     def _authorized_keys(self, request: Request) -> list[str]:
         with self.lab.lock:
@@ -1168,7 +1832,9 @@ class ImdsHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if not self.lab.imds_token_valid(self.headers.get("X-aws-ec2-metadata-token")):
             return self._send(401, "")
-        self._send(*self.lab.imds_get(self.path))
+        # One IMDS stands in for every instance's; the engine names the asking instance (real IMDS
+        # ignores the header).
+        self._send(*self.lab.imds_get(self.path, self.headers.get(IMDS_INSTANCE_HEADER) or None))
 
     def _send(self, status: int, body: str, headers: dict[str, str] | None = None) -> None:
         data = body.encode()
@@ -1314,34 +1980,66 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-def splice(client: socket.socket, target_port: int) -> None:
+class SessionSet:
+    """The connections the gate is splicing, so POST /_lab/ssh can cut them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pairs: set[tuple[socket.socket, socket.socket]] = set()
+
+    def add(self, client: socket.socket, upstream: socket.socket) -> None:
+        with self.lock:
+            self.pairs.add((client, upstream))
+
+    def remove(self, client: socket.socket, upstream: socket.socket) -> None:
+        with self.lock:
+            self.pairs.discard((client, upstream))
+
+    def drop_all(self) -> int:
+        """Shuts both ends down: the pumps wake and the client reads EOF, as when sshd goes away.
+        (shutdown, not close: the pump threads are blocked in recv on these sockets.)"""
+        with self.lock:
+            pairs = list(self.pairs)
+        for client, upstream in pairs:
+            for conn in (client, upstream):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        return len(pairs)
+
+
+def splice(client: socket.socket, target_port: int, sessions: SessionSet) -> None:
     try:
         upstream = socket.create_connection((LOOPBACK, target_port), timeout=5)
     except OSError:
         reset_connection(client)
         return
     upstream.settimeout(None)
+    sessions.add(client, upstream)
     back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
     back.start()
     pump(client, upstream)
     back.join()
+    sessions.remove(client, upstream)
     client.close()
     upstream.close()
 
 
 class SshGate(threading.Thread):
     """The public SSH port. Splices to sshd, or stops listening ("closed") or resets
-    connections ("reset") while the lab's ssh_start_delay_s / ssh_refuse_s windows last."""
+    connections ("reset") while the lab's ssh_start_delay_s / ssh_refuse_s windows last,
+    or as POST /_lab/ssh says."""
 
     def __init__(self, lab: Lab, target_port: int):
         super().__init__(name="ssh-gate", daemon=True)
         self.lab = lab
         self.target_port = target_port
         self.stopping = threading.Event()
-        # Guards `listener` between this thread and on_launch; never held while calling the lab.
+        # Guards `listener` between this thread and on_mode_change; never held while calling the lab.
         self.listener_lock = threading.Lock()
         self.listener: socket.socket | None = self._listen(0)
+        self.listener_shut = False  # shut down by on_mode_change; this thread closes it
         self.port = self.listener.getsockname()[1]
+        self.sessions = SessionSet()
 
     @staticmethod
     def _listen(port: int) -> socket.socket:
@@ -1351,15 +2049,27 @@ class SshGate(threading.Thread):
         listener.listen(128)
         return listener
 
-    def on_launch(self) -> None:
-        """Called inside RunInstances: stop listening before the call returns, so no probe
-        slips in between. On Linux, shutdown() of a listening socket refuses new connections
-        at once and wakes select(); the gate thread then closes it."""
+    def on_mode_change(self) -> None:
+        """Called inside RunInstances and by POST /_lab/ssh: stop listening before the call
+        returns, so no probe slips in between. On Linux, shutdown() of a listening socket refuses
+        new connections at once and wakes select(); the gate thread then closes it."""
         if self.lab.ssh_gate_mode() != "closed":
             return
         with self.listener_lock:
-            if self.listener is not None:
+            if self.listener is not None and not self.listener_shut:
                 self.listener.shutdown(socket.SHUT_RDWR)
+                self.listener_shut = True
+
+    def settle(self, timeout_s: float = 2.0) -> None:
+        """Waits until this thread has applied the current mode, so POST /_lab/ssh answers only
+        once connections meet the new mode. Never call it holding the lab's lock: this thread needs it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            closed = self.lab.ssh_gate_mode() == "closed"
+            with self.listener_lock:
+                if (self.listener is None) == closed and not self.listener_shut:
+                    return
+            time.sleep(0.01)
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -1373,22 +2083,24 @@ class SshGate(threading.Thread):
             try:
                 conn, _ = listener.accept()
             except OSError:
-                continue  # shut down by on_launch
+                continue  # shut down by on_mode_change; replaced on the next turn unless still closed
             self._handle(conn)
         self._listener_for("closed")
 
     def _listener_for(self, mode: str) -> socket.socket | None:
         with self.listener_lock:
-            if mode == "closed" and self.listener is not None:
+            # A shut-down listener is dead even if the mode opened again before this thread saw "closed".
+            if self.listener is not None and (mode == "closed" or self.listener_shut):
                 self.listener.close()
                 self.listener = None
-            elif mode != "closed" and self.listener is None:
+                self.listener_shut = False
+            if mode != "closed" and self.listener is None:
                 self.listener = self._listen(self.port)
             return self.listener
 
     def _handle(self, conn: socket.socket) -> None:
         if self.lab.ssh_gate_mode() == "open":
-            threading.Thread(target=splice, args=(conn, self.target_port), daemon=True).start()
+            threading.Thread(target=splice, args=(conn, self.target_port, self.sessions), daemon=True).start()
         else:
             reset_connection(conn)
 
@@ -1520,7 +2232,9 @@ def main(argv: list[str] | None = None) -> int:
     install_moto_patches(lab)
 
     gate = SshGate(lab, sshd.port)
-    lab.on_launch = gate.on_launch
+    lab.on_gate_change = gate.on_mode_change
+    lab.settle_gate = gate.settle
+    lab.drop_ssh_sessions = gate.sessions.drop_all
     gate.start()
     imds = start_imds(lab)
     ec2 = start_ec2_server(lab)

@@ -37,6 +37,24 @@ from botocore.exceptions import ClientError, ConnectionClosedError  # noqa: E402
 from botocore.handlers import decode_console_output  # noqa: E402
 
 LAB = Path(__file__).with_name("acode_lab.py")
+DEFAULT_SPOT_PRICES = {
+    "us-east-1a": 0.0035,
+    "us-east-1b": 0.0031,
+    "us-east-1c": 0.0040,
+    "us-east-1d": 0.0042,
+    "us-east-1e": 0.0045,
+    "us-east-1f": 0.0050,
+}
+DEFAULT_ON_DEMAND_PRICES = {"t3.micro": 0.0104, "t3.small": 0.0208, "t3.medium": 0.0416, "m5.large": 0.096}
+SPOT_MARKET = {"MarketType": "spot", "SpotOptions": {"SpotInstanceType": "one-time"}}
+# The TERM_MATCH filters an EC2 client sends to the Price List API for one type's Linux on-demand price.
+EC2_PRICE_FILTERS = {
+    "regionCode": "us-east-1",
+    "operatingSystem": "Linux",
+    "tenancy": "Shared",
+    "preInstalledSw": "NA",
+    "capacitystatus": "Used",
+}
 # Lab windows are this long; checks of the state inside a window happen right away.
 WINDOW_S = 0.5
 
@@ -122,8 +140,14 @@ class LabTest(unittest.TestCase):
                 "spot_fulfill_delay_s": 0,
                 "placement_scores": {"us-east-1a": 9, "us-east-1b": 3},
                 "visibility_delay_s": 0,
+                "spot_prices": DEFAULT_SPOT_PRICES,
+                "on_demand_prices": DEFAULT_ON_DEMAND_PRICES,
+                "spot_cancel_race": False,
+                "spot_reclaim_after_running_s": None,
+                "spot_reclaim_notice_s": 120,
             },
         )
+        self.control("POST", "/ssh", {"mode": "auto"})
 
     # -- helpers ---------------------------------------------------------------
 
@@ -171,6 +195,26 @@ class LabTest(unittest.TestCase):
 
     def spot_request(self, request_id: str) -> dict:
         return self.ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])["SpotInstanceRequests"][0]
+
+    def spot_launch(self, **params) -> dict:
+        return self.run_instance(InstanceMarketOptions=SPOT_MARKET, **params)["Instances"][0]
+
+    def request_summary(self, request_id: str) -> tuple[str, str, str | None]:
+        """(state, status code, instance id) of a spot request."""
+        request = self.spot_request(request_id)
+        return request["State"], request["Status"]["Code"], request.get("InstanceId")
+
+    def imds_token(self) -> str:
+        status, token = self.imds("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        self.assertEqual(status, 200)
+        return token
+
+    def instance_action(self, token: str, instance_id: str | None) -> tuple[int, dict | None]:
+        headers = {"X-aws-ec2-metadata-token": token}
+        if instance_id:
+            headers["X-Acode-Instance-Id"] = instance_id
+        status, body = self.imds("GET", "/latest/meta-data/spot/instance-action", headers)
+        return status, json.loads(body) if status == 200 else None
 
     def imds(self, method: str, path: str, headers: dict) -> tuple[int, str]:
         request = urllib.request.Request(self.ready["imds_endpoint"] + path, method=method, headers=headers)
@@ -472,12 +516,16 @@ class LabTest(unittest.TestCase):
     # -- ssh ------------------------------------------------------------------------------
 
     def ssh_true(self, key_path: Path, known_hosts: Path) -> subprocess.CompletedProcess:
+        return self.ssh_run(key_path, known_hosts, "true")
+
+    def ssh_run(self, key_path: Path, known_hosts: Path, command: str) -> subprocess.CompletedProcess:
+        """Runs `command` on "the instance": the lab's sshd, so on this machine, as ssh_user."""
         return subprocess.run(
             [
                 "ssh", "-F", "/dev/null", "-i", str(key_path), "-p", str(self.ready["sshd_port"]),
                 "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
                 "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=5",
-                f"{self.ready['ssh_user']}@127.0.0.1", "true",
+                f"{self.ready['ssh_user']}@127.0.0.1", command,
             ],
             capture_output=True,
             text=True,
@@ -616,7 +664,8 @@ class LabTest(unittest.TestCase):
         # Interruption: request status and IMDS instance-action.
         token = self.imds("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})[1]
         action_path = "/latest/meta-data/spot/instance-action"
-        self.assertEqual(self.imds("GET", action_path, {"X-aws-ec2-metadata-token": token})[0], 404)
+        # Per instance: other tests' notices show in the lab-wide (header-less) answer.
+        self.assertEqual(self.instance_action(token, spot_instance["InstanceId"]), (404, None))
         result = self.control("POST", "/spot/interrupt", {"instance_id": spot_instance["InstanceId"]})
         self.assertEqual(result["marked_requests"], [spot_instance["SpotInstanceRequestId"]])
         marked = self.spot_request(result["marked_requests"][0])
@@ -640,6 +689,395 @@ class LabTest(unittest.TestCase):
         self.assertEqual(
             self.imds("GET", "/latest/meta-data/instance-id", {"X-aws-ec2-metadata-token": token}), (200, instance_id)
         )
+
+    # -- prices ----------------------------------------------------------------------------
+
+    def price_history(self, **params) -> list[dict]:
+        return self.ec2.describe_spot_price_history(**params)["SpotPriceHistory"]
+
+    def test_spot_price_history(self) -> None:
+        linux = {"InstanceTypes": ["t3.micro"], "ProductDescriptions": ["Linux/UNIX"]}
+        history = self.price_history(**linux)
+        zones = sorted(DEFAULT_SPOT_PRICES)
+        self.assertEqual(sorted({h["AvailabilityZone"] for h in history}), zones)
+        self.assertEqual({(h["InstanceType"], h["ProductDescription"]) for h in history}, {("t3.micro", "Linux/UNIX")})
+        stamps = [h["Timestamp"] for h in history]
+        self.assertEqual(stamps, sorted(stamps, reverse=True), "latest first")
+        self.assertGreater(len(history), len(zones), "a few points per zone")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.assertTrue(all(now - datetime.timedelta(hours=12) < t <= now for t in stamps), stamps)
+        # The newest point of each zone carries the configured price.
+        newest = {}
+        for h in history:
+            newest.setdefault(h["AvailabilityZone"], h["SpotPrice"])
+        self.assertEqual(newest, {az: f"{price:.6f}" for az, price in DEFAULT_SPOT_PRICES.items()})
+
+        # StartTime=now: only the price in effect, so one item per zone, type and description.
+        current = self.price_history(AvailabilityZone="us-east-1b", StartTime=now, **linux)
+        self.assertEqual([(h["AvailabilityZone"], h["SpotPrice"]) for h in current], [("us-east-1b", "0.003100")])
+        # A window in the past: the points inside it plus the one in effect at its start.
+        zone_points = [h["Timestamp"] for h in history if h["AvailabilityZone"] == "us-east-1b"]
+        after_third = zone_points[2] + datetime.timedelta(minutes=1)
+        window = self.price_history(
+            AvailabilityZone="us-east-1b", StartTime=after_third, EndTime=zone_points[1], **linux
+        )
+        self.assertEqual([h["Timestamp"] for h in window], zone_points[1:3])
+        old = self.price_history(AvailabilityZone="us-east-1b", EndTime=zone_points[-1], **linux)
+        self.assertEqual([h["Timestamp"] for h in old], zone_points[-1:])
+
+        # Filters, with EC2's wildcards; no InstanceTypes means every type in on_demand_prices.
+        filtered = self.price_history(
+            Filters=[
+                {"Name": "availability-zone", "Values": ["us-east-1a", "us-east-1c"]},
+                {"Name": "instance-type", "Values": ["t3.*"]},
+                {"Name": "product-description", "Values": ["Linux/UNIX (Amazon VPC)"]},
+            ]
+        )
+        self.assertEqual({h["AvailabilityZone"] for h in filtered}, {"us-east-1a", "us-east-1c"})
+        self.assertEqual({h["InstanceType"] for h in filtered}, {"t3.micro", "t3.small", "t3.medium"})
+        self.assertEqual({h["ProductDescription"] for h in filtered}, {"Linux/UNIX (Amazon VPC)"})
+        self.assertEqual(self.price_history(ProductDescriptions=["Windows"]), [])
+        by_price = self.price_history(Filters=[{"Name": "spot-price", "Values": ["0.003100"]}], **linux)
+        self.assertEqual([(h["AvailabilityZone"], h["Timestamp"]) for h in by_price], [("us-east-1b", zone_points[0])])
+        self.assert_error(
+            lambda: self.price_history(Filters=[{"Name": "colour", "Values": ["red"]}]), "InvalidParameterValue", 400
+        )
+
+        # Pages: every item once, the last page without a token (EC2 sends an empty <nextToken/>).
+        paginator = self.ec2.get_paginator("describe_spot_price_history")
+        pages = list(paginator.paginate(PaginationConfig={"PageSize": 7}, **linux))
+        self.assertGreater(len(pages), 1)
+        self.assertEqual([h for page in pages for h in page["SpotPriceHistory"]], history)
+        self.assertIn(pages[-1].get("NextToken"), (None, ""))
+
+        # A new map replaces the old one; its prices are the newest points.
+        self.control("POST", "/config", {"spot_prices": {"us-east-1d": 0.0123}})
+        changed = self.price_history(StartTime=datetime.datetime.now(datetime.timezone.utc), **linux)
+        self.assertEqual([(h["AvailabilityZone"], h["SpotPrice"]) for h in changed], [("us-east-1d", "0.012300")])
+        self.assertGreaterEqual(changed[0]["Timestamp"], history[0]["Timestamp"])
+
+    def test_price_and_score_faults_and_counters(self) -> None:
+        self.control("POST", "/counters/reset")
+        self.control("POST", "/faults", {"action": "DescribeSpotPriceHistory", "code": "InternalError"})
+        self.assert_error(lambda: self.price_history(InstanceTypes=["t3.micro"]), "InternalError", 500)
+        self.assertTrue(self.price_history(InstanceTypes=["t3.micro"]))
+        self.control("POST", "/faults", {"action": "GetSpotPlacementScores", "code": "UnauthorizedOperation"})
+        scores = {"InstanceTypes": ["t3.micro"], "TargetCapacity": 1, "SingleAvailabilityZone": True}
+        self.assert_error(lambda: self.ec2.get_spot_placement_scores(**scores), "UnauthorizedOperation", 400)
+        self.control(
+            "POST", "/faults", {"action": "GetSpotPlacementScores", "code": "UnauthorizedOperation", "http_status": 403}
+        )
+        self.assert_error(lambda: self.ec2.get_spot_placement_scores(**scores), "UnauthorizedOperation", 403)
+        self.assertTrue(self.ec2.get_spot_placement_scores(**scores)["SpotPlacementScores"])
+        self.assertEqual(
+            self.control("GET", "/counters"), {"DescribeSpotPriceHistory": 2, "GetSpotPlacementScores": 3}
+        )
+
+    def pricing(self):
+        return boto3.client(
+            "pricing",
+            endpoint_url=self.ready["ec2_endpoint"],
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+        )
+
+    def products(self, fields: dict[str, str], **params) -> list[dict]:
+        filters = [{"Type": "TERM_MATCH", "Field": k, "Value": v} for k, v in fields.items()]
+        answer = self.pricing().get_products(ServiceCode="AmazonEC2", Filters=filters, FormatVersion="aws_v1", **params)
+        self.assertEqual(answer["FormatVersion"], "aws_v1")
+        # Every entry is a JSON document in a string, as in AWS.
+        return [json.loads(entry) for entry in answer["PriceList"]]
+
+    def on_demand_usd(self, product: dict) -> str:
+        (term,) = product["terms"]["OnDemand"].values()
+        (dimension,) = term["priceDimensions"].values()
+        self.assertEqual(dimension["unit"], "Hrs")
+        return dimension["pricePerUnit"]["USD"]
+
+    def test_pricing_get_products(self) -> None:
+        self.control("POST", "/counters/reset")
+        (product,) = self.products({"instanceType": "t3.micro", **EC2_PRICE_FILTERS})
+        self.assertEqual(product["serviceCode"], "AmazonEC2")
+        self.assertEqual(product["product"]["productFamily"], "Compute Instance")
+        attributes = product["product"]["attributes"]
+        self.assertEqual(attributes["instanceType"], "t3.micro")
+        for field, value in EC2_PRICE_FILTERS.items():
+            self.assertEqual(attributes[field], value)
+        self.assertEqual(self.on_demand_usd(product), "0.0104000000")
+        term_code, term = next(iter(product["terms"]["OnDemand"].items()))
+        sku = product["product"]["sku"]
+        self.assertEqual(term_code, f"{sku}.JRTCKXETXF")
+        self.assertEqual(list(term["priceDimensions"]), [f"{sku}.JRTCKXETXF.6YS6EN2CT7"])
+
+        # No match: an unknown type, another region, another service.
+        self.assertEqual(self.products({"instanceType": "x9.nonesuch", **EC2_PRICE_FILTERS}), [])
+        elsewhere = {"instanceType": "t3.micro", **EC2_PRICE_FILTERS, "regionCode": "eu-west-1"}
+        self.assertEqual(self.products(elsewhere), [])
+        other = self.pricing().get_products(ServiceCode="AmazonRDS")
+        self.assertEqual(other["PriceList"], [])
+        # Without the capacitystatus filter a client sees capacity-reservation rows too, as in AWS.
+        loose = {k: v for k, v in EC2_PRICE_FILTERS.items() if k != "capacitystatus"}
+        loose_products = self.products({"instanceType": "t3.micro", **loose})
+        statuses = {p["product"]["attributes"]["capacitystatus"] for p in loose_products}
+        self.assertEqual(statuses, {"Used", "UnusedCapacityReservation", "AllocatedCapacityReservation"})
+        # Pages.
+        first = self.pricing().get_products(ServiceCode="AmazonEC2", MaxResults=3)
+        self.assertEqual(len(first["PriceList"]), 3)
+        second = self.pricing().get_products(ServiceCode="AmazonEC2", MaxResults=3, NextToken=first["NextToken"])
+        self.assertNotEqual(first["PriceList"], second["PriceList"])
+
+        self.control("POST", "/config", {"on_demand_prices": {"c7g.large": 0.0725}})
+        (arm,) = self.products({"instanceType": "c7g.large", **EC2_PRICE_FILTERS})
+        self.assertEqual(self.on_demand_usd(arm), "0.0725000000")
+        self.assertEqual(self.products({"instanceType": "t3.micro", **EC2_PRICE_FILTERS}), [])
+
+        # Faults in the JSON protocol's shape.
+        self.control("POST", "/faults", {"action": "GetProducts", "code": "AccessDeniedException", "message": "no"})
+        with self.assertRaises(ClientError) as caught:
+            self.products({"instanceType": "c7g.large"})
+        error = caught.exception.response
+        self.assertEqual(error["Error"], {"Code": "AccessDeniedException", "Message": "no"})
+        self.assertEqual(error["ResponseMetadata"]["HTTPStatusCode"], 400)
+        self.assertEqual(error["ResponseMetadata"]["HTTPHeaders"]["x-amzn-errortype"], "AccessDeniedException")
+        self.control("POST", "/faults", {"action": "GetProducts", "code": "ThrottlingException"})
+        with self.assertRaises(ClientError) as caught:
+            self.products({"instanceType": "c7g.large"})
+        self.assertEqual(caught.exception.response["Error"]["Code"], "ThrottlingException")
+        self.assertEqual(self.control("GET", "/counters"), {"GetProducts": 11})
+
+    # -- spot fulfilment, cancel race, interruption and reclaim ------------------------------------
+
+    def test_spot_launch_waits_for_fulfilment(self) -> None:
+        self.control("POST", "/config", {"spot_fulfill_delay_s": WINDOW_S, "boot_delay_s": 2 * WINDOW_S})
+        launched = self.spot_launch()
+        instance_id, request_id = launched["InstanceId"], launched["SpotInstanceRequestId"]
+        self.assertEqual((launched["State"]["Name"], launched["InstanceLifecycle"]), ("pending", "spot"))
+        described = self.describe(instance_id)
+        self.assertEqual((described["SpotInstanceRequestId"], described["InstanceLifecycle"]), (request_id, "spot"))
+        self.assertEqual(self.request_summary(request_id), ("open", "pending-fulfillment", None))
+        request = self.spot_request(request_id)
+        self.assertEqual(request["Status"]["Message"], "Your Spot request is pending fulfillment.")
+        # No MaxPrice: the request shows its zone's spot price (us-east-1a).
+        self.assertEqual(request["SpotPrice"], "0.003500")
+
+        fulfilled = wait_for(lambda: self.request_summary(request_id)[1] == "fulfilled")
+        self.assertTrue(fulfilled, "never fulfilled")
+        self.assertEqual(self.request_summary(request_id), ("active", "fulfilled", instance_id))
+        # boot_delay_s counts from fulfilment, so the instance is still pending.
+        self.assertEqual(self.state(instance_id)[0], "pending")
+        self.wait_state(instance_id, "running")
+
+        # A MaxPrice is shown as given.
+        priced = self.run_instance(
+            InstanceMarketOptions={"MarketType": "spot", "SpotOptions": {"MaxPrice": "0.05"}},
+            SubnetId=self.ready["subnets"]["us-east-1b"],
+        )["Instances"][0]
+        self.assertEqual(self.spot_request(priced["SpotInstanceRequestId"])["SpotPrice"], "0.050000")
+        self.ec2.terminate_instances(InstanceIds=[instance_id, priced["InstanceId"]])
+
+    def test_spot_cancel_before_fulfilment_and_the_race(self) -> None:
+        # A long delay: every cancel here comes before the fulfilment.
+        self.control("POST", "/config", {"spot_fulfill_delay_s": 30})
+        lost = self.spot_launch()
+        self.ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[lost["SpotInstanceRequestId"]])
+        self.assertEqual(
+            self.request_summary(lost["SpotInstanceRequestId"]), ("cancelled", "canceled-before-fulfillment", None)
+        )
+        self.wait_state(lost["InstanceId"], "terminated")
+        # Terminated while its request waits: the request closes. Unfulfilled, it cannot be interrupted.
+        waiting = self.spot_launch()
+        self.control("POST", "/interrupt", {"instance_id": waiting["InstanceId"]}, expect=400)
+        self.ec2.terminate_instances(InstanceIds=[waiting["InstanceId"]])
+        self.assertEqual(
+            self.request_summary(waiting["SpotInstanceRequestId"]), ("closed", "instance-terminated-by-user", None)
+        )
+
+        # The race: the fulfilment wins; the instance runs on although its request is cancelled.
+        self.control("POST", "/config", {"spot_cancel_race": True})
+        raced = self.spot_launch()
+        self.ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[raced["SpotInstanceRequestId"]])
+        self.assertEqual(
+            self.request_summary(raced["SpotInstanceRequestId"]),
+            ("cancelled", "request-canceled-and-instance-running", raced["InstanceId"]),
+        )
+        self.wait_state(raced["InstanceId"], "running")
+        # A RequestSpotInstances request races the same way: its instance is launched at the cancel.
+        subnet_c = self.ready["subnets"]["us-east-1c"]
+        spec = {"ImageId": self.ready["ami_id"], "InstanceType": "t3.micro", "SubnetId": subnet_c}
+        asked = self.ec2.request_spot_instances(LaunchSpecification=spec)["SpotInstanceRequests"][0]
+        self.ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[asked["SpotInstanceRequestId"]])
+        state, code, requested_id = self.request_summary(asked["SpotInstanceRequestId"])
+        self.assertEqual((state, code), ("cancelled", "request-canceled-and-instance-running"))
+        self.assertEqual(self.describe(requested_id)["SpotInstanceRequestId"], asked["SpotInstanceRequestId"])
+        self.assertEqual(self.spot_request(asked["SpotInstanceRequestId"])["SpotPrice"], "0.004000")  # us-east-1c
+        self.wait_state(requested_id, "running")
+        # A client that only cancels leaks both; one that also terminates does not.
+        time.sleep(WINDOW_S)
+        self.assertEqual(self.state(raced["InstanceId"])[0], "running")
+        self.ec2.terminate_instances(InstanceIds=[raced["InstanceId"], requested_id])
+        self.wait_state(raced["InstanceId"], "terminated")
+        self.wait_state(requested_id, "terminated")
+
+        # Without capacity nothing can win the race.
+        self.control("POST", "/config", {"spot_mode": "capacity-not-available"})
+        starved = self.ec2.request_spot_instances(LaunchSpecification=spec)["SpotInstanceRequests"][0]
+        self.ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[starved["SpotInstanceRequestId"]])
+        self.assertEqual(
+            self.request_summary(starved["SpotInstanceRequestId"]), ("cancelled", "canceled-before-fulfillment", None)
+        )
+
+    def test_per_instance_interruption_and_reclaim(self) -> None:
+        self.control("POST", "/config", {"terminate_delay_s": WINDOW_S})
+        doomed, spared = self.spot_launch(), self.spot_launch()
+        on_demand = self.run_instance()["Instances"][0]["InstanceId"]
+        for instance in (doomed, spared):
+            self.wait_state(instance["InstanceId"], "running")
+        token = self.imds_token()
+        self.assertEqual(self.instance_action(token, doomed["InstanceId"]), (404, None))
+
+        answer = self.control("POST", "/interrupt", {"instance_id": doomed["InstanceId"], "notice_s": 2 * WINDOW_S})
+        noticed_at = datetime.datetime.now(datetime.timezone.utc)
+        self.assertEqual(answer["marked_requests"], [doomed["SpotInstanceRequestId"]])
+        self.assertEqual(answer["instance_ids"], [doomed["InstanceId"]])
+        marked = self.request_summary(doomed["SpotInstanceRequestId"])
+        self.assertEqual(marked[:2], ("active", "marked-for-termination"))
+        self.assertEqual(self.request_summary(spared["SpotInstanceRequestId"])[:2], ("active", "fulfilled"))
+        status, action = self.instance_action(token, doomed["InstanceId"])
+        self.assertEqual((status, action["action"]), (200, "terminate"))
+        when = datetime.datetime.strptime(action["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+        self.assertTrue(-2 < (when - noticed_at).total_seconds() <= 2 * WINDOW_S, action)
+        # Only that instance has a notice; without the header, IMDS shows the latest notice.
+        self.assertEqual(self.instance_action(token, spared["InstanceId"]), (404, None))
+        self.assertEqual(self.instance_action(token, None), (200, action))
+
+        # The notice runs out: shutting-down, then terminated; the request is closed.
+        self.assertTrue(wait_for(lambda: self.state(doomed["InstanceId"])[0] == "shutting-down"))
+        self.wait_state(doomed["InstanceId"], "terminated")
+        self.assertEqual(
+            self.request_summary(doomed["SpotInstanceRequestId"]),
+            ("closed", "instance-terminated-by-price", doomed["InstanceId"]),
+        )
+        self.assertEqual(self.describe(doomed["InstanceId"])["StateReason"]["Code"], "Server.SpotInstanceTermination")
+        self.assertEqual(self.state(spared["InstanceId"])[0], "running")
+        self.assertEqual(self.state(on_demand)[0], "running")
+
+        # A stop notice stops the instance and disables its request.
+        self.control("POST", "/interrupt", {"instance_id": spared["InstanceId"], "notice_s": 0, "action": "stop"})
+        self.assertEqual(self.instance_action(token, spared["InstanceId"])[1]["action"], "stop")
+        self.wait_state(spared["InstanceId"], "stopped")
+        stopped = self.request_summary(spared["SpotInstanceRequestId"])
+        self.assertEqual(stopped[:2], ("disabled", "instance-stopped-by-price"))
+        # EC2 never interrupts on-demand instances.
+        self.control("POST", "/interrupt", {"instance_id": on_demand}, expect=400)
+
+        # Without instance_id: every live spot instance, each reclaimed when the notice runs out.
+        fleet = [self.spot_launch()["InstanceId"] for _ in range(2)]
+        answer = self.control("POST", "/spot/interrupt", {"notice_s": WINDOW_S})
+        self.assertTrue(set(fleet) <= set(answer["instance_ids"]), answer)
+        for instance_id in fleet:
+            self.wait_state(instance_id, "terminated")
+        self.assertEqual(self.state(on_demand)[0], "running")
+        self.ec2.terminate_instances(InstanceIds=[on_demand, spared["InstanceId"]])
+
+    def test_spot_reclaim_after_running(self) -> None:
+        reclaim = {"spot_reclaim_after_running_s": WINDOW_S, "spot_reclaim_notice_s": 2 * WINDOW_S}
+        self.control("POST", "/config", {"boot_delay_s": WINDOW_S, **reclaim})
+        spot = self.spot_launch()
+        on_demand = self.run_instance()["Instances"][0]["InstanceId"]
+        spot_id, request_id = spot["InstanceId"], spot["SpotInstanceRequestId"]
+        token = self.imds_token()
+        self.assertEqual(self.instance_action(token, spot_id), (404, None))
+        # IMDS alone moves the timeline: the notice appears without any EC2 call.
+        self.assertTrue(wait_for(lambda: self.instance_action(token, spot_id)[0] == 200), "no notice")
+        self.assertEqual(self.instance_action(token, spot_id)[1]["action"], "terminate")
+        self.assertEqual(self.request_summary(request_id)[:2], ("active", "marked-for-termination"))
+        self.assertEqual(self.state(spot_id)[0], "running")
+        self.wait_state(spot_id, "terminated")
+        self.assertEqual(self.request_summary(request_id)[:2], ("closed", "instance-terminated-by-price"))
+        self.assertEqual(self.state(on_demand)[0], "running")
+        self.assertEqual(self.instance_action(token, on_demand), (404, None))
+        self.ec2.terminate_instances(InstanceIds=[on_demand])
+
+    def test_imds_per_instance(self) -> None:
+        first = self.run_instance()["Instances"][0]["InstanceId"]
+        latest = self.run_instance()["Instances"][0]["InstanceId"]
+        token = self.imds_token()
+        path = "/latest/meta-data/instance-id"
+
+        def get(instance_id: str | None, with_token: bool = True) -> tuple[int, str]:
+            headers = {"X-aws-ec2-metadata-token": token} if with_token else {}
+            if instance_id:
+                headers["X-Acode-Instance-Id"] = instance_id
+            return self.imds("GET", path, headers)
+
+        self.assertEqual(get(first), (200, first))
+        self.assertEqual(get(None), (200, latest))
+        self.assertEqual(get("i-0123456789abcdef0")[0], 404)
+        self.assertEqual(get(first, with_token=False)[0], 401)
+        self.assertEqual(self.instance_action(token, first), (404, None))
+        self.ec2.terminate_instances(InstanceIds=[first, latest])
+
+    def test_imds_over_ssh_with_curl(self) -> None:
+        """What the engine does: ask IMDS from "the instance", over SSH, with curl."""
+        name = "acode-imds-curl"
+        key_path = self.tmp_path / name
+        key_path.write_text(self.ec2.create_key_pair(KeyName=name, KeyType="ed25519")["KeyMaterial"])
+        key_path.chmod(0o600)
+        spot = self.spot_launch(KeyName=name)["InstanceId"]
+        self.wait_state(spot, "running")
+        self.control("POST", "/interrupt", {"instance_id": spot})
+        imds = self.ready["imds_endpoint"]
+        script = (
+            f"t=$(curl -sf -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' {imds}/latest/api/token) && "
+            f"curl -sf -H \"X-aws-ec2-metadata-token: $t\" -H 'X-Acode-Instance-Id: {spot}' "
+            f"{imds}/latest/meta-data/spot/instance-action"
+        )
+        result = self.ssh_run(key_path, self.known_hosts_from_console(spot), script)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["action"], "terminate")
+        self.ec2.terminate_instances(InstanceIds=[spot])
+
+    # -- ssh control ------------------------------------------------------------------------
+
+    def test_ssh_control(self) -> None:
+        self.assertEqual(self.control("GET", "/ssh"), {"mode": "auto", "effective": "open"})
+        # Closed: refused from the control answer on, launch windows or not.
+        self.assertEqual(self.control("POST", "/ssh", {"mode": "closed"})["effective"], "closed")
+        with self.assertRaises(ConnectionRefusedError):
+            self.ssh_banner()
+        self.control("POST", "/ssh", {"mode": "reset"})
+        with self.assertRaises(ConnectionResetError):
+            self.ssh_banner()
+        self.control("POST", "/ssh", {"mode": "open"})
+        self.assertTrue(wait_for(self._banner_or_none))
+        # Open overrides the launch windows; auto gives them back.
+        self.control("POST", "/config", {"ssh_start_delay_s": 30})
+        self.run_instance()
+        self.assertTrue(self.ssh_banner().startswith(b"SSH-"))
+        self.control("POST", "/ssh", {"mode": "auto"})
+        with self.assertRaises(ConnectionRefusedError):
+            self.ssh_banner()
+        self.control("POST", "/config", {"ssh_start_delay_s": 0})
+        self.assertTrue(wait_for(self._banner_or_none))
+
+        # A live session survives "closed" unless the sessions are dropped.
+        with socket.create_connection(("127.0.0.1", self.ready["sshd_port"]), timeout=5) as session:
+            self.assertTrue(session.recv(64).startswith(b"SSH-"))
+            self.control("POST", "/ssh", {"mode": "closed"})
+            session.sendall(b"SSH-2.0-acode-lab-test\r\n")
+            self.assertTrue(session.recv(4096), "sshd's key exchange")
+            dropped = self.control("POST", "/ssh", {"mode": "closed", "drop_sessions": True})
+            self.assertGreaterEqual(dropped["dropped_sessions"], 1)
+            try:
+                rest = session.recv(4096)
+                while rest:
+                    rest = session.recv(4096)
+            except ConnectionResetError:
+                pass
+        self.control("POST", "/ssh", {"mode": "auto"})
+        self.assertTrue(wait_for(self._banner_or_none))
 
     # -- faults and counters ----------------------------------------------------------------
 
@@ -729,11 +1167,26 @@ class LabTest(unittest.TestCase):
         expected_keys = {
             "boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s", "console_mode",
             "ssh_start_delay_s", "ssh_refuse_s", "spot_mode", "spot_fulfill_delay_s", "placement_scores",
-            "visibility_delay_s", "status_mode", "address_mode",
+            "visibility_delay_s", "status_mode", "address_mode", "spot_prices", "on_demand_prices",
+            "spot_cancel_race", "spot_reclaim_after_running_s", "spot_reclaim_notice_s",
         }  # fmt: skip
         self.assertEqual(set(config), expected_keys)
         self.assertEqual(config["console_mode"], "ok")
         self.assertEqual((config["status_mode"], config["address_mode"]), ("ok", "public"))
+        self.assertEqual((config["spot_cancel_race"], config["spot_reclaim_after_running_s"]), (False, None))
+        for key, bad in (
+            ("spot_prices", {"us-east-1a": 0}),
+            ("on_demand_prices", {"t3.micro": "cheap"}),
+            ("spot_cancel_race", 1),
+            ("spot_reclaim_after_running_s", -1),
+            ("spot_reclaim_notice_s", None),
+        ):
+            self.assertIn(f"'{key}'", self.control("POST", "/config", {key: bad}, expect=400)["error"])
+        unknown_instance = {"instance_id": "i-0123456789abcdef0"}
+        for body in ({"action": "explode"}, {"notice_s": -1}, {"colour": 1}, unknown_instance):
+            self.control("POST", "/spot/interrupt", body, expect=400)
+        self.control("POST", "/ssh", {"mode": "sometimes"}, expect=400)
+        self.control("POST", "/ssh", {"mode": "open", "colour": 1}, expect=400)
 
     # Named to sort last: it ends the lab the other tests share.
     def test_zz_shutdown_on_stdin_eof(self) -> None:

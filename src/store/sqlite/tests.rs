@@ -32,9 +32,11 @@ fn validated(ctx: &SessionContext) -> Checkpoint {
     let state = machine::start(ctx).state;
     let input = Input::Validated {
         zones: Vec::new(),
+        zone_ids: Vec::new(),
         image: machine::ImageChoice {
             ami_id: "ami-1".into(),
             root_device_name: None,
+            platform: None,
         },
     };
     let step = machine::step(ctx, &state, input.clone(), NOW).unwrap();
