@@ -69,6 +69,9 @@ impl Effects for Healthy {
                 state: None,
                 instance_id: None,
             },
+            Effect::RunShutdownCommand { .. } => Input::ShutdownCommandFinished {
+                outcome: "exited 0".into(),
+            },
             Effect::TerminateInstance { .. } => Input::InstanceTerminated,
             Effect::DeleteKeyPair { .. } => Input::KeyPairDeleted,
         }

@@ -12,9 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::request::{
-    AmiSelector, DEFAULT_SSH_RETRIES, DEFAULT_SSH_RETRY_INTERVAL, HostKeyPolicy, InvalidRequest,
-    KeyAlgorithm, KeyPairMode, OsAlias, ProvisionRequest, SpotPolicy, SshAddress, SshSettings,
-    StatusCheckMode, Timeouts,
+    AmiSelector, DEFAULT_SSH_RETRIES, DEFAULT_SSH_RETRY_INTERVAL, HostKeyPolicy,
+    InterruptionPolicy, InvalidRequest, KeyAlgorithm, KeyPairMode, OsAlias, ProvisionRequest,
+    SpotPolicy, SshAddress, SshSettings, StatusCheckMode, Timeouts,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,7 @@ struct Ec2Target {
     spot_max_price: Option<String>,
     spot_fallback_to_on_demand: Option<bool>,
     spot_request_timeout: Option<String>,
+    spot_interruption: Option<InterruptionBlock>,
     #[serde(default)]
     tags: BTreeMap<String, String>,
     enforce_imds_v2: Option<bool>,
@@ -64,6 +65,32 @@ struct Ec2Target {
     poll_interval: Option<String>,
     status_checks: Option<StatusCheckMode>,
     ssh: Option<SshBlock>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct InterruptionBlock {
+    shutdown_command: Option<String>,
+    shutdown_timeout: Option<String>,
+    metadata_url: Option<String>,
+    #[serde(default)]
+    replace: bool,
+}
+
+impl InterruptionBlock {
+    fn into_policy(self) -> Result<InterruptionPolicy, InvalidRequest> {
+        let defaults = InterruptionPolicy::default();
+        Ok(InterruptionPolicy {
+            shutdown_command: self.shutdown_command,
+            shutdown_timeout: optional_duration(
+                "spotInterruption.shutdownTimeout",
+                self.shutdown_timeout.as_ref(),
+                defaults.shutdown_timeout,
+            )?,
+            metadata_url: self.metadata_url.unwrap_or(defaults.metadata_url),
+            replace: self.replace,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,10 +238,16 @@ impl Ec2Target {
                     self.spot_request_timeout.as_ref(),
                     Duration::from_secs(300),
                 )?,
+                interruption: self
+                    .spot_interruption
+                    .map(InterruptionBlock::into_policy)
+                    .transpose()?
+                    .unwrap_or_default(),
             })
         } else if self.spot_max_price.is_some()
             || self.spot_request_timeout.is_some()
             || self.spot_fallback_to_on_demand.is_some()
+            || self.spot_interruption.is_some()
         {
             return Err(invalid(
                 "useSpot",

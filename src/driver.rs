@@ -6,7 +6,7 @@
 //! - a resumed session first re-runs the intent that has no outcome (effects
 //!   are idempotent), so a crash anywhere costs a repeated call, never a
 //!   second instance;
-//! - outside inputs (a teardown, later an interruption notice) enter through
+//! - outside inputs (a teardown, an interruption notice) enter through
 //!   [`Engine::deliver`] and are committed by the same path as an effect's
 //!   outcome; an effect that only looks may be abandoned for one, an effect
 //!   that creates or removes something is always answered first;
@@ -39,6 +39,9 @@ use crate::observe::{
 use crate::request::{InvalidRequest, ProvisionRequest};
 use crate::store::{Checkpoint, CheckpointStore, Intent, LeaseHolder, LoadedSession, StoreError};
 
+mod watcher;
+pub use watcher::{InterruptionHook, WATCH_INTERVAL, WatchOptions, WatchedNotice};
+
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Folder for private key files of key pairs the engine creates.
@@ -59,6 +62,8 @@ pub enum EngineError {
     ProvisionFailed { session_id: String, reason: String },
     #[error("session {session_id} was torn down before it became ready")]
     TornDown { session_id: String },
+    #[error("session {session_id} was interrupted and cleaned up: {reason}")]
+    Interrupted { session_id: String, reason: String },
     #[error(
         "session {session_id} could not finish {phase} after {failures} tries (last: {last_error}); \
          it is still tracked: fix the cause (credentials, permissions, network), then run \
@@ -156,6 +161,7 @@ pub struct Engine<E: Effects> {
     events: broadcast::Sender<ProvisionEvent>,
     observers: Vec<Arc<dyn Observer>>,
     driving: Mutex<HashMap<String, DriveHandle>>,
+    interruption_hook: Option<InterruptionHook>,
 }
 
 impl<E: Effects> Engine<E> {
@@ -178,6 +184,7 @@ impl<E: Effects> Engine<E> {
             ],
             events,
             driving: Mutex::new(HashMap::new()),
+            interruption_hook: None,
         }
     }
 
@@ -220,8 +227,21 @@ impl<E: Effects> Engine<E> {
         request: ProvisionRequest,
         progress: &dyn ProgressSink,
     ) -> Result<ReadyInstance, EngineError> {
-        request.check()?;
         let session_id = uuid::Uuid::new_v4().to_string();
+        let end = self.start(session_id, request, None, progress).await?;
+        ready_or_error(end)
+    }
+
+    /// Starts the session `session_id` (which must not exist) and drives it
+    /// until it settles.
+    async fn start(
+        &self,
+        session_id: String,
+        request: ProvisionRequest,
+        replaces: Option<String>,
+        progress: &dyn ProgressSink,
+    ) -> Result<LoadedSession, EngineError> {
+        request.check()?;
         let span = session_span(&session_id);
         async {
             let Claim::Mine(claim) = self.claim(&session_id) else {
@@ -231,6 +251,7 @@ impl<E: Effects> Engine<E> {
                 session_id: session_id.clone(),
                 request,
                 key_dir: self.options.key_dir.clone(),
+                replaces,
             };
             let first = machine::start(&ctx);
             let now = self.clock.now();
@@ -261,8 +282,7 @@ impl<E: Effects> Engine<E> {
                 pending: checkpoint.intent,
                 created_at: now,
             };
-            let end = self.drive(loaded, claim, renewal, &observers).await?;
-            ready_or_error(end)
+            self.drive(loaded, claim, renewal, &observers).await
         }
         .instrument(span)
         .await
@@ -454,14 +474,28 @@ impl<E: Effects> Engine<E> {
             if summary.phase.is_settled() {
                 continue;
             }
-            let result = self
-                .resume_to_end(&summary.session_id, progress)
+            // Boxed, as below: a drive is a deep future, and recover's own
+            // would not fit a test thread's stack in debug builds.
+            let result = Box::pin(self.resume_to_end(&summary.session_id, progress))
                 .await
                 .map(|s| s.state.phase.kind());
             report.push(Recovered {
                 session_id: summary.session_id,
                 result,
             });
+        }
+        // Then a replacement an interruption named but never started (its
+        // watcher died first) is started, once: its id is derived.
+        for summary in self.store.list().await? {
+            let started = Box::pin(self.start_missing_replacement(&summary, progress)).await;
+            match started {
+                Ok(Some(started)) => report.push(started),
+                Ok(None) => {}
+                Err(e) => report.push(Recovered {
+                    session_id: format!("(replacement of {})", summary.session_id),
+                    result: Err(e),
+                }),
+            }
         }
         Ok(report)
     }
@@ -703,10 +737,14 @@ impl<E: Effects> Engine<E> {
         intent: &Intent,
         inbox: &mut Inbox,
     ) -> (Option<Input>, Vec<Box<Delivery>>) {
-        let effect = self
-            .effects
-            .run(&session.context, session.created_at, &intent.effect);
-        tokio::pin!(effect);
+        // On the heap: an effect's future holds every kind of call (SDK
+        // requests, SSH sessions), and inline it would make every drive
+        // (and what awaits one) too deep for a thread's stack in debug builds.
+        let mut effect = Box::pin(self.effects.run(
+            &session.context,
+            session.created_at,
+            &intent.effect,
+        ));
         let mut delivered = Vec::new();
         loop {
             tokio::select! {
@@ -769,6 +807,10 @@ fn ready_or_error(end: LoadedSession) -> Result<ReadyInstance, EngineError> {
         ProvisionPhase::Failed(failed) => Err(EngineError::ProvisionFailed {
             session_id,
             reason: failed.reason.clone(),
+        }),
+        ProvisionPhase::Interrupted(end) => Err(EngineError::Interrupted {
+            session_id,
+            reason: end.reason.clone(),
         }),
         _ => Err(EngineError::TornDown { session_id }),
     }

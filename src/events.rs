@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::machine::{PhaseKind, Ready, SessionContext};
+use crate::machine::{InterruptionNotice, PhaseKind, Ready, SessionContext};
 use crate::request::parse_host_port;
 
 /// A session that reached Ready: everything needed to use the instance
@@ -78,6 +78,43 @@ impl ReadyInstance {
     }
 }
 
+/// A Ready spot instance EC2 gave notice on: what an interruption hook
+/// (and `watch --on-interruption`) is told, while it can still act.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InterruptedInstance {
+    pub session_id: String,
+    pub instance_id: String,
+    /// `terminate`, `stop` or `hibernate`.
+    pub action: String,
+    /// When EC2 acts, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// Where the notice was read.
+    pub source: String,
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    pub ssh_user: String,
+    pub key_path: Option<String>,
+    pub known_hosts_path: Option<String>,
+}
+
+impl InterruptedInstance {
+    pub fn new(ctx: &SessionContext, ready: &Ready, notice: &InterruptionNotice) -> Self {
+        let at = ReadyInstance::new(ctx, ready);
+        InterruptedInstance {
+            session_id: at.session_id,
+            instance_id: at.instance_id,
+            action: notice.action.clone(),
+            time_ms: notice.at.0,
+            source: notice.source.clone(),
+            ssh_host: at.ssh_host,
+            ssh_port: at.ssh_port,
+            ssh_user: at.ssh_user,
+            key_path: at.key_path,
+            known_hosts_path: at.known_hosts_path,
+        }
+    }
+}
+
 /// Broadcast to every subscriber of an engine.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event")]
@@ -116,6 +153,19 @@ pub enum ProvisionEvent {
         /// One line for people: "spot $0.003100/h against …: 70.1% saved".
         summary: String,
     },
+    /// FR-033/034: EC2 gave notice of taking a Ready spot instance back.
+    InterruptionNotice {
+        session_id: String,
+        instance_id: String,
+        action: String,
+        time_ms: u64,
+        source: String,
+    },
+    /// A new session takes over from an interrupted one.
+    SessionReplaced {
+        session_id: String,
+        replacement: String,
+    },
     ProvisionCompleted {
         session_id: String,
         success: bool,
@@ -136,6 +186,8 @@ impl ProvisionEvent {
             | ProvisionEvent::ProvisionPhaseChanged { session_id, .. }
             | ProvisionEvent::SpotFallback { session_id, .. }
             | ProvisionEvent::SpotSavings { session_id, .. }
+            | ProvisionEvent::InterruptionNotice { session_id, .. }
+            | ProvisionEvent::SessionReplaced { session_id, .. }
             | ProvisionEvent::ProvisionCompleted { session_id, .. } => session_id,
         }
     }

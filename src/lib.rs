@@ -8,8 +8,8 @@
 //! |---|---|---|
 //! | [`machine`] | phases, inputs, guards, effects, the transition table; subnet ranking and spot savings ([`machine::placement`]) | pure: no async, IO or clock; every decision (grace periods, give-ups, fallbacks, teardown, where to launch) is a guarded table row or a function of checkpointed facts; `Failed` only after cleanup |
 //! | [`store`] | `CheckpointStore` (async, backend-neutral), SQLite event log + session row | intent commits before its effect; one live driver per session (lease, judged by the store's clock); no secrets stored |
-//! | [`driver`] | the engine: `provision`, `resume`, `deliver`, `teardown`, `recover` | load, step, commit, execute, record; outside inputs take the same checkpoint path; a crash anywhere is resumable |
-//! | [`effects`] | EC2 call stack (SDK ▸ batching), placement facts (scores, prices, recent capacity failures shared by a process), SSH probe (russh), key files, console parser | effects report facts, never conclusions; every effect is idempotent; placement never fails a launch |
+//! | [`driver`] | the engine: `provision`, `resume`, `deliver`, `teardown`, `recover`, and the spot interruption `watch` | load, step, commit, execute, record; outside inputs (teardown, interruption notices) take the same checkpoint path; a crash anywhere is resumable; a replacement is started at most once (its id is derived) |
+//! | [`effects`] | EC2 call stack (SDK ▸ batching), interruption checks (IMDS over SSH, else the EC2 API) and the shutdown command, placement facts (scores, prices, recent capacity failures shared by a process), SSH probe (russh), key files, console parser | effects report facts, never conclusions; every effect is idempotent; placement never fails a launch |
 //! | [`error_code`] | EC2 error codes parsed once, and their classes | no other module matches code strings |
 //! | [`observe`] | one `Observer` fan-out: tracing, event channel, progress | observers see no key material and change nothing |
 //! | [`telemetry`] | metric names; every EC2 call logged (action, duration, request id, code) and counted | labels never carry ids or key material |

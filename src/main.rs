@@ -10,9 +10,13 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use acode_ec2::driver::{Engine, EngineError, EngineOptions};
+use acode_ec2::driver::{
+    Engine, EngineError, EngineOptions, InterruptionHook, WatchOptions, WatchedNotice,
+};
 use acode_ec2::effects::AwsEffects;
-use acode_ec2::events::{NoProgress, ProgressSink, ProvisionProgress, ReadyInstance};
+use acode_ec2::events::{
+    InterruptedInstance, NoProgress, ProgressSink, ProvisionProgress, ReadyInstance,
+};
 use acode_ec2::machine::diagram;
 use acode_ec2::machine::{OutsideInput, PhaseKind, SpotRequestStatus, SpotSavings};
 use acode_ec2::net_guard::ConnectGuard;
@@ -128,6 +132,39 @@ enum Command {
     Teardown { session: String },
     /// Resume or clean up every session that is neither Ready nor finished.
     Recover,
+    /// Watch Ready spot sessions for EC2's two-minute interruption notice, and act on it.
+    ///
+    /// Every --interval, each watched session's instance metadata is read
+    /// over its verified SSH connection (IMDSv2 spot/instance-action), or
+    /// the EC2 API when SSH is down (spot request status, instance state).
+    /// On a notice (committed first): --on-interruption runs here (sh -c,
+    /// bounded by the time left, at least 5 s) with ACODE_SESSION_ID,
+    /// ACODE_INSTANCE_ID, ACODE_ACTION, ACODE_NOTICE_TIME_MS,
+    /// ACODE_NOTICE_SOURCE, ACODE_SSH_HOST, ACODE_SSH_PORT, ACODE_SSH_USER,
+    /// ACODE_KEY_PATH and ACODE_KNOWN_HOSTS; meanwhile the config's
+    /// spotInterruption.shutdownCommand runs on the instance (over SSH,
+    /// ending 5 s before the notice time); then the instance
+    /// is terminated (if EC2 has not) and the temporary key pair deleted, and
+    /// the session ends Interrupted. With spotInterruption.replace, a new
+    /// session from the same config starts at once.
+    ///
+    /// Runs until Ctrl-C, or with --until-idle until no watched session is
+    /// Ready. A watcher killed mid-way leaves its sessions to
+    /// `acode-ec2 recover` (or the next `watch`).
+    #[command(verbatim_doc_comment)]
+    Watch {
+        /// Sessions to watch (default: every Ready spot session).
+        sessions: Vec<String>,
+        /// Run CMD (with `sh -c`) here when a notice arrives.
+        #[arg(long, value_name = "CMD")]
+        on_interruption: Option<String>,
+        /// How often each session is looked at (250ms, 5s, 1m).
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = watch_interval)]
+        interval: Duration,
+        /// Stop once no watched session is Ready and nothing is in flight.
+        #[arg(long)]
+        until_idle: bool,
+    },
     /// Print the state diagram generated from the transition table.
     Diagram {
         #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]
@@ -370,12 +407,16 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             let instance = session.state.phase.instance();
             let spot = instance.and_then(|i| i.spot_request.as_deref());
             let savings = instance.and_then(|i| i.savings.as_deref());
+            let replaces = session.context.replaces.as_deref();
+            let replaced_by = session.state.phase.replacement();
             if *json {
                 let view = StatusView {
                     summary: &summary,
                     phases: &phases,
                     spot,
                     spot_savings: savings,
+                    replaces,
+                    replaced_by,
                 };
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
@@ -385,6 +426,12 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 }
                 if let Some(savings) = savings {
                     println!("savings   {savings}");
+                }
+                if let Some(old) = replaces {
+                    println!("replaces  {old} (interrupted)");
+                }
+                if let Some(new) = replaced_by {
+                    println!("replaced  by {new}");
                 }
                 print_phases(&phases);
             }
@@ -432,6 +479,41 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             let end = engine.teardown(session, &display).await;
             display.finish();
             println!("session {session} is {}", end?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch {
+            sessions,
+            on_interruption,
+            interval,
+            until_idle,
+        } => {
+            let effects = aws_effects().await?;
+            if !state_db_path(cli)?.exists() {
+                println!("no sessions to watch");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut engine = engine(cli, effects)?;
+            if let Some(command) = on_interruption {
+                engine = engine.on_interruption(interruption_command(command.clone()));
+            }
+            let options = WatchOptions {
+                sessions: sessions.clone(),
+                interval: *interval,
+                until_idle: *until_idle,
+            };
+            let display = ProgressDisplay::new(cli.log_format);
+            let watched = tokio::select! {
+                watched = engine.watch(&options, &display) => Some(watched),
+                _ = stop_signal() => None,
+            };
+            display.finish();
+            let Some(watched) = watched else {
+                eprintln!("watch stopped; sessions mid-way are finished by `acode-ec2 recover`");
+                return Ok(ExitCode::from(130));
+            };
+            for item in watched? {
+                print_watched(&item);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Recover => {
@@ -611,6 +693,90 @@ fn print_ready(ready: &ReadyInstance) {
     println!("  login     {}", ready.ssh_command());
 }
 
+/// `--interval`: a duration of at least 100 ms.
+fn watch_interval(text: &str) -> std::result::Result<Duration, String> {
+    let interval =
+        acode_ec2::config::parse_duration("--interval", text).map_err(|e| e.to_string())?;
+    if interval < Duration::from_millis(100) {
+        return Err("must be at least 100ms".into());
+    }
+    Ok(interval)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        if let Ok(mut term) = term {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The --on-interruption hook: `sh -c CMD` with the instance in ACODE_* variables.
+fn interruption_command(command: String) -> InterruptionHook {
+    Arc::new(move |at: InterruptedInstance| {
+        let command = command.clone();
+        Box::pin(async move {
+            let optional = |value: &Option<String>| value.clone().unwrap_or_default();
+            let status = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .env("ACODE_SESSION_ID", &at.session_id)
+                .env("ACODE_INSTANCE_ID", &at.instance_id)
+                .env("ACODE_ACTION", &at.action)
+                .env("ACODE_NOTICE_TIME_MS", at.time_ms.to_string())
+                .env("ACODE_NOTICE_SOURCE", &at.source)
+                .env("ACODE_SSH_HOST", &at.ssh_host)
+                .env("ACODE_SSH_PORT", at.ssh_port.to_string())
+                .env("ACODE_SSH_USER", &at.ssh_user)
+                .env("ACODE_KEY_PATH", optional(&at.key_path))
+                .env("ACODE_KNOWN_HOSTS", optional(&at.known_hosts_path))
+                .kill_on_drop(true)
+                .status()
+                .await;
+            match status {
+                Ok(status) if status.success() => {}
+                Ok(status) => eprintln!(
+                    "warning: the --on-interruption command failed ({status}) for session {}; \
+                     the session is cleaned up all the same",
+                    at.session_id
+                ),
+                Err(e) => eprintln!("warning: cannot run the --on-interruption command: {e}"),
+            }
+        })
+    })
+}
+
+fn print_watched(item: &WatchedNotice) {
+    let outcome = match &item.settled {
+        Ok(phase) => phase.to_string(),
+        Err(e) => format!("not finished: {e}"),
+    };
+    match &item.notice {
+        Some(notice) => println!(
+            "session {} got notice to {} (from {}): {outcome}",
+            item.session_id, notice.action, notice.source
+        ),
+        None => println!(
+            "session {} (interrupted before this watcher): {outcome}",
+            item.session_id
+        ),
+    }
+    if let Some(replacement) = &item.replacement {
+        match &replacement.result {
+            Ok(phase) => println!("  replaced by session {} ({phase})", replacement.session_id),
+            Err(e) => println!("  replacement {} failed: {e}", replacement.session_id),
+        }
+    }
+}
+
 /// Runs the --on-ready command with the Ready instance in its environment.
 async fn run_on_ready(command: &str, ready: &ReadyInstance) -> Result<ExitCode> {
     let optional = |value: &Option<String>| value.clone().unwrap_or_default();
@@ -678,6 +844,12 @@ struct StatusView<'a> {
     spot: Option<&'a SpotRequestStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     spot_savings: Option<&'a SpotSavings>,
+    /// The interrupted session this one took over from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replaces: Option<&'a str>,
+    /// The session that took over after this one was interrupted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replaced_by: Option<&'a str>,
 }
 
 fn print_spot_request(r: &SpotRequestStatus) {

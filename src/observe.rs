@@ -114,10 +114,7 @@ impl Observer for TracingObserver {
                 }
             }
             Observation::Settled { state, .. } => {
-                let error = match &state.phase {
-                    ProvisionPhase::Failed(f) => Some(f.reason.as_str()),
-                    _ => None,
-                };
+                let error = state.phase.end_reason();
                 info!(phase = %state.phase.kind(), error, "session settled");
             }
         }
@@ -253,10 +250,7 @@ impl Observer for EventChannel {
                     was_spot: phase.was_spot(),
                     // From the session's creation, whoever drove it.
                     duration_ms: created_at.millis_until(*at),
-                    error: match phase {
-                        ProvisionPhase::Failed(f) => Some(f.reason.clone()),
-                        _ => None,
-                    },
+                    error: phase.end_reason().map(str::to_string),
                 });
             }
         }
@@ -421,6 +415,9 @@ impl Observer for ProgressObserver<'_> {
                 )
             }
             (None, ProvisionPhase::Failed(f)) => format!("cleaned up after: {}", f.reason),
+            (None, ProvisionPhase::Interrupted(i)) => {
+                format!("cleaned up after an interruption: {}", i.reason)
+            }
             (None, _) => "instance and key pair removed".to_string(),
         };
         self.0.progress(&ProvisionProgress {
@@ -469,5 +466,8 @@ pub fn describe(effect: &Effect) -> String {
             "terminating any instance tagged with this session".into()
         }
         Effect::DeleteKeyPair { key_name, .. } => format!("deleting key pair {key_name}"),
+        Effect::RunShutdownCommand { endpoint, .. } => {
+            format!("running the shutdown command at {endpoint} before the interruption")
+        }
     }
 }

@@ -135,6 +135,77 @@ pub struct SpotPolicy {
     /// How long a spot instance may take to reach `running`.
     #[serde(with = "duration_ms")]
     pub request_timeout: Duration,
+    /// What a watcher does when EC2 gives notice of taking the instance back.
+    #[serde(default)]
+    pub interruption: InterruptionPolicy,
+}
+
+/// FR-035: what happens in the two minutes between a spot interruption
+/// notice and EC2 taking the instance back (`spotInterruption:`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterruptionPolicy {
+    /// Run on the instance over SSH inside the notice window (save work,
+    /// stop services); its failure does not stop the cleanup.
+    pub shutdown_command: Option<String>,
+    /// At most this long, and always ending before the notice time.
+    #[serde(with = "duration_ms")]
+    pub shutdown_timeout: Duration,
+    /// Where the instance's metadata service answers (asked from the
+    /// instance, over SSH; a lab points it at its own).
+    pub metadata_url: String,
+    /// Provision a new session from the same request as soon as a notice
+    /// arrives (on-demand when spot is known to be short everywhere and
+    /// fallback is allowed).
+    pub replace: bool,
+}
+
+/// FR-035's window: the notice comes two minutes ahead; leave room to clean up.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(90);
+/// The instance metadata service, as every EC2 instance reaches it.
+pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
+
+impl Default for InterruptionPolicy {
+    fn default() -> Self {
+        InterruptionPolicy {
+            shutdown_command: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            metadata_url: DEFAULT_METADATA_URL.into(),
+            replace: false,
+        }
+    }
+}
+
+impl InterruptionPolicy {
+    fn check(&self) -> Result<(), InvalidRequest> {
+        // The URL goes into a command line on the instance: only plain
+        // http://host[:port][/path] characters, so nothing can be injected.
+        let url = &self.metadata_url;
+        let rest = url.strip_prefix("http://").unwrap_or("");
+        let plain = |c: char| c.is_ascii_alphanumeric() || ".-_:/[]".contains(c);
+        if rest.is_empty() || !rest.chars().all(plain) {
+            return Err(invalid(
+                "spotInterruption.metadataUrl",
+                format!("`{url}` is not a plain http://host[:port] URL"),
+            ));
+        }
+        if self.shutdown_timeout.is_zero() {
+            return Err(invalid(
+                "spotInterruption.shutdownTimeout",
+                "must be longer than zero",
+            ));
+        }
+        if self
+            .shutdown_command
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            return Err(invalid(
+                "spotInterruption.shutdownCommand",
+                "must not be empty (leave it out for none)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How the SSH host key the instance presents is trusted.
@@ -318,6 +389,7 @@ impl ProvisionRequest {
             if spot.request_timeout.is_zero() {
                 return Err(invalid("spotRequestTimeout", "must be longer than zero"));
             }
+            spot.interruption.check()?;
         }
         if let Some(key) = self
             .tags
@@ -450,6 +522,7 @@ pub(crate) mod sample {
                 max_price: None,
                 fallback_to_on_demand: true,
                 request_timeout: Duration::from_secs(300),
+                interruption: InterruptionPolicy::default(),
             }),
             tags: BTreeMap::new(),
             enforce_imds_v2: true,

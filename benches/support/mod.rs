@@ -20,6 +20,7 @@ pub fn context(session_id: &str) -> SessionContext {
         session_id: session_id.into(),
         request: acode_ec2::config::parse(yaml).expect("bench config"),
         key_dir: "/tmp/acode-bench-keys".into(),
+        replaces: None,
     }
 }
 

@@ -207,12 +207,21 @@ pub trait Ec2Api: Send + Sync + 'static {
         zones: &[String],
     ) -> impl Future<Output = Ec2Result<HashMap<String, MicroUsd>>> + Send;
 
-    /// DescribeSpotInstanceRequests of one request; `None` if EC2 does not
-    /// know it.
+    /// DescribeSpotInstanceRequests of `ids`, by filter: a request EC2 does
+    /// not show (yet, or any more) is absent, not an error.
+    fn spot_requests(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, SpotRequestView>>> + Send;
+
+    /// One spot request; layers may share the call with other sessions.
     fn spot_request(
         &self,
         request_id: &str,
-    ) -> impl Future<Output = Ec2Result<Option<SpotRequestView>>> + Send;
+    ) -> impl Future<Output = Ec2Result<Option<SpotRequestView>>> + Send {
+        let ids = [request_id.to_string()];
+        async move { Ok(self.spot_requests(&ids).await?.remove(&ids[0])) }
+    }
 
     /// CancelSpotInstanceRequests; the request's state after it.
     fn cancel_spot_request(

@@ -1,12 +1,13 @@
-//! DescribeInstances and DescribeInstanceStatus shared by every session of
-//! one process, after Karpenter's batcher: polls that arrive close together
-//! become one call.
+//! DescribeInstances, DescribeInstanceStatus and DescribeSpotInstanceRequests
+//! shared by every session of one process, after Karpenter's batcher: polls
+//! that arrive close together become one call.
 //!
 //! EC2 throttles Describe calls per account and region (about 100 burst,
 //! 20/s refill), and 1,000 sessions each polling every 2 s would ask 500/s.
 //!
-//! A layer over any [`Ec2Api`]: `describe_instance` and
-//! `instance_status` are batched, every other call passes through.
+//! A layer over any [`Ec2Api`]: `describe_instance`, `instance_status`
+//! and `spot_request` (the watcher's and the spot wait's polls) are
+//! batched, every other call passes through.
 //!
 //! Invariant: every caller's answer comes from a call sent after it asked,
 //! and a call that fails answers everyone in it with that failure.
@@ -53,6 +54,7 @@ pub struct Batched<A: Ec2Api> {
     inner: Arc<A>,
     instances: Arc<Batcher<A, Instances>>,
     statuses: Arc<Batcher<A, Statuses>>,
+    spot_requests: Arc<Batcher<A, SpotRequests>>,
 }
 
 impl<A: Ec2Api> Clone for Batched<A> {
@@ -61,6 +63,7 @@ impl<A: Ec2Api> Clone for Batched<A> {
             inner: Arc::clone(&self.inner),
             instances: Arc::clone(&self.instances),
             statuses: Arc::clone(&self.statuses),
+            spot_requests: Arc::clone(&self.spot_requests),
         }
     }
 }
@@ -70,6 +73,7 @@ impl<A: Ec2Api> Batched<A> {
         let inner = Arc::new(inner);
         Batched {
             instances: Batcher::new(&inner, window),
+            spot_requests: Batcher::new(&inner, window),
             // DescribeInstanceStatus takes at most 100 instance ids.
             statuses: Batcher::new(
                 &inner,
@@ -120,6 +124,19 @@ impl<A: Ec2Api> BatchedCall<A> for Statuses {
         ids: &[String],
     ) -> impl Future<Output = Ec2Result<HashMap<String, InstanceHealth>>> + Send {
         api.describe_instance_statuses(ids)
+    }
+}
+
+struct SpotRequests;
+
+impl<A: Ec2Api> BatchedCall<A> for SpotRequests {
+    type Item = SpotRequestView;
+    const ACTION: &'static str = "DescribeSpotInstanceRequests";
+    fn call(
+        api: &A,
+        ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, SpotRequestView>>> + Send {
+        api.spot_requests(ids)
     }
 }
 
@@ -332,7 +349,11 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
     }
 
     async fn spot_request(&self, request_id: &str) -> Ec2Result<Option<SpotRequestView>> {
-        self.inner.spot_request(request_id).await
+        self.spot_requests.describe(request_id).await
+    }
+
+    async fn spot_requests(&self, ids: &[String]) -> Ec2Result<HashMap<String, SpotRequestView>> {
+        self.inner.spot_requests(ids).await
     }
 
     async fn cancel_spot_request(&self, request_id: &str) -> Ec2Result<Option<String>> {

@@ -17,6 +17,7 @@ pub mod console;
 pub mod describe_batch;
 pub mod ec2;
 pub mod guidance;
+pub mod interruption;
 pub mod keys;
 pub mod known_hosts;
 pub mod placement;
@@ -34,10 +35,11 @@ use aws_config::timeout::TimeoutConfig;
 
 use crate::clock::Clock;
 use crate::error_code::LocalRefusal;
-use crate::machine::{Effect, Input, SessionContext, Timestamp};
+use crate::machine::{ConsoleFingerprints, Effect, Input, Ready, SessionContext, Timestamp};
 use crate::net_guard::{ConnectGuard, GuardError};
 use api::Ec2Api;
 use describe_batch::{BatchWindow, Batched};
+use interruption::InterruptionCheck;
 use placement::{OnDemandPrices, PlacementQuery, PlacementSources};
 use sdk::SdkEc2;
 
@@ -55,6 +57,16 @@ pub trait Effects: Send + Sync + 'static {
     /// The AWS region effects reach, for events and logs.
     fn region(&self) -> Option<String> {
         None
+    }
+
+    /// Whether EC2 has given notice of taking back the Ready spot instance
+    /// (see [`interruption`]). Effects that cannot look say so.
+    fn check_interruption(
+        &self,
+        _ctx: &SessionContext,
+        _ready: &Ready,
+    ) -> impl Future<Output = InterruptionCheck> + Send {
+        async { InterruptionCheck::Unknown("these effects do not look for interruptions".into()) }
     }
 }
 
@@ -155,6 +167,10 @@ impl<A: Ec2Api> Effects for AwsEffects<A> {
         Some(self.api.region())
     }
 
+    async fn check_interruption(&self, ctx: &SessionContext, ready: &Ready) -> InterruptionCheck {
+        interruption::check(&self.api, self.guard, &self.placement, ctx, ready).await
+    }
+
     async fn run(&self, ctx: &SessionContext, created: Timestamp, effect: &Effect) -> Input {
         let api = &self.api;
         match effect {
@@ -246,6 +262,24 @@ impl<A: Ec2Api> Effects for AwsEffects<A> {
                 key_name,
                 private_key_path,
             } => keys::delete(api, key_name, private_key_path.as_deref()).await,
+            Effect::RunShutdownCommand {
+                endpoint,
+                user,
+                private_key_path,
+                host_key_fingerprint,
+                command,
+                deadline,
+            } => {
+                let trusted = ConsoleFingerprints(vec![host_key_fingerprint.clone()]);
+                let probe = ssh::Probe {
+                    endpoint,
+                    user,
+                    private_key_path: private_key_path.as_deref(),
+                    trusted: Some(&trusted),
+                };
+                let now = self.placement.clock.now();
+                interruption::run_shutdown_command(self.guard, probe, command, *deadline, now).await
+            }
         }
     }
 }

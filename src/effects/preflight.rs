@@ -18,6 +18,7 @@ pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<
         session_id: "validate".into(),
         request: request.clone(),
         key_dir: String::new(),
+        replaces: None,
     };
     let (image, zones) = match ec2::validate(api, &ctx).await {
         Input::Validated { image, zones, .. } => (image, zones),

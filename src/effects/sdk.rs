@@ -547,31 +547,43 @@ impl Ec2Api for SdkEc2 {
         Ok(latest.into_iter().map(|(z, (_, p))| (z, p)).collect())
     }
 
-    async fn spot_request(&self, request_id: &str) -> Ec2Result<Option<SpotRequestView>> {
-        let answer = self
+    /// By filter, like DescribeInstances: with `SpotInstanceRequestIds`
+    /// one unknown id would fail the whole call.
+    async fn spot_requests(&self, ids: &[String]) -> Ec2Result<HashMap<String, SpotRequestView>> {
+        let filter = Filter::builder()
+            .name("spot-instance-request-id")
+            .set_values(Some(ids.to_vec()))
+            .build();
+        let mut pages = self
             .client
             .describe_spot_instance_requests()
-            .spot_instance_request_ids(request_id)
-            .send()
-            .measured("DescribeSpotInstanceRequests")
-            .await;
-        let out = match answer {
-            Ok(out) => out,
-            Err(failure) if failure.class == ErrorClass::NotFound => return Ok(None),
-            Err(failure) => return Err(failure),
-        };
-        Ok(out
-            .spot_instance_requests()
-            .first()
-            .map(|r| SpotRequestView {
-                status: SpotRequestStatus {
-                    request_id: request_id.to_string(),
-                    state: r.state().map(|s| s.as_str().to_string()),
-                    status_code: r.status().and_then(|s| s.code()).map(str::to_string),
-                    price: r.spot_price().map(str::to_string),
-                },
-                instance_id: r.instance_id().map(str::to_string),
-            }))
+            .filters(filter)
+            .into_paginator()
+            .send();
+        let mut found = HashMap::new();
+        loop {
+            let started = Instant::now();
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            let page = settle("DescribeSpotInstanceRequests", started, page)?;
+            for r in page.spot_instance_requests() {
+                let Some(id) = r.spot_instance_request_id() else {
+                    continue;
+                };
+                let view = SpotRequestView {
+                    status: SpotRequestStatus {
+                        request_id: id.to_string(),
+                        state: r.state().map(|s| s.as_str().to_string()),
+                        status_code: r.status().and_then(|s| s.code()).map(str::to_string),
+                        price: r.spot_price().map(str::to_string),
+                    },
+                    instance_id: r.instance_id().map(str::to_string),
+                };
+                found.insert(id.to_string(), view);
+            }
+        }
+        Ok(found)
     }
 
     async fn cancel_spot_request(&self, request_id: &str) -> Ec2Result<Option<String>> {

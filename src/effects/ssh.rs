@@ -85,7 +85,31 @@ pub async fn probe(guard: ConnectGuard, probe: Probe<'_>) -> Input {
     }
 }
 
+/// A login that worked, against a host key that was trusted first.
+struct LoggedIn {
+    session: client::Handle<HostKeyCheck>,
+    host_key: Presented,
+}
+
 async fn probe_once(guard: ConnectGuard, probe: Probe<'_>) -> Input {
+    let logged_in = match log_in(guard, probe).await {
+        Ok(logged_in) => logged_in,
+        Err(why) => return why,
+    };
+    // Closing politely is best effort: the verdict is already known.
+    let _ = logged_in
+        .session
+        .disconnect(russh::Disconnect::ByApplication, "probe done", "en")
+        .await;
+    Input::SshReady {
+        host_key_fingerprint: logged_in.host_key.fingerprint,
+        host_key: logged_in.host_key.key,
+    }
+}
+
+/// Connects where the guard allows, checks the host key, logs in; or the
+/// input that says why not (never an attempt against an untrusted key).
+async fn log_in(guard: ConnectGuard, probe: Probe<'_>) -> Result<LoggedIn, Input> {
     let Probe {
         endpoint,
         user,
@@ -93,29 +117,29 @@ async fn probe_once(guard: ConnectGuard, probe: Probe<'_>) -> Input {
         trusted,
     } = probe;
     let Some((host, port)) = parse_host_port(endpoint) else {
-        return Input::Rejected {
+        return Err(Input::Rejected {
             code: LocalRefusal::SshEndpoint.into(),
             message: format!("`{endpoint}` is not host:port"),
-        };
+        });
     };
     if let Err(refused) = guard.check_host(&host) {
-        return Input::Rejected {
+        return Err(Input::Rejected {
             code: LocalRefusal::LoopbackOnly.into(),
             message: refused.to_string(),
-        };
+        });
     }
     let addrs = match tokio::net::lookup_host((host.as_str(), port)).await {
         Ok(addrs) => addrs.collect::<Vec<_>>(),
-        Err(e) => return not_ready(format!("cannot resolve {host}: {e}")),
+        Err(e) => return Err(not_ready(format!("cannot resolve {host}: {e}"))),
     };
     let mut last_error = format!("{endpoint} resolved to no address");
     let mut stream = None;
     for addr in addrs {
         if let Err(refused) = guard.check(addr) {
-            return Input::Rejected {
+            return Err(Input::Rejected {
                 code: LocalRefusal::LoopbackOnly.into(),
                 message: refused.to_string(),
-            };
+            });
         }
         match tokio::net::TcpStream::connect(addr).await {
             Ok(s) => {
@@ -126,7 +150,7 @@ async fn probe_once(guard: ConnectGuard, probe: Probe<'_>) -> Input {
         }
     }
     let Some(stream) = stream else {
-        return not_ready(last_error);
+        return Err(not_ready(last_error));
     };
     let presented = Arc::new(Mutex::new(None));
     let check = HostKeyCheck {
@@ -141,54 +165,119 @@ async fn probe_once(guard: ConnectGuard, probe: Probe<'_>) -> Input {
         Ok(session) => session,
         Err(e) => {
             let seen = presented.lock().ok().and_then(|p| p.clone());
-            return match (seen, trusted) {
+            return Err(match (seen, trusted) {
                 (Some(seen), Some(t)) if !t.0.contains(&seen.fingerprint) => {
                     Input::HostKeyMismatch {
                         presented: seen.fingerprint,
                     }
                 }
                 _ => not_ready(format!("SSH handshake with {endpoint} failed: {e}")),
-            };
+            });
         }
     };
     let Some(host_key) = presented.lock().ok().and_then(|p| p.clone()) else {
-        return not_ready(format!("{endpoint} presented no host key"));
+        return Err(not_ready(format!("{endpoint} presented no host key")));
     };
     let Some(path) = private_key_path else {
-        return Input::Rejected {
+        return Err(Input::Rejected {
             code: LocalRefusal::SshKey.into(),
             message: "no private key path to log in with".into(),
-        };
+        });
     };
     let key = match russh::keys::load_secret_key(path, None) {
         Ok(key) => Arc::new(key),
         Err(e) => {
-            return Input::Rejected {
+            return Err(Input::Rejected {
                 code: LocalRefusal::SshKey.into(),
                 message: format!("cannot load private key {path}: {e}"),
-            };
+            });
         }
     };
     let hash = match session.best_supported_rsa_hash().await {
         Ok(hash) => hash.flatten(),
         Err(_) => Some(HashAlg::Sha256),
     };
-    let outcome = session
+    match session
         .authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash))
-        .await;
-    // Closing politely is best effort: the verdict is already known.
-    let _ = session
-        .disconnect(russh::Disconnect::ByApplication, "probe done", "en")
-        .await;
-    match outcome {
-        Ok(AuthResult::Success) => Input::SshReady {
-            host_key_fingerprint: host_key.fingerprint,
-            host_key: host_key.key,
-        },
+        .await
+    {
+        Ok(AuthResult::Success) => Ok(LoggedIn { session, host_key }),
         // cloud-init may not have installed the key yet: keep polling.
-        Ok(AuthResult::Failure { .. }) => not_ready(format!(
+        Ok(AuthResult::Failure { .. }) => Err(not_ready(format!(
             "{endpoint} refused the key for user {user} (not installed yet?)"
-        )),
-        Err(e) => not_ready(format!("SSH login to {endpoint} failed: {e}")),
+        ))),
+        Err(e) => Err(not_ready(format!("SSH login to {endpoint} failed: {e}"))),
+    }
+}
+
+/// What a command run over SSH did. Its output is kept only for the
+/// caller to parse, never logged.
+#[derive(Debug)]
+pub struct CommandRun {
+    /// `None` when the server sent no exit status (killed by a signal).
+    pub exit_status: Option<u32>,
+    /// Standard output, at most [`OUTPUT_LIMIT`] bytes.
+    pub stdout: Vec<u8>,
+}
+
+/// Output past this is dropped: the commands run here answer in a line.
+pub const OUTPUT_LIMIT: usize = 64 * 1024;
+
+/// Runs `command` on the host at `probe.endpoint` after the same checks as
+/// a probe (the host key must be trusted before logging in), within
+/// `timeout`; or why it could not run.
+pub async fn run_command(
+    guard: ConnectGuard,
+    probe: Probe<'_>,
+    command: &str,
+    timeout: Duration,
+) -> Result<CommandRun, String> {
+    let run = async {
+        let logged_in = log_in(guard, probe).await.map_err(|why| refusal(&why))?;
+        let session = &logged_in.session;
+        let mut channel = session
+            .channel_open_session()
+            .await
+            .map_err(|e| format!("cannot open an SSH channel: {e}"))?;
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|e| format!("cannot start the command: {e}"))?;
+        let mut run = CommandRun {
+            exit_status: None,
+            stdout: Vec::new(),
+        };
+        while let Some(message) = channel.wait().await {
+            match message {
+                russh::ChannelMsg::Data { data } => {
+                    let room = OUTPUT_LIMIT.saturating_sub(run.stdout.len());
+                    run.stdout.extend(data.iter().take(room));
+                }
+                russh::ChannelMsg::ExitStatus { exit_status } => {
+                    run.exit_status = Some(exit_status);
+                }
+                _ => {}
+            }
+        }
+        let _ = session
+            .disconnect(russh::Disconnect::ByApplication, "command done", "en")
+            .await;
+        Ok(run)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(format!("did not finish within {timeout:?}")),
+    }
+}
+
+/// Why a login did not happen, in words.
+fn refusal(input: &Input) -> String {
+    match input {
+        Input::SshNotReady { reason } => reason.clone(),
+        Input::HostKeyMismatch { presented } => {
+            format!("the host presented {presented}, not the key verified at readiness")
+        }
+        Input::Rejected { message, .. } => message.clone(),
+        other => format!("{:?}", other.kind()),
     }
 }

@@ -88,7 +88,11 @@ pub(super) fn decide(
         ProvisionPhase::WaitingForSsh(p) => waiting_for_ssh(ctx, p, input, now),
         ProvisionPhase::TerminatingInstance(p) => terminating_instance(ctx, p, input, now),
         ProvisionPhase::DeletingKeyPair(p) => deleting_key_pair(p, input),
-        ProvisionPhase::Ready(_) | ProvisionPhase::Failed(_) | ProvisionPhase::TornDown(_) => None,
+        ProvisionPhase::Ready(p) => ready(ctx, p, input, now),
+        ProvisionPhase::Interrupting(p) => interrupting(p, input),
+        ProvisionPhase::Failed(_)
+        | ProvisionPhase::TornDown(_)
+        | ProvisionPhase::Interrupted(_) => None,
     }
 }
 
@@ -130,7 +134,13 @@ fn choosing_placement(
     let Input::PlacementFound { facts } = input else {
         return None;
     };
-    let spot = ctx.request.spot.is_some();
+    let fallback = ctx
+        .request
+        .spot
+        .as_ref()
+        .is_some_and(|s| s.fallback_to_on_demand);
+    let scarce = fallback && facts.spot_short_everywhere(&p.zones);
+    let spot = ctx.request.spot.is_some() && !scarce;
     let order = facts.order(&p.zones, ctx.request.subnet_ids.len(), spot);
     let first = order.first().copied().unwrap_or(0);
     let notice = Notice::PlacementChosen {
@@ -154,7 +164,12 @@ fn choosing_placement(
         Decision::go(ProvisionPhase::RequestingSpot(RequestingSpot { launch }))
             .because(Guard::SpotRequested)
     } else {
-        Decision::go(ProvisionPhase::Launching(Launching { launch })).because(Guard::OnDemandOnly)
+        let guard = if scarce {
+            Guard::SpotScarce
+        } else {
+            Guard::OnDemandOnly
+        };
+        Decision::go(ProvisionPhase::Launching(Launching { launch })).because(guard)
     };
     Some(decision.notice(notice))
 }
@@ -441,7 +456,8 @@ fn running(
         HostKeyPolicy::Console | HostKeyPolicy::InsecureAcceptAny => None,
     };
     let status = match ctx.request.status_checks {
-        StatusCheckMode::Skip => after_checks(p.on_demand_fallback.is_some(), ctx, now),
+        // Not looked at at all, as asked (a reclaim then shows as failed SSH).
+        StatusCheckMode::Skip => StatusTrack::Done,
         StatusCheckMode::Ok | StatusCheckMode::NotImpaired => StatusTrack::Waiting {
             due: now,
             last: None,
@@ -719,6 +735,90 @@ fn terminating_instance(
     Some(Decision::poll(&phase, poll_at(ctx, now)).because(Guard::JustLaunched))
 }
 
+/// How long before EC2 acts on a notice the shutdown command must have
+/// ended, so the cleanup that follows still runs inside the window.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
+/// Ready and tracked: only a notice of interruption (or a teardown) moves it.
+fn ready(ctx: &SessionContext, p: &Ready, input: Input, now: Timestamp) -> Option<Decision> {
+    let Input::InterruptionNoticed { notice } = input else {
+        return None;
+    };
+    let policy = ctx.request.spot.as_ref().map(|s| &s.interruption);
+    let replacement = policy
+        .filter(|policy| policy.replace)
+        .map(|_| replacement_id(&ctx.session_id));
+    let deadline = policy
+        .map_or(now, |policy| now.plus(policy.shutdown_timeout))
+        .min(Timestamp(
+            notice.at.0.saturating_sub(millis(SHUTDOWN_MARGIN)),
+        ));
+    let command = policy.and_then(|policy| policy.shutdown_command.as_ref());
+    if command.is_some() && deadline > now {
+        return Some(
+            Decision::go(ProvisionPhase::Interrupting(Interrupting {
+                instance: p.instance.clone(),
+                ssh_endpoint: p.ssh_endpoint.clone(),
+                host_key_fingerprint: p.host_key_fingerprint.clone(),
+                notice,
+                command_deadline: deadline,
+                replacement,
+            }))
+            .because(Guard::ShutdownCommand),
+        );
+    }
+    let cause = CleanupCause::Interruption(Interrupted {
+        reason: interruption_reason(&p.instance, &notice, None),
+        replacement,
+    });
+    Some(instance_cleanup(&p.instance, cause).because(Guard::NoShutdownCommand))
+}
+
+/// The shutdown command has run (or could not): clean up.
+fn interrupting(p: &Interrupting, input: Input) -> Option<Decision> {
+    let Input::ShutdownCommandFinished { outcome } = input else {
+        return None;
+    };
+    let cause = CleanupCause::Interruption(Interrupted {
+        reason: interruption_reason(&p.instance, &p.notice, Some(&outcome)),
+        replacement: p.replacement.clone(),
+    });
+    Some(instance_cleanup(&p.instance, cause))
+}
+
+fn interruption_reason(
+    instance: &LaunchedInstance,
+    notice: &InterruptionNotice,
+    shutdown: Option<&str>,
+) -> String {
+    let mut reason = format!(
+        "EC2 gave notice to {} spot instance {} at {} ms since the epoch (read from {})",
+        notice.action, instance.instance_id, notice.at.0, notice.source
+    );
+    if let Some(outcome) = shutdown {
+        reason.push_str(&format!("; shutdown command: {outcome}"));
+    }
+    reason
+}
+
+/// The session that takes over from `session_id` after an interruption.
+/// Derived, not drawn: a watcher that dies and is resumed finds the same
+/// one instead of starting a second. `…-r1`, then `…-r2` for its own
+/// replacement, and so on.
+pub fn replacement_id(session_id: &str) -> String {
+    let (base, n) = match session_id.rsplit_once("-r") {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            (base, n.parse::<u64>().unwrap_or(0))
+        }
+        _ => (session_id, 0),
+    };
+    format!("{base}-r{}", n + 1)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn deleting_key_pair(p: &DeletingKeyPair, input: Input) -> Option<Decision> {
     match input {
         Input::KeyPairDeleted => {
@@ -778,7 +878,9 @@ fn teardown(ctx: &SessionContext, phase: &ProvisionPhase, now: Timestamp) -> Opt
         ProvisionPhase::TerminatingInstance(_) | ProvisionPhase::DeletingKeyPair(_) => {
             Decision::go(phase.clone()).because(Guard::AlreadyCleaningUp)
         }
-        ProvisionPhase::Failed(_) | ProvisionPhase::TornDown(_) => return None,
+        ProvisionPhase::Failed(_)
+        | ProvisionPhase::TornDown(_)
+        | ProvisionPhase::Interrupted(_) => return None,
         other => cleanup_from(ctx, other, CleanupCause::Teardown, now),
     })
 }
@@ -901,6 +1003,7 @@ fn finished(cause: &CleanupCause) -> ProvisionPhase {
             reason: reason.clone(),
         }),
         CleanupCause::Teardown => ProvisionPhase::TornDown(TornDown),
+        CleanupCause::Interruption(end) => ProvisionPhase::Interrupted(end.clone()),
     }
 }
 
@@ -908,6 +1011,7 @@ fn cause_guard(cause: &CleanupCause) -> Guard {
     match cause {
         CleanupCause::Failure(_) => Guard::OnFailure,
         CleanupCause::Teardown => Guard::OnTeardown,
+        CleanupCause::Interruption(_) => Guard::OnInterruption,
     }
 }
 

@@ -8,8 +8,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use strum::{EnumDiscriminants, EnumIter, IntoStaticStr};
 
+use super::Timestamp;
 use super::phase::{
-    ConsoleFingerprints, ImageChoice, KeyPairHandle, SpotRequestStatus, StatusReport,
+    ConsoleFingerprints, ImageChoice, InterruptionNotice, KeyPairHandle, SpotRequestStatus,
+    StatusReport,
 };
 use super::placement::PlacementFacts;
 use super::token::ClientToken;
@@ -77,6 +79,17 @@ pub enum Effect {
     /// reports what EC2 said; whether "not found" means "gone" is the
     /// machine's call.
     TerminateInstance { instance_id: Option<String> },
+    /// Run the configured shutdown command on the instance over SSH,
+    /// trusting only the host key verified at readiness, ending by
+    /// `deadline`. Whatever it answers, cleanup follows.
+    RunShutdownCommand {
+        endpoint: String,
+        user: String,
+        private_key_path: Option<String>,
+        host_key_fingerprint: String,
+        command: String,
+        deadline: Timestamp,
+    },
     /// DeleteKeyPair and remove the private key file; NotFound counts as done.
     DeleteKeyPair {
         key_name: String,
@@ -190,6 +203,15 @@ pub enum Input {
     },
     /// From outside: the caller wants the session's resources gone.
     TeardownRequested,
+    /// From outside: a watcher saw EC2's notice that it takes the spot
+    /// instance back.
+    InterruptionNoticed {
+        notice: InterruptionNotice,
+    },
+    /// The shutdown command ran (or could not): how it went, for the record.
+    ShutdownCommandFinished {
+        outcome: String,
+    },
 }
 
 impl Input {
@@ -201,15 +223,17 @@ impl Input {
 /// The inputs that come from outside a session rather than from its own
 /// effects: the only ones a caller may deliver (an effect's answer forged
 /// by a caller could, say, declare an instance terminated that is not).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutsideInput {
     TeardownRequested,
+    InterruptionNoticed(InterruptionNotice),
 }
 
 impl From<OutsideInput> for Input {
     fn from(input: OutsideInput) -> Input {
         match input {
             OutsideInput::TeardownRequested => Input::TeardownRequested,
+            OutsideInput::InterruptionNoticed(notice) => Input::InterruptionNoticed { notice },
         }
     }
 }
@@ -294,6 +318,7 @@ impl Effect {
                 &[InstanceTerminated, NoInstanceFound, TransientFailure]
             }
             Effect::DeleteKeyPair { .. } => &[KeyPairDeleted, TransientFailure],
+            Effect::RunShutdownCommand { .. } => &[ShutdownCommandFinished],
         }
     }
 }

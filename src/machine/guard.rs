@@ -56,6 +56,14 @@ pub enum Guard {
     /// Cleanup started because provisioning failed, or because the caller asked.
     OnFailure,
     OnTeardown,
+    /// Cleanup after EC2 gave notice of taking the spot instance back.
+    OnInterruption,
+    /// A shutdown command is configured and there is time to run it.
+    ShutdownCommand,
+    NoShutdownCommand,
+    /// Spot is requested, fallback is allowed, and every zone just ran out
+    /// of spot capacity.
+    SpotScarce,
 }
 
 impl Guard {
@@ -88,6 +96,10 @@ impl Guard {
             Guard::JustLaunched => "just launched".into(),
             Guard::GraceOver => "grace over".into(),
             Guard::AlreadyCleaningUp => "already cleaning up".into(),
+            Guard::OnInterruption => "on interruption".into(),
+            Guard::ShutdownCommand => "shutdown command".into(),
+            Guard::NoShutdownCommand => "no shutdown command or no time".into(),
+            Guard::SpotScarce => "spot short everywhere, fallback allowed".into(),
         }
     }
 

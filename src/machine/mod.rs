@@ -86,6 +86,9 @@ pub struct SessionContext {
     pub request: ProvisionRequest,
     /// Folder for private key files the session creates.
     pub key_dir: String,
+    /// The interrupted session this one took over from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 impl SessionContext {
@@ -339,6 +342,19 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
                 instance_id: Some(p.instance.instance_id.clone()),
             },
         }),
+        ProvisionPhase::Interrupting(p) => Some(Effect::RunShutdownCommand {
+            endpoint: p.ssh_endpoint.clone(),
+            user: ctx.request.ssh.user.clone(),
+            private_key_path: p.instance.key.private_key_path.clone(),
+            host_key_fingerprint: p.host_key_fingerprint.clone(),
+            command: ctx
+                .request
+                .spot
+                .as_ref()
+                .and_then(|s| s.interruption.shutdown_command.clone())
+                .unwrap_or_default(),
+            deadline: p.command_deadline,
+        }),
         ProvisionPhase::DeletingKeyPair(p) => Some(Effect::DeleteKeyPair {
             key_name: p.key.key_name.clone(),
             // The user's own key file is never removed.
@@ -348,7 +364,10 @@ pub fn effect_for(ctx: &SessionContext, phase: &ProvisionPhase) -> Option<Effect
                 .clone()
                 .filter(|_| p.key.owns_key_file),
         }),
-        ProvisionPhase::Ready(_) | ProvisionPhase::Failed(_) | ProvisionPhase::TornDown(_) => None,
+        ProvisionPhase::Ready(_)
+        | ProvisionPhase::Failed(_)
+        | ProvisionPhase::TornDown(_)
+        | ProvisionPhase::Interrupted(_) => None,
     }
 }
 

@@ -324,6 +324,40 @@ pub struct Ready {
     pub host_key: String,
 }
 
+/// EC2's notice that it takes a spot instance back (FR-032/033).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterruptionNotice {
+    /// `terminate`, `stop` or `hibernate`.
+    pub action: String,
+    /// When EC2 acts.
+    pub at: Timestamp,
+    /// Where the notice was read (the instance's metadata over SSH, or the
+    /// EC2 API), for people.
+    pub source: String,
+}
+
+/// A spot instance under notice: the shutdown command runs on it (over the
+/// verified SSH connection) before cleanup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interrupting {
+    pub instance: LaunchedInstance,
+    pub ssh_endpoint: String,
+    pub host_key_fingerprint: String,
+    pub notice: InterruptionNotice,
+    /// The command must end by then: its timeout, and before the notice time.
+    pub command_deadline: Timestamp,
+    /// The session started from the same request to take over, if any.
+    pub replacement: Option<String>,
+}
+
+/// How an interrupted session ended: why, and who took over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interrupted {
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacement: Option<String>,
+}
+
 /// Why cleanup runs: it decides where cleanup ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cause", content = "reason", rename_all = "snake_case")]
@@ -332,6 +366,8 @@ pub enum CleanupCause {
     Failure(String),
     /// The caller asked for teardown: cleanup ends in `TornDown`.
     Teardown,
+    /// EC2 took (or is taking) a spot instance back: cleanup ends in `Interrupted`.
+    Interruption(Interrupted),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -392,10 +428,12 @@ pub enum ProvisionPhase {
     AbandoningSpot(AbandoningSpot),
     WaitingForSsh(WaitingForSsh),
     Ready(Ready),
+    Interrupting(Interrupting),
     TerminatingInstance(TerminatingInstance),
     DeletingKeyPair(DeletingKeyPair),
     Failed(Failed),
     TornDown(TornDown),
+    Interrupted(Interrupted),
 }
 
 impl PhaseKind {
@@ -409,7 +447,10 @@ impl PhaseKind {
 
     /// No input leaves these phases.
     pub fn is_terminal(self) -> bool {
-        matches!(self, PhaseKind::Failed | PhaseKind::TornDown)
+        matches!(
+            self,
+            PhaseKind::Failed | PhaseKind::TornDown | PhaseKind::Interrupted
+        )
     }
 
     /// A session that `recover` leaves alone: finished, or Ready and tracked.
@@ -433,9 +474,12 @@ impl PhaseKind {
             PhaseKind::RequestingSpot | PhaseKind::Launching | PhaseKind::AbandoningSpot => 30,
             PhaseKind::WaitingForRunning => 50,
             PhaseKind::WaitingForSsh => 75,
+            PhaseKind::Interrupting => 70,
             PhaseKind::TerminatingInstance => 80,
             PhaseKind::DeletingKeyPair => 90,
-            PhaseKind::Ready | PhaseKind::Failed | PhaseKind::TornDown => 100,
+            PhaseKind::Ready | PhaseKind::Failed | PhaseKind::TornDown | PhaseKind::Interrupted => {
+                100
+            }
         }
     }
 }
@@ -458,6 +502,7 @@ impl ProvisionPhase {
             ProvisionPhase::AbandoningSpot(p) => Some(&p.instance),
             ProvisionPhase::WaitingForSsh(p) => Some(&p.instance),
             ProvisionPhase::Ready(p) => Some(&p.instance),
+            ProvisionPhase::Interrupting(p) => Some(&p.instance),
             _ => None,
         }
     }
@@ -510,5 +555,42 @@ impl ProvisionPhase {
 
     pub fn was_spot(&self) -> bool {
         self.instance().is_some_and(|i| i.was_spot)
+    }
+
+    /// Why a finished session ended as it did (`Failed`, `Interrupted`).
+    pub fn end_reason(&self) -> Option<&str> {
+        match self {
+            ProvisionPhase::Failed(f) => Some(&f.reason),
+            ProvisionPhase::Interrupted(i) => Some(&i.reason),
+            _ => None,
+        }
+    }
+
+    /// Interrupted and not finished yet: the shutdown command or the
+    /// cleanup after it.
+    pub fn is_interruption_underway(&self) -> bool {
+        match self {
+            ProvisionPhase::Interrupting(_) => true,
+            ProvisionPhase::TerminatingInstance(p) => {
+                matches!(p.cause, CleanupCause::Interruption(_))
+            }
+            ProvisionPhase::DeletingKeyPair(p) => matches!(p.cause, CleanupCause::Interruption(_)),
+            _ => false,
+        }
+    }
+
+    /// The session that takes over after an interruption, once one is named.
+    pub fn replacement(&self) -> Option<&str> {
+        let cause = match self {
+            ProvisionPhase::Interrupting(p) => return p.replacement.as_deref(),
+            ProvisionPhase::Interrupted(p) => return p.replacement.as_deref(),
+            ProvisionPhase::TerminatingInstance(p) => &p.cause,
+            ProvisionPhase::DeletingKeyPair(p) => &p.cause,
+            _ => return None,
+        };
+        match cause {
+            CleanupCause::Interruption(end) => end.replacement.as_deref(),
+            CleanupCause::Failure(_) | CleanupCause::Teardown => None,
+        }
     }
 }

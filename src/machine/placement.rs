@@ -95,6 +95,11 @@ impl PlacementFacts {
             .any(|s| s.spot == spot && s.zone == zone)
     }
 
+    /// Whether spot just ran out in every configured zone.
+    pub fn spot_short_everywhere(&self, zones: &[String]) -> bool {
+        !zones.is_empty() && zones.iter().all(|zone| self.is_short(zone, true))
+    }
+
     /// Whether the facts can rank spot launches: both signals are in (a
     /// score without a price, or the reverse, keeps the config order).
     pub fn ranks_spot(&self) -> bool {
@@ -218,12 +223,18 @@ impl fmt::Display for SpotSavings {
                 spot_price,
                 on_demand_price,
                 savings_permille,
-            } => write!(
-                f,
-                "spot {spot_price} against on-demand {on_demand_price}: {}.{}% saved",
-                savings_permille / 10,
-                (savings_permille % 10).abs()
-            ),
+            } => {
+                let (sign, permille) = match *savings_permille {
+                    p if p < 0 => ("-", -i64::from(p)),
+                    p => ("", i64::from(p)),
+                };
+                write!(
+                    f,
+                    "spot {spot_price} against on-demand {on_demand_price}: {sign}{}.{}% saved",
+                    permille / 10,
+                    permille % 10
+                )
+            }
             SpotSavings::Unknown { why } => write!(f, "savings unknown: {why}"),
         }
     }
@@ -320,6 +331,12 @@ mod tests {
         f.on_demand_price = Some(MicroUsd(10_400));
         let saved = f.savings_in(Some("us-east-1a"));
         assert_eq!(saved.savings_percent(), Some(70.1));
+        let dearer = SpotSavings::Known {
+            spot_price: MicroUsd(10_450),
+            on_demand_price: MicroUsd(10_400),
+            savings_permille: -5,
+        };
+        assert!(dearer.to_string().ends_with(": -0.5% saved"), "{dearer}");
         assert_eq!(
             saved.to_string(),
             "spot $0.003100/h against on-demand $0.010400/h: 70.1% saved"

@@ -51,6 +51,8 @@ pub const TRANSITIONS: &[Transition] = &[
     //
     // Placement never fails: what it cannot learn leaves the config order.
     t(P::ChoosingPlacement, I::PlacementFound, &[G::SpotRequested], P::RequestingSpot),
+    // Spot just ran out in every zone (a replacement after a reclaim): on-demand at once.
+    t(P::ChoosingPlacement, I::PlacementFound, &[G::SpotScarce], P::Launching),
     t(P::ChoosingPlacement, I::PlacementFound, &[G::OnDemandOnly], P::Launching),
     t(P::ChoosingPlacement, I::TeardownRequested, &[G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::ChoosingPlacement, I::TeardownRequested, &[G::KeyPairNotOurs], P::TornDown),
@@ -129,19 +131,28 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::WaitingForSsh, I::TeardownRequested, &[], P::TerminatingInstance),
     //
     t(P::Ready, I::TeardownRequested, &[], P::TerminatingInstance),
+    // A spot interruption notice: the shutdown command in the window, then cleanup.
+    t(P::Ready, I::InterruptionNoticed, &[G::ShutdownCommand], P::Interrupting),
+    t(P::Ready, I::InterruptionNoticed, &[G::NoShutdownCommand], P::TerminatingInstance),
+    //
+    t(P::Interrupting, I::ShutdownCommandFinished, &[], P::TerminatingInstance),
+    t(P::Interrupting, I::TeardownRequested, &[], P::TerminatingInstance),
     //
     t(P::TerminatingInstance, I::InstanceTerminated, &[G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::TerminatingInstance, I::InstanceTerminated, &[G::KeyPairNotOurs, G::OnFailure], P::Failed),
     t(P::TerminatingInstance, I::InstanceTerminated, &[G::KeyPairNotOurs, G::OnTeardown], P::TornDown),
+    t(P::TerminatingInstance, I::InstanceTerminated, &[G::KeyPairNotOurs, G::OnInterruption], P::Interrupted),
     // NotFound right after a launch is EC2 not showing the instance yet.
     t(P::TerminatingInstance, I::InstanceNotFound, &[G::JustLaunched], P::TerminatingInstance),
     t(P::TerminatingInstance, I::InstanceNotFound, &[G::GraceOver, G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::TerminatingInstance, I::InstanceNotFound, &[G::GraceOver, G::KeyPairNotOurs, G::OnFailure], P::Failed),
     t(P::TerminatingInstance, I::InstanceNotFound, &[G::GraceOver, G::KeyPairNotOurs, G::OnTeardown], P::TornDown),
+    t(P::TerminatingInstance, I::InstanceNotFound, &[G::GraceOver, G::KeyPairNotOurs, G::OnInterruption], P::Interrupted),
     t(P::TerminatingInstance, I::NoInstanceFound, &[G::JustLaunched], P::TerminatingInstance),
     t(P::TerminatingInstance, I::NoInstanceFound, &[G::GraceOver, G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::TerminatingInstance, I::NoInstanceFound, &[G::GraceOver, G::KeyPairNotOurs, G::OnFailure], P::Failed),
     t(P::TerminatingInstance, I::NoInstanceFound, &[G::GraceOver, G::KeyPairNotOurs, G::OnTeardown], P::TornDown),
+    t(P::TerminatingInstance, I::NoInstanceFound, &[G::GraceOver, G::KeyPairNotOurs, G::OnInterruption], P::Interrupted),
     // Cleanup never gives up: it retries, and now and then stops to say why.
     t(P::TerminatingInstance, I::TransientFailure, &[G::KeepTrying], P::TerminatingInstance),
     t(P::TerminatingInstance, I::TransientFailure, &[G::AskOperator], P::TerminatingInstance),
@@ -149,6 +160,7 @@ pub const TRANSITIONS: &[Transition] = &[
     //
     t(P::DeletingKeyPair, I::KeyPairDeleted, &[G::OnFailure], P::Failed),
     t(P::DeletingKeyPair, I::KeyPairDeleted, &[G::OnTeardown], P::TornDown),
+    t(P::DeletingKeyPair, I::KeyPairDeleted, &[G::OnInterruption], P::Interrupted),
     t(P::DeletingKeyPair, I::TransientFailure, &[G::KeepTrying], P::DeletingKeyPair),
     t(P::DeletingKeyPair, I::TransientFailure, &[G::AskOperator], P::DeletingKeyPair),
     t(P::DeletingKeyPair, I::TeardownRequested, &[G::AlreadyCleaningUp], P::DeletingKeyPair),

@@ -9,7 +9,7 @@ use strum::IntoEnumIterator;
 use super::table::{self, TRANSITIONS};
 use super::*;
 use crate::error_code::AwsErrorCode;
-use crate::request::{KeyAlgorithm, SpotPolicy, sample};
+use crate::request::{InterruptionPolicy, KeyAlgorithm, SpotPolicy, sample};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 
@@ -23,10 +23,18 @@ struct Shape {
 
 fn ctx(shape: Shape) -> SessionContext {
     let mut request = sample::request();
+    // Spot sessions with a key of their own also have a shutdown command
+    // and ask for a replacement when interrupted.
+    let interruption = InterruptionPolicy {
+        shutdown_command: shape.owned_key.then(|| "systemctl stop agent".into()),
+        replace: shape.owned_key,
+        ..InterruptionPolicy::default()
+    };
     request.spot = shape.spot.map(|fallback| SpotPolicy {
         max_price: None,
         fallback_to_on_demand: fallback,
         request_timeout: Duration::from_secs(120),
+        interruption: interruption.clone(),
     });
     request.subnet_ids = (0..shape.subnets).map(|i| format!("subnet-{i}")).collect();
     request.key_pair = if shape.owned_key {
@@ -48,6 +56,7 @@ fn ctx(shape: Shape) -> SessionContext {
         session_id: "0f0e0d0c-0000-4000-8000-000000000001".into(),
         request,
         key_dir: "/var/lib/acode/keys".into(),
+        replaces: None,
     }
 }
 
@@ -110,6 +119,15 @@ fn spot_instance(ctx: &SessionContext) -> LaunchedInstance {
             why: "no Price List client is configured".into(),
         })),
         ..instance(ctx)
+    }
+}
+
+/// EC2 takes the instance back two minutes after T0.
+fn notice() -> InterruptionNotice {
+    InterruptionNotice {
+        action: "terminate".into(),
+        at: T0.plus(Duration::from_secs(120)),
+        source: "the instance's metadata service".into(),
     }
 }
 
@@ -257,7 +275,23 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
         host_key_fingerprint: "SHA256:abc".into(),
         host_key: "ssh-ed25519 AAAA".into(),
     }));
-    for cause in [CleanupCause::Failure("x".into()), CleanupCause::Teardown] {
+    all.push(ProvisionPhase::Interrupting(Interrupting {
+        instance: spot_instance(ctx),
+        ssh_endpoint: "127.0.0.1:2222".into(),
+        host_key_fingerprint: "SHA256:abc".into(),
+        notice: notice(),
+        command_deadline: T0.plus(Duration::from_secs(90)),
+        replacement: None,
+    }));
+    let interrupted = Interrupted {
+        reason: "EC2 gave notice".into(),
+        replacement: Some(format!("{}-r1", ctx.session_id)),
+    };
+    for cause in [
+        CleanupCause::Failure("x".into()),
+        CleanupCause::Teardown,
+        CleanupCause::Interruption(interrupted.clone()),
+    ] {
         // A known instance, and a sweep for the instance of a lost launch answer.
         for instance_id in [Some("i-0123".to_string()), None] {
             all.push(ProvisionPhase::TerminatingInstance(TerminatingInstance {
@@ -274,6 +308,7 @@ fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     }
     all.push(ProvisionPhase::Failed(Failed { reason: "x".into() }));
     all.push(ProvisionPhase::TornDown(TornDown));
+    all.push(ProvisionPhase::Interrupted(interrupted));
     all
 }
 
@@ -345,6 +380,10 @@ fn sample_input(kind: InputKind) -> Input {
         InputKind::InstanceTerminated => Input::InstanceTerminated,
         InputKind::InstanceNotFound => Input::InstanceNotFound,
         InputKind::NoInstanceFound => Input::NoInstanceFound,
+        InputKind::InterruptionNoticed => Input::InterruptionNoticed { notice: notice() },
+        InputKind::ShutdownCommandFinished => Input::ShutdownCommandFinished {
+            outcome: "exited 0".into(),
+        },
         InputKind::SpotRequestCancelled => Input::SpotRequestCancelled {
             state: Some("cancelled".into()),
             instance_id: Some("i-0123".into()),
@@ -397,7 +436,17 @@ fn every_table_row_is_exercised_and_nothing_else_happens() {
                             instance: CheckState::Initializing,
                         },
                     };
-                    let extra = [no_ip, initializing];
+                    // Spot ran out in every zone a moment ago.
+                    let scarce = Input::PlacementFound {
+                        facts: Box::new(PlacementFacts {
+                            short_zones: zones(&ctx)
+                                .into_iter()
+                                .map(|zone| ShortZone { zone, spot: true })
+                                .collect(),
+                            ..PlacementFacts::default()
+                        }),
+                    };
+                    let extra = [no_ip, initializing, scarce];
                     for input in InputKind::iter().map(sample_input).chain(extra) {
                         let kind = input.kind();
                         match step(&ctx, &state, input, now) {
@@ -1115,4 +1164,141 @@ proptest! {
             }
         }
     }
+}
+
+/// A Ready spot session of the given shape.
+fn ready_spot(ctx: &SessionContext) -> SessionState {
+    SessionState::fresh(ProvisionPhase::Ready(Ready {
+        instance: spot_instance(ctx),
+        public_ip: Some("54.1.2.3".into()),
+        private_ip: None,
+        ssh_endpoint: "127.0.0.1:2222".into(),
+        host_key_fingerprint: "SHA256:abc".into(),
+        host_key: "ssh-ed25519 AAAA".into(),
+    }))
+}
+
+#[test]
+fn a_notice_runs_the_shutdown_command_in_the_window_then_cleans_up_to_interrupted() {
+    let ctx = ctx(Shape {
+        spot: Some(true),
+        subnets: 1,
+        owned_key: true,
+        policy: 0,
+    });
+    let s = step(
+        &ctx,
+        &ready_spot(&ctx),
+        sample_input(InputKind::InterruptionNoticed),
+        T0,
+    )
+    .unwrap();
+    let ProvisionPhase::Interrupting(p) = &s.state.phase else {
+        panic!("{:?}", s.state.phase)
+    };
+    // 90 s of shutdown timeout, ending 5 s before EC2 acts at T0 + 120 s.
+    assert_eq!(p.command_deadline, T0.plus(Duration::from_secs(90)));
+    let Some(Effect::RunShutdownCommand {
+        host_key_fingerprint,
+        command,
+        deadline,
+        ..
+    }) = &s.effect
+    else {
+        panic!("{:?}", s.effect)
+    };
+    assert_eq!(host_key_fingerprint, "SHA256:abc");
+    assert_eq!(command, "systemctl stop agent");
+    assert_eq!(*deadline, p.command_deadline);
+    let mut s = step(
+        &ctx,
+        &s.state,
+        sample_input(InputKind::ShutdownCommandFinished),
+        T0,
+    )
+    .unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
+    for input in [Input::InstanceTerminated, Input::KeyPairDeleted] {
+        s = step(&ctx, &s.state, input, T0).unwrap();
+    }
+    let ProvisionPhase::Interrupted(end) = &s.state.phase else {
+        panic!("{:?}", s.state.phase)
+    };
+    assert!(
+        end.reason.contains("shutdown command: exited 0"),
+        "{}",
+        end.reason
+    );
+    assert_eq!(end.replacement, Some(format!("{}-r1", ctx.session_id)));
+    assert_eq!(s.effect, None);
+}
+
+#[test]
+fn a_notice_too_close_to_act_on_goes_straight_to_cleanup() {
+    let ctx = ctx(Shape {
+        spot: Some(true),
+        subnets: 1,
+        owned_key: true,
+        policy: 0,
+    });
+    let late = InterruptionNotice {
+        at: T0.plus(Duration::from_secs(4)),
+        ..notice()
+    };
+    let s = step(
+        &ctx,
+        &ready_spot(&ctx),
+        Input::InterruptionNoticed { notice: late },
+        T0,
+    )
+    .unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
+    assert_eq!(s.guards, Guards::from(Guard::NoShutdownCommand));
+}
+
+#[test]
+fn replacements_are_named_from_the_session_they_replace() {
+    assert_eq!(decide::replacement_id("abc"), "abc-r1");
+    assert_eq!(decide::replacement_id("abc-r1"), "abc-r2");
+    assert_eq!(decide::replacement_id("abc-r9"), "abc-r10");
+    assert_eq!(decide::replacement_id("a-rx"), "a-rx-r1");
+}
+
+#[test]
+fn spot_short_in_every_zone_with_fallback_launches_on_demand_at_once() {
+    let ctx = ctx(Shape {
+        spot: Some(true),
+        subnets: 2,
+        owned_key: true,
+        policy: 0,
+    });
+    let facts = PlacementFacts {
+        short_zones: zones(&ctx)
+            .into_iter()
+            .map(|zone| ShortZone { zone, spot: true })
+            .collect(),
+        ..PlacementFacts::default()
+    };
+    let s = start(&ctx);
+    let validated = Input::Validated {
+        image: image(),
+        zones: zones(&ctx),
+        zone_ids: Vec::new(),
+    };
+    let s = step(&ctx, &s.state, validated, T0).unwrap();
+    let s = step(&ctx, &s.state, sample_input(InputKind::KeyPairReady), T0).unwrap();
+    let s = step(
+        &ctx,
+        &s.state,
+        Input::PlacementFound {
+            facts: Box::new(facts),
+        },
+        T0,
+    )
+    .unwrap();
+    assert_eq!(s.state.phase.kind(), PhaseKind::Launching);
+    assert!(matches!(
+        s.effect,
+        Some(Effect::RunInstance { spot: false, .. })
+    ));
 }

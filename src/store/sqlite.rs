@@ -19,7 +19,7 @@ use super::{
     StoreError, this_host,
 };
 use crate::clock::{Clock, SystemClock};
-use crate::machine::{PhaseKind, ProvisionPhase, SessionContext, SessionState, Timestamp};
+use crate::machine::{PhaseKind, SessionContext, SessionState, Timestamp};
 use crate::request::parse_host_port;
 
 impl From<rusqlite::Error> for StoreError {
@@ -264,10 +264,7 @@ fn append(
 }
 
 fn detail_of(state: &SessionState) -> Option<String> {
-    match &state.phase {
-        ProvisionPhase::Failed(f) => Some(f.reason.clone()),
-        _ => None,
-    }
+    state.phase.end_reason().map(str::to_string)
 }
 
 /// Appends the checkpoint's entries and refreshes the cached row.

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use acode_ec2::driver::{EngineError, ReadyInstance};
+use acode_ec2::driver::{EngineError, ReadyInstance, WatchOptions};
 use acode_ec2::events::NoProgress;
 use acode_ec2::machine::{CLEANUP_PATIENCE, PhaseKind};
 use acode_ec2::store::{CheckpointStore, LeaseHolder};
@@ -336,4 +336,83 @@ async fn a_cleanup_that_keeps_failing_stops_with_advice_and_stays_recoverable() 
     // Once the cause is fixed, another driver (the lease was released) finishes it.
     world.state.lock().unwrap().terminate_refused = false;
     tear_down_to_nothing(&harness, &world, &ready.session_id, "after the fix").await;
+}
+
+/// A spot session whose interruption runs a shutdown command and starts a
+/// replacement.
+const SPOT_REPLACED_ON_INTERRUPTION: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  useSpot: true\n  pollInterval: 50ms\n  spotInterruption:\n    shutdownCommand: sync\n    replace: true\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
+
+/// A watcher that dies at any point of acting on a notice (committing it,
+/// the shutdown command, the terminate, the key pair delete, any step of
+/// the replacement) leaves what `recover` finishes: the interrupted session
+/// cleaned up, exactly one replacement Ready, one live instance.
+#[tokio::test]
+async fn a_watcher_crash_at_any_point_of_an_interruption_is_finished_by_recover() {
+    let mut crashed = 0;
+    let mut ran_through = false;
+    for point in ALL_POINTS {
+        for nth in 1..=24 {
+            let case = format!("{point:?} #{nth}");
+            let harness = Harness::new();
+            let world = Arc::new(FakeWorld::default());
+            let ready = harness
+                .fast_engine(world.clone())
+                .provision(request(SPOT_REPLACED_ON_INTERRUPTION), &NoProgress)
+                .await
+                .unwrap();
+            world.state.lock().unwrap().interrupting = Some(ready.instance_id.clone());
+            // This session only: its replacement is a Ready spot session too.
+            let options = WatchOptions {
+                sessions: vec![ready.session_id.clone()],
+                until_idle: true,
+                ..WatchOptions::default()
+            };
+            let crashing = harness.crashing_engine(world.clone(), point, nth);
+            let watched = crashing.watch(&options, &NoProgress).await;
+            let died = match &watched {
+                Err(e) => is_crash(e),
+                Ok(items) => items.iter().any(|i| {
+                    i.settled.as_ref().is_err_and(is_crash)
+                        || i.replacement
+                            .as_ref()
+                            .is_some_and(|r| r.result.as_ref().is_err_and(is_crash))
+                }),
+            };
+            if died {
+                crashed += 1;
+            } else {
+                ran_through = true;
+            }
+            drop(crashing);
+            harness
+                .fast_engine(world.clone())
+                .recover(&NoProgress)
+                .await
+                .unwrap();
+            let replacement = format!("{}-r1", ready.session_id);
+            assert_eq!(
+                phase_of(&harness, &ready.session_id).await,
+                PhaseKind::Interrupted,
+                "{case}"
+            );
+            assert_eq!(
+                phase_of(&harness, &replacement).await,
+                PhaseKind::Ready,
+                "{case}"
+            );
+            assert_eq!(
+                harness.store.list().await.unwrap().len(),
+                2,
+                "{case}: a second replacement"
+            );
+            let live = world.live_instances();
+            assert_eq!(live.len(), 1, "{case}: {live:?}");
+            assert_eq!(world.instances_ever(), 2, "{case}: a duplicate launch");
+            assert!(world.count("RunShutdownCommand") >= 1, "{case}");
+        }
+    }
+    // About eleven of each kind of point: the notice, the shutdown command,
+    // terminate, key pair delete, and the replacement's eight effects.
+    assert!(crashed >= 33, "only {crashed} crashes injected");
+    assert!(ran_through, "no run got through: raise the nth range");
 }

@@ -212,4 +212,12 @@ impl<E: Effects> Effects for CrashingEffects<E> {
         self.switch.pass(CrashPoint::EffectRan);
         input
     }
+
+    async fn check_interruption(
+        &self,
+        ctx: &SessionContext,
+        ready: &acode_ec2::machine::Ready,
+    ) -> acode_ec2::effects::interruption::InterruptionCheck {
+        self.inner.check_interruption(ctx, ready).await
+    }
 }

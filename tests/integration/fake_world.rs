@@ -7,15 +7,18 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use acode_ec2::effects::Effects;
+use acode_ec2::effects::interruption::InterruptionCheck;
 use acode_ec2::error_code::AwsErrorCode;
 use acode_ec2::machine::{
-    CheckState, ConsoleFingerprints, Effect, Input, KeyPairHandle, SessionContext, StatusReport,
-    Timestamp,
+    CheckState, ConsoleFingerprints, Effect, Input, InterruptionNotice, KeyPairHandle, Ready,
+    SessionContext, StatusReport, Timestamp,
 };
 
 #[derive(Debug, Default)]
 pub struct FakeInstance {
     pub id: String,
+    /// The session it is tagged with.
+    pub session: String,
     pub spot: bool,
     pub terminated: bool,
 }
@@ -33,6 +36,10 @@ pub struct WorldState {
     pub spot_reclaimed: bool,
     /// While set, SSH never answers.
     pub ssh_down: bool,
+    /// The spot instance under an interruption notice, while it lives.
+    pub interrupting: Option<String>,
+    /// Shutdown commands run (on any instance).
+    pub shutdown_runs: u32,
 }
 
 #[derive(Default)]
@@ -69,7 +76,7 @@ impl WorldState {
         self.instances.values().find(|i| i.id == id)
     }
 
-    fn run_instance(&mut self, client_token: &str, spot: bool) -> Input {
+    fn run_instance(&mut self, session: &str, client_token: &str, spot: bool) -> Input {
         self.run_instance_tokens.push(client_token.to_string());
         let next_id = format!("i-{:04}", self.instances.len() + 1);
         let instance = self
@@ -77,6 +84,7 @@ impl WorldState {
             .entry(client_token.to_string())
             .or_insert(FakeInstance {
                 id: next_id,
+                session: session.to_string(),
                 spot,
                 terminated: false,
             });
@@ -94,11 +102,12 @@ impl WorldState {
     }
 
     /// Like the real effect: the known id, and everything tagged with the
-    /// session (here: every live instance).
-    fn terminate(&mut self, instance_id: Option<&str>) -> Input {
+    /// session.
+    fn terminate(&mut self, session: &str, instance_id: Option<&str>) -> Input {
         let known_exists = instance_id.is_none_or(|id| self.instance(id).is_some());
         let mut any = false;
-        for instance in self.instances.values_mut().filter(|i| !i.terminated) {
+        let tagged = |i: &&mut FakeInstance| !i.terminated && i.session == session;
+        for instance in self.instances.values_mut().filter(tagged) {
             instance.terminated = true;
             any = true;
         }
@@ -117,6 +126,23 @@ impl Effects for FakeWorld {
             let _answer_may_go = self.hold_launch.lock().await;
         }
         input
+    }
+
+    async fn check_interruption(&self, _ctx: &SessionContext, ready: &Ready) -> InterruptionCheck {
+        let state = self.state.lock().unwrap();
+        let id = &ready.instance.instance_id;
+        let live_spot = state.instance(id).is_some_and(|i| i.spot && !i.terminated);
+        if state.interrupting.as_ref() == Some(id) && live_spot {
+            return InterruptionCheck::Noticed(InterruptionNotice {
+                action: "terminate".into(),
+                // Far enough ahead for the shutdown command to be run.
+                at: Timestamp(acode_ec2::clock::wall_clock().0 + 120_000),
+                source: "the fake world".into(),
+            });
+        }
+        InterruptionCheck::Quiet {
+            via: "the fake world",
+        }
     }
 }
 
@@ -158,7 +184,7 @@ impl FakeWorld {
             }
             Effect::RunInstance {
                 client_token, spot, ..
-            } => world.run_instance(client_token.as_str(), *spot),
+            } => world.run_instance(&ctx.session_id, client_token.as_str(), *spot),
             Effect::DescribeInstance { instance_id, .. } => match world.instance(instance_id) {
                 Some(i) if i.terminated => Input::InstanceGone {
                     state: "terminated".into(),
@@ -194,10 +220,18 @@ impl FakeWorld {
                     message: "UnauthorizedOperation: not allowed to terminate".into(),
                 }
             }
-            Effect::TerminateInstance { instance_id } => world.terminate(instance_id.as_deref()),
+            Effect::TerminateInstance { instance_id } => {
+                world.terminate(&ctx.session_id, instance_id.as_deref())
+            }
             Effect::DeleteKeyPair { key_name, .. } => {
                 world.key_pairs.remove(key_name);
                 Input::KeyPairDeleted
+            }
+            Effect::RunShutdownCommand { .. } => {
+                world.shutdown_runs += 1;
+                Input::ShutdownCommandFinished {
+                    outcome: "exited 0".into(),
+                }
             }
         }
     }

@@ -103,6 +103,7 @@ fn live_request(spot: bool, marker: &str) -> ProvisionRequest {
         max_price: None,
         fallback_to_on_demand: true,
         request_timeout: Duration::from_secs(300),
+        interruption: Default::default(),
     });
     request.ssh.endpoint_override = None;
     request

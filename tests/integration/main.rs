@@ -11,6 +11,7 @@ mod lab;
 mod lab_behaviour;
 mod lab_engine;
 mod lab_guidance;
+mod lab_interruption;
 mod lab_readiness;
 mod lab_spot;
 mod live;

@@ -1,7 +1,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
-use crate::machine::{self, Effect, Input, Validating};
+use crate::machine::{self, Effect, Input, ProvisionPhase, Validating};
 use crate::request::sample;
 use crate::store::Intent;
 
@@ -13,6 +13,7 @@ fn context(id: &str) -> SessionContext {
         session_id: id.into(),
         request: sample::request(),
         key_dir: "/tmp/keys".into(),
+        replaces: None,
     }
 }
 
