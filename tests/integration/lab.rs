@@ -119,13 +119,7 @@ impl Lab {
         let config = aws_sdk_ec2::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(self.info.region.clone()))
-            .credentials_provider(Credentials::new(
-                "testing",
-                "testing",
-                None,
-                None,
-                "acode-lab",
-            ))
+            .credentials_provider(lab_credentials())
             .endpoint_url(&self.info.ec2_endpoint)
             .build();
         aws_sdk_ec2::Client::from_conf(config)
@@ -136,13 +130,7 @@ impl Lab {
         let config = aws_sdk_pricing::Config::builder()
             .behavior_version(aws_sdk_pricing::config::BehaviorVersion::latest())
             .region(aws_sdk_pricing::config::Region::new("us-east-1"))
-            .credentials_provider(Credentials::new(
-                "testing",
-                "testing",
-                None,
-                None,
-                "acode-lab",
-            ))
+            .credentials_provider(lab_credentials())
             .endpoint_url(&self.info.ec2_endpoint)
             .build();
         aws_sdk_pricing::Client::from_conf(config)
@@ -339,4 +327,10 @@ impl Drop for Lab {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The static test credentials every lab client uses (moto's default
+/// account); never a credential chain that could probe the metadata address.
+fn lab_credentials() -> Credentials {
+    Credentials::new("testing", "testing", None, None, "acode-lab")
 }

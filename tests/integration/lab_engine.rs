@@ -205,7 +205,10 @@ async fn spot_without_capacity_falls_back_to_on_demand() {
 }
 
 /// The `SpotFallback` reasons among the events received so far.
-fn spot_fallbacks(events: &mut tokio::sync::broadcast::Receiver<ProvisionEvent>) -> Vec<String> {
+/// The reasons of the `SpotFallback` events received so far.
+pub fn spot_fallbacks(
+    events: &mut tokio::sync::broadcast::Receiver<ProvisionEvent>,
+) -> Vec<String> {
     let mut reasons = Vec::new();
     while let Ok(event) = events.try_recv() {
         if let ProvisionEvent::SpotFallback { reason, .. } = event {

@@ -19,6 +19,7 @@ use crate::cli::{cli, config_file};
 use crate::common::{Harness, request};
 use crate::crashing::{ALL_POINTS, is_crash};
 use crate::lab::Lab;
+use crate::lab_engine::spot_fallbacks;
 
 /// Spot in the subnets of us-east-1a then us-east-1b (config order).
 fn spot_yaml(lab: &Lab, extra: &str) -> String {
@@ -328,13 +329,7 @@ async fn a_spot_instance_reclaimed_while_waiting_for_ssh_is_replaced_on_demand()
         .await
         .expect("Ready on demand");
     assert!(!ready.was_spot);
-    let reasons: Vec<String> = drain(&mut events)
-        .into_iter()
-        .filter_map(|e| match e {
-            ProvisionEvent::SpotFallback { reason, .. } => Some(reason),
-            _ => None,
-        })
-        .collect();
+    let reasons = spot_fallbacks(&mut events);
     assert!(
         matches!(reasons.as_slice(), [r] if r.contains("reclaimed") && r.contains("before it was Ready")),
         "{reasons:?}"
