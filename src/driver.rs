@@ -18,10 +18,11 @@
 //!   recovers from.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, warn};
 
@@ -46,7 +47,8 @@ pub use watcher::{InterruptionHook, WATCH_INTERVAL, WatchOptions, WatchedNotice}
 pub struct EngineOptions {
     /// Folder for private key files of key pairs the engine creates.
     pub key_dir: String,
-    /// How long a lease lasts without renewal; renewed at a third of this.
+    /// How long the engine's lease lasts without a heartbeat; its one
+    /// heartbeat renews it every third of this while it drives sessions.
     pub lease_ttl: Duration,
 }
 
@@ -84,6 +86,23 @@ pub enum EngineError {
          `acode-ec2 recover` resumes it"
     )]
     DriverStopped { session_id: String, reason: String },
+}
+
+/// How many sessions `recover` drives at once by default: enough that a
+/// few stuck in long waits leave room for the rest, few enough that their
+/// polls and SSH logins stay gentle on the account and the network.
+pub const RECOVER_CONCURRENCY: usize = 64;
+
+/// How far a `recover` has got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoverTally {
+    /// Sessions to recover (not counting replacements started after).
+    pub total: usize,
+    /// Sessions whose drive ended, failed ones included.
+    pub done: usize,
+    pub in_flight: usize,
+    /// Drives that ended in an error (not sessions that failed and were cleaned up).
+    pub failed: usize,
 }
 
 /// What `recover` did with one session.
@@ -161,6 +180,7 @@ pub struct Engine<E: Effects> {
     events: broadcast::Sender<ProvisionEvent>,
     observers: Vec<Arc<dyn Observer>>,
     driving: Mutex<HashMap<String, DriveHandle>>,
+    lease: EngineLease,
     interruption_hook: Option<InterruptionHook>,
 }
 
@@ -171,11 +191,13 @@ impl<E: Effects> Engine<E> {
         options: EngineOptions,
     ) -> Engine<E> {
         let (events, _) = broadcast::channel(1024);
+        let holder = LeaseHolder::for_this_process();
         Engine {
             effects,
+            lease: EngineLease::new(Arc::clone(&store), holder.clone(), options.lease_ttl),
             store,
             clock: Arc::new(SystemClock),
-            holder: LeaseHolder::for_this_process(),
+            holder,
             options,
             observers: vec![
                 Arc::new(TracingObserver),
@@ -190,6 +212,11 @@ impl<E: Effects> Engine<E> {
 
     /// Drives sessions as `holder` (tests simulate other processes with it).
     pub fn with_holder(mut self, holder: LeaseHolder) -> Engine<E> {
+        self.lease = EngineLease::new(
+            Arc::clone(&self.store),
+            holder.clone(),
+            self.options.lease_ttl,
+        );
         self.holder = holder;
         self
     }
@@ -267,7 +294,7 @@ impl<E: Effects> Engine<E> {
             self.store
                 .create(&ctx, &checkpoint, &self.holder, ttl, now)
                 .await?;
-            let renewal = self.hold_lease(&session_id);
+            let lease = self.lease.join(&session_id);
             let progress = ProgressObserver(progress);
             let observers = self.fanout(&progress);
             let region = self.effects.region();
@@ -282,7 +309,7 @@ impl<E: Effects> Engine<E> {
                 pending: checkpoint.intent,
                 created_at: now,
             };
-            self.drive(loaded, claim, renewal, &observers).await
+            self.drive(loaded, claim, lease, &observers).await
         }
         .instrument(span)
         .await
@@ -310,11 +337,11 @@ impl<E: Effects> Engine<E> {
                     session_id: session_id.to_string(),
                 });
             };
-            let renewal = self.take_lease(session_id).await?;
+            let lease = self.take_lease(session_id).await?;
             let progress = ProgressObserver(progress);
             let observers = self.fanout(&progress);
             match self.store.load(session_id).await {
-                Ok(loaded) => self.drive(loaded, claim, renewal, &observers).await,
+                Ok(loaded) => self.drive(loaded, claim, lease, &observers).await,
                 Err(e) => {
                     self.release_quietly(session_id).await;
                     Err(e.into())
@@ -464,26 +491,65 @@ impl<E: Effects> Engine<E> {
 
     /// Resumes every session that is neither Ready nor finished: each ends
     /// Ready or cleaned up. Sessions another live process drives are left
-    /// to it and reported as such.
+    /// to it and reported as such. [`RECOVER_CONCURRENCY`] sessions at once.
     pub async fn recover(
         &self,
         progress: &dyn ProgressSink,
     ) -> Result<Vec<Recovered>, EngineError> {
-        let mut report = Vec::new();
-        for summary in self.store.list().await? {
-            if summary.phase.is_settled() {
-                continue;
-            }
-            // Boxed, as below: a drive is a deep future, and recover's own
-            // would not fit a test thread's stack in debug builds.
-            let result = Box::pin(self.resume_to_end(&summary.session_id, progress))
-                .await
-                .map(|s| s.state.phase.kind());
-            report.push(Recovered {
-                session_id: summary.session_id,
-                result,
+        self.recover_with(RECOVER_CONCURRENCY, progress, &|_| {})
+            .await
+    }
+
+    /// As [`Engine::recover`], driving up to `concurrency` sessions at once
+    /// (each under its lease, so a session in a long wait holds up no
+    /// other), and telling `tally` how many are done, in flight and failed
+    /// whenever that changes. The report lists sessions in the store's order.
+    pub async fn recover_with(
+        &self,
+        concurrency: usize,
+        progress: &dyn ProgressSink,
+        tally: &(dyn Fn(&RecoverTally) + Sync),
+    ) -> Result<Vec<Recovered>, EngineError> {
+        let unsettled: Vec<String> = (self.store.list().await?)
+            .into_iter()
+            .filter(|summary| !summary.phase.is_settled())
+            .map(|summary| summary.session_id)
+            .collect();
+        let counts = Mutex::new(RecoverTally {
+            total: unsettled.len(),
+            ..RecoverTally::default()
+        });
+        let update = |change: &dyn Fn(&mut RecoverTally)| {
+            let mut counts = lock(&counts);
+            change(&mut counts);
+            tally(&counts);
+        };
+        let drives = unsettled
+            .into_iter()
+            .enumerate()
+            .map(|(order, session_id)| {
+                let update = &update;
+                async move {
+                    update(&|t| t.in_flight += 1);
+                    // Boxed: a drive is a deep future, and recover's own would
+                    // not fit a test thread's stack in debug builds.
+                    let result = Box::pin(self.resume_to_end(&session_id, progress))
+                        .await
+                        .map(|s| s.state.phase.kind());
+                    update(&|t| {
+                        t.in_flight -= 1;
+                        t.done += 1;
+                        t.failed += usize::from(result.is_err());
+                    });
+                    (order, Recovered { session_id, result })
+                }
             });
-        }
+        let mut report: Vec<(usize, Recovered)> = futures_util::stream::iter(drives)
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        report.sort_by_key(|(order, _)| *order);
+        let mut report: Vec<Recovered> = report.into_iter().map(|(_, r)| r).collect();
         // Then a replacement an interruption named but never started (its
         // watcher died first) is started, once: its id is derived.
         for summary in self.store.list().await? {
@@ -500,6 +566,24 @@ impl<E: Effects> Engine<E> {
         Ok(report)
     }
 
+    /// Starts `count` sessions from one request, side by side, and drives
+    /// each until it settles: one result per session, in start order. The
+    /// sessions share this engine's rate limits, batched polls and
+    /// validation answers, so N sessions cost far less than N provisions.
+    pub async fn provision_many(
+        &self,
+        request: ProvisionRequest,
+        count: usize,
+        progress: &dyn ProgressSink,
+    ) -> Vec<Result<ReadyInstance, EngineError>> {
+        let sessions = (0..count).map(|_| {
+            let request = request.clone();
+            // Boxed, as in recover.
+            Box::pin(self.provision(request, progress))
+        });
+        futures_util::future::join_all(sessions).await
+    }
+
     /// Takes the lease, commits `input`, drives to the end. A finished
     /// session takes no input: it is reported as it stands.
     async fn deliver_here(
@@ -509,7 +593,7 @@ impl<E: Effects> Engine<E> {
         progress: &dyn ProgressSink,
     ) -> Result<LoadedSession, EngineError> {
         let session_id = claim.session_id.clone();
-        let renewal = self.take_lease(&session_id).await?;
+        let lease = self.take_lease(&session_id).await?;
         let progress = ProgressObserver(progress);
         let observers = self.fanout(&progress);
         let committed = async {
@@ -525,7 +609,7 @@ impl<E: Effects> Engine<E> {
         }
         .await;
         match committed {
-            Ok(Ok(loaded)) => self.drive(loaded, claim, renewal, &observers).await,
+            Ok(Ok(loaded)) => self.drive(loaded, claim, lease, &observers).await,
             Ok(Err(finished)) => {
                 self.release_quietly(&session_id).await;
                 Ok(finished)
@@ -603,23 +687,14 @@ impl<E: Effects> Engine<E> {
         Ok(step.pause)
     }
 
-    /// Takes the session's lease (or explains who holds it) and keeps it renewed.
-    async fn take_lease(&self, session_id: &str) -> Result<LeaseRenewal, EngineError> {
+    /// Leases the session to this engine (or explains who holds it); the
+    /// engine's heartbeat keeps it.
+    async fn take_lease(&self, session_id: &str) -> Result<SessionLease<'_>, EngineError> {
         let ttl = self.options.lease_ttl;
         self.store
             .acquire_lease(session_id, &self.holder, ttl)
             .await?;
-        Ok(self.hold_lease(session_id))
-    }
-
-    /// Keeps a lease this engine already holds renewed until dropped.
-    fn hold_lease(&self, session_id: &str) -> LeaseRenewal {
-        LeaseRenewal::start(
-            Arc::clone(&self.store),
-            session_id,
-            &self.holder,
-            self.options.lease_ttl,
-        )
+        Ok(self.lease.join(session_id))
     }
 
     /// Lets another driver take over at once; best effort, as the lease of
@@ -635,7 +710,7 @@ impl<E: Effects> Engine<E> {
         &self,
         mut session: LoadedSession,
         mut claim: DriveClaim<'_>,
-        renewal: LeaseRenewal,
+        mut lease: SessionLease<'_>,
         observers: &Fanout<'_>,
     ) -> Result<LoadedSession, EngineError> {
         let started = Instant::now();
@@ -644,9 +719,15 @@ impl<E: Effects> Engine<E> {
             at: self.clock.now(),
         });
         let result = self
-            .drive_loop(&mut session, &mut claim.inbox, &renewal, observers, started)
+            .drive_loop(
+                &mut session,
+                &mut claim.inbox,
+                &mut lease,
+                observers,
+                started,
+            )
             .await;
-        drop(renewal);
+        drop(lease);
         self.release_quietly(&session.context.session_id).await;
         match &result {
             Ok(()) => {
@@ -673,7 +754,7 @@ impl<E: Effects> Engine<E> {
         &self,
         session: &mut LoadedSession,
         inbox: &mut Inbox,
-        lease: &LeaseRenewal,
+        lease: &mut SessionLease<'_>,
         observers: &Fanout<'_>,
         started: Instant,
     ) -> Result<(), EngineError> {
@@ -698,9 +779,7 @@ impl<E: Effects> Engine<E> {
                 }
             }
             // Another process took the session over: it runs the effects now.
-            if lease.is_lost() {
-                return Err(StoreError::LeaseLost(session.context.session_id.clone()).into());
-            }
+            lease.still_held().await?;
             let (input, delivered) = self.run_effect(session, &intent, inbox).await;
             let mut pause = None;
             if let Some(input) = input {
@@ -816,51 +895,115 @@ fn ready_or_error(end: LoadedSession) -> Result<ReadyInstance, EngineError> {
     }
 }
 
-/// Renews a session's lease in the background while it is driven, and
-/// says when it was lost to another process.
-struct LeaseRenewal {
-    task: tokio::task::JoinHandle<()>,
-    lost: Arc<AtomicBool>,
+/// This engine's one lease: a heartbeat renews its row in the store while
+/// it drives any session (one write per `ttl / 3`, however many), and the
+/// drives learn from it when the lease lapsed and a session may have been
+/// taken over.
+struct EngineLease {
+    store: Arc<dyn CheckpointStore>,
+    holder: LeaseHolder,
+    ttl: Duration,
+    state: Arc<LeaseState>,
+    heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-impl LeaseRenewal {
-    fn start(
-        store: Arc<dyn CheckpointStore>,
-        session_id: &str,
-        holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> LeaseRenewal {
-        let (session_id, holder) = (session_id.to_string(), holder.clone());
+#[derive(Default)]
+struct LeaseState {
+    /// Drives under way: the heartbeat writes only while there are some.
+    drives: AtomicUsize,
+    /// How many times the heartbeat found the lease lapsed.
+    lapses: AtomicU64,
+}
+
+impl EngineLease {
+    fn new(store: Arc<dyn CheckpointStore>, holder: LeaseHolder, ttl: Duration) -> EngineLease {
+        EngineLease {
+            store,
+            holder,
+            ttl,
+            state: Arc::default(),
+            heartbeat: Mutex::new(None),
+        }
+    }
+
+    /// A drive's share of the lease, for the session just leased to this
+    /// engine; starts the heartbeat if it is not running.
+    fn join(&self, session_id: &str) -> SessionLease<'_> {
+        self.state.drives.fetch_add(1, Ordering::SeqCst);
+        let mut heartbeat = lock(&self.heartbeat);
+        if heartbeat.is_none() {
+            *heartbeat = Some(self.start_heartbeat());
+        }
+        SessionLease {
+            engine: self,
+            session_id: session_id.to_string(),
+            checked_lapses: self.state.lapses.load(Ordering::SeqCst),
+        }
+    }
+
+    fn start_heartbeat(&self) -> tokio::task::JoinHandle<()> {
+        let (store, holder, ttl) = (Arc::clone(&self.store), self.holder.clone(), self.ttl);
+        let state = Arc::clone(&self.state);
         let every = (ttl / 3).max(Duration::from_millis(100));
-        let lost = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&lost);
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                match store.renew_lease(&session_id, &holder, ttl).await {
-                    Ok(()) => {}
-                    // Another driver owns the session now: the drive stops
-                    // before its next effect, and its commits are refused.
-                    Err(e @ StoreError::LeaseLost(_)) => {
-                        warn!(%session_id, error = %e, "lease lost");
-                        flag.store(true, Ordering::SeqCst);
-                        return;
+                if state.drives.load(Ordering::SeqCst) == 0 {
+                    continue;
+                }
+                match store.heartbeat(&holder, ttl).await {
+                    Ok(beat) if beat.lapsed => {
+                        warn!("this engine's lease lapsed; its drives check their sessions");
+                        state.lapses.fetch_add(1, Ordering::SeqCst);
                     }
+                    Ok(_) => {}
                     // A busy or failing database may recover before the lease expires.
-                    Err(e) => warn!(%session_id, error = %e, "lease renewal failed; retrying"),
+                    Err(e) => warn!(error = %e, "lease heartbeat failed; retrying"),
                 }
             }
-        });
-        LeaseRenewal { task, lost }
-    }
-
-    fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
+        })
     }
 }
 
-impl Drop for LeaseRenewal {
+impl Drop for EngineLease {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = lock(&self.heartbeat).take() {
+            task.abort();
+        }
+    }
+}
+
+/// One drive's view of its engine's lease.
+struct SessionLease<'a> {
+    engine: &'a EngineLease,
+    session_id: String,
+    /// The engine's lapse count this drive last checked its session at.
+    checked_lapses: u64,
+}
+
+impl SessionLease<'_> {
+    /// Whether the session is still this engine's to drive: after a lapse
+    /// of the engine's lease, asked of the store once; otherwise known.
+    async fn still_held(&mut self) -> Result<(), EngineError> {
+        let lapses = self.engine.state.lapses.load(Ordering::SeqCst);
+        if lapses == self.checked_lapses {
+            return Ok(());
+        }
+        let store = &self.engine.store;
+        if store
+            .holds_lease(&self.session_id, &self.engine.holder)
+            .await?
+        {
+            self.checked_lapses = lapses;
+            return Ok(());
+        }
+        // Another engine drives the session now: it runs the effects.
+        Err(StoreError::LeaseLost(self.session_id.clone()).into())
+    }
+}
+
+impl Drop for SessionLease<'_> {
+    fn drop(&mut self) {
+        self.engine.state.drives.fetch_sub(1, Ordering::SeqCst);
     }
 }

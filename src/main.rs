@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use acode_ec2::driver::{
-    Engine, EngineError, EngineOptions, InterruptionHook, WatchOptions, WatchedNotice,
+    Engine, EngineError, EngineOptions, InterruptionHook, RecoverTally, WatchOptions, WatchedNotice,
 };
 use acode_ec2::effects::AwsEffects;
 use acode_ec2::events::{
@@ -59,6 +59,14 @@ struct Cli {
     #[arg(long, global = true, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
 
+    /// How long sessions stay locked to this process after it stops
+    /// without a word (kill -9, a frozen host): another process's
+    /// `recover` takes them over once this process's heartbeat is this
+    /// old (at once for a process gone on this host). At least 1s.
+    #[arg(long, global = true, env = "ACODE_EC2_LEASE_TTL", value_name = "DURATION",
+          default_value = "30s", value_parser = lease_ttl)]
+    lease_ttl: Duration,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -94,6 +102,13 @@ enum Command {
         /// Its failure is reported (exit status 3) but leaves the instance Ready.
         #[arg(long, value_name = "CMD")]
         on_ready: Option<String>,
+        /// Start N sessions from the config, side by side in this process
+        /// (one progress line each, then a summary). They share EC2 rate
+        /// limits, batched polls and validation answers. Exit status 1 if
+        /// any failed; with --json, an array of the Ready ones.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..=1000))]
+        count: u16,
     },
     /// Print an OpenSSH `Host` block for a Ready session (for ~/.ssh/config).
     SshConfig { session: String },
@@ -131,7 +146,17 @@ enum Command {
     /// Terminate a session's instance and delete the key pair it created.
     Teardown { session: String },
     /// Resume or clean up every session that is neither Ready nor finished.
-    Recover,
+    ///
+    /// Sessions are driven side by side, --concurrency at once (each under
+    /// its lease, so one waiting on a slow instance holds up no other),
+    /// with a line per session and a tally of done / in flight / failed.
+    /// Sessions another live process drives are left to it.
+    Recover {
+        /// How many sessions to drive at once.
+        #[arg(long, value_name = "N", default_value_t = acode_ec2::driver::RECOVER_CONCURRENCY as u16,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
+    },
     /// Watch Ready spot sessions for EC2's two-minute interruption notice, and act on it.
     ///
     /// Every --interval, each watched session's instance metadata is read
@@ -225,6 +250,62 @@ fn main() -> ExitCode {
     }
 }
 
+/// Parts of the command line kept out of this file.
+mod cli {
+    pub mod fleet;
+}
+use cli::fleet::{FleetDisplay, FleetEnd, provision_fleet};
+
+/// Prints how `provision --count` ended: each Ready session (or a JSON
+/// array of them), each failure, and a count; runs --on-ready per Ready one.
+async fn fleet_summary(end: FleetEnd, json: bool, on_ready: Option<&str>) -> Result<ExitCode> {
+    let (results, cancelled) = match end {
+        FleetEnd::Settled { results, cancelled } => (results, cancelled),
+        FleetEnd::Stopped(sessions) => {
+            eprintln!(
+                "stopped at once: {} session(s) checkpointed with the cancel recorded; \
+                 `acode-ec2 recover` finishes their cleanup",
+                sessions.len()
+            );
+            return Ok(ExitCode::from(130));
+        }
+    };
+    let total = results.len();
+    let (ready, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    let ready: Vec<ReadyInstance> = ready.into_iter().filter_map(Result::ok).collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&ready)?);
+    } else {
+        for instance in &ready {
+            print_ready(instance);
+        }
+    }
+    for failure in failed.iter().filter_map(|r| r.as_ref().err()) {
+        eprintln!("{failure}");
+    }
+    eprintln!(
+        "{} of {total} sessions Ready, {} failed",
+        ready.len(),
+        failed.len()
+    );
+    let mut code = ExitCode::SUCCESS;
+    if let Some(command) = on_ready {
+        for instance in &ready {
+            if run_on_ready(command, instance).await? != ExitCode::SUCCESS {
+                code = ExitCode::from(3);
+            }
+        }
+    }
+    if cancelled {
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if failed.is_empty() {
+        code
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// The Prometheus recorder, installed only when metrics are asked for.
 struct Metrics(Option<metrics_exporter_prometheus::PrometheusHandle>);
 
@@ -316,7 +397,7 @@ fn engine(cli: &Cli, effects: AwsEffects) -> Result<Engine<AwsEffects>> {
         store,
         EngineOptions {
             key_dir,
-            lease_ttl: Duration::from_secs(30),
+            lease_ttl: cli.lease_ttl,
         },
     ))
 }
@@ -337,6 +418,20 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             config,
             json,
             on_ready,
+            count,
+        } if *count > 1 => {
+            let request = acode_ec2::config::load(config)?;
+            let engine = engine(cli, aws_effects().await?)?;
+            let display = FleetDisplay::new(cli.log_format == LogFormat::Text);
+            let end = provision_fleet(&engine, request, usize::from(*count), &display).await;
+            display.finish();
+            fleet_summary(end?, *json, on_ready.as_deref()).await
+        }
+        Command::Provision {
+            config,
+            json,
+            on_ready,
+            count: _,
         } => {
             let request = acode_ec2::config::load(config)?;
             let engine = engine(cli, aws_effects().await?)?;
@@ -516,15 +611,18 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Recover => {
+        Command::Recover { concurrency } => {
             let effects = aws_effects().await?;
             if !state_db_path(cli)?.exists() {
                 println!("nothing to recover");
                 return Ok(ExitCode::SUCCESS);
             }
             let engine = engine(cli, effects)?;
-            let display = ProgressDisplay::new(cli.log_format);
-            let report = engine.recover(&display).await;
+            let display = FleetDisplay::new(cli.log_format == LogFormat::Text).with_tally();
+            let tally = |t: &RecoverTally| display.tally(t);
+            let report = engine
+                .recover_with(usize::from(*concurrency), &display, &tally)
+                .await;
             display.finish();
             let report = report?;
             if report.is_empty() {
@@ -691,6 +789,15 @@ fn print_ready(ready: &ReadyInstance) {
         println!("  savings   {savings}");
     }
     println!("  login     {}", ready.ssh_command());
+}
+
+/// `--lease-ttl`: a duration of at least 1 s.
+fn lease_ttl(text: &str) -> std::result::Result<Duration, String> {
+    let ttl = acode_ec2::config::parse_duration("--lease-ttl", text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(ttl)
 }
 
 /// `--interval`: a duration of at least 100 ms.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// Which machine image to boot: an explicit id or a well-known OS alias that
 /// validation resolves to the newest matching public image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum AmiSelector {
     Id(String),
@@ -28,6 +28,7 @@ pub enum AmiSelector {
     Copy,
     PartialEq,
     Eq,
+    Hash,
     Serialize,
     Deserialize,
     strum::EnumIter,

@@ -31,6 +31,8 @@ pub const SUBNET_FAILOVERS: &str = "acode_ec2_subnet_failovers_total";
 pub const ORPHAN_SWEEPS_FOUND: &str = "acode_ec2_orphan_sweeps_found_total";
 /// Sessions this process is driving or holds Ready, by `phase`.
 pub const SESSIONS: &str = "acode_ec2_sessions";
+/// Seconds calls waited for a token of this process's EC2 buckets, by `family`.
+pub const RATE_LIMIT_WAIT_SECONDS: &str = "acode_ec2_rate_limit_wait_seconds";
 
 /// How a call ended, for its log line and counters.
 pub enum CallResult<'a> {
@@ -74,4 +76,9 @@ pub fn ec2_call(
     }) {
         metrics::counter!(THROTTLES, "action" => action).increment(1);
     }
+}
+
+/// Records a wait for a rate-limit token (see [`crate::effects::rate_limit`]).
+pub fn rate_limit_wait(family: &'static str, wait: Duration) {
+    metrics::histogram!(RATE_LIMIT_WAIT_SECONDS, "family" => family).record(wait.as_secs_f64());
 }

@@ -7,9 +7,10 @@
 //!
 //! A layer over any [`Ec2Api`]: `describe_instance`, `instance_status`
 //! and `spot_request` (the watcher's and the spot wait's polls) are
-//! batched, every other call passes through.
+//! batched; the validation calls are answered from
+//! [`super::remembered`] for a short time; every other call passes through.
 //!
-//! Invariant: every caller's answer comes from a call sent after it asked,
+//! Invariant: every poll's answer comes from a call sent after it asked,
 //! and a call that fails answers everyone in it with that failure.
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use super::api::{
     Ec2Api, Ec2Result, InstanceHealth, InstanceView, LaunchSpec, LaunchedView, SpotRequestView,
     SubnetInfo, malformed,
 };
+use super::remembered::{REMEMBER_FOR, ValidationAnswers};
 use crate::machine::{ImageChoice, MicroUsd};
 use crate::request::{AmiSelector, KeyAlgorithm};
 
@@ -55,6 +57,7 @@ pub struct Batched<A: Ec2Api> {
     instances: Arc<Batcher<A, Instances>>,
     statuses: Arc<Batcher<A, Statuses>>,
     spot_requests: Arc<Batcher<A, SpotRequests>>,
+    validation: Arc<ValidationAnswers>,
 }
 
 impl<A: Ec2Api> Clone for Batched<A> {
@@ -64,6 +67,7 @@ impl<A: Ec2Api> Clone for Batched<A> {
             instances: Arc::clone(&self.instances),
             statuses: Arc::clone(&self.statuses),
             spot_requests: Arc::clone(&self.spot_requests),
+            validation: Arc::clone(&self.validation),
         }
     }
 }
@@ -72,6 +76,7 @@ impl<A: Ec2Api> Batched<A> {
     pub fn new(inner: A, window: BatchWindow) -> Batched<A> {
         let inner = Arc::new(inner);
         Batched {
+            validation: Arc::new(ValidationAnswers::new(REMEMBER_FOR)),
             instances: Batcher::new(&inner, window),
             spot_requests: Batcher::new(&inner, window),
             // DescribeInstanceStatus takes at most 100 instance ids.
@@ -84,6 +89,13 @@ impl<A: Ec2Api> Batched<A> {
             ),
             inner,
         }
+    }
+
+    /// Shares validation answers for `ttl` (zero: never).
+    #[must_use]
+    pub fn remembering_for(mut self, ttl: Duration) -> Batched<A> {
+        self.validation = Arc::new(ValidationAnswers::new(ttl));
+        self
     }
 
     pub fn inner(&self) -> &A {
@@ -267,7 +279,8 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
     }
 
     async fn find_image(&self, ami: &AmiSelector) -> Ec2Result<Option<ImageChoice>> {
-        self.inner.find_image(ami).await
+        let fetch = || self.inner.find_image(ami);
+        self.validation.images.get_or_fetch(ami, fetch).await
     }
 
     fn region(&self) -> String {
@@ -275,7 +288,11 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
     }
 
     async fn describe_subnets(&self, ids: &[String]) -> Ec2Result<Vec<SubnetInfo>> {
-        self.inner.describe_subnets(ids).await
+        let fetch = || self.inner.describe_subnets(ids);
+        self.validation
+            .subnets
+            .get_or_fetch(&ids.to_vec(), fetch)
+            .await
     }
 
     async fn some_subnets(&self, limit: usize) -> Ec2Result<Vec<SubnetInfo>> {
@@ -291,11 +308,15 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
     }
 
     async fn check_security_groups(&self, ids: &[String]) -> Ec2Result<()> {
-        self.inner.check_security_groups(ids).await
+        let fetch = || self.inner.check_security_groups(ids);
+        let groups = &self.validation.security_groups;
+        groups.get_or_fetch(&ids.to_vec(), fetch).await
     }
 
     async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {
-        self.inner.key_pair_exists(name).await
+        let fetch = || self.inner.key_pair_exists(name);
+        let key_pairs = &self.validation.key_pairs;
+        key_pairs.get_or_fetch(&name.to_string(), fetch).await
     }
 
     async fn create_key_pair(
@@ -304,7 +325,11 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         algorithm: KeyAlgorithm,
         tags: &[(String, String)],
     ) -> Ec2Result<Zeroizing<String>> {
-        self.inner.create_key_pair(name, algorithm, tags).await
+        // Forgotten before and after: an answer lost on the way still changed it.
+        self.validation.key_pairs.forget(&name.to_string());
+        let answer = self.inner.create_key_pair(name, algorithm, tags).await;
+        self.validation.key_pairs.forget(&name.to_string());
+        answer
     }
 
     async fn import_key_pair(
@@ -313,7 +338,10 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         public_key: &str,
         tags: &[(String, String)],
     ) -> Ec2Result<()> {
-        self.inner.import_key_pair(name, public_key, tags).await
+        self.validation.key_pairs.forget(&name.to_string());
+        let answer = self.inner.import_key_pair(name, public_key, tags).await;
+        self.validation.key_pairs.forget(&name.to_string());
+        answer
     }
 
     async fn dry_run_key_pair(
@@ -326,7 +354,10 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
     }
 
     async fn delete_key_pair(&self, name: &str) -> Ec2Result<()> {
-        self.inner.delete_key_pair(name).await
+        self.validation.key_pairs.forget(&name.to_string());
+        let answer = self.inner.delete_key_pair(name).await;
+        self.validation.key_pairs.forget(&name.to_string());
+        answer
     }
 
     async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<LaunchedView> {

@@ -22,6 +22,8 @@ pub mod keys;
 pub mod known_hosts;
 pub mod placement;
 pub mod preflight;
+pub mod rate_limit;
+pub mod remembered;
 pub mod sdk;
 pub mod ssh;
 

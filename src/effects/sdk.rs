@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
 use aws_sdk_ec2::Client;
@@ -28,20 +29,32 @@ use super::api::{
     Ec2Api, Ec2Failure, Ec2Result, InstanceHealth, InstanceState, InstanceView, LaunchSpec,
     LaunchedView, SpotRequestView, SubnetInfo, malformed,
 };
+use super::rate_limit::RateLimits;
 use crate::error_code::{AwsErrorCode, ErrorClass};
 use crate::machine::{CheckState, ImageChoice, MicroUsd, SpotRequestStatus, StatusReport};
 use crate::request::{AmiSelector, KeyAlgorithm};
 use crate::telemetry::{self, CallResult};
 
-/// aws-sdk-ec2, one client shared by every session of a process.
+/// aws-sdk-ec2, one client and one set of rate-limit buckets shared by
+/// every session of a process (clones share both).
 #[derive(Clone)]
 pub struct SdkEc2 {
     client: Client,
+    limits: Arc<RateLimits>,
 }
 
 impl SdkEc2 {
+    /// Over `client`, within EC2's default account buckets.
     pub fn new(client: Client) -> SdkEc2 {
-        SdkEc2 { client }
+        SdkEc2::with_rate_limits(client, RateLimits::ec2_defaults())
+    }
+
+    /// Over `client`, within `limits` (an account with raised limits, or none).
+    pub fn with_rate_limits(client: Client, limits: RateLimits) -> SdkEc2 {
+        SdkEc2 {
+            client,
+            limits: Arc::new(limits),
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -63,6 +76,16 @@ pub(super) trait Measured<T, E>:
         let started = Instant::now();
         let answer = self.await;
         settle(action, started, answer)
+    }
+
+    /// As [`Measured::measured`], sent once `limits` give it a token.
+    async fn limited(self, limits: &RateLimits, action: &'static str) -> Ec2Result<T>
+    where
+        T: RequestId,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        limits.wait_turn(action).await;
+        self.measured(action).await
     }
 }
 
@@ -220,7 +243,7 @@ impl Ec2Api for SdkEc2 {
                     .filters(Filter::builder().name("state").values("available").build())
             }
         };
-        let out = call.send().measured("DescribeImages").await?;
+        let out = call.send().limited(&self.limits, "DescribeImages").await?;
         // The newest image wins for an alias; ISO 8601 dates sort as text.
         let newest = out
             .images()
@@ -251,7 +274,7 @@ impl Ec2Api for SdkEc2 {
             .describe_subnets()
             .set_subnet_ids(Some(ids.to_vec()))
             .send()
-            .measured("DescribeSubnets")
+            .limited(&self.limits, "DescribeSubnets")
             .await?;
         Ok(out.subnets().iter().map(subnet_info).collect())
     }
@@ -261,7 +284,7 @@ impl Ec2Api for SdkEc2 {
             .client
             .describe_subnets()
             .send()
-            .measured("DescribeSubnets")
+            .limited(&self.limits, "DescribeSubnets")
             .await?;
         Ok(out.subnets().iter().take(limit).map(subnet_info).collect())
     }
@@ -275,7 +298,10 @@ impl Ec2Api for SdkEc2 {
         if let Some(vpc) = vpc {
             call = call.filters(Filter::builder().name("vpc-id").values(vpc).build());
         }
-        let out = call.send().measured("DescribeSecurityGroups").await?;
+        let out = call
+            .send()
+            .limited(&self.limits, "DescribeSecurityGroups")
+            .await?;
         Ok(out
             .security_groups()
             .iter()
@@ -290,7 +316,7 @@ impl Ec2Api for SdkEc2 {
             .describe_security_groups()
             .set_group_ids(Some(ids.to_vec()))
             .send()
-            .measured("DescribeSecurityGroups")
+            .limited(&self.limits, "DescribeSecurityGroups")
             .await
             .map(|_| ())
     }
@@ -301,7 +327,7 @@ impl Ec2Api for SdkEc2 {
             .describe_key_pairs()
             .key_names(name)
             .send()
-            .measured("DescribeKeyPairs")
+            .limited(&self.limits, "DescribeKeyPairs")
             .await
         {
             Ok(out) => Ok(out.key_pairs().iter().any(|k| k.key_name() == Some(name))),
@@ -328,7 +354,7 @@ impl Ec2Api for SdkEc2 {
             .key_format(KeyFormat::Pem)
             .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
             .send()
-            .measured("CreateKeyPair")
+            .limited(&self.limits, "CreateKeyPair")
             .await?;
         let material = Zeroizing::new(out.key_material.unwrap_or_default());
         if material.is_empty() {
@@ -349,7 +375,7 @@ impl Ec2Api for SdkEc2 {
             .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
             .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
             .send()
-            .measured("ImportKeyPair")
+            .limited(&self.limits, "ImportKeyPair")
             .await
             .map(|_| ())
     }
@@ -370,7 +396,7 @@ impl Ec2Api for SdkEc2 {
                 .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
                 .tag_specifications(spec)
                 .send()
-                .measured("ImportKeyPair")
+                .limited(&self.limits, "ImportKeyPair")
                 .await
                 .map(|_| ()),
             None => self
@@ -380,7 +406,7 @@ impl Ec2Api for SdkEc2 {
                 .key_name(name)
                 .tag_specifications(spec)
                 .send()
-                .measured("CreateKeyPair")
+                .limited(&self.limits, "CreateKeyPair")
                 .await
                 .map(|_| ()),
         };
@@ -392,7 +418,7 @@ impl Ec2Api for SdkEc2 {
             .delete_key_pair()
             .key_name(name)
             .send()
-            .measured("DeleteKeyPair")
+            .limited(&self.limits, "DeleteKeyPair")
             .await
             .map(|_| ())
     }
@@ -461,13 +487,17 @@ impl Ec2Api for SdkEc2 {
                 );
         }
         if spec.dry_run {
-            let answer = call.send().measured("RunInstances").await.map(|_| ());
+            let answer = call
+                .send()
+                .limited(&self.limits, "RunInstances")
+                .await
+                .map(|_| ());
             return dry_run_answer(answer).map(|()| LaunchedView {
                 instance_id: String::new(),
                 spot_request_id: None,
             });
         }
-        let out = call.send().measured("RunInstances").await?;
+        let out = call.send().limited(&self.limits, "RunInstances").await?;
         let instance = out.instances().first();
         let instance_id = instance
             .and_then(|i| i.instance_id())
@@ -490,7 +520,7 @@ impl Ec2Api for SdkEc2 {
             .single_availability_zone(true)
             .region_names(self.region())
             .send()
-            .measured("GetSpotPlacementScores")
+            .limited(&self.limits, "GetSpotPlacementScores")
             .await?;
         Ok(out
             .spot_placement_scores()
@@ -524,7 +554,7 @@ impl Ec2Api for SdkEc2 {
                     .build(),
             )
             .send()
-            .measured("DescribeSpotPriceHistory")
+            .limited(&self.limits, "DescribeSpotPriceHistory")
             .await?;
         // The newest entry per zone; the answer is not promised to be sorted.
         let mut latest: HashMap<String, (aws_sdk_ec2::primitives::DateTime, MicroUsd)> =
@@ -592,7 +622,7 @@ impl Ec2Api for SdkEc2 {
             .cancel_spot_instance_requests()
             .spot_instance_request_ids(request_id)
             .send()
-            .measured("CancelSpotInstanceRequests")
+            .limited(&self.limits, "CancelSpotInstanceRequests")
             .await?;
         Ok(out
             .cancelled_spot_instance_requests()
@@ -683,7 +713,7 @@ impl Ec2Api for SdkEc2 {
                     .build(),
             )
             .send()
-            .measured("DescribeInstances")
+            .limited(&self.limits, "DescribeInstances")
             .await?;
         Ok(out
             .reservations()
@@ -699,7 +729,7 @@ impl Ec2Api for SdkEc2 {
             .terminate_instances()
             .instance_ids(id)
             .send()
-            .measured("TerminateInstances")
+            .limited(&self.limits, "TerminateInstances")
             .await
             .map(|_| ())
     }
@@ -711,7 +741,7 @@ impl Ec2Api for SdkEc2 {
             .instance_id(id)
             .latest(latest)
             .send()
-            .measured("GetConsoleOutput")
+            .limited(&self.limits, "GetConsoleOutput")
             .await?;
         Ok(out.output().map(|text| {
             base64::engine::general_purpose::STANDARD

@@ -6,8 +6,10 @@
 //!   transaction before the effect runs; the effect's outcome commits with the
 //!   next phase change (one fsync per transition);
 //! - a session has at most one live driver: every commit is fenced by the
-//!   lease, and a lease whose holder died (expired, or its process is gone)
-//!   may be taken over;
+//!   lease; a session's lease points at its engine, whose one row a single
+//!   heartbeat renews (so lease writes do not grow with the sessions an
+//!   engine drives), and a session whose engine died (its row expired by
+//!   the store's clock, or its process is gone) may be taken over;
 //! - nothing secret is stored: key pairs appear by name and file path only;
 //! - the trait is backend-neutral: async, no database types in its API, and
 //!   lease expiry judged by the store's own clock (one clock for every
@@ -133,6 +135,14 @@ pub fn phase_timeline(events: &[LoggedEvent]) -> Vec<PhaseSpan> {
         }
     }
     spans
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The engine's lease had expired before this renewal: other engines
+    /// may have taken some of its sessions meanwhile.
+    pub lapsed: bool,
 }
 
 /// Who drives a session: one id per engine, plus where it runs so a dead
@@ -261,13 +271,15 @@ pub trait CheckpointStore: Send + Sync {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Extends a lease this holder has; `LeaseLost` if it has not.
-    async fn renew_lease(
-        &self,
-        session_id: &str,
-        holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> Result<(), StoreError>;
+    /// Renews the lease of `holder`'s engine, which every session leased
+    /// to it shares, for `ttl` by the store's clock.
+    async fn heartbeat(&self, holder: &LeaseHolder, ttl: Duration)
+    -> Result<Heartbeat, StoreError>;
+
+    /// Whether `holder` still holds the session's lease (after a lapse of
+    /// its engine's lease, another engine may have taken it).
+    async fn holds_lease(&self, session_id: &str, holder: &LeaseHolder)
+    -> Result<bool, StoreError>;
 
     async fn release_lease(&self, session_id: &str, holder: &LeaseHolder)
     -> Result<(), StoreError>;

@@ -8,6 +8,7 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -15,8 +16,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{
-    Checkpoint, CheckpointStore, LeaseHolder, LoadedSession, LogEntry, LoggedEvent, SessionSummary,
-    StoreError, this_host,
+    Checkpoint, CheckpointStore, Heartbeat, LeaseHolder, LoadedSession, LogEntry, LoggedEvent,
+    SessionSummary, StoreError, this_host,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::machine::{PhaseKind, SessionContext, SessionState, Timestamp};
@@ -87,7 +88,23 @@ ALTER TABLE sessions ADD COLUMN host_key_fingerprint TEXT;
 ALTER TABLE sessions ADD COLUMN known_hosts_path TEXT;
 UPDATE sessions SET ssh_user = json_extract(context_json, '$.request.ssh.user');
 "#,
+    r#"
+-- One lease row per engine (a process driving sessions), renewed by one
+-- heartbeat however many sessions it drives; a session's lease_owner points
+-- at its engine. The sessions' own lease_pid/host/expires columns are only
+-- read for leases written by older versions (which have no engine row).
+CREATE TABLE engines (
+    owner_id    TEXT PRIMARY KEY,
+    pid         INTEGER NOT NULL,
+    host        TEXT NOT NULL,
+    expires_ms  INTEGER NOT NULL
+) STRICT;
+"#,
 ];
+
+/// How long the row of an engine whose lease expired is kept (if it leads
+/// no session): long past any lease, so `status` can still say who held one.
+const ENGINE_ROW_KEPT_MS: i64 = 24 * 3600 * 1000;
 
 /// Bits of an event id that hold the sequence number within its session.
 const SEQ_BITS: u32 = 32;
@@ -129,6 +146,9 @@ struct Inner {
     conn: Mutex<Connection>,
     /// Judges lease expiry: one clock for every process on this file.
     clock: Arc<dyn Clock>,
+    /// Write transactions committed through this handle: each is one WAL
+    /// fsync (`synchronous=FULL`), which is what benches count.
+    writes: AtomicU64,
 }
 
 impl SqliteStore {
@@ -172,12 +192,18 @@ impl SqliteStore {
                 path: path.to_path_buf(),
                 conn: Mutex::new(conn),
                 clock,
+                writes: AtomicU64::new(0),
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Write transactions this handle committed (one fsync each).
+    pub fn write_transactions(&self) -> u64 {
+        self.inner.writes.load(Ordering::Relaxed)
     }
 
     /// Runs `work` in place: on a multi-thread runtime inside
@@ -198,6 +224,10 @@ impl SqliteStore {
 }
 
 impl Inner {
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (the
         // transaction rolls back on drop), so a poisoned lock is safe to reuse.
@@ -363,12 +393,18 @@ fn lease_check(
     now: Timestamp,
 ) -> Result<(), StoreError> {
     type Row = (Option<String>, Option<i64>, Option<String>, Option<i64>);
+    // The holder's engine row says whether it is alive; a lease written by
+    // an older version has none, and its own columns say.
     let row: Option<Row> = tx
-        .query_row(
-            "SELECT lease_owner, lease_pid, lease_host, lease_expires_ms FROM sessions WHERE session_id = ?1",
-            [session_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
+        .prepare_cached(
+            "SELECT s.lease_owner, COALESCE(e.pid, s.lease_pid), COALESCE(e.host, s.lease_host),
+                    COALESCE(e.expires_ms, s.lease_expires_ms)
+             FROM sessions s LEFT JOIN engines e ON e.owner_id = s.lease_owner
+             WHERE s.session_id = ?1",
+        )?
+        .query_row([session_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
     let Some((owner, pid, host, expires)) = row else {
         return Err(StoreError::NotFound(session_id.to_string()));
@@ -385,6 +421,7 @@ fn lease_check(
     })
 }
 
+/// Points the session's lease at `holder`'s engine, and renews the engine's.
 fn set_lease(
     tx: &Transaction<'_>,
     session_id: &str,
@@ -392,17 +429,38 @@ fn set_lease(
     ttl: Duration,
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    tx.execute(
-        "UPDATE sessions SET lease_owner = ?2, lease_pid = ?3, lease_host = ?4, lease_expires_ms = ?5 WHERE session_id = ?1",
-        params![
-            session_id,
-            holder.owner_id,
-            holder.pid,
-            holder.host,
-            now.plus(ttl).0 as i64
-        ],
-    )?;
+    tx.prepare_cached(
+        "UPDATE sessions SET lease_owner = ?2, lease_pid = NULL, lease_host = NULL, lease_expires_ms = NULL
+         WHERE session_id = ?1",
+    )?
+    .execute(params![session_id, holder.owner_id])?;
+    renew_engine(tx, holder, ttl, now)?;
     Ok(())
+}
+
+/// Registers or renews `holder`'s engine row until `now + ttl`; when it
+/// held no live lease before (it lapsed, or never was), says so.
+fn renew_engine(
+    tx: &Transaction<'_>,
+    holder: &LeaseHolder,
+    ttl: Duration,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let before: Option<i64> = tx
+        .prepare_cached("SELECT expires_ms FROM engines WHERE owner_id = ?1")?
+        .query_row([&holder.owner_id], |r| r.get(0))
+        .optional()?;
+    tx.prepare_cached(
+        "INSERT INTO engines (owner_id, pid, host, expires_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (owner_id) DO UPDATE SET pid = ?2, host = ?3, expires_ms = ?4",
+    )?
+    .execute(params![
+        holder.owner_id,
+        holder.pid,
+        holder.host,
+        now.plus(ttl).0 as i64
+    ])?;
+    Ok(before.is_none_or(|expires| expires <= now.0 as i64))
 }
 
 /// The session's key, or `LeaseLost` unless `holder` holds its lease right now.
@@ -537,6 +595,7 @@ impl Inner {
         set_lease(&tx, id, holder, lease_ttl, self.clock.now())?;
         write_checkpoint(&tx, &session, first, now)?;
         tx.commit()?;
+        self.wrote();
         Ok(())
     }
 
@@ -554,6 +613,7 @@ impl Inner {
         let session = require_own_lease(&tx, session_id, holder)?;
         write_checkpoint(&tx, &session, checkpoint, now)?;
         tx.commit()?;
+        self.wrote();
         Ok(())
     }
 
@@ -677,30 +737,49 @@ impl Inner {
         lease_check(&tx, session_id, holder, now)?;
         set_lease(&tx, session_id, holder, ttl, now)?;
         tx.commit()?;
+        self.wrote();
         Ok(())
     }
 
-    fn renew_lease(
-        &self,
-        session_id: &str,
-        holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+    fn heartbeat(&self, holder: &LeaseHolder, ttl: Duration) -> Result<Heartbeat, StoreError> {
         let now = self.clock.now();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        require_own_lease(&tx, session_id, holder)?;
-        set_lease(&tx, session_id, holder, ttl, now)?;
+        let lapsed = renew_engine(&tx, holder, ttl, now)?;
+        // Rows of engines long gone that lead no session: a day is beyond
+        // any lease, and keeps the table as small as the live engines.
+        tx.prepare_cached(
+            "DELETE FROM engines WHERE expires_ms < ?1
+             AND NOT EXISTS (SELECT 1 FROM sessions WHERE lease_owner = engines.owner_id)",
+        )?
+        .execute([now.0 as i64 - ENGINE_ROW_KEPT_MS])?;
         tx.commit()?;
-        Ok(())
+        self.wrote();
+        Ok(Heartbeat { lapsed })
+    }
+
+    fn holds_lease(&self, session_id: &str, holder: &LeaseHolder) -> Result<bool, StoreError> {
+        let owner: Option<Option<String>> = self
+            .conn()
+            .prepare_cached("SELECT lease_owner FROM sessions WHERE session_id = ?1")?
+            .query_row([session_id], |r| r.get(0))
+            .optional()?;
+        match owner {
+            None => Err(StoreError::NotFound(session_id.to_string())),
+            Some(owner) => Ok(owner.as_deref() == Some(holder.owner_id.as_str())),
+        }
     }
 
     fn release_lease(&self, session_id: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
-        self.conn().execute(
+        let changed = self.conn().execute(
             "UPDATE sessions SET lease_owner = NULL, lease_pid = NULL, lease_host = NULL, lease_expires_ms = NULL
              WHERE session_id = ?1 AND lease_owner = ?2",
             params![session_id, holder.owner_id],
         )?;
+        // A statement that changed nothing writes nothing to the WAL.
+        if changed > 0 {
+            self.wrote();
+        }
         Ok(())
     }
 }
@@ -753,13 +832,20 @@ impl CheckpointStore for SqliteStore {
         self.run(|s| s.acquire_lease(session_id, holder, ttl))
     }
 
-    async fn renew_lease(
+    async fn heartbeat(
+        &self,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<Heartbeat, StoreError> {
+        self.run(|s| s.heartbeat(holder, ttl))
+    }
+
+    async fn holds_lease(
         &self,
         session_id: &str,
         holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.run(|s| s.renew_lease(session_id, holder, ttl))
+    ) -> Result<bool, StoreError> {
+        self.run(|s| s.holds_lease(session_id, holder))
     }
 
     async fn release_lease(

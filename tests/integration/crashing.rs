@@ -11,8 +11,8 @@ use acode_ec2::driver::EngineError;
 use acode_ec2::effects::Effects;
 use acode_ec2::machine::{Effect, Input, SessionContext, Timestamp};
 use acode_ec2::store::{
-    Checkpoint, CheckpointStore, LeaseHolder, LoadedSession, LoggedEvent, SessionSummary,
-    StoreError,
+    Checkpoint, CheckpointStore, Heartbeat, LeaseHolder, LoadedSession, LoggedEvent,
+    SessionSummary, StoreError,
 };
 use async_trait::async_trait;
 
@@ -162,14 +162,22 @@ impl CheckpointStore for CrashingStore {
         self.inner.acquire_lease(session_id, holder, ttl).await
     }
 
-    async fn renew_lease(
+    async fn heartbeat(
+        &self,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<Heartbeat, StoreError> {
+        self.switch.check_alive()?;
+        self.inner.heartbeat(holder, ttl).await
+    }
+
+    async fn holds_lease(
         &self,
         session_id: &str,
         holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.switch.check_alive()?;
-        self.inner.renew_lease(session_id, holder, ttl).await
+        self.inner.holds_lease(session_id, holder).await
     }
 
     async fn release_lease(

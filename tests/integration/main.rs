@@ -10,6 +10,7 @@ mod fake_world;
 mod lab;
 mod lab_behaviour;
 mod lab_engine;
+mod lab_fleet;
 mod lab_guidance;
 mod lab_interruption;
 mod lab_readiness;

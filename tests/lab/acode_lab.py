@@ -99,6 +99,15 @@ ADDRESS_MODES = ("public", "private-only", "private-loopback")
 SSH_MODES = ("auto", "open", "closed", "reset")
 # What an interruption notice can announce (IMDS spot/instance-action "action").
 INTERRUPTION_ACTIONS = ("terminate", "stop", "hibernate")
+# EC2's account-level request rate limits (the `throttle` config key "ec2"): one token bucket per action
+# family, full at `burst` tokens and refilled at `per_s` tokens a second. RunInstances has its own bucket,
+# Describe*/Get*/List* share the non-mutating one, every other action the mutating one.
+THROTTLE_FAMILIES = ("run_instances", "mutating", "describe")
+EC2_THROTTLE: dict[str, dict[str, float]] = {
+    "run_instances": {"burst": 5.0, "per_s": 2.0},
+    "mutating": {"burst": 50.0, "per_s": 5.0},
+    "describe": {"burst": 100.0, "per_s": 20.0},
+}
 # The header that tells the lab's one IMDS which instance is asking (the engine sends it; a real
 # IMDS ignores it).
 IMDS_INSTANCE_HEADER = "X-Acode-Instance-Id"
@@ -138,6 +147,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "spot_cancel_race": False,
     "spot_reclaim_after_running_s": None,
     "spot_reclaim_notice_s": 120.0,
+    "throttle": None,
 }
 
 # HTTP status EC2 (and, for the *Exception codes, the JSON services) uses for an
@@ -678,6 +688,30 @@ def _optional_number(key: str, value: Any) -> float | None:
     return None if value is None else _number(key, value)
 
 
+def _throttle(key: str, value: Any) -> dict[str, dict[str, float]] | None:
+    """null, "ec2" (EC2's own limits) or {family: {"burst": n >= 1, "per_s": n > 0}}, stored in that last
+    form so GET /_lab/config shows the numbers in force. A family left out is not throttled."""
+    if value is None:
+        return None
+    if value == "ec2":
+        return {family: dict(bucket) for family, bucket in EC2_THROTTLE.items()}
+    if not isinstance(value, dict):
+        raise BadRequest(f"config key '{key}': expected null, \"ec2\" or a map of family to bucket, got {value!r}")
+    buckets: dict[str, dict[str, float]] = {}
+    for family, bucket in value.items():
+        where = f"config key '{key}', family '{family}'"
+        if family not in THROTTLE_FAMILIES:
+            raise BadRequest(f"{where}: unknown family, expected some of {list(THROTTLE_FAMILIES)}")
+        if not isinstance(bucket, dict) or set(bucket) != {"burst", "per_s"}:
+            raise BadRequest(f"{where}: expected exactly {{\"burst\": …, \"per_s\": …}}, got {bucket!r}")
+        burst, per_s = bucket["burst"], bucket["per_s"]
+        numbers = all(not isinstance(n, bool) and isinstance(n, (int, float)) for n in (burst, per_s))
+        if not numbers or burst < 1 or per_s <= 0:
+            raise BadRequest(f"{where}: expected burst >= 1 and per_s > 0, got {bucket!r}")
+        buckets[family] = {"burst": float(burst), "per_s": float(per_s)}
+    return buckets
+
+
 CONFIG_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "boot_delay_s": _number,
     "status_ok_delay_s": _number,
@@ -697,6 +731,7 @@ CONFIG_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "spot_cancel_race": _flag,
     "spot_reclaim_after_running_s": _optional_number,
     "spot_reclaim_notice_s": _number,
+    "throttle": _throttle,
 }
 
 
@@ -835,6 +870,46 @@ class InstanceTimeline:
         return self.status_mode if now > self.status_ok_at else "initializing"
 
 
+def throttle_family(action: str) -> str:
+    """The EC2 rate-limit bucket an action draws from (a key of THROTTLE_FAMILIES)."""
+    if action == "RunInstances":
+        return "run_instances"
+    if action.startswith(("Describe", "Get", "List")):
+        return "describe"
+    return "mutating"
+
+
+@dataclasses.dataclass
+class TokenBucket:
+    """One of EC2's request token buckets. It refills continuously rather than in ticks, so
+    `tokens` is only exact at `updated_at`; `level` gives the count at any later moment."""
+
+    burst: float
+    per_s: float
+    tokens: float
+    updated_at: float  # time.monotonic()
+
+    @classmethod
+    def full(cls, burst: float, per_s: float, now: float) -> TokenBucket:
+        return cls(burst=burst, per_s=per_s, tokens=burst, updated_at=now)
+
+    def level(self, now: float) -> float:
+        return min(self.burst, self.tokens + (now - self.updated_at) * self.per_s)
+
+    def take(self, now: float) -> bool:
+        """Spends one token if there is a whole one; an empty bucket is left as it is."""
+        self.tokens, self.updated_at = self.level(now), now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def full_buckets(throttle: dict[str, dict[str, float]] | None) -> dict[str, TokenBucket]:
+    now = time.monotonic()
+    return {family: TokenBucket.full(b["burst"], b["per_s"], now) for family, b in (throttle or {}).items()}
+
+
 @dataclasses.dataclass
 class TokenRecord:
     fingerprint: tuple[tuple[str, str], ...]
@@ -870,6 +945,10 @@ class Lab:
         self.authorized_keys: list[str] = []
         self.faults: list[FaultRule] = []
         self.counters: collections.Counter[str] = collections.Counter()
+        # Requests refused by the `throttle` buckets, per action. Apart from `counters`, which still
+        # counts them as calls EC2 received.
+        self.throttled: collections.Counter[str] = collections.Counter()
+        self.buckets: dict[str, TokenBucket] = full_buckets(config.get("throttle"))
         self.instances: dict[str, InstanceTimeline] = {}
         self.tokens: dict[str, TokenRecord] = {}
         self.spot_requests: dict[str, SpotTimeline] = {}
@@ -897,6 +976,9 @@ class Lab:
             if "spot_prices" in valid and valid["spot_prices"] != self.config["spot_prices"]:
                 self.spot_prices_at = utc_now().replace(microsecond=0)
             self.config.update(valid)
+            if "throttle" in valid:
+                # Every setting starts full buckets, as a fresh account would have.
+                self.buckets = full_buckets(valid["throttle"])
             log.info("config updated: %s", valid)
             return self.config_snapshot()
 
@@ -907,6 +989,25 @@ class Lab:
     def count(self, action: str) -> None:
         with self.lock:
             self.counters[action] += 1
+
+    def admit(self, action: str) -> bool:
+        """Takes a token from the action's `throttle` bucket; False (and counted) when it is empty."""
+        with self.lock:
+            bucket = self.buckets.get(throttle_family(action))
+            if bucket is None or bucket.take(time.monotonic()):
+                return True
+            self.throttled[action] += 1
+            log.info("throttled %s (%s bucket empty)", action, throttle_family(action))
+            return False
+
+    def throttle_view(self) -> dict[str, Any]:
+        with self.lock:
+            now = time.monotonic()
+            return {
+                "config": self.config_snapshot()["throttle"],
+                "throttled": dict(self.throttled),
+                "tokens": {family: bucket.level(now) for family, bucket in self.buckets.items()},
+            }
 
     def add_fault(self, rule: FaultRule) -> None:
         with self.lock:
@@ -1626,13 +1727,17 @@ class Ec2Middleware:
         if not action:
             return self.moto_app(environ, start_response)
         self.lab.count(action)
+        if not self.lab.admit(action):
+            # As EC2: the throttled call does nothing, and a fault rule waits for a call that gets through.
+            return ec2_error_response("RequestLimitExceeded")(environ, start_response)
         rule = self.lab.take_fault(action, form)
         answer = lambda: self._answer(action, form, environ)  # noqa: E731
         response = self._faulted(rule, answer, environ) if rule else answer()
         return response(environ, start_response)
 
     def _pricing(self, operation: str, environ: dict[str, Any]) -> Response:
-        """The Price List API (awsJson1_1): counted and faulted like EC2 actions, by operation name."""
+        """The Price List API (awsJson1_1): counted and faulted like EC2 actions, by operation name.
+        Not throttled: `throttle` models EC2's own request buckets."""
         length = int(environ.get("CONTENT_LENGTH") or 0)
         raw = environ["wsgi.input"].read(length) if length else b""
         self.lab.count(operation)
@@ -1718,6 +1823,7 @@ class ControlApi:
             ("DELETE", "/_lab/faults"): self._clear_faults,
             ("GET", "/_lab/counters"): self._counters,
             ("POST", "/_lab/counters/reset"): self._reset_counters,
+            ("GET", "/_lab/throttle"): lambda req: lab.throttle_view(),
             ("POST", "/_lab/spot/interrupt"): self._interrupt,
             ("POST", "/_lab/interrupt"): self._interrupt,
             ("GET", "/_lab/ssh"): lambda req: lab.ssh_view(),
@@ -1771,6 +1877,7 @@ class ControlApi:
     def _reset_counters(self, request: Request) -> dict[str, Any]:
         with self.lab.lock:
             self.lab.counters.clear()
+            self.lab.throttled.clear()
         return {"ok": True}
 
     def _interrupt(self, request: Request) -> dict[str, Any]:

@@ -145,6 +145,7 @@ class LabTest(unittest.TestCase):
                 "spot_cancel_race": False,
                 "spot_reclaim_after_running_s": None,
                 "spot_reclaim_notice_s": 120,
+                "throttle": None,
             },
         )
         self.control("POST", "/ssh", {"mode": "auto"})
@@ -1154,6 +1155,85 @@ class LabTest(unittest.TestCase):
         self.client(max_attempts=2).describe_regions()
         self.assertEqual(self.control("GET", "/counters"), {"DescribeRegions": 2})
 
+    def test_throttle_run_instances_bucket(self) -> None:
+        self.control("POST", "/counters/reset")
+        self.control("POST", "/config", {"throttle": {"run_instances": {"burst": 2, "per_s": 1}}})
+        self.run_instance()
+        self.run_instance()
+        # A throttled call neither reaches moto nor uses up a fault rule.
+        self.control("POST", "/faults", {"action": "RunInstances", "code": "InternalError"})
+        before = len(self.control("GET", "/instances"))
+        self.assert_error(self.run_instance, "RequestLimitExceeded", 503)
+        self.assertEqual(len(self.control("GET", "/instances")), before)
+        self.assertEqual(self.control("GET", "/faults")[0]["remaining"], 1)
+        self.control("DELETE", "/faults")
+        throttle = self.control("GET", "/throttle")
+        self.assertEqual(throttle["config"], {"run_instances": {"burst": 2, "per_s": 1}})
+        self.assertEqual(throttle["throttled"], {"RunInstances": 1})
+        self.assertLess(throttle["tokens"]["run_instances"], 1)
+        # Throttled calls are still calls EC2 received.
+        self.assertEqual(self.control("GET", "/counters")["RunInstances"], 3)
+        time.sleep(1.1)
+        self.run_instance()
+        self.control("POST", "/counters/reset")
+        self.assertEqual(self.control("GET", "/throttle")["throttled"], {})
+
+    def test_throttle_families_are_independent(self) -> None:
+        slow = {"burst": 1, "per_s": 0.01}
+        self.control("POST", "/config", {"throttle": {"run_instances": slow, "describe": {"burst": 3, "per_s": 0.01}}})
+        instance_id = self.run_instance()["Instances"][0]["InstanceId"]
+        self.assert_error(self.run_instance, "RequestLimitExceeded", 503)
+        # run_instances is empty; the describe bucket still has its own tokens.
+        self.describe(instance_id)
+        self.ec2.describe_regions()
+        self.ec2.get_console_output(InstanceId=instance_id)
+        self.assert_error(self.ec2.describe_regions, "RequestLimitExceeded", 503)
+        # mutating was left out of the config, so it is not throttled at all.
+        for n in range(5):
+            self.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": "n", "Value": str(n)}])
+        tokens = self.control("GET", "/throttle")["tokens"]
+        self.assertEqual(set(tokens), {"run_instances", "describe"})
+        self.assertTrue(all(level < 1 for level in tokens.values()), tokens)
+        # The Price List API is not EC2's to throttle.
+        self.assertTrue(self.products({"instanceType": "t3.micro", **EC2_PRICE_FILTERS}))
+
+    def test_throttle_config(self) -> None:
+        ec2_limits = {
+            "run_instances": {"burst": 5, "per_s": 2},
+            "mutating": {"burst": 50, "per_s": 5},
+            "describe": {"burst": 100, "per_s": 20},
+        }
+        self.assertEqual(self.control("POST", "/config", {"throttle": "ec2"})["throttle"], ec2_limits)
+        self.assertEqual(self.control("GET", "/config")["throttle"], ec2_limits)
+        throttle = self.control("GET", "/throttle")
+        self.assertEqual(throttle["config"], ec2_limits)
+        self.assertEqual(throttle["tokens"], {"run_instances": 5, "mutating": 50, "describe": 100})
+        error = self.control("POST", "/config", {"throttle": {"colour": {"burst": 1, "per_s": 1}}}, expect=400)["error"]
+        self.assertIn("'throttle'", error)
+        self.assertIn("'colour'", error)
+        for bad in (
+            "aws",
+            5,
+            {"describe": {"burst": 0.5, "per_s": 1}},
+            {"describe": {"burst": 1, "per_s": 0}},
+            {"describe": {"burst": 1}},
+            {"describe": {"burst": 1, "per_s": 1, "jitter": 1}},
+            {"describe": {"burst": True, "per_s": 1}},
+            {"describe": 10},
+        ):
+            self.assertIn("'throttle'", self.control("POST", "/config", {"throttle": bad}, expect=400)["error"])
+        self.assertEqual(self.control("GET", "/config")["throttle"], ec2_limits)
+
+    def test_throttle_off(self) -> None:
+        self.control("POST", "/config", {"throttle": {"describe": {"burst": 1, "per_s": 0.01}}})
+        self.ec2.describe_regions()
+        self.assert_error(self.ec2.describe_regions, "RequestLimitExceeded", 503)
+        self.assertIsNone(self.control("POST", "/config", {"throttle": None})["throttle"])
+        for _ in range(3):
+            self.ec2.describe_regions()
+        throttle = self.control("GET", "/throttle")
+        self.assertEqual((throttle["config"], throttle["tokens"]), (None, {}))
+
     def test_control_errors(self) -> None:
         self.assertIn("bad JSON", self.control("POST", "/config", b"{nope", expect=400)["error"])
         self.assertIn("'boot_delay'", self.control("POST", "/config", {"boot_delay": 1}, expect=400)["error"])
@@ -1168,7 +1248,7 @@ class LabTest(unittest.TestCase):
             "boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s", "console_mode",
             "ssh_start_delay_s", "ssh_refuse_s", "spot_mode", "spot_fulfill_delay_s", "placement_scores",
             "visibility_delay_s", "status_mode", "address_mode", "spot_prices", "on_demand_prices",
-            "spot_cancel_race", "spot_reclaim_after_running_s", "spot_reclaim_notice_s",
+            "spot_cancel_race", "spot_reclaim_after_running_s", "spot_reclaim_notice_s", "throttle",
         }  # fmt: skip
         self.assertEqual(set(config), expected_keys)
         self.assertEqual(config["console_mode"], "ok")

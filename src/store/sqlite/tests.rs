@@ -525,6 +525,85 @@ async fn async_api_round_trip() {
     ));
     store.release_lease("s1", &holder).await.unwrap();
     store.acquire_lease("s1", &other, TTL).await.unwrap();
-    store.renew_lease("s1", &other, TTL).await.unwrap();
+    assert!(store.holds_lease("s1", &other).await.unwrap());
+    assert!(!store.holds_lease("s1", &holder).await.unwrap());
+    store.heartbeat(&other, TTL).await.unwrap();
     assert_eq!(store.list().await.unwrap().len(), 1);
+}
+
+#[test]
+fn one_heartbeat_keeps_every_session_of_an_engine_and_says_when_it_lapsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::starting_at(NOW));
+    let store = SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap();
+    let engine = LeaseHolder {
+        owner_id: "engine-a".into(),
+        pid: 1,
+        host: "another-host".into(),
+    };
+    let other = LeaseHolder::for_this_process();
+    for id in ["s1", "s2", "s3"] {
+        let ctx = context(id);
+        store
+            .inner
+            .create(&ctx, &first_checkpoint(&ctx), &engine, TTL, NOW)
+            .unwrap();
+    }
+    // Heartbeats well within the lease keep all three, one write each.
+    let writes = store.write_transactions();
+    for _ in 0..4 {
+        clock.advance(TTL / 2);
+        let beat = store.inner.heartbeat(&engine, TTL).unwrap();
+        assert!(!beat.lapsed);
+    }
+    assert_eq!(store.write_transactions() - writes, 4);
+    for id in ["s1", "s2", "s3"] {
+        let err = store.inner.acquire_lease(id, &other, TTL).unwrap_err();
+        assert!(matches!(err, StoreError::Leased { .. }), "{err}");
+    }
+    // A missed heartbeat: the sessions may be taken, and the next
+    // heartbeat says the lease lapsed.
+    clock.advance(TTL);
+    store.inner.acquire_lease("s2", &other, TTL).unwrap();
+    assert!(store.inner.heartbeat(&engine, TTL).unwrap().lapsed);
+    assert!(!store.inner.holds_lease("s2", &engine).unwrap());
+    assert!(store.inner.holds_lease("s1", &engine).unwrap());
+    // Renewed again, the sessions it kept are its own once more.
+    assert!(matches!(
+        store.inner.acquire_lease("s1", &other, TTL),
+        Err(StoreError::Leased { .. })
+    ));
+    assert!(matches!(
+        store
+            .inner
+            .commit("s2", &validated(&context("s2")), &engine, NOW),
+        Err(StoreError::LeaseLost(_))
+    ));
+}
+
+#[test]
+fn a_lease_written_by_an_older_version_is_judged_by_its_own_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::starting_at(NOW));
+    let store = SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap();
+    let ctx = context("s1");
+    let me = LeaseHolder::for_this_process();
+    store
+        .inner
+        .create(&ctx, &first_checkpoint(&ctx), &me, TTL, NOW)
+        .unwrap();
+    // As an older acode-ec2 leaves it: owner and expiry on the row, no engine.
+    store
+        .inner
+        .conn()
+        .execute(
+            "UPDATE sessions SET lease_owner = 'old', lease_pid = 1, lease_host = 'elsewhere',
+                 lease_expires_ms = ?1 WHERE session_id = 's1'",
+            [NOW.plus(TTL).0 as i64],
+        )
+        .unwrap();
+    let err = store.inner.acquire_lease("s1", &me, TTL).unwrap_err();
+    assert!(err.to_string().contains("elsewhere"), "{err}");
+    clock.advance(TTL);
+    store.inner.acquire_lease("s1", &me, TTL).unwrap();
 }

@@ -1,0 +1,347 @@
+//! Fleet scale in one process (issue 13), against the lab.
+//!
+//! `ready`: 200 sessions started at once through a lab that throttles like
+//! EC2's account buckets (RunInstances 5 then 2/s, mutating 50 then 5/s,
+//! Describe 100 then 20/s), with short boot timings (running at 2 s,
+//! console keys at 2 s, status checks ok at 4 s) and 1 s polls. Reports:
+//! EC2 calls per Ready instance without the key-pair calls (goal ≤ 3), time
+//! to all Ready over the rate-limit floor (200 launches at 5 then 2/s:
+//! 97.5 s; goal ≤ 1.1×), heap per session (peak live bytes over the
+//! baseline, by a counting allocator), and write transactions (one fsync
+//! each) per Ready session, leases included.
+//!
+//! `recover`: 1,000 sessions interrupted by a process that died, spread
+//! over the phases (each stalls after 0–6 effects; a quarter then get a
+//! teardown recorded), recovered by a new process; the lab without delays
+//! and without throttling, and this process's buckets off (with EC2's,
+//! the RunInstances bucket alone would set the floor). Reports the time
+//! (goal ≤ 10 s) and EC2 calls per recovered session (goal ≤ 3).
+//!
+//! `--before` runs both the way the engine worked before issue 13: no
+//! rate limits of its own, no shared validation answers, recover one
+//! session at a time (the lease heartbeat cannot be switched back; the
+//! old per-session renewal is one write per session per 10 s).
+//!
+//! Run: `cargo bench --bench fleet [-- ready|recover] [--before]`. Needs
+//! the lab's venv (`scripts/setup.sh`); connects only to loopback.
+
+// The engine's provision future is deeply nested; computing its layout
+// needs more than the default query depth.
+#![recursion_limit = "256"]
+
+#[allow(dead_code)]
+#[path = "../tests/integration/lab.rs"]
+mod lab;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use acode_ec2::driver::{Engine, EngineOptions};
+use acode_ec2::effects::describe_batch::{BatchWindow, Batched};
+use acode_ec2::effects::rate_limit::RateLimits;
+use acode_ec2::effects::sdk::SdkEc2;
+use acode_ec2::effects::{AwsEffects, Effects};
+use acode_ec2::events::NoProgress;
+use acode_ec2::machine::{Effect, Input, SessionContext, Timestamp};
+use acode_ec2::net_guard::ConnectGuard;
+use acode_ec2::store::{CheckpointStore, LeaseHolder, SqliteStore};
+use lab::Lab;
+use serde_json::json;
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const KEY_PAIR_ACTIONS: [&str; 4] = [
+    "CreateKeyPair",
+    "DescribeKeyPairs",
+    "DeleteKeyPair",
+    "ImportKeyPair",
+];
+
+/// The lab's effects, as the engine has them now or had them before.
+fn effects(lab: &Lab, limits: RateLimits, before: bool) -> AwsEffects {
+    let sdk = SdkEc2::with_rate_limits(lab.ec2(), limits);
+    let mut batched = Batched::new(sdk, BatchWindow::default());
+    if before {
+        batched = batched.remembering_for(Duration::ZERO);
+    }
+    AwsEffects::over(batched, ConnectGuard::loopback_only())
+}
+
+fn engine<E: Effects>(effects: E, store: Arc<SqliteStore>, dir: &std::path::Path) -> Engine<E> {
+    Engine::new(
+        Arc::new(effects),
+        store,
+        EngineOptions {
+            key_dir: dir.join("keys").to_string_lossy().into_owned(),
+            lease_ttl: Duration::from_secs(30),
+        },
+    )
+}
+
+fn request(lab: &Lab, extra: &str) -> acode_ec2::request::ProvisionRequest {
+    let yaml = lab
+        .target_yaml(extra)
+        .replace("pollInterval: 100ms", "pollInterval: 1s")
+        .replace("retryInterval: 100ms", "retryInterval: 1s")
+        .replace("runningTimeout: 30s", "runningTimeout: 5m")
+        .replace("sshTimeout: 30s", "sshTimeout: 5m");
+    acode_ec2::config::parse(&format!("ec2Target:\n{yaml}")).expect("config")
+}
+
+fn engine_calls(lab: &Lab) -> (u64, u64) {
+    let counters = lab.counters();
+    let all: u64 = counters.values().sum();
+    let key_pairs: u64 = KEY_PAIR_ACTIONS
+        .iter()
+        .filter_map(|a| counters.get(*a))
+        .sum();
+    (all, key_pairs)
+}
+
+async fn ready_fleet(before: bool) {
+    const SESSIONS: usize = 200;
+    let floor = (SESSIONS as f64 - 5.0) / 2.0;
+    let lab = Lab::start_with(&[
+        "--boot-delay-s",
+        "2",
+        "--console-lag-s",
+        "0",
+        "--status-ok-delay-s",
+        "4",
+        "--terminate-delay-s",
+        "1",
+    ]);
+    lab.configure(json!({"throttle": "ec2"}));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SqliteStore::open(&dir.path().join("state.db")).expect("store"));
+    let limits = if before {
+        RateLimits::unlimited()
+    } else {
+        RateLimits::ec2_defaults()
+    };
+    let engine = engine(effects(&lab, limits, before), store.clone(), dir.path());
+    let request = request(&lab, "");
+    let baseline = LIVE.load(Ordering::Relaxed);
+    PEAK.store(baseline, Ordering::Relaxed);
+    let started = Instant::now();
+    let results = engine.provision_many(request, SESSIONS, &NoProgress).await;
+    let took = started.elapsed().as_secs_f64();
+    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(baseline);
+    let ready = results.iter().filter(|r| r.is_ok()).count();
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        let text = e.to_string();
+        *failures
+            .entry(text.chars().take(100).collect())
+            .or_default() += 1;
+    }
+    let (all, key_pairs) = engine_calls(&lab);
+    let throttled: BTreeMap<String, u64> =
+        serde_json::from_value(lab.call("GET", "/throttle", None)["throttled"].clone())
+            .expect("throttled");
+    let per_ready = |n: f64| n / ready.max(1) as f64;
+    println!(
+        "fleet ready ({}): {ready}/{SESSIONS} Ready in {took:.1} s = {:.3}x the floor of {floor} s",
+        if before { "before" } else { "after" },
+        took / floor
+    );
+    println!(
+        "  EC2 calls per Ready: {:.2} without key-pair calls ({:.2} with); throttled by the lab: {throttled:?}",
+        per_ready((all - key_pairs) as f64),
+        per_ready(all as f64)
+    );
+    println!("  calls: {:?}", lab.counters());
+    println!(
+        "  heap per session: {:.1} KiB (peak {:.1} MiB over the baseline)",
+        peak as f64 / SESSIONS as f64 / 1024.0,
+        peak as f64 / 1024.0 / 1024.0
+    );
+    println!(
+        "  write transactions (fsyncs) per Ready session, leases included: {:.2}",
+        per_ready(store.write_transactions() as f64)
+    );
+    if !failures.is_empty() {
+        println!("  failures: {failures:?}");
+    }
+}
+
+/// Effects that stop answering a session after its budget of effects (0
+/// to 6, by its id), as if its process froze there; the drive is then
+/// dropped, which is the crash.
+struct StallAfter<E> {
+    inner: E,
+    runs: Mutex<HashMap<String, u32>>,
+    stalled: Arc<AtomicUsize>,
+}
+
+impl<E: Effects> Effects for StallAfter<E> {
+    async fn run(&self, ctx: &SessionContext, created: Timestamp, effect: &Effect) -> Input {
+        let mut hasher = DefaultHasher::new();
+        ctx.session_id.hash(&mut hasher);
+        let budget = (hasher.finish() % 7) as u32;
+        let run = {
+            let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+            let n = runs.entry(ctx.session_id.clone()).or_default();
+            *n += 1;
+            *n - 1
+        };
+        if run >= budget {
+            self.stalled.fetch_add(1, Ordering::SeqCst);
+            return std::future::pending().await;
+        }
+        self.inner.run(ctx, created, effect).await
+    }
+}
+
+async fn recover_fleet(before: bool) {
+    const SESSIONS: usize = 1000;
+    let lab = Lab::start_with(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SqliteStore::open(&dir.path().join("state.db")).expect("store"));
+    // Interrupt them: a dead process's engine, half spot, half on-demand.
+    let dead = LeaseHolder {
+        owner_id: "dead".into(),
+        pid: u32::MAX - 1,
+        host: acode_ec2::store::this_host(),
+    };
+    let stalled_count = Arc::new(AtomicUsize::new(0));
+    let stalling = StallAfter {
+        inner: effects(&lab, RateLimits::unlimited(), false),
+        runs: Mutex::new(HashMap::new()),
+        stalled: Arc::clone(&stalled_count),
+    };
+    let died = Arc::new(engine(stalling, store.clone(), dir.path()).with_holder(dead.clone()));
+    let setup = Instant::now();
+    let fleets = [
+        (request(&lab, ""), SESSIONS / 2),
+        (request(&lab, "  useSpot: true\n"), SESSIONS / 2),
+    ];
+    let all = futures::future::join_all(
+        fleets
+            .into_iter()
+            .map(|(request, n)| died.provision_many(request, n, &NoProgress)),
+    );
+    let stalled = async {
+        // Every session recorded, and each stalled or settled (failed early).
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let sessions = store.list().await.expect("list");
+            let settled = sessions.iter().filter(|s| s.phase.is_settled()).count();
+            if sessions.len() == SESSIONS
+                && settled + stalled_count.load(Ordering::SeqCst) >= SESSIONS
+            {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = all => {}
+        _ = stalled => {}
+        _ = tokio::time::sleep(Duration::from_secs(300)) => println!("  (some sessions neither stalled nor settled)"),
+    }
+    drop(died);
+    // A quarter of them had a teardown recorded before the process died:
+    // they resume in the cleanup phases.
+    let noter = engine(
+        effects(&lab, RateLimits::unlimited(), false),
+        store.clone(),
+        dir.path(),
+    )
+    .with_holder(dead);
+    for (i, summary) in store.list().await.expect("list").iter().enumerate() {
+        if i % 4 == 0 && !summary.phase.is_settled() {
+            let _ = noter
+                .note(
+                    &summary.session_id,
+                    acode_ec2::machine::OutsideInput::TeardownRequested,
+                )
+                .await;
+        }
+    }
+    drop(noter);
+    let mut phases: BTreeMap<String, usize> = BTreeMap::new();
+    for summary in store.list().await.expect("list") {
+        *phases.entry(summary.phase.to_string()).or_default() += 1;
+    }
+    println!(
+        "fleet recover ({}): {SESSIONS} sessions interrupted in {:.1} s: {phases:?}",
+        if before { "before" } else { "after" },
+        setup.elapsed().as_secs_f64()
+    );
+
+    lab.call("POST", "/counters/reset", None);
+    let engine = engine(
+        effects(&lab, RateLimits::unlimited(), before),
+        store.clone(),
+        dir.path(),
+    );
+    let concurrency = if before { 1 } else { 64 };
+    let started = Instant::now();
+    let report = engine
+        .recover_with(concurrency, &NoProgress, &|_| {})
+        .await
+        .expect("recover");
+    let took = started.elapsed().as_secs_f64();
+    let (all, key_pairs) = engine_calls(&lab);
+    let mut ends: BTreeMap<String, usize> = BTreeMap::new();
+    for item in &report {
+        let end = match &item.result {
+            Ok(phase) => phase.to_string(),
+            Err(e) => format!(
+                "error: {}",
+                e.to_string().chars().take(80).collect::<String>()
+            ),
+        };
+        *ends.entry(end).or_default() += 1;
+    }
+    let n = report.len().max(1) as f64;
+    println!(
+        "  recovered {} sessions in {took:.2} s ({concurrency} at once); EC2 calls per session {:.2} ({:.2} without key-pair calls)",
+        report.len(),
+        all as f64 / n,
+        (all - key_pairs) as f64 / n
+    );
+    println!("  ends: {ends:?}");
+    println!("  calls: {:?}", lab.counters());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let before = args.iter().any(|a| a == "--before");
+    let only = args.iter().find(|a| *a == "ready" || *a == "recover");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        if only.is_none_or(|a| a == "ready") {
+            ready_fleet(before).await;
+        }
+        if only.is_none_or(|a| a == "recover") {
+            recover_fleet(before).await;
+        }
+    });
+}
