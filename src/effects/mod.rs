@@ -1,7 +1,9 @@
 //! Side effects behind one small trait: EC2, SSH, key files.
 //!
-//! Layers, bottom up: [`sdk::SdkEc2`] (aws-sdk-ec2) ▸ [`describe_batch::Batched`]
-//! (DescribeInstances shared by the sessions of a process) ▸ [`AwsEffects`],
+//! Layers, bottom up: [`sdk::SdkEc2`] (aws-sdk-ec2, each call within EC2's
+//! request buckets, [`rate_limit`]) ▸ [`describe_batch::Batched`] (polls
+//! shared by the sessions of a process, validation answers remembered for
+//! 60 s, [`remembered`]) ▸ [`AwsEffects`],
 //! which maps each [`Effect`] to calls and their answers to machine inputs.
 //! Beside the EC2 stack, [`placement::PlacementSources`] keeps what every
 //! session of a process shares for placement (recent capacity failures,
