@@ -21,6 +21,12 @@ use std::time::Duration;
 use strum::{EnumCount, EnumIter, IntoEnumIterator};
 use tokio::time::Instant;
 
+/// Added to every wait: sent exactly when its token refills, a call could
+/// reach EC2 a rounding error early (EC2's bucket at 0.9999 of a token) and
+/// be throttled; the SDK's retry of it would then take the next caller's
+/// token, and so on. The margin shifts sends, it does not slow the rate.
+const MARGIN: Duration = Duration::from_millis(25);
+
 /// Which of EC2's buckets an action draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, EnumIter, strum::IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
@@ -90,7 +96,7 @@ impl Bucket {
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-self.tokens / self.size.per_second)
+            Duration::from_secs_f64(-self.tokens / self.size.per_second) + MARGIN
         }
     }
 }
@@ -182,7 +188,7 @@ mod tests {
         // Five at once, then one every 0.5 s.
         assert!(sent[..5].iter().all(|t| t.is_zero()), "{sent:?}");
         for (i, at) in sent[5..].iter().enumerate() {
-            let expected = Duration::from_millis(500 * (i as u64 + 1));
+            let expected = Duration::from_millis(500 * (i as u64 + 1)) + MARGIN;
             assert!(
                 at.abs_diff(expected) < Duration::from_millis(5),
                 "call {} at {at:?}",
@@ -227,7 +233,7 @@ mod tests {
         }
         let last = sent.last().copied().unwrap_or_default();
         assert!(
-            last.abs_diff(Duration::from_secs(10)) < Duration::from_millis(5),
+            last.abs_diff(Duration::from_secs(10) + MARGIN) < Duration::from_millis(5),
             "{last:?}"
         );
         assert_eq!(RateLimits::unlimited().buckets.iter().flatten().count(), 0);

@@ -89,6 +89,12 @@ pub(super) trait Measured<T, E>:
     }
 }
 
+/// Whether a page was the last: each page asked for takes a rate-limit
+/// token, so the loop stops here rather than asking the paginator again.
+fn last_page(next_token: Option<&str>) -> bool {
+    next_token.is_none_or(str::is_empty)
+}
+
 /// Logs and counts an answer that took since `started`.
 fn settle<T, E>(
     action: &'static str,
@@ -592,6 +598,7 @@ impl Ec2Api for SdkEc2 {
             .send();
         let mut found = HashMap::new();
         loop {
+            self.limits.wait_turn("DescribeSpotInstanceRequests").await;
             let started = Instant::now();
             let Some(page) = pages.next().await else {
                 break;
@@ -611,6 +618,9 @@ impl Ec2Api for SdkEc2 {
                     instance_id: r.instance_id().map(str::to_string),
                 };
                 found.insert(id.to_string(), view);
+            }
+            if last_page(page.next_token()) {
+                break;
             }
         }
         Ok(found)
@@ -647,6 +657,7 @@ impl Ec2Api for SdkEc2 {
             .send();
         let mut found = HashMap::new();
         loop {
+            self.limits.wait_turn("DescribeInstances").await;
             let started = Instant::now();
             let Some(page) = pages.next().await else {
                 break;
@@ -656,6 +667,9 @@ impl Ec2Api for SdkEc2 {
                 if let Some(id) = instance.instance_id() {
                     found.insert(id.to_string(), view_of(instance));
                 }
+            }
+            if last_page(page.next_token()) {
+                break;
             }
         }
         Ok(found)
@@ -674,6 +688,7 @@ impl Ec2Api for SdkEc2 {
             .send();
         let mut found = HashMap::new();
         loop {
+            self.limits.wait_turn("DescribeInstanceStatus").await;
             let started = Instant::now();
             let Some(page) = pages.next().await else {
                 break;
@@ -688,6 +703,9 @@ impl Ec2Api for SdkEc2 {
                     let state = state_of(status.instance_state().and_then(|s| s.name()));
                     found.insert(id.to_string(), InstanceHealth { report, state });
                 }
+            }
+            if last_page(page.next_token()) {
+                break;
             }
         }
         Ok(found)
