@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, warn};
 
 use crate::clock::{Clock, SystemClock};
@@ -88,9 +87,9 @@ pub enum EngineError {
     DriverStopped { session_id: String, reason: String },
 }
 
-/// How many sessions `recover` drives at once by default: enough that a
-/// few stuck in long waits leave room for the rest, few enough that their
-/// polls and SSH logins stay gentle on the account and the network.
+/// How many effects (EC2 calls, SSH logins) `recover` runs at once by
+/// default; sessions that wait hold none, so every session is driven at
+/// once and none waits behind another's wait.
 pub const RECOVER_CONCURRENCY: usize = 64;
 
 /// How far a `recover` has got.
@@ -145,6 +144,9 @@ struct DriveClaim<'a> {
     session_id: String,
     inbox: Inbox,
     ended: watch::Sender<Option<Ended>>,
+    /// Slots this drive's effects take one of while they run (`recover`
+    /// bounds effects, not drives, so a drive that waits holds none).
+    effect_slots: Option<Arc<Semaphore>>,
 }
 
 impl Drop for DriveClaim<'_> {
@@ -330,13 +332,25 @@ impl<E: Effects> Engine<E> {
         session_id: &str,
         progress: &dyn ProgressSink,
     ) -> Result<LoadedSession, EngineError> {
+        self.resume_within(session_id, progress, None).await
+    }
+
+    /// Resumes the session; with `effect_slots`, each of its effects runs
+    /// only while it holds one of them.
+    async fn resume_within(
+        &self,
+        session_id: &str,
+        progress: &dyn ProgressSink,
+        effect_slots: Option<Arc<Semaphore>>,
+    ) -> Result<LoadedSession, EngineError> {
         let span = session_span(session_id);
         async {
-            let Claim::Mine(claim) = self.claim(session_id) else {
+            let Claim::Mine(mut claim) = self.claim(session_id) else {
                 return Err(EngineError::AlreadyDriving {
                     session_id: session_id.to_string(),
                 });
             };
+            claim.effect_slots = effect_slots;
             let lease = self.take_lease(session_id).await?;
             let progress = ProgressObserver(progress);
             let observers = self.fanout(&progress);
@@ -491,7 +505,7 @@ impl<E: Effects> Engine<E> {
 
     /// Resumes every session that is neither Ready nor finished: each ends
     /// Ready or cleaned up. Sessions another live process drives are left
-    /// to it and reported as such. [`RECOVER_CONCURRENCY`] sessions at once.
+    /// to it and reported as such. [`RECOVER_CONCURRENCY`] effects at once.
     pub async fn recover(
         &self,
         progress: &dyn ProgressSink,
@@ -500,9 +514,11 @@ impl<E: Effects> Engine<E> {
             .await
     }
 
-    /// As [`Engine::recover`], driving up to `concurrency` sessions at once
-    /// (each under its lease, so a session in a long wait holds up no
-    /// other), and telling `tally` how many are done, in flight and failed
+    /// As [`Engine::recover`], driving every session side by side with at
+    /// most `concurrency` of their effects running at once: a session in a
+    /// long wait (a poll interval, a backoff, EC2's 30 s to show an
+    /// instance) holds no slot, so it delays no other. Each is under its
+    /// lease. `tally` hears how many are done, in flight and failed
     /// whenever that changes. The report lists sessions in the store's order.
     pub async fn recover_with(
         &self,
@@ -524,32 +540,25 @@ impl<E: Effects> Engine<E> {
             change(&mut counts);
             tally(&counts);
         };
-        let drives = unsettled
-            .into_iter()
-            .enumerate()
-            .map(|(order, session_id)| {
-                let update = &update;
-                async move {
-                    update(&|t| t.in_flight += 1);
-                    // Boxed: a drive is a deep future, and recover's own would
-                    // not fit a test thread's stack in debug builds.
-                    let result = Box::pin(self.resume_to_end(&session_id, progress))
-                        .await
-                        .map(|s| s.state.phase.kind());
-                    update(&|t| {
-                        t.in_flight -= 1;
-                        t.done += 1;
-                        t.failed += usize::from(result.is_err());
-                    });
-                    (order, Recovered { session_id, result })
-                }
-            });
-        let mut report: Vec<(usize, Recovered)> = futures_util::stream::iter(drives)
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        report.sort_by_key(|(order, _)| *order);
-        let mut report: Vec<Recovered> = report.into_iter().map(|(_, r)| r).collect();
+        let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+        let drives = unsettled.into_iter().map(|session_id| {
+            let (update, slots) = (&update, Arc::clone(&slots));
+            async move {
+                update(&|t| t.in_flight += 1);
+                // Boxed: a drive is a deep future, and recover's own would
+                // not fit a test thread's stack in debug builds.
+                let result = Box::pin(self.resume_within(&session_id, progress, Some(slots)))
+                    .await
+                    .map(|s| s.state.phase.kind());
+                update(&|t| {
+                    t.in_flight -= 1;
+                    t.done += 1;
+                    t.failed += usize::from(result.is_err());
+                });
+                Recovered { session_id, result }
+            }
+        });
+        let mut report = futures_util::future::join_all(drives).await;
         // Then a replacement an interruption named but never started (its
         // watcher died first) is started, once: its id is derived.
         for summary in self.store.list().await? {
@@ -641,6 +650,7 @@ impl<E: Effects> Engine<E> {
             session_id: session_id.to_string(),
             inbox,
             ended,
+            effect_slots: None,
         })
     }
 
@@ -723,6 +733,7 @@ impl<E: Effects> Engine<E> {
                 &mut session,
                 &mut claim.inbox,
                 &mut lease,
+                claim.effect_slots.as_deref(),
                 observers,
                 started,
             )
@@ -755,6 +766,7 @@ impl<E: Effects> Engine<E> {
         session: &mut LoadedSession,
         inbox: &mut Inbox,
         lease: &mut SessionLease<'_>,
+        effect_slots: Option<&Semaphore>,
         observers: &Fanout<'_>,
         started: Instant,
     ) -> Result<(), EngineError> {
@@ -780,7 +792,13 @@ impl<E: Effects> Engine<E> {
             }
             // Another process took the session over: it runs the effects now.
             lease.still_held().await?;
+            // Closed only when its engine is dropped, which ends this drive anyway.
+            let slot = match effect_slots {
+                Some(slots) => slots.acquire().await.ok(),
+                None => None,
+            };
             let (input, delivered) = self.run_effect(session, &intent, inbox).await;
+            drop(slot);
             let mut pause = None;
             if let Some(input) = input {
                 pause = self.record(session, input, observers, started).await?;

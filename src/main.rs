@@ -20,7 +20,9 @@ use acode_ec2::events::{
 use acode_ec2::machine::diagram;
 use acode_ec2::machine::{OutsideInput, PhaseKind, SpotRequestStatus, SpotSavings};
 use acode_ec2::net_guard::ConnectGuard;
-use acode_ec2::store::{CheckpointStore, PhaseSpan, SessionSummary, SqliteStore, phase_timeline};
+use acode_ec2::store::{
+    CheckpointStore, PhaseSpan, SessionSummary, SqliteStore, StoreError, phase_timeline,
+};
 
 /// Provision EC2 instances for coding-agent sessions: each session ends with
 /// a Ready instance that accepted an SSH login, its host key checked against
@@ -147,12 +149,13 @@ enum Command {
     Teardown { session: String },
     /// Resume or clean up every session that is neither Ready nor finished.
     ///
-    /// Sessions are driven side by side, --concurrency at once (each under
-    /// its lease, so one waiting on a slow instance holds up no other),
-    /// with a line per session and a tally of done / in flight / failed.
-    /// Sessions another live process drives are left to it.
+    /// Every session is driven side by side, each under its lease, with at
+    /// most --concurrency of their EC2 calls and SSH logins running at once;
+    /// a session waiting on a slow instance holds up no other. A line per
+    /// session and a tally of done / in flight / failed. Sessions another
+    /// live process drives are left to it.
     Recover {
-        /// How many sessions to drive at once.
+        /// How many EC2 calls and SSH logins to run at once.
         #[arg(long, value_name = "N", default_value_t = acode_ec2::driver::RECOVER_CONCURRENCY as u16,
               value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -637,6 +640,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                             "session {} is Failed (cleaned up): {reason}",
                             item.session_id
                         )
+                    }
+                    // Another live process (a second recover, say) has it: its turn.
+                    Err(e @ EngineError::Store(StoreError::Leased { .. })) => {
+                        println!("session {} left to its driver: {e}", item.session_id)
                     }
                     Err(e) => {
                         failures += 1;

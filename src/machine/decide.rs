@@ -343,7 +343,9 @@ fn launched(
                 .get(launch.subnet_index)
                 .filter(|z| !z.is_empty())
                 .cloned();
-            Decision::go(ProvisionPhase::WaitingForRunning(WaitingForRunning {
+            // First look on the poll grid, with the other sessions' polls:
+            // no instance runs the moment it is launched.
+            let next = ProvisionPhase::WaitingForRunning(WaitingForRunning {
                 instance: LaunchedInstance {
                     instance_id,
                     key: launch.key.clone(),
@@ -363,7 +365,8 @@ fn launched(
                 },
                 deadline: now.plus(timeout),
                 on_demand_fallback,
-            }))
+            });
+            Decision::poll(&next, poll_at(ctx, now))
         }
         _ => return None,
     })
@@ -458,8 +461,10 @@ fn running(
     let status = match ctx.request.status_checks {
         // Not looked at at all, as asked (a reclaim then shows as failed SSH).
         StatusCheckMode::Skip => StatusTrack::Done,
+        // On the poll grid, batched with other sessions: checks that pass
+        // take minutes, so the first look need not be at once.
         StatusCheckMode::Ok | StatusCheckMode::NotImpaired => StatusTrack::Waiting {
-            due: now,
+            due: poll_at(ctx, now),
             last: None,
         },
     };
@@ -1019,8 +1024,16 @@ fn failure(text: impl Into<String>) -> CleanupCause {
     CleanupCause::Failure(text.into())
 }
 
+/// The next poll: the next point of the poll interval's grid on the clock
+/// (a whole multiple of the interval after `now`), so the sessions of a
+/// process poll at the same instants and their Describe calls go out as
+/// one batched call, however their launches were spread. The first poll
+/// comes up to one interval sooner; the cadence after it is the interval.
 fn poll_at(ctx: &SessionContext, now: Timestamp) -> Timestamp {
-    now.plus(ctx.request.timeouts.poll_interval)
+    let every = u64::try_from(ctx.request.timeouts.poll_interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Timestamp((now.0 / every).saturating_add(1).saturating_mul(every))
 }
 
 /// Whether an instance launched at `at` may still be invisible to EC2.

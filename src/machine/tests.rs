@@ -814,6 +814,35 @@ fn without_fallback_a_late_spot_instance_is_cleaned_up() {
 }
 
 #[test]
+fn sessions_polling_at_different_moments_poll_at_the_same_instants() {
+    let ctx = ctx(shapes()[0]);
+    let every = ctx.request.timeouts.poll_interval;
+    let state = SessionState::fresh(
+        phases(&ctx)
+            .into_iter()
+            .find(|p| p.kind() == PhaseKind::WaitingForRunning)
+            .unwrap(),
+    );
+    let wake = |now: Timestamp| {
+        step(
+            &ctx,
+            &state,
+            Input::InstancePending { spot_request: None },
+            now,
+        )
+        .unwrap()
+        .wake_at
+        .expect("a poll")
+    };
+    // Launched 1.3 s and 3.9 s into one interval: both poll at its end, so
+    // their Describe calls batch into one; then every interval on the grid.
+    let first = wake(T0.plus(Duration::from_millis(1300)));
+    assert_eq!(first, wake(T0.plus(Duration::from_millis(3900))));
+    assert_eq!(first, T0.plus(every));
+    assert_eq!(wake(first), first.plus(every));
+}
+
+#[test]
 fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
     let ctx = ctx(shapes()[0]);
     let phase = phases(&ctx)
@@ -981,10 +1010,11 @@ fn not_found_during_cleanup_is_believed_only_after_the_grace() {
         let s = step(&ctx, &state, input.clone(), early).unwrap();
         assert_eq!(s.state.phase.kind(), PhaseKind::TerminatingInstance);
         assert_eq!(s.guards, Guards::from(Guard::JustLaunched));
-        assert_eq!(
-            s.wake_at,
-            Some(early.plus(ctx.request.timeouts.poll_interval))
-        );
+        let every = ctx.request.timeouts.poll_interval;
+        let wake = s.wake_at.expect("a poll");
+        // The next point of the poll grid: within one interval.
+        assert!(wake > early && wake <= early.plus(every), "{wake:?}");
+        assert_eq!(wake.0 % every.as_millis() as u64, 0);
         let s = step(&ctx, &state, input, T0.plus(grace)).unwrap();
         assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
         assert!(

@@ -205,6 +205,22 @@ pub enum StoreError {
         "the state database is full ({0}); finish its sessions with `acode-ec2 recover` and use a fresh --state-db"
     )]
     Full(String),
+    #[error(
+        "the disk holding the state database {path} is full, so nothing more was recorded (and nothing \
+         was done that was not recorded first); free space there, then `acode-ec2 recover` resumes the sessions"
+    )]
+    DiskFull { path: String },
+    #[error(
+        "the state database {path} cannot be written (read-only file, folder or filesystem), so nothing more \
+         was recorded (and nothing was done that was not recorded first); make it writable, then \
+         `acode-ec2 recover` resumes the sessions"
+    )]
+    ReadOnly { path: String },
+    #[error(
+        "the state database {path} is damaged ({detail}); move it aside and restore a backup, or remove what \
+         acode-ec2 created by the tag acode=true (instances, key pairs) and start with a fresh --state-db"
+    )]
+    Damaged { path: String, detail: String },
     #[error("no session {0} in the state database; `acode-ec2 sessions` lists them")]
     NotFound(String),
     #[error("session {session_id} already exists")]

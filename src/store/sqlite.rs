@@ -29,6 +29,30 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// Names a failing disk or file for what it is, with what to do: a full
+/// disk, a read-only database, a damaged file. Other errors pass as they are.
+fn explain(error: StoreError, path: &Path) -> StoreError {
+    use rusqlite::ErrorCode;
+    let StoreError::Backend(inner) = &error else {
+        return error;
+    };
+    let Some(rusqlite::Error::SqliteFailure(failure, message)) =
+        inner.downcast_ref::<rusqlite::Error>()
+    else {
+        return error;
+    };
+    let path = path.display().to_string();
+    match failure.code {
+        ErrorCode::DiskFull => StoreError::DiskFull { path },
+        ErrorCode::ReadOnly => StoreError::ReadOnly { path },
+        ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => StoreError::Damaged {
+            path,
+            detail: message.clone().unwrap_or_else(|| failure.to_string()),
+        },
+        _ => error,
+    }
+}
+
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -181,12 +205,15 @@ impl SqliteStore {
             .open(path)
             .map_err(|e| open_err(e.to_string()))?;
         let mut conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: the WAL is fsynced at every commit, so a checkpoint survives power loss.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        migrate(&mut conn, &shown)?;
+        let setup = |conn: &mut Connection| -> Result<(), StoreError> {
+            conn.busy_timeout(Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            // FULL: the WAL is fsynced at every commit, so a checkpoint survives power loss.
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            migrate(conn, &shown)
+        };
+        setup(&mut conn).map_err(|e| explain(e, path))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -215,11 +242,12 @@ impl SqliteStore {
     fn run<T>(&self, work: impl FnOnce(&Inner) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if multi_thread {
+        let result = if multi_thread {
             tokio::task::block_in_place(|| work(&self.inner))
         } else {
             work(&self.inner)
-        }
+        };
+        result.map_err(|e| explain(e, &self.inner.path))
     }
 }
 

@@ -1789,12 +1789,16 @@ class Ec2Middleware:
         return self._call_moto(environ)
 
     def _call_moto(self, environ: dict[str, Any]) -> Response:
-        app_iter, status, headers = run_wsgi_app(self.moto_app, environ, buffered=True)
-        try:
-            body = b"".join(app_iter)
-        finally:
-            if hasattr(app_iter, "close"):
-                app_iter.close()
+        # One moto call at a time: moto's models are not thread-safe (under a few hundred concurrent
+        # sessions, CreateKeyPair beside DescribeKeyPairs raised "dictionary changed size during
+        # iteration" as a 500). Each call takes milliseconds; latency faults sleep outside the lock.
+        with self.lab.lock:
+            app_iter, status, headers = run_wsgi_app(self.moto_app, environ, buffered=True)
+            try:
+                body = b"".join(app_iter)
+            finally:
+                if hasattr(app_iter, "close"):
+                    app_iter.close()
         return Response(body, status=status, headers=headers)
 
     def _console_output(self, form: dict[str, str]) -> Response | None:
