@@ -11,6 +11,14 @@ use acode_ec2::store::{CheckpointStore, LeaseHolder, SqliteStore};
 
 use crate::crashing::{CrashPoint, CrashSwitch, CrashingEffects, CrashingStore};
 
+/// Held by the tests that load both cores on their own (200 sessions at
+/// once, the kill campaign), so they do not run beside each other.
+pub fn heavy_test() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that panicked holding it leaves nothing to repair.
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A lease holder whose process has exited: what a `kill -9` leaves behind.
 pub fn dead_holder() -> LeaseHolder {
     let mut child = std::process::Command::new("true")

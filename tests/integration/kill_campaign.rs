@@ -179,6 +179,7 @@ fn write(path: &Path, text: &str) -> PathBuf {
 
 #[test]
 fn a_random_kill_9_campaign_leaves_no_orphan_and_no_duplicate_launch() {
+    let _alone = crate::common::heavy_test();
     let points = env_number("ACODE_KILL_POINTS", 200);
     let seed = env_number("ACODE_KILL_SEED", 1).max(1);
     let lab = Lab::start();
