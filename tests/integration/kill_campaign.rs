@@ -7,8 +7,8 @@
 //! but the existing one, no key file left.
 //!
 //! `ACODE_KILL_POINTS` (default 200) and `ACODE_KILL_SEED` (default 1) size
-//! and pick the campaign; eight workers run side by side, each with its own
-//! state database, against one lab.
+//! and pick the campaign; `ACODE_KILL_WORKERS` (default 8) workers run side
+//! by side, each with its own state database, against one lab.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -204,10 +204,10 @@ fn a_random_kill_9_campaign_leaves_no_orphan_and_no_duplicate_launch() {
     );
     let spot = "  useSpot: true\n  spotRequestTimeout: 1s\n  spotFallbackToOnDemand: true\n";
 
-    const WORKERS: u64 = 8;
+    let workers = env_number("ACODE_KILL_WORKERS", 8).max(1);
     let started = Instant::now();
     let tallies: Vec<BTreeMap<Target, (u64, u64)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..WORKERS)
+        let handles: Vec<_> = (0..workers)
             .map(|w| {
                 let (lab, dir) = (&lab, dir.path());
                 let existing = &existing;
@@ -231,7 +231,7 @@ fn a_random_kill_9_campaign_leaves_no_orphan_and_no_duplicate_launch() {
                     };
                     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (w + 1));
                     let mut tally: BTreeMap<Target, (u64, u64)> = BTreeMap::new();
-                    for i in 0..points.div_ceil(WORKERS) {
+                    for i in 0..points.div_ceil(workers) {
                         let (target, killed) = worker.point(&mut rng);
                         let entry = tally.entry(target).or_default();
                         entry.0 += 1;
@@ -267,7 +267,7 @@ fn a_random_kill_9_campaign_leaves_no_orphan_and_no_duplicate_launch() {
         .collect();
     assert_eq!(names, ["campaign-key"], "orphan key pairs");
     // No key file but the existing one's.
-    for w in 0..WORKERS {
+    for w in 0..workers {
         let keys = dir.path().join(format!("worker-{w}")).join("keys");
         let files: Vec<_> = std::fs::read_dir(&keys)
             .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
