@@ -96,7 +96,9 @@ SPOT_MODES = ("fulfilled", "capacity-not-available", "price-too-low")
 STATUS_MODES = ("ok", "impaired", "insufficient-data")
 ADDRESS_MODES = ("public", "private-only", "private-loopback")
 # What POST /_lab/ssh accepts: "auto" is the timing-based gate (ssh_start_delay_s, ssh_refuse_s).
-SSH_MODES = ("auto", "open", "closed", "reset")
+# "reset" resets each connection at once; "reset-mid-handshake" lets the version exchange through,
+# then resets during key exchange; "silent" accepts and never says a word (a banner timeout).
+SSH_MODES = ("auto", "open", "closed", "reset", "reset-mid-handshake", "silent")
 # What an interruption notice can announce (IMDS spot/instance-action "action").
 INTERRUPTION_ACTIONS = ("terminate", "stop", "hibernate")
 # EC2's account-level request rate limits (the `throttle` config key "ec2"): one token bucket per action
@@ -1489,6 +1491,11 @@ class Lab:
                 for i in self.backend.all_instances()
             ]
 
+    def key_pairs_view(self) -> list[str]:
+        """The key pairs' names, unfaulted and unthrottled (tests check for leaks with it)."""
+        with self.lock:
+            return sorted(self.backend.key_pairs)
+
     def placement_scores(self, form: dict[str, str]) -> Response:
         """GetSpotPlacementScores, which moto 5.2.5 does not implement."""
         if "TargetCapacity" not in form:
@@ -1833,6 +1840,7 @@ class ControlApi:
             ("GET", "/_lab/ssh"): lambda req: lab.ssh_view(),
             ("POST", "/_lab/ssh"): self._ssh,
             ("GET", "/_lab/instances"): lambda req: lab.instances_view(),
+            ("GET", "/_lab/key_pairs"): lambda req: lab.key_pairs_view(),
             ("GET", "/_lab/authorized_keys"): self._authorized_keys,
         }
 
@@ -2135,9 +2143,38 @@ def splice(client: socket.socket, target_port: int, sessions: SessionSet) -> Non
     upstream.close()
 
 
+def reset_mid_handshake(client: socket.socket, target_port: int) -> None:
+    """Passes sshd's version line and the client's first bytes (its version and key exchange
+    offer), then resets: the client fails during the handshake, not before it."""
+    try:
+        with socket.create_connection((LOOPBACK, target_port), timeout=5) as upstream:
+            client.settimeout(5)
+            client.sendall(upstream.recv(256))  # sshd's banner
+            client.recv(4096)  # the client's banner, maybe its KEXINIT too
+    except OSError:
+        pass
+    reset_connection(client)
+
+
+def stay_silent(client: socket.socket, lab: Lab) -> None:
+    """Accepts and says nothing until the client gives up or the mode changes."""
+    client.settimeout(0.1)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and lab.ssh_gate_mode() == "silent":
+            try:
+                if not client.recv(4096):
+                    break  # the client closed
+            except TimeoutError:
+                continue
+    except OSError:
+        pass
+    client.close()
+
+
 class SshGate(threading.Thread):
-    """The public SSH port. Splices to sshd, or stops listening ("closed") or resets
-    connections ("reset") while the lab's ssh_start_delay_s / ssh_refuse_s windows last,
+    """The public SSH port. Splices to sshd, or stops listening ("closed"), resets connections
+    ("reset", "reset-mid-handshake") or holds them silent ("silent") while the lab's ssh_start_delay_s / ssh_refuse_s windows last,
     or as POST /_lab/ssh says."""
 
     def __init__(self, lab: Lab, target_port: int):
@@ -2210,8 +2247,13 @@ class SshGate(threading.Thread):
             return self.listener
 
     def _handle(self, conn: socket.socket) -> None:
-        if self.lab.ssh_gate_mode() == "open":
+        mode = self.lab.ssh_gate_mode()
+        if mode == "open":
             threading.Thread(target=splice, args=(conn, self.target_port, self.sessions), daemon=True).start()
+        elif mode == "reset-mid-handshake":
+            threading.Thread(target=reset_mid_handshake, args=(conn, self.target_port), daemon=True).start()
+        elif mode == "silent":
+            threading.Thread(target=stay_silent, args=(conn, self.lab), daemon=True).start()
         else:
             reset_connection(conn)
 

@@ -550,6 +550,10 @@ class LabTest(unittest.TestCase):
                 name = f"acode-ssh-{key_type}"
                 material = self.ec2.create_key_pair(KeyName=name, KeyType=key_type)["KeyMaterial"]
                 self.assertTrue(material.startswith(header), material[:40])
+                # Listed by the control API even while DescribeKeyPairs is faulted.
+                self.control("POST", "/faults", {"action": "DescribeKeyPairs", "code": "InternalError"})
+                self.assertIn(name, self.control("GET", "/key_pairs"))
+                self.control("DELETE", "/faults")
                 key_path = self.tmp_path / name
                 key_path.write_text(material)
                 key_path.chmod(0o600)
@@ -1051,6 +1055,20 @@ class LabTest(unittest.TestCase):
         self.control("POST", "/ssh", {"mode": "reset"})
         with self.assertRaises(ConnectionResetError):
             self.ssh_banner()
+        # Mid-handshake: sshd's version line comes through, the reset follows the client's first bytes.
+        self.control("POST", "/ssh", {"mode": "reset-mid-handshake"})
+        with socket.create_connection(("127.0.0.1", self.ready["sshd_port"]), timeout=5) as conn:
+            self.assertTrue(conn.recv(256).startswith(b"SSH-2.0-"))
+            conn.sendall(b"SSH-2.0-acode-lab-test\r\n")
+            with self.assertRaises(ConnectionResetError):
+                while conn.recv(4096):
+                    pass
+        # Silent: accepted, and not a byte, even after the client's version line.
+        self.control("POST", "/ssh", {"mode": "silent"})
+        with socket.create_connection(("127.0.0.1", self.ready["sshd_port"]), timeout=0.5) as conn:
+            conn.sendall(b"SSH-2.0-acode-lab-test\r\n")
+            with self.assertRaises(TimeoutError):
+                conn.recv(256)
         self.control("POST", "/ssh", {"mode": "open"})
         self.assertTrue(wait_for(self._banner_or_none))
         # Open overrides the launch windows; auto gives them back.
