@@ -74,6 +74,49 @@ pub trait Effects: Send + Sync + 'static {
     }
 }
 
+/// How long one EC2 call may take, and how the SDK retries it within that.
+///
+/// Invariant: a call ends (answered or failed) within `operation`, well
+/// inside the session lease (30 s), so a hung connection cannot hold a
+/// session forever; what is left to retry after that, the machine retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallBudget {
+    /// Tries per call, the first included.
+    pub attempts: u32,
+    pub connect: Duration,
+    /// One try, sent to answered.
+    pub attempt: Duration,
+    /// All tries of one call.
+    pub operation: Duration,
+    /// The SDK's first backoff; later ones grow from it.
+    pub first_backoff: Duration,
+}
+
+impl CallBudget {
+    /// What the CLI and [`AwsEffects::from_environment`] use.
+    pub const STANDARD: CallBudget = CallBudget {
+        attempts: 4,
+        connect: Duration::from_secs(5),
+        attempt: Duration::from_secs(8),
+        operation: Duration::from_secs(20),
+        first_backoff: Duration::from_secs(1),
+    };
+
+    pub fn retry_config(&self) -> RetryConfig {
+        RetryConfig::standard()
+            .with_max_attempts(self.attempts)
+            .with_initial_backoff(self.first_backoff)
+    }
+
+    pub fn timeout_config(&self) -> TimeoutConfig {
+        TimeoutConfig::builder()
+            .connect_timeout(self.connect)
+            .operation_attempt_timeout(self.attempt)
+            .operation_timeout(self.operation)
+            .build()
+    }
+}
+
 /// The real effects over an EC2 API stack (by default the SDK client with
 /// DescribeInstances batching), russh for SSH, and key files on disk.
 /// Clones share the stack, so sessions driven together poll together.
@@ -82,6 +125,7 @@ pub struct AwsEffects<A = Batched<SdkEc2>> {
     api: A,
     guard: ConnectGuard,
     placement: Arc<PlacementSources>,
+    probe_timeout: Duration,
 }
 
 impl AwsEffects {
@@ -105,16 +149,10 @@ impl AwsEffects {
     /// profiles or other settings say.
     pub async fn from_environment(guard: ConnectGuard) -> Result<AwsEffects, GuardError> {
         let pinned_endpoint = guard.check_aws_environment()?;
-        // Bounded calls: an effect must finish well within the session lease
-        // (30 s), so a hung connection cannot hold a session forever.
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .operation_attempt_timeout(Duration::from_secs(8))
-            .operation_timeout(Duration::from_secs(20))
-            .build();
+        let budget = CallBudget::STANDARD;
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(4))
-            .timeout_config(timeouts);
+            .retry_config(budget.retry_config())
+            .timeout_config(budget.timeout_config());
         if let Some(endpoint) = pinned_endpoint {
             loader = loader.endpoint_url(endpoint).credentials_provider(
                 aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
@@ -138,7 +176,16 @@ impl<A: Ec2Api> AwsEffects<A> {
             api,
             guard,
             placement: Arc::new(PlacementSources::default()),
+            probe_timeout: ssh::PROBE_TIMEOUT,
         }
+    }
+
+    /// How long one SSH probe may take before it counts as not ready
+    /// (tests with a silent server shorten it).
+    #[must_use]
+    pub fn with_probe_timeout(mut self, timeout: Duration) -> AwsEffects<A> {
+        self.probe_timeout = timeout;
+        self
     }
 
     /// On-demand prices (for spot savings) from this Price List client.
@@ -246,7 +293,7 @@ impl<A: Ec2Api> Effects for AwsEffects<A> {
                     private_key_path: private_key_path.as_deref(),
                     trusted: trusted.as_ref(),
                 };
-                let input = ssh::probe(self.guard, probe).await;
+                let input = ssh::probe(self.guard, probe, self.probe_timeout).await;
                 if let (Input::SshReady { host_key, .. }, Some(path)) = (&input, known_hosts_path)
                     && let Err(e) = known_hosts::write(path, endpoint, host_key)
                 {

@@ -15,7 +15,8 @@ use crate::machine::{ConsoleFingerprints, Input};
 use crate::net_guard::ConnectGuard;
 use crate::request::parse_host_port;
 
-/// How long one probe may take, connect to login.
+/// How long one probe may take, connect to login, unless the effects are
+/// told otherwise ([`super::AwsEffects::with_probe_timeout`]).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The key the server presented: its fingerprint, and `algorithm base64`.
@@ -75,11 +76,13 @@ pub struct Probe<'a> {
     pub trusted: Option<&'a ConsoleFingerprints>,
 }
 
-pub async fn probe(guard: ConnectGuard, probe: Probe<'_>) -> Input {
-    match tokio::time::timeout(PROBE_TIMEOUT, probe_once(guard, probe)).await {
+/// One probe, given up after `timeout` (a server that accepts and never
+/// says a word is not ready, not a hang).
+pub async fn probe(guard: ConnectGuard, probe: Probe<'_>, timeout: Duration) -> Input {
+    match tokio::time::timeout(timeout, probe_once(guard, probe, timeout)).await {
         Ok(input) => input,
         Err(_) => not_ready(format!(
-            "no SSH answer from {} within {PROBE_TIMEOUT:?}",
+            "no SSH answer from {} within {timeout:?}",
             probe.endpoint
         )),
     }
@@ -91,8 +94,8 @@ struct LoggedIn {
     host_key: Presented,
 }
 
-async fn probe_once(guard: ConnectGuard, probe: Probe<'_>) -> Input {
-    let logged_in = match log_in(guard, probe).await {
+async fn probe_once(guard: ConnectGuard, probe: Probe<'_>, timeout: Duration) -> Input {
+    let logged_in = match log_in(guard, probe, timeout).await {
         Ok(logged_in) => logged_in,
         Err(why) => return why,
     };
@@ -109,7 +112,11 @@ async fn probe_once(guard: ConnectGuard, probe: Probe<'_>) -> Input {
 
 /// Connects where the guard allows, checks the host key, logs in; or the
 /// input that says why not (never an attempt against an untrusted key).
-async fn log_in(guard: ConnectGuard, probe: Probe<'_>) -> Result<LoggedIn, Input> {
+async fn log_in(
+    guard: ConnectGuard,
+    probe: Probe<'_>,
+    inactivity: Duration,
+) -> Result<LoggedIn, Input> {
     let Probe {
         endpoint,
         user,
@@ -158,7 +165,7 @@ async fn log_in(guard: ConnectGuard, probe: Probe<'_>) -> Result<LoggedIn, Input
         presented: Arc::clone(&presented),
     };
     let config = Arc::new(client::Config {
-        inactivity_timeout: Some(PROBE_TIMEOUT),
+        inactivity_timeout: Some(inactivity),
         ..Default::default()
     });
     let mut session = match client::connect_stream(config, stream, check).await {
@@ -233,7 +240,9 @@ pub async fn run_command(
     timeout: Duration,
 ) -> Result<CommandRun, String> {
     let run = async {
-        let logged_in = log_in(guard, probe).await.map_err(|why| refusal(&why))?;
+        let logged_in = log_in(guard, probe, timeout.min(PROBE_TIMEOUT))
+            .await
+            .map_err(|why| refusal(&why))?;
         let session = &logged_in.session;
         let mut channel = session
             .channel_open_session()
