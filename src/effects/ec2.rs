@@ -294,23 +294,23 @@ pub async fn read_console_host_keys(api: &impl Ec2Api, instance_id: &str) -> Inp
 /// so a launched instance always carries them.
 ///
 /// Cleanup must not give up, so every failure here is reported as
-/// transient; NotFound for the known id is `InstanceNotFound`, and a sweep
-/// without an id that finds nothing is `NoInstanceFound`.
+/// transient; NotFound for the known id is `InstanceNotFound` unless the
+/// sweep lists it as live (then EC2 is behind, and it is retried), and a
+/// sweep without an id that finds nothing is `NoInstanceFound`.
 pub async fn terminate(
     api: &impl Ec2Api,
     ctx: &SessionContext,
     instance_id: Option<&str>,
 ) -> Input {
     let mut ids: Vec<String> = instance_id.map(str::to_string).into_iter().collect();
-    match api.live_instances_of_session(&ctx.session_id).await {
-        Ok(tagged) => {
-            for id in tagged {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-        }
+    let listed_live = match api.live_instances_of_session(&ctx.session_id).await {
+        Ok(tagged) => tagged,
         Err(failure) => return keep_trying(failure),
+    };
+    for id in &listed_live {
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
     }
     if ids.is_empty() {
         return Input::NoInstanceFound;
@@ -324,10 +324,11 @@ pub async fn terminate(
         match api.terminate_instance(&id).await {
             Ok(()) => {}
             Err(failure) if failure.class == ErrorClass::NotFound => {
-                if instance_id == Some(id.as_str()) {
+                if instance_id == Some(id.as_str()) && !listed_live.contains(&id) {
                     known_not_found = true;
                 } else {
-                    // The sweep just listed it as live: EC2 has not caught up.
+                    // The sweep just listed it as live: EC2 has not caught up,
+                    // and "not found" must not end the cleanup of a live instance.
                     return Input::TransientFailure {
                         message: format!(
                             "{failure}; instance {id} is tagged with this session and listed \

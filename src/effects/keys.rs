@@ -313,11 +313,24 @@ async fn import_pair(
     }
 }
 
-/// DeleteKeyPair; a pair already gone is success.
+/// DeleteKeyPair; a pair already gone is success. "Not found" is believed
+/// only when DescribeKeyPairs agrees: a pair EC2 still lists is deleted again.
 async fn delete_pair(api: &impl Ec2Api, key_name: &str) -> Result<(), Input> {
     match api.delete_key_pair(key_name).await {
         Ok(()) => Ok(()),
-        Err(failure) if failure.class == ErrorClass::NotFound => Ok(()),
+        Err(failure) if failure.class == ErrorClass::NotFound => {
+            match api.key_pair_exists(key_name).await {
+                Ok(false) => Ok(()),
+                Ok(true) => Err(Input::TransientFailure {
+                    message: format!(
+                        "{failure}; yet DescribeKeyPairs lists {key_name}, so it is deleted again"
+                    ),
+                }),
+                Err(check) => Err(Input::TransientFailure {
+                    message: check.to_string(),
+                }),
+            }
+        }
         // Cleanup must not give up: anything else is retried.
         Err(failure) => Err(Input::TransientFailure {
             message: failure.to_string(),
