@@ -13,7 +13,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use acode_ec2::effects::AwsEffects;
+use acode_ec2::effects::{AwsEffects, CallBudget};
 use acode_ec2::net_guard::ConnectGuard;
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use serde::Deserialize;
@@ -116,24 +116,48 @@ impl Lab {
 
     /// A client configured explicitly: static test credentials, region, lab endpoint.
     pub fn ec2(&self) -> aws_sdk_ec2::Client {
-        let config = aws_sdk_ec2::Config::builder()
+        aws_sdk_ec2::Client::from_conf(self.ec2_config().build())
+    }
+
+    fn ec2_config(&self) -> aws_sdk_ec2::config::Builder {
+        aws_sdk_ec2::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(self.info.region.clone()))
             .credentials_provider(lab_credentials())
             .endpoint_url(&self.info.ec2_endpoint)
-            .build();
-        aws_sdk_ec2::Client::from_conf(config)
     }
 
     /// The Price List API the lab answers on its EC2 port.
     pub fn pricing(&self) -> aws_sdk_pricing::Client {
-        let config = aws_sdk_pricing::Config::builder()
+        aws_sdk_pricing::Client::from_conf(self.pricing_config().build())
+    }
+
+    fn pricing_config(&self) -> aws_sdk_pricing::config::Builder {
+        aws_sdk_pricing::Config::builder()
             .behavior_version(aws_sdk_pricing::config::BehaviorVersion::latest())
             .region(aws_sdk_pricing::config::Region::new("us-east-1"))
             .credentials_provider(lab_credentials())
             .endpoint_url(&self.info.ec2_endpoint)
+    }
+
+    /// Real effects whose calls keep to `budget` (timeouts and SDK retries),
+    /// as the CLI's keep to [`CallBudget::STANDARD`].
+    pub fn effects_within(&self, budget: CallBudget) -> AwsEffects {
+        let ec2 = self
+            .ec2_config()
+            .retry_config(budget.retry_config())
+            .timeout_config(budget.timeout_config())
             .build();
-        aws_sdk_pricing::Client::from_conf(config)
+        let pricing = self
+            .pricing_config()
+            .retry_config(budget.retry_config())
+            .timeout_config(budget.timeout_config())
+            .build();
+        AwsEffects::new(
+            aws_sdk_ec2::Client::from_conf(ec2),
+            ConnectGuard::loopback_only(),
+        )
+        .with_price_list(aws_sdk_pricing::Client::from_conf(pricing))
     }
 
     /// Real effects against the lab (EC2 and the Price List), behind the

@@ -7,6 +7,7 @@ mod crash;
 mod crashing;
 mod deliver;
 mod fake_world;
+mod fault_matrix;
 mod fuzz;
 mod kill_campaign;
 mod lab;
