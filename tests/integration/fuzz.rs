@@ -4,8 +4,8 @@
 //! the key or the line it is about.
 //!
 //! CI runs a smoke of 2,000 inputs per target. The long run (README,
-//! "Fuzzing"): `ACODE_FUZZ_CASES=1000000 cargo test --release --test
-//! integration fuzz`.
+//! "Fuzzing"): `ACODE_FUZZ_CASES=1000000 scripts/test.sh --test integration
+//! fuzz` (a debug build takes 2–10 minutes per target).
 
 use acode_ec2::config::{self, ParseError};
 use acode_ec2::effects::console::host_key_fingerprints;
