@@ -62,6 +62,7 @@ from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.core.serialize import return_if_not_empty  # noqa: E402
 from moto.ec2 import utils as moto_ec2_utils  # noqa: E402
 from moto.ec2.models import EC2Backend, ec2_backends  # noqa: E402
+from moto.ec2.models.core import TaggedEC2Resource  # noqa: E402
 from moto.ec2.models.instances import Instance, InstanceState, StateReason  # noqa: E402
 from moto.ec2.models.spot_requests import SpotInstanceRequest  # noqa: E402
 from moto.ec2.responses._base_response import EC2BaseResponse  # noqa: E402
@@ -849,6 +850,8 @@ class InstanceTimeline:
     reclaim_notice_at: float | None = None
     reclaim_notice_s: float = 120.0
     interruption: Interruption | None = None
+    # Terminated, checks settled, no interruption to come: nothing about it changes again.
+    settled: bool = False
 
     def shift(self, delta_s: float) -> None:
         """Moves the whole boot timeline, for a spot launch fulfilled earlier than planned (the cancel race)."""
@@ -1050,7 +1053,8 @@ class Lab:
         now = time.monotonic()
         with self.lock:
             for timeline in list(self.instances.values()):
-                self._advance_instance(timeline, now)
+                if not timeline.settled:
+                    self._advance_instance(timeline, now)
             for spot in list(self.spot_requests.values()):
                 self._advance_spot(spot, now)
 
@@ -1066,6 +1070,11 @@ class Lab:
         if interruption is not None and not interruption.done and now > interruption.reclaim_at:
             self._reclaim(timeline, interruption)
             self._apply(timeline, now)
+        timeline.settled = (
+            timeline.instance.state == "terminated"
+            and now > timeline.status_ok_at
+            and (timeline.interruption is None or timeline.interruption.done)
+        )
 
     def _apply(self, timeline: InstanceTimeline, now: float) -> None:
         instance = timeline.instance
@@ -1695,6 +1704,24 @@ def install_moto_patches(lab: Lab) -> None:
     EC2BaseResponse.RESPONSE_KEY_PATH_TO_TRANSFORMER[
         "Instances.Instance.NetworkInterfaces.InstanceNetworkInterface.Association"
     ] = return_if_not_empty
+    # A resource's tags by a look-up of its id. moto scans every tag of every resource for each
+    # resource's tags, so a tag-filtered DescribeInstances over n instances costs n²: with a few
+    # thousand instances (the kill campaign, the fleet bench) the lab spent most of its time there.
+    TaggedEC2Resource.get_tags = _tags_of_resource
+
+
+def _tags_of_resource(resource: TaggedEC2Resource) -> list[dict[str, str]]:
+    """What moto's get_tags answers (its describe_tags with a resource-id filter), in the same
+    order, without the scan. Resource ids hold no wildcards, so the filter is an exact match."""
+    resource_id = getattr(resource, "id", None)
+    if not resource_id:
+        return []
+    tags = resource.ec2_backend.tags.get(resource_id, {})  # type: ignore[attr-defined]
+    resource_type = moto_ec2_utils.EC2_PREFIX_TO_RESOURCE.get(moto_ec2_utils.get_prefix(resource_id), "")
+    return [
+        {"resource_id": resource_id, "key": key, "value": value, "resource_type": resource_type}
+        for key, value in tags.items()
+    ]
 
 
 # --------------------------------------------------------------------------
