@@ -90,7 +90,8 @@ pub enum Effect {
         command: String,
         deadline: Timestamp,
     },
-    /// DeleteKeyPair and remove the private key file; NotFound counts as done.
+    /// DeleteKeyPair and remove the private key file; NotFound counts as
+    /// done once DescribeKeyPairs agrees.
     DeleteKeyPair {
         key_name: String,
         private_key_path: Option<String>,

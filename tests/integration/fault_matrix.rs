@@ -47,7 +47,9 @@ const BUDGET: CallBudget = CallBudget {
 };
 /// Longer than a try may take, so a hang outlasts the call timeout.
 const HANG_MS: u64 = 1_200;
-const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+/// One login (sshd's fork, key exchange, the lab's splice) under CI load
+/// takes well under this; a silent server is given up on after it.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// "Always" faults fire on this many calls: more than any cell makes.
 const ALWAYS: u32 = 10_000;
 const LABS: usize = 3;
@@ -125,6 +127,16 @@ const CALLS: [Call; 18] = [
     call("GetConsoleOutput", Scenario::Temporary),
     call("TerminateInstances", Scenario::Temporary),
     call("DeleteKeyPair", Scenario::Temporary),
+];
+
+/// The calls teardown makes: a lasting fault on one of them may leave a
+/// session tracked (with the error that says to run teardown again).
+const CLEANUP_CALLS: [&str; 5] = [
+    "DescribeInstances",
+    "TerminateInstances",
+    "DeleteKeyPair",
+    "CancelSpotInstanceRequests",
+    "DescribeSpotInstanceRequests",
 ];
 
 const fn call(action: &'static str, scenario: Scenario) -> Call {
@@ -364,6 +376,8 @@ struct FirstProbeFaulted {
     control_url: String,
     mode: Option<&'static str>,
     armed: AtomicBool,
+    /// The faulted probe did not log in: the fault fired.
+    met: AtomicBool,
 }
 
 impl FirstProbeFaulted {
@@ -395,6 +409,8 @@ impl Effects for FirstProbeFaulted {
         let input = self.inner.run(ctx, created, effect).await;
         if first {
             self.set_gate("auto");
+            let logged_in = matches!(input, Input::SshReady { .. });
+            self.met.store(!logged_in, Ordering::SeqCst);
         }
         input
     }
@@ -449,12 +465,12 @@ impl Bench {
                 &self.stranger_key.display().to_string(),
             );
         }
-        // The lab's ssh block comes last, so these lines join it: three
+        // The lab's ssh block comes last, so these lines join it: five
         // failed logins end a session, as the CLI's 30 would. Polls every
         // 5 s (the default) of the manual clock: a wait that runs out (EC2
         // never showing the instance) costs tens of calls, not thousands.
         format!(
-            "ec2Target:\n{}    retries: 3\n",
+            "ec2Target:\n{}    retries: 5\n",
             self.lab.target_yaml(&extra)
         )
         .replace("pollInterval: 100ms", "pollInterval: 5s")
@@ -502,8 +518,10 @@ impl Bench {
         u64::from(count) - remaining
     }
 
-    /// Instances of the session launched under one ClientToken more than once.
-    fn twice_launched(&self, session_id: &str) -> Vec<String> {
+    /// The session's instances, in any state, by ClientToken. The lab
+    /// answers a known token with its instance, as EC2 does, so a launch
+    /// retried with a new token shows as one instance too many.
+    fn launches(&self, session_id: &str) -> BTreeMap<String, u32> {
         let mut by_token: BTreeMap<String, u32> = BTreeMap::new();
         for instance in self.lab.instances() {
             if instance["tags"]["acode-session-id"] == session_id {
@@ -512,10 +530,6 @@ impl Bench {
             }
         }
         by_token
-            .into_iter()
-            .filter(|(_, n)| *n > 1)
-            .map(|(token, n)| format!("{token} × {n}"))
-            .collect()
     }
 
     async fn run(&self, cell: &Cell) -> Outcome {
@@ -553,8 +567,10 @@ impl Bench {
             control_url: self.lab.info.control_url.clone(),
             mode: gate_mode,
             armed: AtomicBool::new(cell.once),
+            met: AtomicBool::new(false),
         };
-        let engine = harness.fast_engine(Arc::new(effects));
+        let effects = Arc::new(effects);
+        let engine = harness.fast_engine(Arc::clone(&effects));
         let request = acode_ec2::config::parse(&self.request_yaml(cell))
             .unwrap_or_else(|e| panic!("{}: config: {e}", cell.name()));
 
@@ -594,7 +610,12 @@ impl Bench {
         };
         if !phase(&harness).await.is_terminal() {
             match engine.teardown(&session_id, &NoProgress).await {
-                Ok(end) => assert_eq!(end, PhaseKind::TornDown, "{}", cell.name()),
+                // Failed: a failed session whose stalled cleanup finished.
+                Ok(end) => assert!(
+                    matches!(end, PhaseKind::TornDown | PhaseKind::Failed),
+                    "{}: {end:?}",
+                    cell.name()
+                ),
                 Err(e @ EngineError::CleanupStalled { .. }) => {
                     letters.push('t');
                     error.get_or_insert(e.to_string());
@@ -613,7 +634,9 @@ impl Bench {
         }
         let fired = match (cell.fault, cell.call) {
             (Fault::Ec2(_), Some(call)) => self.fired(call.action, count),
-            // The SSH faults fire on the login, which no count records.
+            // Once: the faulted login failed. Always: the session failed
+            // (checked with the table), so some login did.
+            _ if cell.once => u64::from(effects.met.load(Ordering::SeqCst)),
             _ => 1,
         };
 
@@ -632,21 +655,28 @@ impl Bench {
         }
         let left = self.leftovers(&harness, &session_id);
         assert!(left.is_empty(), "{}: left {left:?}", cell.name());
-        let twice = self.twice_launched(&session_id);
+        // One launch; spot may add the on-demand fallback's.
+        let launches = self.launches(&session_id);
+        let most = if matches!(scenario, Scenario::Spot | Scenario::SpotFallback) {
+            2
+        } else {
+            1
+        };
         assert!(
-            twice.is_empty(),
-            "{}: launched twice: {twice:?}",
+            launches.values().sum::<u32>() <= most && launches.values().all(|n| *n == 1),
+            "{}: launched twice: {launches:?}",
             cell.name()
         );
         if let Some(error) = &error {
             // The call or its code, or in the user's terms what EC2's answer
             // meant: a wait that ran out, or an object that is missing.
+            let not_found = cell.fault == Fault::Ec2(FaultKind::NotFound);
             let named = match (cell.call, code) {
                 (Some(call), code) => {
                     error.contains(call.action)
                         || code.is_some_and(|code| error.contains(code))
-                        || error.contains("in time")
-                        || error.contains("does not exist")
+                        || (not_found
+                            && (error.contains("in time") || error.contains("does not exist")))
                 }
                 (None, _) => error.to_lowercase().contains("ssh"),
             };
@@ -808,9 +838,23 @@ fn every_call_under_every_fault_ends_ready_or_clean_and_leaks_nothing() {
             println!("{} [{}]: {error}", cell.name(), outcome.letters);
         }
     }
+    // Only a fault on a call cleanup makes may leave a session tracked.
+    let stalled_elsewhere: Vec<String> = results
+        .iter()
+        .filter(|(_, o)| o.letters.contains(['S', 't']))
+        .filter(|(c, _)| {
+            !c.call
+                .is_some_and(|call| CLEANUP_CALLS.contains(&call.action))
+        })
+        .map(|(c, o)| format!("{} [{}]", c.name(), o.letters))
+        .collect();
     assert!(
         broken.is_empty(),
         "cells that broke an invariant: {broken:#?}"
+    );
+    assert!(
+        stalled_elsewhere.is_empty(),
+        "left tracked by a fault on a call cleanup does not make: {stalled_elsewhere:#?}"
     );
     assert!(unfired.is_empty(), "faults that never fired: {unfired:#?}");
     assert!(

@@ -141,17 +141,27 @@ impl Lab {
     }
 
     /// Real effects whose calls keep to `budget` (timeouts and SDK retries),
-    /// as the CLI's keep to [`CallBudget::STANDARD`].
+    /// as the CLI's keep to [`CallBudget::STANDARD`]. Their retries draw on
+    /// a quota of their own: the SDK's default one is shared by every client
+    /// of the process (of every test), and faults on every call would drain it.
     pub fn effects_within(&self, budget: CallBudget) -> AwsEffects {
+        use aws_sdk_ec2::config::retry::{RetryPartition, TokenBucket};
+        let partition = || {
+            RetryPartition::custom("acode-lab-within-budget")
+                .token_bucket(TokenBucket::unlimited())
+                .build()
+        };
         let ec2 = self
             .ec2_config()
             .retry_config(budget.retry_config())
             .timeout_config(budget.timeout_config())
+            .retry_partition(partition())
             .build();
         let pricing = self
             .pricing_config()
             .retry_config(budget.retry_config())
             .timeout_config(budget.timeout_config())
+            .retry_partition(partition())
             .build();
         AwsEffects::new(
             aws_sdk_ec2::Client::from_conf(ec2),
