@@ -22,7 +22,11 @@
 //! session at a time (the lease heartbeat cannot be switched back; the
 //! old per-session renewal is one write per session per 10 s).
 //!
-//! Run: `cargo bench --bench fleet [-- ready|recover] [--before]`. Needs
+//! `--poll-interval=5s` polls at the specification's default instead of
+//! every second.
+//!
+//! Run: `cargo bench --bench fleet [-- ready|recover] [--before]
+//! [--poll-interval=5s]`. Needs
 //! the lab's venv (`scripts/setup.sh`); connects only to loopback.
 
 // The engine's provision future is deeply nested; computing its layout
@@ -33,7 +37,6 @@
 #[path = "../tests/integration/lab.rs"]
 mod lab;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,25 +55,11 @@ use acode_ec2::store::{CheckpointStore, LeaseHolder, SqliteStore};
 use lab::Lab;
 use serde_json::json;
 
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(live, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "support/heap.rs"]
+mod heap;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: heap::Counting = heap::Counting;
 
 const KEY_PAIR_ACTIONS: [&str; 4] = [
     "CreateKeyPair",
@@ -100,14 +89,68 @@ fn engine<E: Effects>(effects: E, store: Arc<SqliteStore>, dir: &std::path::Path
     )
 }
 
+/// The sessions' poll interval: 1 s, or `--poll-interval=5s` (the
+/// specification's default), which batches more sessions per Describe call.
+fn poll_interval() -> String {
+    std::env::args()
+        .find_map(|a| a.strip_prefix("--poll-interval=").map(str::to_string))
+        .unwrap_or_else(|| "1s".into())
+}
+
 fn request(lab: &Lab, extra: &str) -> acode_ec2::request::ProvisionRequest {
     let yaml = lab
         .target_yaml(extra)
-        .replace("pollInterval: 100ms", "pollInterval: 1s")
+        .replace(
+            "pollInterval: 100ms",
+            &format!("pollInterval: {}", poll_interval()),
+        )
         .replace("retryInterval: 100ms", "retryInterval: 1s")
         .replace("runningTimeout: 30s", "runningTimeout: 5m")
         .replace("sshTimeout: 30s", "sshTimeout: 5m");
     acode_ec2::config::parse(&format!("ec2Target:\n{yaml}")).expect("config")
+}
+
+/// CPU seconds (user + system) a process has used itself.
+fn own_cpu_seconds(pid: u32) -> f64 {
+    stat_ticks(pid, 11..=12) as f64 / 100.0
+}
+
+/// Clock ticks (Linux's USER_HZ is 100 on every architecture) summed over
+/// the `fields` of /proc/PID/stat counted after the command.
+fn stat_ticks(pid: u32, fields: std::ops::RangeInclusive<usize>) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The command is in parentheses and may hold spaces.
+    let after: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    fields
+        .filter_map(|i| after.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum()
+}
+
+/// CPU seconds (user + system) a process has used, with those of its
+/// children and the children they reaped: the lab's sshd forks one process
+/// per login and reaps it.
+fn cpu_seconds(pid: u32) -> f64 {
+    // utime, stime, cutime, cstime: fields 14–17, so 11–14 after the command.
+    let ticks = stat_ticks(pid, 11..=14);
+    let children: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .map(cpu_seconds)
+        .sum();
+    ticks as f64 / 100.0 + children
 }
 
 fn engine_calls(lab: &Lab) -> (u64, u64) {
@@ -143,12 +186,11 @@ async fn ready_fleet(before: bool) {
     };
     let engine = engine(effects(&lab, limits, before), store.clone(), dir.path());
     let request = request(&lab, "");
-    let baseline = LIVE.load(Ordering::Relaxed);
-    PEAK.store(baseline, Ordering::Relaxed);
+    let baseline = heap::reset_peak();
     let started = Instant::now();
     let results = engine.provision_many(request, SESSIONS, &NoProgress).await;
     let took = started.elapsed().as_secs_f64();
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(baseline);
+    let peak = heap::peak().saturating_sub(baseline);
     let ready = results.iter().filter(|r| r.is_ok()).count();
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for e in results.iter().filter_map(|r| r.as_ref().err()) {
@@ -298,12 +340,17 @@ async fn recover_fleet(before: bool) {
         dir.path(),
     );
     let concurrency = if before { 1 } else { 64 };
+    // This process's own CPU: the lab is its child.
+    let cpu_before = (own_cpu_seconds(std::process::id()), cpu_seconds(lab.pid()));
+    let writes_before = store.write_transactions();
     let started = Instant::now();
     let report = engine
         .recover_with(concurrency, &NoProgress, &|_| {})
         .await
         .expect("recover");
     let took = started.elapsed().as_secs_f64();
+    let engine_cpu = own_cpu_seconds(std::process::id()) - cpu_before.0;
+    let lab_cpu = cpu_seconds(lab.pid()) - cpu_before.1;
     let (all, key_pairs) = engine_calls(&lab);
     let mut ends: BTreeMap<String, usize> = BTreeMap::new();
     for item in &report {
@@ -322,6 +369,11 @@ async fn recover_fleet(before: bool) {
         report.len(),
         all as f64 / n,
         (all - key_pairs) as f64 / n
+    );
+    println!(
+        "  CPU while recovering: this process {engine_cpu:.1} s, the lab (moto, the SSH gate, sshd) \
+         {lab_cpu:.1} s, on 2 cores over {took:.1} s; {} write transactions (fsyncs)",
+        store.write_transactions() - writes_before
     );
     println!("  ends: {ends:?}");
     println!("  calls: {:?}", lab.counters());

@@ -3,7 +3,6 @@
 //!
 //! Run: `cargo bench --bench sessions_memory`. Target: < 64 KiB per session.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -14,23 +13,11 @@ use acode_ec2::events::NoProgress;
 use acode_ec2::machine::{Effect, ImageChoice, Input, KeyPairHandle, SessionContext, Timestamp};
 use acode_ec2::store::SqliteStore;
 
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "support/heap.rs"]
+mod heap;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: heap::Counting = heap::Counting;
 
 /// Answers everything at once until DescribeInstance, which never returns:
 /// every session stays in flight, waiting on EC2.
@@ -107,7 +94,7 @@ fn main() {
         while effects.waiting.load(Ordering::SeqCst) < 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let before = LIVE.load(Ordering::SeqCst);
+        let before = heap::live();
         let mut tasks = Vec::with_capacity(SESSIONS);
         for _ in 0..SESSIONS {
             let (engine, request) = (engine.clone(), request.clone());
@@ -118,7 +105,7 @@ fn main() {
         while effects.waiting.load(Ordering::SeqCst) < SESSIONS + 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let after = LIVE.load(Ordering::SeqCst);
+        let after = heap::live();
         let per_session = (after.saturating_sub(before)) as f64 / SESSIONS as f64;
         println!("sessions in flight: {SESSIONS}");
         println!("live heap before: {before} B, after: {after} B");
