@@ -592,7 +592,7 @@ fn ssh_failed(
     let id = &next.instance.instance_id;
     if next.ssh.failures >= ssh.retries {
         let why = format!(
-            "instance {id} refused SSH {} times (ssh.retries), last: {reason}{}",
+            "SSH to instance {id} failed {} times (ssh.retries), last: {reason}{}",
             next.ssh.failures,
             status_note(&next)
         );
