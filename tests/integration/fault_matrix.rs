@@ -11,7 +11,7 @@
 //!   cleanup call, still tracked with the error that says what to do;
 //! - nothing leaked at any point: a session its store calls finished has no
 //!   live instance, no `acode-` key pair and no key file, and once the fault
-//!   is gone none is left at all; no ClientToken launched twice;
+//!   is gone none is left at all; no launch made twice;
 //! - a fault that goes away on retry (throttling, 5xx, a reset, a hang past
 //!   the call timeout, a lost answer) injected once never fails a session.
 //!
@@ -518,20 +518,6 @@ impl Bench {
         u64::from(count) - remaining
     }
 
-    /// The session's instances, in any state, by ClientToken. The lab
-    /// answers a known token with its instance, as EC2 does, so a launch
-    /// retried with a new token shows as one instance too many.
-    fn launches(&self, session_id: &str) -> BTreeMap<String, u32> {
-        let mut by_token: BTreeMap<String, u32> = BTreeMap::new();
-        for instance in self.lab.instances() {
-            if instance["tags"]["acode-session-id"] == session_id {
-                let token = instance["client_token"].as_str().unwrap_or("").to_string();
-                *by_token.entry(token).or_default() += 1;
-            }
-        }
-        by_token
-    }
-
     async fn run(&self, cell: &Cell) -> Outcome {
         let started = std::time::Instant::now();
         let scenario = cell.scenario();
@@ -655,16 +641,10 @@ impl Bench {
         }
         let left = self.leftovers(&harness, &session_id);
         assert!(left.is_empty(), "{}: left {left:?}", cell.name());
-        // One launch; spot may add the on-demand fallback's.
-        let launches = self.launches(&session_id);
-        let most = if matches!(scenario, Scenario::Spot | Scenario::SpotFallback) {
-            2
-        } else {
-            1
-        };
+        let twice = self.lab.launched_twice(Some(&session_id));
         assert!(
-            launches.values().sum::<u32>() <= most && launches.values().all(|n| *n == 1),
-            "{}: launched twice: {launches:?}",
+            twice.is_empty(),
+            "{}: launched twice: {twice:?}",
             cell.name()
         );
         if let Some(error) = &error {

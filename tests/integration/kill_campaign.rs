@@ -1,10 +1,10 @@
 //! A random `kill -9` campaign against the CLI: provisions (temporary and
 //! existing key pairs, spot that falls back to on-demand), teardowns and
 //! recovers killed at seeded random moments, each followed by a `recover`
-//! that is let finish. After every point: no session left mid-way, no
-//! session with two live instances, no ClientToken launched twice; at the
-//! end, once every Ready session is torn down: no instance, no key pair
-//! but the existing one, no key file left.
+//! that is let finish. After every point: no session left mid-way, none
+//! with a live instance unless Ready, and then one; at the end, once every
+//! Ready session is torn down: no instance, no key pair but the existing
+//! one, no key file left, and no session that launched twice.
 //!
 //! `ACODE_KILL_POINTS` (default 200) and `ACODE_KILL_SEED` (default 1) size
 //! and pick the campaign; `ACODE_KILL_WORKERS` (default 8) workers run side
@@ -288,14 +288,8 @@ fn a_random_kill_9_campaign_leaves_no_orphan_and_no_duplicate_launch() {
             keys.display()
         );
     }
-    // No ClientToken launched twice.
-    let mut by_token: HashMap<String, u32> = HashMap::new();
-    for i in lab.instances() {
-        if let Some(token) = i["client_token"].as_str().filter(|t| !t.is_empty()) {
-            *by_token.entry(token.to_string()).or_default() += 1;
-        }
-    }
-    let twice: Vec<_> = by_token.iter().filter(|(_, n)| **n > 1).collect();
+    // No session launched twice.
+    let twice = lab.launched_twice(None);
     assert!(twice.is_empty(), "launched twice: {twice:?}");
 
     let mut total: BTreeMap<Target, (u64, u64)> = BTreeMap::new();

@@ -255,6 +255,32 @@ impl Lab {
             .collect()
     }
 
+    /// Sessions (of `session_id`, or all) that launched more than one
+    /// instance of one lifecycle, in any state: the lab answers a known
+    /// ClientToken with its instance, as EC2 does, so only a launch retried
+    /// under a new token shows here. (A spot session's on-demand fallback is
+    /// the other lifecycle.)
+    pub fn launched_twice(&self, session_id: Option<&str>) -> Vec<String> {
+        let mut launches: BTreeMap<(String, String), u32> = BTreeMap::new();
+        for instance in self.instances() {
+            let Some(session) = instance["tags"]["acode-session-id"].as_str() else {
+                continue;
+            };
+            if session_id.is_some_and(|id| id != session) {
+                continue;
+            }
+            let lifecycle = instance["lifecycle"].as_str().unwrap_or("").to_string();
+            *launches
+                .entry((session.to_string(), lifecycle))
+                .or_default() += 1;
+        }
+        launches
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|((session, lifecycle), n)| format!("{session}: {n} {lifecycle} instances"))
+            .collect()
+    }
+
     /// A JSON call to the control API.
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
