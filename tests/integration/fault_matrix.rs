@@ -73,14 +73,15 @@ enum Scenario {
 impl Scenario {
     /// Config lines under `ec2Target:` (spot has a second zone, so it asks
     /// for placement scores).
-    fn yaml(self, lab: &Lab, keys: &Path) -> String {
+    /// `private_key` is the existing pair's key file (or one EC2 never saw).
+    fn yaml(self, lab: &Lab, private_key: &Path) -> String {
         let second_zone = format!("  failoverSubnetIds: [{}]\n", lab.subnet("us-east-1b"));
         match self {
             Scenario::Temporary => String::new(),
             Scenario::Import => "  keyPair:\n    mode: import\n".into(),
             Scenario::Existing => format!(
                 "  keyPair:\n    mode: existing\n    keyName: {EXISTING_KEY}\n    privateKeyPath: {}\n",
-                keys.join(format!("{EXISTING_KEY}.pem")).display()
+                private_key.display()
             ),
             Scenario::Spot => {
                 format!("  useSpot: true\n  spotFallbackToOnDemand: true\n{second_zone}")
@@ -380,12 +381,6 @@ struct FirstProbeFaulted {
     met: AtomicBool,
 }
 
-impl FirstProbeFaulted {
-    fn set_gate(&self, mode: &str) {
-        set_gate(&self.control_url, mode);
-    }
-}
-
 fn set_gate(control_url: &str, mode: &str) {
     let body = json!({ "mode": mode }).to_string();
     let (status, answer) = http(
@@ -404,11 +399,11 @@ impl Effects for FirstProbeFaulted {
             && self.mode.is_some()
             && self.armed.swap(false, Ordering::SeqCst);
         if let (true, Some(mode)) = (first, self.mode) {
-            self.set_gate(mode);
+            set_gate(&self.control_url, mode);
         }
         let input = self.inner.run(ctx, created, effect).await;
         if first {
-            self.set_gate("auto");
+            set_gate(&self.control_url, "auto");
             let logged_in = matches!(input, Input::SshReady { .. });
             self.met.store(!logged_in, Ordering::SeqCst);
         }
@@ -423,20 +418,19 @@ impl Effects for FirstProbeFaulted {
 /// One lab and what its cells share.
 struct Bench {
     lab: Lab,
-    keys: tempfile::TempDir,
+    /// Holds the key files below.
+    _keys: tempfile::TempDir,
+    /// The private key of the lab's existing key pair.
+    existing_key: PathBuf,
     /// A key EC2 has never seen, for the auth-refused cell.
     stranger_key: PathBuf,
 }
 
 impl Bench {
-    fn start(rt: &tokio::runtime::Runtime) -> Bench {
+    fn start() -> Bench {
         let lab = Lab::start_with(&[]);
         let keys = tempfile::tempdir().expect("key dir");
-        let created = rt
-            .block_on(lab.ec2().create_key_pair().key_name(EXISTING_KEY).send())
-            .expect("CreateKeyPair");
-        let path = keys.path().join(format!("{EXISTING_KEY}.pem"));
-        write_private_key(&path, created.key_material().expect("key material"));
+        let existing_key = lab.existing_key_pair(EXISTING_KEY, keys.path());
         let stranger_key = keys.path().join("stranger");
         let made = std::process::Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "stranger", "-f"])
@@ -446,25 +440,19 @@ impl Bench {
         assert!(made.success(), "ssh-keygen failed");
         Bench {
             lab,
-            keys,
+            _keys: keys,
+            existing_key,
             stranger_key,
         }
     }
 
     fn request_yaml(&self, cell: &Cell) -> String {
-        let scenario = cell.scenario();
-        let mut extra = scenario.yaml(&self.lab, self.keys.path());
-        if cell.fault == Fault::Ssh(SshFault::AuthRefused) {
-            extra = extra.replace(
-                &self
-                    .keys
-                    .path()
-                    .join(format!("{EXISTING_KEY}.pem"))
-                    .display()
-                    .to_string(),
-                &self.stranger_key.display().to_string(),
-            );
-        }
+        let private_key = if cell.fault == Fault::Ssh(SshFault::AuthRefused) {
+            &self.stranger_key
+        } else {
+            &self.existing_key
+        };
+        let extra = cell.scenario().yaml(&self.lab, private_key);
         // The lab's ssh block comes last, so these lines join it: five
         // failed logins end a session, as the CLI's 30 would. Polls every
         // 5 s (the default) of the manual clock: a wait that runs out (EC2
@@ -675,12 +663,6 @@ impl Bench {
     }
 }
 
-fn write_private_key(path: &Path, material: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, material).expect("write key");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
-}
-
 fn table(results: &BTreeMap<(String, Fault, bool), Outcome>) -> String {
     use strum::IntoEnumIterator;
     let mut out = String::new();
@@ -745,7 +727,7 @@ fn every_call_under_every_fault_ends_ready_or_clean_and_leaks_nothing() {
                         .enable_all()
                         .build()
                         .expect("runtime");
-                    let bench = Bench::start(&rt);
+                    let bench = Bench::start();
                     mine.into_iter()
                         .map(|cell| {
                             // One cell's failure is reported with the others'.

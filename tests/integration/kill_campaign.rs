@@ -198,16 +198,7 @@ fn a_random_kill_9_campaign_leaves_no_orphan_and_no_duplicate_launch() {
     lab.configure(json!({"spot_fulfill_delay_s": 600.0}));
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let created = rt
-        .block_on(lab.ec2().create_key_pair().key_name("campaign-key").send())
-        .expect("CreateKeyPair");
-    let key_path = dir.path().join("campaign-key.pem");
-    std::fs::write(&key_path, created.key_material().expect("material")).expect("key");
-    std::fs::set_permissions(
-        &key_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .expect("chmod");
+    let key_path = lab.existing_key_pair("campaign-key", dir.path());
     let existing = format!(
         "  keyPair:\n    mode: existing\n    keyName: campaign-key\n    privateKeyPath: {}\n",
         key_path.display()

@@ -255,6 +255,24 @@ impl Lab {
             .collect()
     }
 
+    /// Creates key pair `name` in the lab, as a user's existing one, and
+    /// writes its private key to `dir/NAME.pem` (mode 0600); the path. Call
+    /// it outside any async context.
+    pub fn existing_key_pair(&self, name: &str, dir: &std::path::Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let created = rt
+            .block_on(self.ec2().create_key_pair().key_name(name).send())
+            .expect("CreateKeyPair");
+        let path = dir.join(format!("{name}.pem"));
+        std::fs::write(&path, created.key_material().expect("key material")).expect("write key");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        path
+    }
+
     /// Sessions (of `session_id`, or all) that launched more than one
     /// instance of one lifecycle, in any state: the lab answers a known
     /// ClientToken with its instance, as EC2 does, so only a launch retried
