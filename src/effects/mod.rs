@@ -74,11 +74,13 @@ pub trait Effects: Send + Sync + 'static {
     }
 }
 
-/// How long one EC2 call may take, and how the SDK retries it within that.
+/// How long one EC2 call may take, and how it is retried within that.
 ///
-/// Invariant: a call ends (answered or failed) within `operation`, well
-/// inside the session lease (30 s), so a hung connection cannot hold a
-/// session forever; what is left to retry after that, the machine retries.
+/// Invariant: a call ends (answered or failed) within `operation` of time
+/// spent sending and backing off, well inside the session lease (30 s), so
+/// a hung connection cannot hold a session forever; what is left to retry
+/// after that, the machine retries. Time queued for a rate-limit token is
+/// not counted: the queue moves at EC2's pace, not the call's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallBudget {
     /// Tries per call, the first included.
@@ -88,9 +90,12 @@ pub struct CallBudget {
     pub attempt: Duration,
     /// All tries of one call.
     pub operation: Duration,
-    /// The SDK's first backoff; later ones grow from it.
+    /// The first backoff's ceiling; later ones double it.
     pub first_backoff: Duration,
 }
+
+/// The SDK's cap on one backoff.
+const MAX_BACKOFF: Duration = Duration::from_secs(20);
 
 impl CallBudget {
     /// What the CLI and [`AwsEffects::from_environment`] use.
@@ -102,10 +107,23 @@ impl CallBudget {
         first_backoff: Duration::from_secs(1),
     };
 
+    /// The SDK's standard retries within this budget, for clients the SDK
+    /// retries itself (the Price List); [`SdkEc2`] retries EC2 calls itself.
     pub fn retry_config(&self) -> RetryConfig {
         RetryConfig::standard()
             .with_max_attempts(self.attempts)
             .with_initial_backoff(self.first_backoff)
+    }
+
+    /// How long to back off after `tries` failed tries: "full jitter", a
+    /// uniform pick below a ceiling that doubles per try (as the SDK's
+    /// standard retries), so callers throttled together do not retry together.
+    pub fn backoff(&self, tries: u32) -> Duration {
+        let ceiling = self
+            .first_backoff
+            .saturating_mul(1 << tries.saturating_sub(1).min(16))
+            .min(MAX_BACKOFF);
+        ceiling.mul_f64(fastrand::f64())
     }
 
     pub fn timeout_config(&self) -> TimeoutConfig {

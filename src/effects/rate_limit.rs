@@ -77,6 +77,8 @@ struct Bucket {
     /// Below zero when calls are queued for tokens not yet refilled.
     tokens: f64,
     at: Instant,
+    /// Tokens handed out so far.
+    granted: u64,
 }
 
 impl Bucket {
@@ -85,6 +87,7 @@ impl Bucket {
             size,
             tokens: size.burst,
             at: Instant::now(),
+            granted: 0,
         }
     }
 
@@ -93,6 +96,7 @@ impl Bucket {
         let refilled = now.saturating_duration_since(self.at).as_secs_f64() * self.size.per_second;
         self.tokens = (self.tokens + refilled).min(self.size.burst) - 1.0;
         self.at = now;
+        self.granted += 1;
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
@@ -142,6 +146,16 @@ impl RateLimits {
             crate::telemetry::rate_limit_wait(family.into(), wait);
             tokio::time::sleep_until(now + wait).await;
         }
+    }
+}
+
+impl RateLimits {
+    /// How many tokens `family`'s bucket has handed out: one per call
+    /// sent, retries included (0 for a family that is not limited).
+    pub fn granted(&self, family: CallFamily) -> u64 {
+        self.buckets[family as usize]
+            .as_ref()
+            .map_or(0, |bucket| lock(bucket).granted)
     }
 }
 

@@ -8,12 +8,17 @@ use std::collections::HashMap;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use aws_config::retry::RetryConfig;
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::RequestId;
+use aws_sdk_ec2::operation::describe_instance_status::DescribeInstanceStatusOutput;
+use aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput;
+use aws_sdk_ec2::operation::describe_spot_instance_requests::DescribeSpotInstanceRequestsOutput;
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
@@ -25,6 +30,7 @@ use aws_sdk_ec2::types::{
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
+use super::CallBudget;
 use super::api::{
     Ec2Api, Ec2Failure, Ec2Result, InstanceHealth, InstanceState, InstanceView, LaunchSpec,
     LaunchedView, SpotRequestView, SubnetInfo, malformed,
@@ -37,10 +43,15 @@ use crate::telemetry::{self, CallResult};
 
 /// aws-sdk-ec2, one client and one set of rate-limit buckets shared by
 /// every session of a process (clones share both).
+///
+/// Invariant: the SDK never retries on its own. Every try of every call is
+/// sent by [`SdkEc2::send`], after its bucket gave it a token, so retries
+/// cannot take tokens the buckets promised to other calls.
 #[derive(Clone)]
 pub struct SdkEc2 {
     client: Client,
     limits: Arc<RateLimits>,
+    budget: CallBudget,
 }
 
 impl SdkEc2 {
@@ -54,11 +65,120 @@ impl SdkEc2 {
         SdkEc2 {
             client,
             limits: Arc::new(limits),
+            budget: CallBudget::STANDARD,
+        }
+        .with_budget(CallBudget::STANDARD)
+    }
+
+    /// Each call kept to `budget`: its tries, their timeouts, the backoff.
+    #[must_use]
+    pub fn with_budget(self, budget: CallBudget) -> SdkEc2 {
+        let config = self
+            .client
+            .config()
+            .to_builder()
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(budget.timeout_config())
+            .build();
+        SdkEc2 {
+            client: Client::from_conf(config),
+            budget,
+            ..self
         }
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.limits
+    }
+
+    /// Sends the call `one_try` makes, retrying a transient failure
+    /// (throttling, 5xx, a timeout, a dropped connection) within the
+    /// budget. Each try first waits for its bucket's token; the time spent
+    /// waiting is not the budget's, the time spent sending and backing off is.
+    async fn send<T, E, F>(&self, action: &'static str, one_try: impl Fn() -> F) -> Ec2Result<T>
+    where
+        F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        T: RequestId,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let budget = self.budget;
+        let mut spent = Duration::ZERO;
+        let mut tries = 0;
+        loop {
+            self.limits.wait_turn(action).await;
+            tries += 1;
+            let started = Instant::now();
+            let left = budget.operation.saturating_sub(spent);
+            let answer = match tokio::time::timeout(left, one_try()).await {
+                Ok(answer) => settle(action, started, answer),
+                Err(_) => Err(out_of_budget(action, started, budget)),
+            };
+            spent += started.elapsed();
+            match answer {
+                Err(failure)
+                    if failure.class == ErrorClass::Transient && tries < budget.attempts =>
+                {
+                    let backoff = budget.backoff(tries);
+                    if spent + backoff >= budget.operation {
+                        return Err(failure);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    spent += backoff;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// Every page of a paged call, in order, each page a call of its own
+    /// (a token, retries); `page` makes the call for a page token.
+    async fn each_page<P, E, F>(
+        &self,
+        action: &'static str,
+        page: impl Fn(Option<String>) -> F,
+        next_token: impl Fn(&P) -> Option<&str>,
+        mut take: impl FnMut(P),
+    ) -> Ec2Result<()>
+    where
+        F: Future<Output = Result<P, SdkError<E, HttpResponse>>>,
+        P: RequestId,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let mut token: Option<String> = None;
+        loop {
+            let out = self.send(action, || page(token.clone())).await?;
+            let next = next_token(&out)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            take(out);
+            match next {
+                None => return Ok(()),
+                // Garbage that would page forever.
+                Some(next) if token.as_ref() == Some(&next) => {
+                    return Err(malformed(action, "answered the same page token twice"));
+                }
+                Some(next) => token = Some(next),
+            }
+        }
+    }
+}
+
+/// A try the budget's whole-call limit cut short (the SDK's own per-try
+/// timeout ends the others).
+fn out_of_budget(action: &'static str, started: Instant, budget: CallBudget) -> Ec2Failure {
+    telemetry::ec2_call(action, started.elapsed(), None, CallResult::NoCode);
+    Ec2Failure {
+        action,
+        code: None,
+        class: ErrorClass::Transient,
+        message: format!(
+            "no answer within the call's budget of {:?} over {} tries",
+            budget.operation, budget.attempts
+        ),
     }
 }
 
@@ -77,23 +197,9 @@ pub(super) trait Measured<T, E>:
         let answer = self.await;
         settle(action, started, answer)
     }
-
-    /// As [`Measured::measured`], sent once `limits` give it a token.
-    async fn limited(self, limits: &RateLimits, action: &'static str) -> Ec2Result<T>
-    where
-        T: RequestId,
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-    {
-        limits.wait_turn(action).await;
-        self.measured(action).await
-    }
 }
 
-/// Whether a page was the last: each page asked for takes a rate-limit
-/// token, so the loop stops here rather than asking the paginator again.
-fn last_page(next_token: Option<&str>) -> bool {
-    next_token.is_none_or(str::is_empty)
-}
+impl<T, E, F> Measured<T, E> for F where F: Future<Output = Result<T, SdkError<E, HttpResponse>>> {}
 
 /// Logs and counts an answer that took since `started`.
 fn settle<T, E>(
@@ -123,8 +229,6 @@ where
         }
     }
 }
-
-impl<T, E, F> Measured<T, E> for F where F: Future<Output = Result<T, SdkError<E, HttpResponse>>> {}
 
 fn failure<E>(action: &'static str, err: SdkError<E, HttpResponse>) -> Ec2Failure
 where
@@ -249,7 +353,7 @@ impl Ec2Api for SdkEc2 {
                     .filters(Filter::builder().name("state").values("available").build())
             }
         };
-        let out = call.send().limited(&self.limits, "DescribeImages").await?;
+        let out = self.send("DescribeImages", || call.clone().send()).await?;
         // The newest image wins for an alias; ISO 8601 dates sort as text.
         let newest = out
             .images()
@@ -276,21 +380,19 @@ impl Ec2Api for SdkEc2 {
 
     async fn describe_subnets(&self, ids: &[String]) -> Ec2Result<Vec<SubnetInfo>> {
         let out = self
-            .client
-            .describe_subnets()
-            .set_subnet_ids(Some(ids.to_vec()))
-            .send()
-            .limited(&self.limits, "DescribeSubnets")
+            .send("DescribeSubnets", || {
+                self.client
+                    .describe_subnets()
+                    .set_subnet_ids(Some(ids.to_vec()))
+                    .send()
+            })
             .await?;
         Ok(out.subnets().iter().map(subnet_info).collect())
     }
 
     async fn some_subnets(&self, limit: usize) -> Ec2Result<Vec<SubnetInfo>> {
         let out = self
-            .client
-            .describe_subnets()
-            .send()
-            .limited(&self.limits, "DescribeSubnets")
+            .send("DescribeSubnets", || self.client.describe_subnets().send())
             .await?;
         Ok(out.subnets().iter().take(limit).map(subnet_info).collect())
     }
@@ -304,9 +406,8 @@ impl Ec2Api for SdkEc2 {
         if let Some(vpc) = vpc {
             call = call.filters(Filter::builder().name("vpc-id").values(vpc).build());
         }
-        let out = call
-            .send()
-            .limited(&self.limits, "DescribeSecurityGroups")
+        let out = self
+            .send("DescribeSecurityGroups", || call.clone().send())
             .await?;
         Ok(out
             .security_groups()
@@ -318,22 +419,21 @@ impl Ec2Api for SdkEc2 {
     }
 
     async fn check_security_groups(&self, ids: &[String]) -> Ec2Result<()> {
-        self.client
-            .describe_security_groups()
-            .set_group_ids(Some(ids.to_vec()))
-            .send()
-            .limited(&self.limits, "DescribeSecurityGroups")
-            .await
-            .map(|_| ())
+        self.send("DescribeSecurityGroups", || {
+            self.client
+                .describe_security_groups()
+                .set_group_ids(Some(ids.to_vec()))
+                .send()
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {
         match self
-            .client
-            .describe_key_pairs()
-            .key_names(name)
-            .send()
-            .limited(&self.limits, "DescribeKeyPairs")
+            .send("DescribeKeyPairs", || {
+                self.client.describe_key_pairs().key_names(name).send()
+            })
             .await
         {
             Ok(out) => Ok(out.key_pairs().iter().any(|k| k.key_name() == Some(name))),
@@ -353,14 +453,15 @@ impl Ec2Api for SdkEc2 {
             KeyAlgorithm::Rsa => KeyType::Rsa,
         };
         let out = self
-            .client
-            .create_key_pair()
-            .key_name(name)
-            .key_type(key_type)
-            .key_format(KeyFormat::Pem)
-            .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
-            .send()
-            .limited(&self.limits, "CreateKeyPair")
+            .send("CreateKeyPair", || {
+                self.client
+                    .create_key_pair()
+                    .key_name(name)
+                    .key_type(key_type.clone())
+                    .key_format(KeyFormat::Pem)
+                    .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
+                    .send()
+            })
             .await?;
         let material = Zeroizing::new(out.key_material.unwrap_or_default());
         if material.is_empty() {
@@ -375,15 +476,16 @@ impl Ec2Api for SdkEc2 {
         public_key: &str,
         tags: &[(String, String)],
     ) -> Ec2Result<()> {
-        self.client
-            .import_key_pair()
-            .key_name(name)
-            .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
-            .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
-            .send()
-            .limited(&self.limits, "ImportKeyPair")
-            .await
-            .map(|_| ())
+        self.send("ImportKeyPair", || {
+            self.client
+                .import_key_pair()
+                .key_name(name)
+                .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
+                .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
+                .send()
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn dry_run_key_pair(
@@ -395,24 +497,26 @@ impl Ec2Api for SdkEc2 {
         let spec = tag_spec(ResourceType::KeyPair, tags);
         let answer = match public_key {
             Some(public_key) => self
-                .client
-                .import_key_pair()
-                .dry_run(true)
-                .key_name(name)
-                .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
-                .tag_specifications(spec)
-                .send()
-                .limited(&self.limits, "ImportKeyPair")
+                .send("ImportKeyPair", || {
+                    self.client
+                        .import_key_pair()
+                        .dry_run(true)
+                        .key_name(name)
+                        .public_key_material(Blob::new(public_key.as_bytes().to_vec()))
+                        .tag_specifications(spec.clone())
+                        .send()
+                })
                 .await
                 .map(|_| ()),
             None => self
-                .client
-                .create_key_pair()
-                .dry_run(true)
-                .key_name(name)
-                .tag_specifications(spec)
-                .send()
-                .limited(&self.limits, "CreateKeyPair")
+                .send("CreateKeyPair", || {
+                    self.client
+                        .create_key_pair()
+                        .dry_run(true)
+                        .key_name(name)
+                        .tag_specifications(spec.clone())
+                        .send()
+                })
                 .await
                 .map(|_| ()),
         };
@@ -420,13 +524,11 @@ impl Ec2Api for SdkEc2 {
     }
 
     async fn delete_key_pair(&self, name: &str) -> Ec2Result<()> {
-        self.client
-            .delete_key_pair()
-            .key_name(name)
-            .send()
-            .limited(&self.limits, "DeleteKeyPair")
-            .await
-            .map(|_| ())
+        self.send("DeleteKeyPair", || {
+            self.client.delete_key_pair().key_name(name).send()
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn run_instance(&self, spec: LaunchSpec<'_>) -> Ec2Result<LaunchedView> {
@@ -493,9 +595,8 @@ impl Ec2Api for SdkEc2 {
                 );
         }
         if spec.dry_run {
-            let answer = call
-                .send()
-                .limited(&self.limits, "RunInstances")
+            let answer = self
+                .send("RunInstances", || call.clone().send())
                 .await
                 .map(|_| ());
             return dry_run_answer(answer).map(|()| LaunchedView {
@@ -503,7 +604,7 @@ impl Ec2Api for SdkEc2 {
                 spot_request_id: None,
             });
         }
-        let out = call.send().limited(&self.limits, "RunInstances").await?;
+        let out = self.send("RunInstances", || call.clone().send()).await?;
         let instance = out.instances().first();
         let instance_id = instance
             .and_then(|i| i.instance_id())
@@ -519,14 +620,15 @@ impl Ec2Api for SdkEc2 {
 
     async fn spot_placement_scores(&self, instance_type: &str) -> Ec2Result<HashMap<String, u8>> {
         let out = self
-            .client
-            .get_spot_placement_scores()
-            .instance_types(instance_type)
-            .target_capacity(1)
-            .single_availability_zone(true)
-            .region_names(self.region())
-            .send()
-            .limited(&self.limits, "GetSpotPlacementScores")
+            .send("GetSpotPlacementScores", || {
+                self.client
+                    .get_spot_placement_scores()
+                    .instance_types(instance_type)
+                    .target_capacity(1)
+                    .single_availability_zone(true)
+                    .region_names(self.region())
+                    .send()
+            })
             .await?;
         Ok(out
             .spot_placement_scores()
@@ -548,19 +650,20 @@ impl Ec2Api for SdkEc2 {
         // Prices change at most every few minutes; three hours is "recent".
         let since = std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 3600);
         let out = self
-            .client
-            .describe_spot_price_history()
-            .instance_types(InstanceType::from(instance_type))
-            .product_descriptions(product_description)
-            .start_time(aws_sdk_ec2::primitives::DateTime::from(since))
-            .filters(
-                Filter::builder()
-                    .name("availability-zone")
-                    .set_values(Some(zones.to_vec()))
-                    .build(),
-            )
-            .send()
-            .limited(&self.limits, "DescribeSpotPriceHistory")
+            .send("DescribeSpotPriceHistory", || {
+                self.client
+                    .describe_spot_price_history()
+                    .instance_types(InstanceType::from(instance_type))
+                    .product_descriptions(product_description)
+                    .start_time(aws_sdk_ec2::primitives::DateTime::from(since))
+                    .filters(
+                        Filter::builder()
+                            .name("availability-zone")
+                            .set_values(Some(zones.to_vec()))
+                            .build(),
+                    )
+                    .send()
+            })
             .await?;
         // The newest entry per zone; the answer is not promised to be sorted.
         let mut latest: HashMap<String, (aws_sdk_ec2::primitives::DateTime, MicroUsd)> =
@@ -590,20 +693,16 @@ impl Ec2Api for SdkEc2 {
             .name("spot-instance-request-id")
             .set_values(Some(ids.to_vec()))
             .build();
-        let mut pages = self
-            .client
-            .describe_spot_instance_requests()
-            .filters(filter)
-            .into_paginator()
-            .send();
         let mut found = HashMap::new();
-        loop {
-            self.limits.wait_turn("DescribeSpotInstanceRequests").await;
-            let started = Instant::now();
-            let Some(page) = pages.next().await else {
-                break;
-            };
-            let page = settle("DescribeSpotInstanceRequests", started, page)?;
+        let page = |token| {
+            self.client
+                .describe_spot_instance_requests()
+                .filters(filter.clone())
+                .set_next_token(token)
+                .send()
+        };
+        let next_token = DescribeSpotInstanceRequestsOutput::next_token;
+        self.each_page("DescribeSpotInstanceRequests", page, next_token, |page| {
             for r in page.spot_instance_requests() {
                 let Some(id) = r.spot_instance_request_id() else {
                     continue;
@@ -619,20 +718,19 @@ impl Ec2Api for SdkEc2 {
                 };
                 found.insert(id.to_string(), view);
             }
-            if last_page(page.next_token()) {
-                break;
-            }
-        }
+        })
+        .await?;
         Ok(found)
     }
 
     async fn cancel_spot_request(&self, request_id: &str) -> Ec2Result<Option<String>> {
         let out = self
-            .client
-            .cancel_spot_instance_requests()
-            .spot_instance_request_ids(request_id)
-            .send()
-            .limited(&self.limits, "CancelSpotInstanceRequests")
+            .send("CancelSpotInstanceRequests", || {
+                self.client
+                    .cancel_spot_instance_requests()
+                    .spot_instance_request_ids(request_id)
+                    .send()
+            })
             .await?;
         Ok(out
             .cancelled_spot_instance_requests()
@@ -649,29 +747,23 @@ impl Ec2Api for SdkEc2 {
             .name("instance-id")
             .set_values(Some(ids.to_vec()))
             .build();
-        let mut pages = self
-            .client
-            .describe_instances()
-            .filters(filter)
-            .into_paginator()
-            .send();
         let mut found = HashMap::new();
-        loop {
-            self.limits.wait_turn("DescribeInstances").await;
-            let started = Instant::now();
-            let Some(page) = pages.next().await else {
-                break;
-            };
-            let page = settle("DescribeInstances", started, page)?;
+        let page = |token| {
+            self.client
+                .describe_instances()
+                .filters(filter.clone())
+                .set_next_token(token)
+                .send()
+        };
+        let next_token = DescribeInstancesOutput::next_token;
+        self.each_page("DescribeInstances", page, next_token, |page| {
             for instance in page.reservations().iter().flat_map(|r| r.instances()) {
                 if let Some(id) = instance.instance_id() {
                     found.insert(id.to_string(), view_of(instance));
                 }
             }
-            if last_page(page.next_token()) {
-                break;
-            }
-        }
+        })
+        .await?;
         Ok(found)
     }
 
@@ -679,21 +771,17 @@ impl Ec2Api for SdkEc2 {
         &self,
         ids: &[String],
     ) -> Ec2Result<HashMap<String, InstanceHealth>> {
-        let mut pages = self
-            .client
-            .describe_instance_status()
-            .set_instance_ids(Some(ids.to_vec()))
-            .include_all_instances(true)
-            .into_paginator()
-            .send();
         let mut found = HashMap::new();
-        loop {
-            self.limits.wait_turn("DescribeInstanceStatus").await;
-            let started = Instant::now();
-            let Some(page) = pages.next().await else {
-                break;
-            };
-            let page = settle("DescribeInstanceStatus", started, page)?;
+        let page = |token| {
+            self.client
+                .describe_instance_status()
+                .set_instance_ids(Some(ids.to_vec()))
+                .include_all_instances(true)
+                .set_next_token(token)
+                .send()
+        };
+        let next_token = DescribeInstanceStatusOutput::next_token;
+        self.each_page("DescribeInstanceStatus", page, next_token, |page| {
             for status in page.instance_statuses() {
                 if let Some(id) = status.instance_id() {
                     let report = StatusReport {
@@ -704,34 +792,33 @@ impl Ec2Api for SdkEc2 {
                     found.insert(id.to_string(), InstanceHealth { report, state });
                 }
             }
-            if last_page(page.next_token()) {
-                break;
-            }
-        }
+        })
+        .await?;
         Ok(found)
     }
 
     async fn live_instances_of_session(&self, session_id: &str) -> Ec2Result<Vec<String>> {
         let out = self
-            .client
-            .describe_instances()
-            .filters(
-                Filter::builder()
-                    .name("tag:acode-session-id")
-                    .values(session_id)
-                    .build(),
-            )
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .values("stopping")
-                    .values("stopped")
-                    .build(),
-            )
-            .send()
-            .limited(&self.limits, "DescribeInstances")
+            .send("DescribeInstances", || {
+                self.client
+                    .describe_instances()
+                    .filters(
+                        Filter::builder()
+                            .name("tag:acode-session-id")
+                            .values(session_id)
+                            .build(),
+                    )
+                    .filters(
+                        Filter::builder()
+                            .name("instance-state-name")
+                            .values("pending")
+                            .values("running")
+                            .values("stopping")
+                            .values("stopped")
+                            .build(),
+                    )
+                    .send()
+            })
             .await?;
         Ok(out
             .reservations()
@@ -743,23 +830,22 @@ impl Ec2Api for SdkEc2 {
     }
 
     async fn terminate_instance(&self, id: &str) -> Ec2Result<()> {
-        self.client
-            .terminate_instances()
-            .instance_ids(id)
-            .send()
-            .limited(&self.limits, "TerminateInstances")
-            .await
-            .map(|_| ())
+        self.send("TerminateInstances", || {
+            self.client.terminate_instances().instance_ids(id).send()
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn console_output(&self, id: &str, latest: bool) -> Ec2Result<Option<Vec<u8>>> {
         let out = self
-            .client
-            .get_console_output()
-            .instance_id(id)
-            .latest(latest)
-            .send()
-            .limited(&self.limits, "GetConsoleOutput")
+            .send("GetConsoleOutput", || {
+                self.client
+                    .get_console_output()
+                    .instance_id(id)
+                    .latest(latest)
+                    .send()
+            })
             .await?;
         Ok(out.output().map(|text| {
             base64::engine::general_purpose::STANDARD

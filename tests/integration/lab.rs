@@ -13,6 +13,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use acode_ec2::effects::describe_batch::{BatchWindow, Batched};
+use acode_ec2::effects::sdk::SdkEc2;
 use acode_ec2::effects::{AwsEffects, CallBudget};
 use acode_ec2::net_guard::ConnectGuard;
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
@@ -140,31 +142,26 @@ impl Lab {
             .endpoint_url(&self.info.ec2_endpoint)
     }
 
-    /// Real effects whose calls keep to `budget` (timeouts and SDK retries),
-    /// as the CLI's keep to [`CallBudget::STANDARD`]. Their retries draw on
-    /// a quota of their own: the SDK's default one is shared by every client
-    /// of the process (of every test), and faults on every call would drain it.
+    /// Real effects whose calls keep to `budget` (tries, timeouts,
+    /// backoff), as the CLI's keep to [`CallBudget::STANDARD`]. The Price
+    /// List client, which the SDK retries, draws on a retry quota of its
+    /// own: the SDK's default one is shared by every client of the process
+    /// (of every test), and faults on every call would drain it.
     pub fn effects_within(&self, budget: CallBudget) -> AwsEffects {
         use aws_sdk_ec2::config::retry::{RetryPartition, TokenBucket};
-        let partition = || {
-            RetryPartition::custom("acode-lab-within-budget")
-                .token_bucket(TokenBucket::unlimited())
-                .build()
-        };
-        let ec2 = self
-            .ec2_config()
-            .retry_config(budget.retry_config())
-            .timeout_config(budget.timeout_config())
-            .retry_partition(partition())
-            .build();
         let pricing = self
             .pricing_config()
             .retry_config(budget.retry_config())
             .timeout_config(budget.timeout_config())
-            .retry_partition(partition())
+            .retry_partition(
+                RetryPartition::custom("acode-lab-within-budget")
+                    .token_bucket(TokenBucket::unlimited())
+                    .build(),
+            )
             .build();
-        AwsEffects::new(
-            aws_sdk_ec2::Client::from_conf(ec2),
+        let ec2 = SdkEc2::new(self.ec2()).with_budget(budget);
+        AwsEffects::over(
+            Batched::new(ec2, BatchWindow::default()),
             ConnectGuard::loopback_only(),
         )
         .with_price_list(aws_sdk_pricing::Client::from_conf(pricing))

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use acode_ec2::driver::{Engine, EngineError, ReadyInstance};
 use acode_ec2::effects::api::Ec2Api;
 use acode_ec2::effects::describe_batch::{BatchWindow, Batched};
+use acode_ec2::effects::rate_limit::CallFamily;
 use acode_ec2::effects::sdk::SdkEc2;
-use acode_ec2::effects::{AwsEffects, Effects};
+use acode_ec2::effects::{AwsEffects, CallBudget, Effects};
+use acode_ec2::error_code::ErrorClass;
 use acode_ec2::events::{NoProgress, ProvisionEvent};
 use acode_ec2::machine::{Effect, Input, PhaseKind, SessionContext, Timestamp};
 use acode_ec2::net_guard::ConnectGuard;
 use acode_ec2::store::CheckpointStore;
 use serde_json::json;
+use std::time::Duration;
 
 use crate::common::{Harness, request};
 use crate::crashing::{CrashPoint, is_crash};
@@ -389,6 +392,44 @@ async fn a_batch_larger_than_a_filter_takes_is_sent_in_parts() {
 }
 
 #[tokio::test]
+async fn every_try_of_a_call_takes_its_own_rate_limit_token() {
+    let lab = Lab::start();
+    // Throttled twice, then answered: three tries of one call.
+    lab.fault(json!({"action": "DescribeSubnets", "code": "RequestLimitExceeded", "count": 2}));
+    let budget = CallBudget {
+        first_backoff: Duration::from_millis(10),
+        ..CallBudget::STANDARD
+    };
+    let sdk = SdkEc2::new(lab.ec2()).with_budget(budget);
+    let subnets = sdk
+        .describe_subnets(&[lab.subnet("us-east-1a")])
+        .await
+        .expect("the third try is answered");
+    assert_eq!(subnets.len(), 1);
+    assert_eq!(lab.count("DescribeSubnets"), 3, "{:?}", lab.counters());
+    // Had the SDK retried on its own, the bucket would have seen one call.
+    assert_eq!(sdk.rate_limits().granted(CallFamily::Describe), 3);
+}
+
+#[tokio::test]
+async fn a_call_gives_up_after_its_budgets_tries() {
+    let lab = Lab::start();
+    lab.fault(json!({"action": "DescribeSubnets", "code": "InternalError", "count": 100}));
+    let budget = CallBudget {
+        attempts: 3,
+        first_backoff: Duration::from_millis(10),
+        ..CallBudget::STANDARD
+    };
+    let sdk = SdkEc2::new(lab.ec2()).with_budget(budget);
+    let failure = sdk
+        .describe_subnets(&[lab.subnet("us-east-1a")])
+        .await
+        .expect_err("every try fails");
+    assert_eq!(failure.class, ErrorClass::Transient, "{failure:?}");
+    assert_eq!(lab.count("DescribeSubnets"), 3, "{:?}", lab.counters());
+}
+
+#[tokio::test]
 async fn spot_capacity_is_used_when_there_is_some() {
     let lab = Lab::start();
     let harness = Harness::new();
@@ -538,7 +579,7 @@ async fn throttling_and_an_invisible_new_instance_are_retried() {
     lab.fault(
         json!({"action": "DescribeInstances", "code": "InvalidInstanceID.NotFound", "count": 2}),
     );
-    // More throttles than the SDK's 4 attempts absorb: the machine's own
+    // More throttles than a call's 4 tries absorb: the machine's own
     // backoff has to carry the session through.
     lab.fault(json!({"action": "RunInstances", "code": "RequestLimitExceeded", "count": 5}));
     let harness = Harness::new();
