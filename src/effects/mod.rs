@@ -352,3 +352,21 @@ impl<A: Ec2Api> Effects for AwsEffects<A> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_under_a_ceiling_that_doubles_per_try_up_to_the_cap() {
+        let budget = CallBudget::STANDARD;
+        for (tries, ceiling) in [(1, 1), (2, 2), (3, 4), (5, 16), (6, 20), (40, 20)] {
+            let ceiling = Duration::from_secs(ceiling);
+            let picks: Vec<Duration> = (0..200).map(|_| budget.backoff(tries)).collect();
+            assert!(picks.iter().all(|d| *d <= ceiling), "{tries}: {picks:?}");
+            // Jittered: spread below the ceiling, not all at one point.
+            assert!(picks.iter().any(|d| *d < ceiling / 2), "{tries}");
+            assert!(picks.iter().any(|d| *d > ceiling / 2), "{tries}");
+        }
+    }
+}
