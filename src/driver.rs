@@ -578,7 +578,8 @@ impl<E: Effects> Engine<E> {
     /// Starts `count` sessions from one request, side by side, and drives
     /// each until it settles: one result per session, in start order. The
     /// sessions share this engine's rate limits, batched polls and
-    /// validation answers, so N sessions cost far less than N provisions.
+    /// validation and spot market answers, so N sessions cost far less
+    /// than N provisions.
     pub async fn provision_many(
         &self,
         request: ProvisionRequest,

@@ -106,7 +106,7 @@ enum Command {
         on_ready: Option<String>,
         /// Start N sessions from the config, side by side in this process
         /// (one progress line each, then a summary). They share EC2 rate
-        /// limits, batched polls and validation answers. Exit status 1 if
+        /// limits, batched polls, validation and spot price answers. Exit status 1 if
         /// any failed; with --json, an array of the Ready ones.
         #[arg(long, value_name = "N", default_value_t = 1,
               value_parser = clap::value_parser!(u16).range(1..=1000))]

@@ -7,8 +7,9 @@
 //!
 //! A layer over any [`Ec2Api`]: `describe_instance`, `instance_status`
 //! and `spot_request` (the watcher's and the spot wait's polls) are
-//! batched; the validation calls are answered from
-//! [`super::remembered`] for a short time; every other call passes through.
+//! batched; the validation calls and the spot market's (placement scores,
+//! price history) are answered from [`super::remembered`] for a short
+//! time; every other call passes through.
 //!
 //! Invariant: every poll's answer comes from a call sent after it asked,
 //! and a call that fails answers everyone in it with that failure.
@@ -26,7 +27,7 @@ use super::api::{
     Ec2Api, Ec2Result, InstanceHealth, InstanceView, LaunchSpec, LaunchedView, SpotRequestView,
     SubnetInfo, malformed,
 };
-use super::remembered::{REMEMBER_FOR, ValidationAnswers};
+use super::remembered::{REMEMBER_FOR, SharedAnswers};
 use crate::machine::{ImageChoice, MicroUsd};
 use crate::request::{AmiSelector, KeyAlgorithm};
 
@@ -57,7 +58,7 @@ pub struct Batched<A: Ec2Api> {
     instances: Arc<Batcher<A, Instances>>,
     statuses: Arc<Batcher<A, Statuses>>,
     spot_requests: Arc<Batcher<A, SpotRequests>>,
-    validation: Arc<ValidationAnswers>,
+    shared: Arc<SharedAnswers>,
 }
 
 impl<A: Ec2Api> Clone for Batched<A> {
@@ -67,7 +68,7 @@ impl<A: Ec2Api> Clone for Batched<A> {
             instances: Arc::clone(&self.instances),
             statuses: Arc::clone(&self.statuses),
             spot_requests: Arc::clone(&self.spot_requests),
-            validation: Arc::clone(&self.validation),
+            shared: Arc::clone(&self.shared),
         }
     }
 }
@@ -76,7 +77,7 @@ impl<A: Ec2Api> Batched<A> {
     pub fn new(inner: A, window: BatchWindow) -> Batched<A> {
         let inner = Arc::new(inner);
         Batched {
-            validation: Arc::new(ValidationAnswers::new(REMEMBER_FOR)),
+            shared: Arc::new(SharedAnswers::new(REMEMBER_FOR)),
             instances: Batcher::new(&inner, window),
             spot_requests: Batcher::new(&inner, window),
             // DescribeInstanceStatus takes at most 100 instance ids.
@@ -91,10 +92,10 @@ impl<A: Ec2Api> Batched<A> {
         }
     }
 
-    /// Shares validation answers for `ttl` (zero: never).
+    /// Shares validation and spot market answers for `ttl` (zero: never).
     #[must_use]
     pub fn remembering_for(mut self, ttl: Duration) -> Batched<A> {
-        self.validation = Arc::new(ValidationAnswers::new(ttl));
+        self.shared = Arc::new(SharedAnswers::new(ttl));
         self
     }
 
@@ -280,7 +281,7 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
 
     async fn find_image(&self, ami: &AmiSelector) -> Ec2Result<Option<ImageChoice>> {
         let fetch = || self.inner.find_image(ami);
-        self.validation.images.get_or_fetch(ami, fetch).await
+        self.shared.images.get_or_fetch(ami, fetch).await
     }
 
     fn region(&self) -> String {
@@ -289,10 +290,7 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
 
     async fn describe_subnets(&self, ids: &[String]) -> Ec2Result<Vec<SubnetInfo>> {
         let fetch = || self.inner.describe_subnets(ids);
-        self.validation
-            .subnets
-            .get_or_fetch(&ids.to_vec(), fetch)
-            .await
+        self.shared.subnets.get_or_fetch(&ids.to_vec(), fetch).await
     }
 
     async fn some_subnets(&self, limit: usize) -> Ec2Result<Vec<SubnetInfo>> {
@@ -309,13 +307,13 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
 
     async fn check_security_groups(&self, ids: &[String]) -> Ec2Result<()> {
         let fetch = || self.inner.check_security_groups(ids);
-        let groups = &self.validation.security_groups;
+        let groups = &self.shared.security_groups;
         groups.get_or_fetch(&ids.to_vec(), fetch).await
     }
 
     async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {
         let fetch = || self.inner.key_pair_exists(name);
-        let key_pairs = &self.validation.key_pairs;
+        let key_pairs = &self.shared.key_pairs;
         key_pairs.get_or_fetch(&name.to_string(), fetch).await
     }
 
@@ -326,9 +324,9 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         tags: &[(String, String)],
     ) -> Ec2Result<Zeroizing<String>> {
         // Forgotten before and after: an answer lost on the way still changed it.
-        self.validation.key_pairs.forget(&name.to_string());
+        self.shared.key_pairs.forget(&name.to_string());
         let answer = self.inner.create_key_pair(name, algorithm, tags).await;
-        self.validation.key_pairs.forget(&name.to_string());
+        self.shared.key_pairs.forget(&name.to_string());
         answer
     }
 
@@ -338,9 +336,9 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         public_key: &str,
         tags: &[(String, String)],
     ) -> Ec2Result<()> {
-        self.validation.key_pairs.forget(&name.to_string());
+        self.shared.key_pairs.forget(&name.to_string());
         let answer = self.inner.import_key_pair(name, public_key, tags).await;
-        self.validation.key_pairs.forget(&name.to_string());
+        self.shared.key_pairs.forget(&name.to_string());
         answer
     }
 
@@ -354,9 +352,9 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
     }
 
     async fn delete_key_pair(&self, name: &str) -> Ec2Result<()> {
-        self.validation.key_pairs.forget(&name.to_string());
+        self.shared.key_pairs.forget(&name.to_string());
         let answer = self.inner.delete_key_pair(name).await;
-        self.validation.key_pairs.forget(&name.to_string());
+        self.shared.key_pairs.forget(&name.to_string());
         answer
     }
 
@@ -365,7 +363,9 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
     }
 
     async fn spot_placement_scores(&self, instance_type: &str) -> Ec2Result<HashMap<String, u8>> {
-        self.inner.spot_placement_scores(instance_type).await
+        let fetch = || self.inner.spot_placement_scores(instance_type);
+        let scores = &self.shared.spot_scores;
+        scores.get_or_fetch(&instance_type.to_string(), fetch).await
     }
 
     async fn spot_prices(
@@ -374,9 +374,16 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         product_description: &str,
         zones: &[String],
     ) -> Ec2Result<HashMap<String, MicroUsd>> {
-        self.inner
-            .spot_prices(instance_type, product_description, zones)
-            .await
+        let fetch = || {
+            self.inner
+                .spot_prices(instance_type, product_description, zones)
+        };
+        let key = (
+            instance_type.to_string(),
+            product_description.to_string(),
+            zones.to_vec(),
+        );
+        self.shared.spot_prices.get_or_fetch(&key, fetch).await
     }
 
     async fn spot_request(&self, request_id: &str) -> Ec2Result<Option<SpotRequestView>> {

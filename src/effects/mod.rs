@@ -2,8 +2,8 @@
 //!
 //! Layers, bottom up: [`sdk::SdkEc2`] (aws-sdk-ec2, each call within EC2's
 //! request buckets, [`rate_limit`]) ▸ [`describe_batch::Batched`] (polls
-//! shared by the sessions of a process, validation answers remembered for
-//! 60 s, [`remembered`]) ▸ [`AwsEffects`],
+//! shared by the sessions of a process, validation and spot market answers
+//! remembered for 60 s, [`remembered`]) ▸ [`AwsEffects`],
 //! which maps each [`Effect`] to calls and their answers to machine inputs.
 //! Beside the EC2 stack, [`placement::PlacementSources`] keeps what every
 //! session of a process shares for placement (recent capacity failures,

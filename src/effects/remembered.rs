@@ -1,7 +1,9 @@
 //! Answers of the validation calls (DescribeImages, DescribeSubnets,
-//! DescribeSecurityGroups, DescribeKeyPairs) shared by the sessions of a
-//! process for a short time: N sessions started from one config make each
-//! call once, not N times.
+//! DescribeSecurityGroups, DescribeKeyPairs) and of the spot market's
+//! (GetSpotPlacementScores, DescribeSpotPriceHistory) shared by the
+//! sessions of a process for a short time: N sessions started from one
+//! config make each call once, not N times. EC2 moves spot prices and
+//! scores over minutes, so a minute-old answer ranks zones as well.
 //!
 //! Invariant: an answer is served for at most its time to live after the
 //! call that produced it was sent; callers that ask while a call is in
@@ -19,7 +21,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::api::{Ec2Result, SubnetInfo};
-use crate::machine::ImageChoice;
+use crate::machine::{ImageChoice, MicroUsd};
 use crate::request::AmiSelector;
 
 /// How long a validation answer is shared by default: short beside a
@@ -83,21 +85,27 @@ impl<K: Eq + Hash + Clone, V: Clone> Remembered<K, V> {
     }
 }
 
-/// The validation answers a process shares.
-pub struct ValidationAnswers {
+/// The answers a process shares.
+pub struct SharedAnswers {
     pub images: Remembered<AmiSelector, Option<ImageChoice>>,
     pub subnets: Remembered<Vec<String>, Vec<SubnetInfo>>,
     pub security_groups: Remembered<Vec<String>, ()>,
     pub key_pairs: Remembered<String, bool>,
+    /// By instance type: scores by zone id.
+    pub spot_scores: Remembered<String, HashMap<String, u8>>,
+    /// By instance type, product description and zones: prices by zone.
+    pub spot_prices: Remembered<(String, String, Vec<String>), HashMap<String, MicroUsd>>,
 }
 
-impl ValidationAnswers {
-    pub fn new(ttl: Duration) -> ValidationAnswers {
-        ValidationAnswers {
+impl SharedAnswers {
+    pub fn new(ttl: Duration) -> SharedAnswers {
+        SharedAnswers {
             images: Remembered::new(ttl),
             subnets: Remembered::new(ttl),
             security_groups: Remembered::new(ttl),
             key_pairs: Remembered::new(ttl),
+            spot_scores: Remembered::new(ttl),
+            spot_prices: Remembered::new(ttl),
         }
     }
 }

@@ -121,6 +121,25 @@ async fn fifty_sessions_from_one_config_make_each_validation_call_once() {
     assert_eq!(lab.count("RunInstances"), 50);
 }
 
+#[tokio::test]
+async fn twenty_spot_sessions_from_one_config_ask_the_spot_market_once() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    let extra = format!(
+        "  useSpot: true\n  failoverSubnetIds: [{}]\n",
+        lab.subnet("us-east-1b")
+    );
+    let engine = harness.engine(lab.effects());
+    let results = engine
+        .provision_many(patient(&lab, &extra), 20, &NoProgress)
+        .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let spot_market = ["GetSpotPlacementScores", "DescribeSpotPriceHistory"];
+    let calls: Vec<u64> = spot_market.iter().map(|a| lab.count(a)).collect();
+    assert_eq!(calls, [1, 1], "{:?}", lab.counters());
+    assert_eq!(lab.count("RunInstances"), 20, "{:?}", lab.counters());
+}
+
 /// A free loopback port with nothing listening on it.
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
