@@ -160,8 +160,8 @@ impl AwsEffects {
     }
 
     /// Builds a client from the AWS SDK's own chain (`AWS_REGION`,
-    /// `AWS_PROFILE`, `AWS_ENDPOINT_URL_EC2`, …), with the SDK's standard
-    /// retries for throttling and 5xx, after the loopback guard agrees.
+    /// `AWS_PROFILE`, `AWS_ENDPOINT_URL_EC2`, …), within
+    /// [`CallBudget::STANDARD`], after the loopback guard agrees.
     /// With the guard on, the client is pinned to the checked loopback
     /// endpoint and to the environment's static credentials, whatever
     /// profiles or other settings say.
