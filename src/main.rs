@@ -14,11 +14,9 @@ use acode_ec2::driver::{
     Engine, EngineError, EngineOptions, InterruptionHook, RecoverTally, WatchOptions, WatchedNotice,
 };
 use acode_ec2::effects::AwsEffects;
-use acode_ec2::events::{
-    InterruptedInstance, NoProgress, ProgressSink, ProvisionProgress, ReadyInstance,
-};
+use acode_ec2::events::{InterruptedInstance, ProgressSink, ProvisionProgress, ReadyInstance};
 use acode_ec2::machine::diagram;
-use acode_ec2::machine::{OutsideInput, PhaseKind, SpotRequestStatus, SpotSavings};
+use acode_ec2::machine::{SpotRequestStatus, SpotSavings};
 use acode_ec2::net_guard::ConnectGuard;
 use acode_ec2::store::{
     CheckpointStore, PhaseSpan, SessionSummary, SqliteStore, StoreError, phase_timeline,
@@ -255,8 +253,10 @@ fn main() -> ExitCode {
 
 /// Parts of the command line kept out of this file.
 mod cli {
+    pub mod cancel;
     pub mod fleet;
 }
+use cli::cancel::{CancelNotices, Cancellable, until_cancelled};
 use cli::fleet::{FleetDisplay, FleetEnd, provision_fleet};
 
 /// Prints how `provision --count` ended: each Ready session (or a JSON
@@ -674,77 +674,28 @@ async fn provision_cancellable(
     request: acode_ec2::request::ProvisionRequest,
     display: &ProgressDisplay,
 ) -> Result<Provisioned> {
-    use tokio::signal::unix::{SignalKind, signal};
-    type Delivery<'a> = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<PhaseKind, EngineError>> + Send + 'a>,
-    >;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
-    // Boxed, not pinned in place: a second Ctrl-C drops it mid-way.
-    let mut provision = Box::pin(engine.provision(request, display));
-    let mut cancelling = false;
-    let mut delivery: Option<Delivery<'_>> = None;
-    let mut delivered = false;
-    loop {
-        // Once the session exists, the cancel goes in by the engine's one way in.
-        if cancelling
-            && !delivered
-            && let Some(session) = display.session()
-        {
-            delivered = true;
-            delivery = Some(Box::pin(async move {
-                engine
-                    .deliver(&session, OutsideInput::TeardownRequested, &NoProgress)
-                    .await
-            }));
-        }
-        let mut answered = None;
-        let mut signalled = false;
-        tokio::select! {
-            outcome = &mut provision => {
-                return Ok(if cancelling {
-                    Provisioned::Cancelled(Some(outcome))
-                } else {
-                    Provisioned::Done(outcome)
-                });
-            }
-            _ = interrupt.recv() => signalled = true,
-            _ = terminate.recv() => signalled = true,
-            answer = async {
-                match delivery.as_mut() {
-                    Some(pending) => pending.await,
-                    None => std::future::pending().await,
-                }
-            } => answered = Some(answer),
-            // The session is not recorded yet: look again shortly.
-            _ = tokio::time::sleep(Duration::from_millis(50)), if cancelling && !delivered => {}
-        }
-        if let Some(answer) = answered {
-            delivery = None;
-            if let Err(e) = answer {
-                display.say(&format!("the teardown was not taken: {e}"));
-            }
-        }
-        if !signalled {
-            continue;
-        }
-        if cancelling {
-            // Stop driving now, but leave the cancel on record: `recover`
-            // then finishes the cleanup instead of the provisioning.
-            drop(provision);
-            drop(delivery);
-            if let Some(session) = display.session()
-                && let Err(e) = engine.note(&session, OutsideInput::TeardownRequested).await
-            {
-                display.say(&format!("could not record the cancel: {e}"));
-            }
-            return Ok(Provisioned::Cancelled(None));
-        }
-        cancelling = true;
-        display.say(
-            "cancelling: tearing the session down (press Ctrl-C again to stop at once; \
-             the session stays checkpointed for `acode-ec2 recover`)",
-        );
+    let work = engine.provision(request, display);
+    let notice = "cancelling: tearing the session down (press Ctrl-C again to stop at once; \
+                  the session stays checkpointed for `acode-ec2 recover`)";
+    Ok(
+        match until_cancelled(engine, work, display, notice).await? {
+            Cancellable::Finished {
+                outcome,
+                cancelled: false,
+            } => Provisioned::Done(outcome),
+            Cancellable::Finished { outcome, .. } => Provisioned::Cancelled(Some(outcome)),
+            Cancellable::Stopped(_) => Provisioned::Cancelled(None),
+        },
+    )
+}
+
+impl CancelNotices for ProgressDisplay {
+    fn sessions(&self) -> Vec<String> {
+        self.session().into_iter().collect()
+    }
+
+    fn say(&self, line: &str) {
+        ProgressDisplay::say(self, line);
     }
 }
 

@@ -2,21 +2,19 @@
 //! One progress line per session (a bar each on a terminal), a tally of
 //! done / in flight / failed, and Ctrl-C that tears down every session.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::Mutex;
-use std::time::Duration;
 
-use anyhow::{Context, Result};
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
+use anyhow::Result;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use acode_ec2::driver::{Engine, EngineError, RecoverTally};
 use acode_ec2::effects::AwsEffects;
-use acode_ec2::events::{NoProgress, ProgressSink, ProvisionProgress, ReadyInstance};
-use acode_ec2::machine::OutsideInput;
+use acode_ec2::events::{ProgressSink, ProvisionProgress, ReadyInstance};
 use acode_ec2::request::ProvisionRequest;
+
+use super::cancel::{CancelNotices, Cancellable, until_cancelled};
 
 /// What a line shows of a session id: enough to tell sessions apart.
 fn short(session_id: &str) -> &str {
@@ -170,64 +168,33 @@ pub enum FleetEnd {
 
 /// Provisions `count` sessions; the first SIGINT or SIGTERM tears every one
 /// of them down (sessions recorded later too), a second stops at once and
-/// leaves the cancel on record for `recover`.
+/// leaves the cancel on record for `recover` (see [`super::cancel`]).
 pub async fn provision_fleet(
     engine: &Engine<AwsEffects>,
     request: ProvisionRequest,
     count: usize,
     display: &FleetDisplay,
 ) -> Result<FleetEnd> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
-    let mut all = Box::pin(engine.provision_many(request, count, display));
-    let mut cancelling = false;
-    let mut cancelled: HashSet<String> = HashSet::new();
-    let mut deliveries = FuturesUnordered::new();
-    loop {
-        if cancelling {
-            for id in display.sessions() {
-                if cancelled.insert(id.clone()) {
-                    deliveries.push(Box::pin(async move {
-                        let answer = engine
-                            .deliver(&id, OutsideInput::TeardownRequested, &NoProgress)
-                            .await;
-                        (id, answer)
-                    }));
-                }
-            }
-        }
-        let mut signalled = false;
-        tokio::select! {
-            results = &mut all => return Ok(FleetEnd::Settled { results, cancelled: cancelling }),
-            _ = interrupt.recv() => signalled = true,
-            _ = terminate.recv() => signalled = true,
-            Some((id, answer)) = deliveries.next(), if !deliveries.is_empty() => {
-                if let Err(e) = answer {
-                    display.say(&format!("session {}: the teardown was not taken: {e}", short(&id)));
-                }
-            }
-            // Sessions not recorded yet: look again shortly.
-            _ = tokio::time::sleep(Duration::from_millis(50)), if cancelling => {}
-        }
-        if !signalled {
-            continue;
-        }
-        if cancelling {
-            drop(all);
-            drop(deliveries);
-            let sessions = display.sessions();
-            for id in &sessions {
-                if let Err(e) = engine.note(id, OutsideInput::TeardownRequested).await {
-                    display.say(&format!("session {id}: could not record the cancel: {e}"));
-                }
-            }
-            return Ok(FleetEnd::Stopped(sessions));
-        }
-        cancelling = true;
-        display.say(
-            "cancelling: tearing every session down (press Ctrl-C again to stop at once; \
-             the sessions stay checkpointed for `acode-ec2 recover`)",
-        );
+    let work = engine.provision_many(request, count, display);
+    let notice = "cancelling: tearing every session down (press Ctrl-C again to stop at once; \
+                  the sessions stay checkpointed for `acode-ec2 recover`)";
+    Ok(
+        match until_cancelled(engine, work, display, notice).await? {
+            Cancellable::Finished { outcome, cancelled } => FleetEnd::Settled {
+                results: outcome,
+                cancelled,
+            },
+            Cancellable::Stopped(sessions) => FleetEnd::Stopped(sessions),
+        },
+    )
+}
+
+impl CancelNotices for FleetDisplay {
+    fn sessions(&self) -> Vec<String> {
+        FleetDisplay::sessions(self)
+    }
+
+    fn say(&self, line: &str) {
+        FleetDisplay::say(self, line);
     }
 }

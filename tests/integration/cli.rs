@@ -481,17 +481,16 @@ fn provision_interrupted(
     config: &std::path::Path,
     phase: &str,
     signals: usize,
+    extra: &[&str],
 ) -> (Option<i32>, String) {
     use std::io::BufRead;
-    let mut child = cli_command(
-        db,
-        Some(lab),
-        &["provision", "--config", config.to_str().unwrap()],
-    )
-    .stderr(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::null())
-    .spawn()
-    .expect("start acode-ec2");
+    let mut args = vec!["provision", "--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut child = cli_command(db, Some(lab), &args)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start acode-ec2");
     let stderr = child.stderr.take().expect("stderr");
     let (lines_tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -503,14 +502,17 @@ fn provision_interrupted(
         }
     });
     let mut said = String::new();
-    let marker = format!("s] {phase} ");
+    // A progress line "[  1.2s] Launching …", or "[  1.2s] 1a2b3c4d Launching …" for a fleet.
+    let reached = |line: &str| {
+        line.starts_with('[') && line.split_whitespace().take(4).any(|word| word == phase)
+    };
     loop {
         let line = lines
             .recv_timeout(std::time::Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("never reached {phase}:\n{said}"));
         said.push_str(&line);
         said.push('\n');
-        if line.contains(&marker) {
+        if reached(&line) {
             break;
         }
     }
@@ -528,6 +530,29 @@ fn provision_interrupted(
         said.push('\n');
     }
     (status.code(), said)
+}
+
+#[test]
+fn a_first_ctrl_c_tears_every_session_of_a_fleet_down() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let config = config_file(dir.path(), "target.yaml", &lab.target_yaml(""));
+    // Launches answer slowly: the signal comes while they are in flight.
+    lab.fault(serde_json::json!({"action": "RunInstances", "latency_ms": 3000, "count": 3}));
+    let (code, said) = provision_interrupted(&lab, &db, &config, "Launching", 1, &["--count", "3"]);
+    assert_eq!(code, Some(130), "{said}");
+    assert!(said.contains("tearing every session down"), "{said}");
+    assert_nothing_left(&lab, dir.path(), "fleet");
+    let out = cli(&db, Some(&lab), &["sessions", "--json"]);
+    let sessions: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let phases: Vec<&str> = sessions
+        .as_array()
+        .expect("a list of sessions")
+        .iter()
+        .filter_map(|s| s["phase"].as_str())
+        .collect();
+    assert_eq!(phases, ["TornDown"; 3], "{sessions}");
 }
 
 /// Nothing of any session is left in the lab, and no key file on disk.
@@ -583,7 +608,7 @@ fn a_first_ctrl_c_in_any_phase_tears_the_session_down_and_exits_130() {
     for (i, (phase, slow_down)) in cases.iter().enumerate() {
         slow_down();
         let db = dir.path().join(format!("state-{i}.db"));
-        let (code, said) = provision_interrupted(&lab, &db, &config, phase, 1);
+        let (code, said) = provision_interrupted(&lab, &db, &config, phase, 1, &[]);
         assert_eq!(code, Some(130), "{phase}:\n{said}");
         assert!(said.contains("cancelling"), "{phase}:\n{said}");
         assert!(
@@ -605,7 +630,7 @@ fn a_second_ctrl_c_stops_at_once_and_recover_cleans_up() {
     let config = config_file(dir.path(), "target.yaml", &lab.target_yaml(""));
     // The launch answers slowly: the first Ctrl-C's teardown waits for it.
     lab.fault(serde_json::json!({"action": "RunInstances", "latency_ms": 3000}));
-    let (code, said) = provision_interrupted(&lab, &db, &config, "Launching", 2);
+    let (code, said) = provision_interrupted(&lab, &db, &config, "Launching", 2, &[]);
     assert_eq!(code, Some(130), "{said}");
     assert!(
         said.contains("stopped at once") && said.contains("acode-ec2 recover"),
