@@ -15,10 +15,23 @@ use strum::{EnumString, IntoStaticStr};
 /// variants; any other is kept as it came.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EnumString, IntoStaticStr)]
 pub enum AwsErrorCode {
-    // Throttling and server trouble.
+    // Throttling and server trouble (with the codes the AWS SDK's standard
+    // retries treat as throttling or transient, so that retrying them
+    // here rather than in the SDK retries the same ones).
     RequestLimitExceeded,
     Throttling,
     ThrottlingException,
+    ThrottledException,
+    RequestThrottled,
+    RequestThrottledException,
+    #[strum(serialize = "EC2ThrottledException")]
+    Ec2ThrottledException,
+    BandwidthLimitExceeded,
+    PriorRequestNotComplete,
+    SlowDown,
+    TooManyRequestsException,
+    RequestTimeout,
+    RequestTimeoutException,
     InternalError,
     InternalFailure,
     ServiceUnavailable,
@@ -97,8 +110,23 @@ impl AwsErrorCode {
     pub fn class(&self, http_status: u16) -> ErrorClass {
         use AwsErrorCode::*;
         match self {
-            RequestLimitExceeded | Throttling | ThrottlingException | InternalError
-            | InternalFailure | ServiceUnavailable | Unavailable => ErrorClass::Transient,
+            RequestLimitExceeded
+            | Throttling
+            | ThrottlingException
+            | ThrottledException
+            | RequestThrottled
+            | RequestThrottledException
+            | Ec2ThrottledException
+            | BandwidthLimitExceeded
+            | PriorRequestNotComplete
+            | SlowDown
+            | TooManyRequestsException
+            | RequestTimeout
+            | RequestTimeoutException
+            | InternalError
+            | InternalFailure
+            | ServiceUnavailable
+            | Unavailable => ErrorClass::Transient,
             InsufficientInstanceCapacity
             | InsufficientFreeAddressesInSubnet
             | InsufficientCapacity
@@ -240,6 +268,7 @@ mod tests {
         for text in [
             "InvalidAMIID.NotFound",
             "RequestLimitExceeded",
+            "EC2ThrottledException",
             "VcpuLimitExceeded",
             "SomethingNew",
         ] {
@@ -255,6 +284,9 @@ mod tests {
     fn classes_follow_the_code_then_the_http_status() {
         let class = |code: &str, status| AwsErrorCode::parse(code).class(status);
         assert_eq!(class("RequestLimitExceeded", 503), ErrorClass::Transient);
+        // A 4xx the SDK's standard retries would have retried.
+        assert_eq!(class("EC2ThrottledException", 400), ErrorClass::Transient);
+        assert_eq!(class("RequestTimeout", 400), ErrorClass::Transient);
         assert_eq!(
             class("InsufficientInstanceCapacity", 500),
             ErrorClass::Capacity

@@ -126,6 +126,17 @@ impl CallBudget {
         ceiling.mul_f64(fastrand::f64())
     }
 
+    /// Connect and per-try timeouts, for a client whose tries
+    /// [`SdkEc2`] sends one by one (the whole-call limit is its own).
+    pub fn try_timeout_config(&self) -> TimeoutConfig {
+        TimeoutConfig::builder()
+            .connect_timeout(self.connect)
+            .operation_attempt_timeout(self.attempt)
+            .build()
+    }
+
+    /// Connect, per-try and whole-call timeouts, for a client the SDK
+    /// retries itself (the Price List).
     pub fn timeout_config(&self) -> TimeoutConfig {
         TimeoutConfig::builder()
             .connect_timeout(self.connect)

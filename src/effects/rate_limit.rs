@@ -23,8 +23,8 @@ use tokio::time::Instant;
 
 /// Added to every wait: sent exactly when its token refills, a call could
 /// reach EC2 a rounding error early (EC2's bucket at 0.9999 of a token) and
-/// be throttled; the SDK's retry of it would then take the next caller's
-/// token, and so on. The margin shifts sends, it does not slow the rate.
+/// be throttled, and its retry would wait for another token. The margin
+/// shifts sends, it does not slow the rate.
 const MARGIN: Duration = Duration::from_millis(25);
 
 /// Which of EC2's buckets an action draws from.

@@ -7,9 +7,10 @@
 //!
 //! Invariant: an answer is served for at most its time to live after the
 //! call that produced it was sent; callers that ask while a call is in
-//! flight wait for that call (one call, not one per caller); failures are
-//! never remembered; an answer about a key pair is forgotten as soon as
-//! this process creates, imports or deletes that key pair.
+//! flight wait for that call (one call, not one per caller, and its failure
+//! too); a failure is never served to a later caller; an answer about a
+//! key pair is forgotten as soon as this process creates, imports or
+//! deletes that key pair.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,7 +37,8 @@ pub struct Remembered<K, V> {
 
 struct Entry<V> {
     asked_at: Instant,
-    answer: Arc<OnceCell<V>>,
+    /// A failure stays only until its call's waiters have it.
+    answer: Arc<OnceCell<Ec2Result<V>>>,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Remembered<K, V> {
@@ -70,8 +72,19 @@ impl<K: Eq + Hash + Clone, V: Clone> Remembered<K, V> {
             });
             Arc::clone(&entry.answer)
         };
-        // A failed fetch leaves the cell empty: the next caller tries again.
-        cell.get_or_try_init(fetch).await.cloned()
+        let answer = cell.get_or_init(fetch).await.clone();
+        if answer.is_err() {
+            // Everyone waiting on this call has its failure; the next
+            // caller asks again.
+            let mut entries = self.lock();
+            if entries
+                .get(key)
+                .is_some_and(|e| Arc::ptr_eq(&e.answer, &cell))
+            {
+                entries.remove(key);
+            }
+        }
+        answer
     }
 
     /// Forgets the answer to `key` (this process is about to change it).
@@ -139,6 +152,31 @@ mod tests {
         memo.forget(&key);
         assert_eq!(memo.get_or_fetch(&key, fetch).await, Ok(7));
         assert_eq!(calls.load(Ordering::SeqCst), 3, "forgotten, asked again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_waiting_on_a_failing_call_share_its_failure() {
+        let memo: Remembered<u8, u32> = Remembered::new(REMEMBER_FOR);
+        let calls = AtomicU32::new(0);
+        let failing = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(Ec2Failure {
+                action: "GetSpotPlacementScores",
+                code: None,
+                class: ErrorClass::Transient,
+                message: "timeout".into(),
+            })
+        };
+        let answers =
+            futures_util::future::join_all((0..20).map(|_| memo.get_or_fetch(&1, failing))).await;
+        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one call, not one per caller"
+        );
+        assert_eq!(memo.get_or_fetch(&1, || async { Ok(3) }).await, Ok(3));
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 //! parsed once and classed by [`AwsErrorCode::class`]; nothing above sees
 //! an SDK type.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -55,7 +55,9 @@ pub struct SdkEc2 {
 }
 
 impl SdkEc2 {
-    /// Over `client`, within EC2's default account buckets.
+    /// Over `client`, within EC2's default account buckets and
+    /// [`CallBudget::STANDARD`]: the client's own retry and timeout
+    /// settings are replaced (no SDK retries; the budget's timeouts).
     pub fn new(client: Client) -> SdkEc2 {
         SdkEc2::with_rate_limits(client, RateLimits::ec2_defaults())
     }
@@ -78,7 +80,7 @@ impl SdkEc2 {
             .config()
             .to_builder()
             .retry_config(RetryConfig::disabled())
-            .timeout_config(budget.timeout_config())
+            .timeout_config(budget.try_timeout_config())
             .build();
         SdkEc2 {
             client: Client::from_conf(config),
@@ -96,7 +98,8 @@ impl SdkEc2 {
     }
 
     /// Sends the call `one_try` makes, retrying a transient failure
-    /// (throttling, 5xx, a timeout, a dropped connection) within the
+    /// (throttling, a 5xx other than a capacity error, a timeout, a dropped
+    /// connection: [`ErrorClass::Transient`]) within the
     /// budget. Each try first waits for its bucket's token; the time spent
     /// waiting is not the budget's, the time spent sending and backing off is.
     async fn send<T, E, F>(&self, action: &'static str, one_try: impl Fn() -> F) -> Ec2Result<T>
@@ -106,16 +109,18 @@ impl SdkEc2 {
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         let budget = self.budget;
+        // A try with less time than this left would mostly be thrown away.
+        let least = budget.attempt.min(budget.operation / 10);
         let mut spent = Duration::ZERO;
         let mut tries = 0;
         loop {
             self.limits.wait_turn(action).await;
             tries += 1;
-            let started = Instant::now();
+            let started = tokio::time::Instant::now();
             let left = budget.operation.saturating_sub(spent);
             let answer = match tokio::time::timeout(left, one_try()).await {
-                Ok(answer) => settle(action, started, answer),
-                Err(_) => Err(out_of_budget(action, started, budget)),
+                Ok(answer) => settle(action, started.into_std(), answer),
+                Err(_) => Err(out_of_budget(action, started.elapsed(), budget, tries)),
             };
             spent += started.elapsed();
             match answer {
@@ -123,7 +128,7 @@ impl SdkEc2 {
                     if failure.class == ErrorClass::Transient && tries < budget.attempts =>
                 {
                     let backoff = budget.backoff(tries);
-                    if spent + backoff >= budget.operation {
+                    if spent + backoff + least > budget.operation {
                         return Err(failure);
                     }
                     tokio::time::sleep(backoff).await;
@@ -149,6 +154,7 @@ impl SdkEc2 {
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         let mut token: Option<String> = None;
+        let mut seen = HashSet::new();
         loop {
             let out = self.send(action, || page(token.clone())).await?;
             let next = next_token(&out)
@@ -158,8 +164,8 @@ impl SdkEc2 {
             match next {
                 None => return Ok(()),
                 // Garbage that would page forever.
-                Some(next) if token.as_ref() == Some(&next) => {
-                    return Err(malformed(action, "answered the same page token twice"));
+                Some(next) if !seen.insert(next.clone()) => {
+                    return Err(malformed(action, "answered a page token it gave before"));
                 }
                 Some(next) => token = Some(next),
             }
@@ -169,15 +175,20 @@ impl SdkEc2 {
 
 /// A try the budget's whole-call limit cut short (the SDK's own per-try
 /// timeout ends the others).
-fn out_of_budget(action: &'static str, started: Instant, budget: CallBudget) -> Ec2Failure {
-    telemetry::ec2_call(action, started.elapsed(), None, CallResult::NoCode);
+fn out_of_budget(
+    action: &'static str,
+    elapsed: Duration,
+    budget: CallBudget,
+    tries: u32,
+) -> Ec2Failure {
+    telemetry::ec2_call(action, elapsed, None, CallResult::NoCode);
     Ec2Failure {
         action,
         code: None,
         class: ErrorClass::Transient,
         message: format!(
-            "no answer within the call's budget of {:?} over {} tries",
-            budget.operation, budget.attempts
+            "no answer within the call's budget of {:?} ({tries} tries)",
+            budget.operation
         ),
     }
 }
@@ -264,6 +275,18 @@ where
             class: ErrorClass::Rejected,
             message: DisplayErrorContext(&err).to_string(),
         },
+        // Neither sent nor timed out nor cut off (no credentials, no
+        // endpoint): as the SDK's classifier, not worth another try.
+        SdkError::DispatchFailure(dispatch)
+            if !(dispatch.is_io() || dispatch.is_timeout() || dispatch.as_other().is_some()) =>
+        {
+            Ec2Failure {
+                action,
+                code: None,
+                class: ErrorClass::Rejected,
+                message: DisplayErrorContext(&err).to_string(),
+            }
+        }
         // Timeouts, dropped connections, unparsable answers: try again later.
         other => Ec2Failure {
             action,

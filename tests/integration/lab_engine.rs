@@ -7,7 +7,7 @@ use std::sync::Arc;
 use acode_ec2::driver::{Engine, EngineError, ReadyInstance};
 use acode_ec2::effects::api::Ec2Api;
 use acode_ec2::effects::describe_batch::{BatchWindow, Batched};
-use acode_ec2::effects::rate_limit::CallFamily;
+use acode_ec2::effects::rate_limit::{BucketSize, CallFamily, RateLimits};
 use acode_ec2::effects::sdk::SdkEc2;
 use acode_ec2::effects::{AwsEffects, CallBudget, Effects};
 use acode_ec2::error_code::ErrorClass;
@@ -427,6 +427,54 @@ async fn a_call_gives_up_after_its_budgets_tries() {
         .expect_err("every try fails");
     assert_eq!(failure.class, ErrorClass::Transient, "{failure:?}");
     assert_eq!(lab.count("DescribeSubnets"), 3, "{:?}", lab.counters());
+}
+
+#[tokio::test]
+async fn time_queued_for_a_token_is_not_the_calls_budget() {
+    let lab = Lab::start();
+    lab.fault(json!({"action": "DescribeSubnets", "code": "RequestLimitExceeded", "count": 2}));
+    // A token every 2 s, and 1 s for the whole call: each retry queues
+    // longer than the budget, which counts only sending and backing off.
+    let slow = RateLimits::with(|_| BucketSize {
+        burst: 1.0,
+        per_second: 0.5,
+    });
+    let budget = CallBudget {
+        attempts: 3,
+        operation: Duration::from_secs(1),
+        first_backoff: Duration::from_millis(10),
+        ..CallBudget::STANDARD
+    };
+    let sdk = SdkEc2::with_rate_limits(lab.ec2(), slow).with_budget(budget);
+    let subnets = sdk
+        .describe_subnets(&[lab.subnet("us-east-1a")])
+        .await
+        .expect("the third try is answered");
+    assert_eq!(subnets.len(), 1);
+    assert_eq!(lab.count("DescribeSubnets"), 3, "{:?}", lab.counters());
+}
+
+#[tokio::test]
+async fn a_call_that_outlasts_its_budget_is_cut_off() {
+    let lab = Lab::start();
+    lab.fault(json!({"action": "DescribeSubnets", "latency_ms": 3000}));
+    let budget = CallBudget {
+        operation: Duration::from_millis(500),
+        ..CallBudget::STANDARD
+    };
+    let sdk = SdkEc2::new(lab.ec2()).with_budget(budget);
+    let failure = sdk
+        .describe_subnets(&[lab.subnet("us-east-1a")])
+        .await
+        .expect_err("no answer within 500 ms");
+    assert_eq!(failure.class, ErrorClass::Transient, "{failure:?}");
+    assert!(
+        failure
+            .message
+            .contains("no answer within the call's budget"),
+        "{failure:?}"
+    );
+    assert_eq!(lab.count("DescribeSubnets"), 1, "{:?}", lab.counters());
 }
 
 #[tokio::test]

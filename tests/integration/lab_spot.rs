@@ -44,7 +44,6 @@ fn drain(events: &mut Receiver<ProvisionEvent>) -> Vec<ProvisionEvent> {
 async fn the_best_scored_subnet_is_chosen_and_ties_go_to_the_cheaper_zone() {
     let lab = Lab::start();
     let harness = Harness::new();
-    let engine = harness.engine(lab.effects());
     let (a, b) = (lab.subnet("us-east-1a"), lab.subnet("us-east-1b"));
     let cases = [
         // Config order says 1a; the score says 1b.
@@ -67,6 +66,8 @@ async fn the_best_scored_subnet_is_chosen_and_ties_go_to_the_cheaper_zone() {
             settings["spot_prices"] = prices.clone();
         }
         lab.configure(settings);
+        // An engine per market: one process shares spot answers for a minute.
+        let engine = harness.engine(lab.effects());
         let ready = engine
             .provision(request(&spot_yaml(&lab, "")), &NoProgress)
             .await
