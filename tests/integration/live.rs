@@ -118,7 +118,18 @@ async fn live_launch_user_data_teardown_and_nothing_left() {
     let effects = AwsEffects::from_environment(ConnectGuard::open())
         .await
         .expect("AWS client");
-    let client = effects.api().inner().client().clone();
+    // The engine's client leaves retries to SdkEc2; the leak checks below
+    // call the SDK directly, so theirs retry in the SDK.
+    let client = aws_sdk_ec2::Client::from_conf(
+        effects
+            .api()
+            .inner()
+            .client()
+            .config()
+            .to_builder()
+            .retry_config(aws_sdk_ec2::config::retry::RetryConfig::standard())
+            .build(),
+    );
     let harness = Harness::new();
     let engine: Engine<AwsEffects> = harness.engine(Arc::new(effects));
     let mut sessions = Vec::new();
