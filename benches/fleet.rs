@@ -153,6 +153,32 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0 + children
 }
 
+/// The processes `pid` started, by their command name.
+fn children_named(pid: u32, name: &str) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}
+
+/// CPU seconds of the lab's sshd and the logins it forked.
+fn sshd_cpu_seconds(lab: &Lab) -> f64 {
+    children_named(lab.pid(), "sshd")
+        .into_iter()
+        .map(cpu_seconds)
+        .sum()
+}
+
 fn engine_calls(lab: &Lab) -> (u64, u64) {
     let counters = lab.counters();
     let all: u64 = counters.values().sum();
@@ -341,7 +367,11 @@ async fn recover_fleet(before: bool) {
     );
     let concurrency = if before { 1 } else { 64 };
     // This process's own CPU: the lab is its child.
-    let cpu_before = (own_cpu_seconds(std::process::id()), cpu_seconds(lab.pid()));
+    let cpu_before = (
+        own_cpu_seconds(std::process::id()),
+        cpu_seconds(lab.pid()),
+        sshd_cpu_seconds(&lab),
+    );
     let writes_before = store.write_transactions();
     let started = Instant::now();
     let report = engine
@@ -351,6 +381,7 @@ async fn recover_fleet(before: bool) {
     let took = started.elapsed().as_secs_f64();
     let engine_cpu = own_cpu_seconds(std::process::id()) - cpu_before.0;
     let lab_cpu = cpu_seconds(lab.pid()) - cpu_before.1;
+    let sshd_cpu = sshd_cpu_seconds(&lab) - cpu_before.2;
     let (all, key_pairs) = engine_calls(&lab);
     let mut ends: BTreeMap<String, usize> = BTreeMap::new();
     for item in &report {
@@ -371,8 +402,9 @@ async fn recover_fleet(before: bool) {
         (all - key_pairs) as f64 / n
     );
     println!(
-        "  CPU while recovering: this process {engine_cpu:.1} s, the lab (moto, the SSH gate, sshd) \
-         {lab_cpu:.1} s, on 2 cores over {took:.1} s; {} write transactions (fsyncs)",
+        "  CPU while recovering: this process {engine_cpu:.1} s, the lab {lab_cpu:.1} s (sshd and \
+         its logins {sshd_cpu:.1} s, the rest moto and the SSH gate), on 2 cores over {took:.1} s; \
+         {} write transactions (fsyncs)",
         store.write_transactions() - writes_before
     );
     println!("  ends: {ends:?}");
