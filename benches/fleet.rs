@@ -138,23 +138,12 @@ fn stat_ticks(pid: u32, fields: std::ops::RangeInclusive<usize>) -> u64 {
 fn cpu_seconds(pid: u32) -> f64 {
     // utime, stime, cutime, cstime: fields 14–17, so 11–14 after the command.
     let ticks = stat_ticks(pid, 11..=14);
-    let children: f64 = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|list| {
-            list.split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .map(cpu_seconds)
-        .sum();
-    ticks as f64 / 100.0 + children
+    let theirs: f64 = children(pid).into_iter().map(cpu_seconds).sum();
+    ticks as f64 / 100.0 + theirs
 }
 
-/// The processes `pid` started, by their command name.
-fn children_named(pid: u32, name: &str) -> Vec<u32> {
+/// The processes `pid` started (that are still there).
+fn children(pid: u32) -> Vec<u32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
@@ -165,6 +154,13 @@ fn children_named(pid: u32, name: &str) -> Vec<u32> {
                 .filter_map(|c| c.parse::<u32>().ok())
                 .collect::<Vec<_>>()
         })
+        .collect()
+}
+
+/// The processes `pid` started, by their command name.
+fn children_named(pid: u32, name: &str) -> Vec<u32> {
+    children(pid)
+        .into_iter()
         .filter(|child| {
             std::fs::read_to_string(format!("/proc/{child}/comm")).is_ok_and(|c| c.trim() == name)
         })
