@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use acode_ec2::driver::{Engine, EngineError, ReadyInstance};
-use acode_ec2::effects::api::Ec2Api;
+use acode_ec2::effects::api::{Ec2Api, Ec2Result, SubnetInfo};
 use acode_ec2::effects::describe_batch::{BatchWindow, Batched};
 use acode_ec2::effects::rate_limit::{BucketSize, CallFamily, RateLimits};
 use acode_ec2::effects::sdk::SdkEc2;
@@ -391,18 +391,24 @@ async fn a_batch_larger_than_a_filter_takes_is_sent_in_parts() {
     assert_eq!(lab.count("DescribeInstances"), 3, "{:?}", lab.counters());
 }
 
+/// The CLI's budget, with 10 ms backoffs so retries cost no real time.
+const QUICK_RETRIES: CallBudget = CallBudget {
+    first_backoff: Duration::from_millis(10),
+    ..CallBudget::STANDARD
+};
+
+/// One DescribeSubnets call (with its retries) for the lab's first subnet.
+async fn ask_for_a_subnet(lab: &Lab, sdk: &SdkEc2) -> Ec2Result<Vec<SubnetInfo>> {
+    sdk.describe_subnets(&[lab.subnet("us-east-1a")]).await
+}
+
 #[tokio::test]
 async fn every_try_of_a_call_takes_its_own_rate_limit_token() {
     let lab = Lab::start();
     // Throttled twice, then answered: three tries of one call.
     lab.fault(json!({"action": "DescribeSubnets", "code": "RequestLimitExceeded", "count": 2}));
-    let budget = CallBudget {
-        first_backoff: Duration::from_millis(10),
-        ..CallBudget::STANDARD
-    };
-    let sdk = SdkEc2::new(lab.ec2()).with_budget(budget);
-    let subnets = sdk
-        .describe_subnets(&[lab.subnet("us-east-1a")])
+    let sdk = SdkEc2::new(lab.ec2()).with_budget(QUICK_RETRIES);
+    let subnets = ask_for_a_subnet(&lab, &sdk)
         .await
         .expect("the third try is answered");
     assert_eq!(subnets.len(), 1);
@@ -417,12 +423,10 @@ async fn a_call_gives_up_after_its_budgets_tries() {
     lab.fault(json!({"action": "DescribeSubnets", "code": "InternalError", "count": 100}));
     let budget = CallBudget {
         attempts: 3,
-        first_backoff: Duration::from_millis(10),
-        ..CallBudget::STANDARD
+        ..QUICK_RETRIES
     };
     let sdk = SdkEc2::new(lab.ec2()).with_budget(budget);
-    let failure = sdk
-        .describe_subnets(&[lab.subnet("us-east-1a")])
+    let failure = ask_for_a_subnet(&lab, &sdk)
         .await
         .expect_err("every try fails");
     assert_eq!(failure.class, ErrorClass::Transient, "{failure:?}");
@@ -442,12 +446,10 @@ async fn time_queued_for_a_token_is_not_the_calls_budget() {
     let budget = CallBudget {
         attempts: 3,
         operation: Duration::from_secs(1),
-        first_backoff: Duration::from_millis(10),
-        ..CallBudget::STANDARD
+        ..QUICK_RETRIES
     };
     let sdk = SdkEc2::with_rate_limits(lab.ec2(), slow).with_budget(budget);
-    let subnets = sdk
-        .describe_subnets(&[lab.subnet("us-east-1a")])
+    let subnets = ask_for_a_subnet(&lab, &sdk)
         .await
         .expect("the third try is answered");
     assert_eq!(subnets.len(), 1);
@@ -463,8 +465,7 @@ async fn a_call_that_outlasts_its_budget_is_cut_off() {
         ..CallBudget::STANDARD
     };
     let sdk = SdkEc2::new(lab.ec2()).with_budget(budget);
-    let failure = sdk
-        .describe_subnets(&[lab.subnet("us-east-1a")])
+    let failure = ask_for_a_subnet(&lab, &sdk)
         .await
         .expect_err("no answer within 500 ms");
     assert_eq!(failure.class, ErrorClass::Transient, "{failure:?}");
