@@ -336,8 +336,12 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> InvalidRequest {
     }
 }
 
+/// The tag that names an instance's or key pair's session: cleanup finds
+/// what a lost answer created by it.
+pub const SESSION_TAG: &str = "acode-session-id";
+
 /// Tag keys the engine sets itself; callers may not override them.
-pub const RESERVED_TAG_KEYS: [&str; 3] = ["acode", "acode-session-id", "acode-timestamp"];
+pub const RESERVED_TAG_KEYS: [&str; 3] = ["acode", SESSION_TAG, "acode-timestamp"];
 
 impl ProvisionRequest {
     /// Rejects values EC2 or the engine could never accept, naming the key.

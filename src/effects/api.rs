@@ -261,12 +261,25 @@ pub trait Ec2Api: Send + Sync + 'static {
         async move { Ok(self.describe_instance_statuses(&ids).await?.remove(&ids[0])) }
     }
 
-    /// Ids of instances tagged with the session that are not (yet) shutting
-    /// down or terminated.
+    /// Ids of instances tagged with each of `session_ids` that are not (yet)
+    /// shutting down or terminated; a session with none is absent.
+    fn live_instances_of_sessions(
+        &self,
+        session_ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, Vec<String>>>> + Send;
+
+    /// One session's live instances (cleanup's sweep); layers may share the
+    /// call with other sessions.
     fn live_instances_of_session(
         &self,
         session_id: &str,
-    ) -> impl Future<Output = Ec2Result<Vec<String>>> + Send;
+    ) -> impl Future<Output = Ec2Result<Vec<String>>> + Send {
+        let ids = [session_id.to_string()];
+        async move {
+            let mut found = self.live_instances_of_sessions(&ids).await?;
+            Ok(found.remove(&ids[0]).unwrap_or_default())
+        }
+    }
 
     fn terminate_instance(&self, id: &str) -> impl Future<Output = Ec2Result<()>> + Send;
 

@@ -6,7 +6,8 @@
 //! 20/s refill), and 1,000 sessions each polling every 2 s would ask 500/s.
 //!
 //! A layer over any [`Ec2Api`]: `describe_instance`, `instance_status`
-//! and `spot_request` (the watcher's and the spot wait's polls) are
+//! and `spot_request` (the watcher's and the spot wait's polls) and
+//! `live_instances_of_session` (cleanup's sweep, by session tag) are
 //! batched; the validation calls and the spot market's (placement scores,
 //! price history) are answered from [`super::remembered`] for a short
 //! time; every other call passes through.
@@ -58,6 +59,7 @@ pub struct Batched<A: Ec2Api> {
     instances: Arc<Batcher<A, Instances>>,
     statuses: Arc<Batcher<A, Statuses>>,
     spot_requests: Arc<Batcher<A, SpotRequests>>,
+    sweeps: Arc<Batcher<A, Sweeps>>,
     shared: Arc<SharedAnswers>,
 }
 
@@ -68,6 +70,7 @@ impl<A: Ec2Api> Clone for Batched<A> {
             instances: Arc::clone(&self.instances),
             statuses: Arc::clone(&self.statuses),
             spot_requests: Arc::clone(&self.spot_requests),
+            sweeps: Arc::clone(&self.sweeps),
             shared: Arc::clone(&self.shared),
         }
     }
@@ -80,6 +83,7 @@ impl<A: Ec2Api> Batched<A> {
             shared: Arc::new(SharedAnswers::new(REMEMBER_FOR)),
             instances: Batcher::new(&inner, window),
             spot_requests: Batcher::new(&inner, window),
+            sweeps: Batcher::new(&inner, window),
             // DescribeInstanceStatus takes at most 100 instance ids.
             statuses: Batcher::new(
                 &inner,
@@ -150,6 +154,20 @@ impl<A: Ec2Api> BatchedCall<A> for SpotRequests {
         ids: &[String],
     ) -> impl Future<Output = Ec2Result<HashMap<String, SpotRequestView>>> + Send {
         api.spot_requests(ids)
+    }
+}
+
+/// Cleanup's sweeps: the live instances tagged with each session.
+struct Sweeps;
+
+impl<A: Ec2Api> BatchedCall<A> for Sweeps {
+    type Item = Vec<String>;
+    const ACTION: &'static str = "DescribeInstances";
+    fn call(
+        api: &A,
+        session_ids: &[String],
+    ) -> impl Future<Output = Ec2Result<HashMap<String, Vec<String>>>> + Send {
+        api.live_instances_of_sessions(session_ids)
     }
 }
 
@@ -402,8 +420,15 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         self.inner.describe_instances(ids).await
     }
 
+    async fn live_instances_of_sessions(
+        &self,
+        session_ids: &[String],
+    ) -> Ec2Result<HashMap<String, Vec<String>>> {
+        self.inner.live_instances_of_sessions(session_ids).await
+    }
+
     async fn live_instances_of_session(&self, session_id: &str) -> Ec2Result<Vec<String>> {
-        self.inner.live_instances_of_session(session_id).await
+        Ok(self.sweeps.describe(session_id).await?.unwrap_or_default())
     }
 
     async fn terminate_instance(&self, id: &str) -> Ec2Result<()> {

@@ -13,13 +13,13 @@ use crate::error_code::{AwsErrorCode, ErrorClass, LocalRefusal, RejectionCode};
 use crate::machine::{
     CheckState, ClientToken, ImageChoice, Input, SessionContext, StatusReport, Timestamp,
 };
-use crate::request::AmiSelector;
+use crate::request::{AmiSelector, SESSION_TAG};
 
 /// `acode=true`, the session id, the creation time and the caller's tags.
 pub fn session_tags(ctx: &SessionContext, created: Timestamp) -> Vec<(String, String)> {
     let mut tags = vec![
         ("acode".to_string(), "true".to_string()),
-        ("acode-session-id".to_string(), ctx.session_id.clone()),
+        (SESSION_TAG.to_string(), ctx.session_id.clone()),
         ("acode-timestamp".to_string(), created.0.to_string()),
     ];
     tags.extend(ctx.request.tags.iter().map(|(k, v)| (k.clone(), v.clone())));

@@ -38,7 +38,7 @@ use super::api::{
 use super::rate_limit::RateLimits;
 use crate::error_code::{AwsErrorCode, ErrorClass};
 use crate::machine::{CheckState, ImageChoice, MicroUsd, SpotRequestStatus, StatusReport};
-use crate::request::{AmiSelector, KeyAlgorithm};
+use crate::request::{AmiSelector, KeyAlgorithm, SESSION_TAG};
 use crate::telemetry::{self, CallResult};
 
 /// aws-sdk-ec2, one client and one set of rate-limit buckets shared by
@@ -820,36 +820,51 @@ impl Ec2Api for SdkEc2 {
         Ok(found)
     }
 
-    async fn live_instances_of_session(&self, session_id: &str) -> Ec2Result<Vec<String>> {
-        let out = self
-            .send("DescribeInstances", || {
-                self.client
-                    .describe_instances()
-                    .filters(
-                        Filter::builder()
-                            .name("tag:acode-session-id")
-                            .values(session_id)
-                            .build(),
-                    )
-                    .filters(
-                        Filter::builder()
-                            .name("instance-state-name")
-                            .values("pending")
-                            .values("running")
-                            .values("stopping")
-                            .values("stopped")
-                            .build(),
-                    )
-                    .send()
-            })
-            .await?;
-        Ok(out
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .filter_map(|i| i.instance_id())
-            .map(str::to_string)
-            .collect())
+    /// One DescribeInstances (paged) whose tag filter names every session:
+    /// EC2 takes up to 200 values in a filter, and the batching layer sends
+    /// no more.
+    async fn live_instances_of_sessions(
+        &self,
+        session_ids: &[String],
+    ) -> Ec2Result<HashMap<String, Vec<String>>> {
+        let by_session = Filter::builder()
+            .name(format!("tag:{SESSION_TAG}"))
+            .set_values(Some(session_ids.to_vec()))
+            .build();
+        let live = Filter::builder()
+            .name("instance-state-name")
+            .values("pending")
+            .values("running")
+            .values("stopping")
+            .values("stopped")
+            .build();
+        let mut found: HashMap<String, Vec<String>> = HashMap::new();
+        let page = |token| {
+            self.client
+                .describe_instances()
+                .filters(by_session.clone())
+                .filters(live.clone())
+                .set_next_token(token)
+                .send()
+        };
+        let next_token = DescribeInstancesOutput::next_token;
+        self.each_page("DescribeInstances", page, next_token, |page| {
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                let session = instance
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == Some(SESSION_TAG))
+                    .and_then(|t| t.value());
+                if let (Some(session), Some(id)) = (session, instance.instance_id()) {
+                    found
+                        .entry(session.to_string())
+                        .or_default()
+                        .push(id.to_string());
+                }
+            }
+        })
+        .await?;
+        Ok(found)
     }
 
     async fn terminate_instance(&self, id: &str) -> Ec2Result<()> {

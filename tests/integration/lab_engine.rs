@@ -391,6 +391,59 @@ async fn a_batch_larger_than_a_filter_takes_is_sent_in_parts() {
     assert_eq!(lab.count("DescribeInstances"), 3, "{:?}", lab.counters());
 }
 
+#[tokio::test]
+async fn teardowns_at_once_share_one_sweep_that_lists_each_sessions_instances() {
+    const SESSIONS: usize = 4;
+    let lab = Lab::start();
+    let harness = Harness::new();
+    let window = BatchWindow {
+        idle: Duration::from_millis(100),
+        max_wait: Duration::from_secs(1),
+        max_ids: 200,
+    };
+    let effects = AwsEffects::with_batch_window(lab.ec2(), ConnectGuard::loopback_only(), window);
+    let engine = harness.engine(Arc::new(effects));
+    let runs = (0..SESSIONS).map(|_| engine.provision(lab.request(""), &NoProgress));
+    let ready: Vec<ReadyInstance> = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|r| r.expect("Ready"))
+        .collect();
+    let (torn, kept) = ready.split_at(SESSIONS - 1);
+
+    let before = lab.count("DescribeInstances");
+    let teardowns = torn
+        .iter()
+        .map(|r| engine.teardown(&r.session_id, &NoProgress));
+    for end in futures::future::join_all(teardowns).await {
+        assert_eq!(end.expect("teardown"), PhaseKind::TornDown);
+    }
+    let sweeps = lab.count("DescribeInstances") - before;
+    // Unbatched, each teardown sweeps on its own.
+    assert!(
+        (1..torn.len() as u64).contains(&sweeps),
+        "{sweeps} sweeps for {} teardowns",
+        torn.len()
+    );
+    for r in torn {
+        assert!(lab.live_instances_of(&r.session_id).is_empty());
+    }
+
+    // The call itself: only live instances, by session, and no entry for a
+    // session without one.
+    let mut asked: Vec<String> = ready.iter().map(|r| r.session_id.clone()).collect();
+    asked.push("never-launched".into());
+    let found = SdkEc2::new(lab.ec2())
+        .live_instances_of_sessions(&asked)
+        .await
+        .expect("DescribeInstances by session tag");
+    let expected = std::collections::HashMap::from([(
+        kept[0].session_id.clone(),
+        vec![kept[0].instance_id.clone()],
+    )]);
+    assert_eq!(found, expected);
+}
+
 /// The CLI's budget, with 10 ms backoffs so retries cost no real time.
 const QUICK_RETRIES: CallBudget = CallBudget {
     first_backoff: Duration::from_millis(10),
