@@ -117,9 +117,18 @@ pub async fn ensure(
             ..ctx.planned_key()
         },
     };
-    let exists = match api.key_pair_exists(key_name).await {
-        Ok(exists) => exists,
-        Err(failure) => return failed(failure),
+    // A temporary pair without its key file is useless (EC2 hands out the
+    // private key once), so it is created at once: a pair by that name in
+    // the way is replaced when CreateKeyPair reports it.
+    let look_up = !matches!(ctx.request.key_pair, KeyPairMode::Temporary { .. })
+        || path.is_some_and(holds_a_key);
+    let exists = if look_up {
+        match api.key_pair_exists(key_name).await {
+            Ok(exists) => exists,
+            Err(failure) => return failed(failure),
+        }
+    } else {
+        false
     };
     let (algorithm, import) = match &ctx.request.key_pair {
         KeyPairMode::Existing {
@@ -163,8 +172,7 @@ pub async fn ensure(
             message: "an owned key pair needs a key file path".into(),
         };
     };
-    // A key file counts only if it holds a loadable key.
-    let file_exists = Path::new(path).exists() && russh::keys::load_secret_key(path, None).is_ok();
+    let file_exists = holds_a_key(path);
     if exists && file_exists {
         return ready;
     }
@@ -191,6 +199,11 @@ pub async fn ensure(
         Ok(()) => ready,
         Err(input) => input,
     }
+}
+
+/// A key file counts only if it holds a loadable key.
+fn holds_a_key(path: &str) -> bool {
+    Path::new(path).exists() && russh::keys::load_secret_key(path, None).is_ok()
 }
 
 /// The user's public key line, after checking it is ed25519 or RSA and
@@ -275,18 +288,37 @@ async fn create_afresh(
         }
         return imported;
     }
-    let material = match api.create_key_pair(key_name, algorithm, tags).await {
-        Ok(material) => material,
-        // A delete EC2 does not show yet, or a create whose answer was
-        // lost: the next try deletes the pair and makes it again.
-        Err(failure) if failure.is(&AwsErrorCode::InvalidKeyPairDuplicate) => {
-            return Err(Input::TransientFailure {
-                message: format!("key pair {key_name} still exists; making it again"),
-            });
-        }
-        Err(failure) => return Err(failed(failure)),
-    };
+    let material = create_pair(api, key_name, algorithm, tags, pair_exists).await?;
     write_private_key(path, &material).map_err(|e| file_failure("write", path, e))
+}
+
+/// CreateKeyPair. A pair in the way (a create whose answer was lost, or a
+/// pair not looked up first) is deleted and the create made once more;
+/// still in the way after a delete, EC2 does not show the delete yet, and
+/// the next try starts over.
+async fn create_pair(
+    api: &impl Ec2Api,
+    key_name: &str,
+    algorithm: KeyAlgorithm,
+    tags: &[(String, String)],
+    just_deleted: bool,
+) -> Result<Zeroizing<String>, Input> {
+    let mut deleted = just_deleted;
+    loop {
+        match api.create_key_pair(key_name, algorithm, tags).await {
+            Ok(material) => return Ok(material),
+            Err(failure) if failure.is(&AwsErrorCode::InvalidKeyPairDuplicate) && !deleted => {
+                delete_pair(api, key_name).await?;
+                deleted = true;
+            }
+            Err(failure) if failure.is(&AwsErrorCode::InvalidKeyPairDuplicate) => {
+                return Err(Input::TransientFailure {
+                    message: format!("key pair {key_name} still exists; making it again"),
+                });
+            }
+            Err(failure) => return Err(failed(failure)),
+        }
+    }
 }
 
 /// ImportKeyPair. A Duplicate is a lost earlier answer of this same import,
