@@ -255,6 +255,13 @@ fn sessions_json(db: &std::path::Path, lab: &Lab) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).expect("sessions --json")
 }
 
+/// Whether a connection can take the database's write lock at once.
+fn write_lock_is_free(db: &std::path::Path) -> bool {
+    let conn = rusqlite::Connection::open(db).expect("open the state database");
+    conn.busy_timeout(Duration::ZERO).expect("busy timeout");
+    conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;").is_ok()
+}
+
 #[test]
 fn a_second_process_takes_over_a_frozen_engines_session_after_its_lease_and_not_before() {
     const TTL: Duration = Duration::from_secs(3);
@@ -265,7 +272,7 @@ fn a_second_process_takes_over_a_frozen_engines_session_after_its_lease_and_not_
     let yaml = lab
         .target_yaml("")
         .replace("sshTimeout: 30s", "sshTimeout: 2m")
-        // Mostly idle between tries, so the freeze rarely lands in a write.
+        // Mostly idle between tries.
         .replace("retryInterval: 100ms", "retryInterval: 5s");
     std::fs::write(&config, format!("ec2Target:\n{yaml}")).expect("config");
     // SSH refused: the first process waits for it.
@@ -291,16 +298,25 @@ fn a_second_process_takes_over_a_frozen_engines_session_after_its_lease_and_not_
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    // Frozen, not gone: its PID lives, its heartbeat stops.
+    // Frozen, not gone: its PID lives, its heartbeat stops. Frozen between
+    // two writes: frozen inside one, it would hold the database's write
+    // lock, and no process could write until it ran again.
     let pid = first.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid])
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid])
             .status()
-            .unwrap()
-            .success()
-    );
-    let frozen = Instant::now();
+            .expect("kill");
+        assert!(sent.success(), "kill {name} {pid}");
+    };
+    let frozen = loop {
+        signal("-STOP");
+        if write_lock_is_free(&db) {
+            break Instant::now();
+        }
+        signal("-CONT");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     lab.call("POST", "/ssh", Some(json!({"mode": "open"})));
     let mut refused = 0;
     let taken_after = loop {
