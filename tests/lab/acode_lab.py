@@ -24,6 +24,7 @@ import atexit
 import base64
 import collections
 import contextlib
+import copy
 import ctypes
 import functools
 import dataclasses
@@ -32,6 +33,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pwd
 import re
@@ -853,8 +855,21 @@ class InstanceTimeline:
     reclaim_notice_at: float | None = None
     reclaim_notice_s: float = 120.0
     interruption: Interruption | None = None
-    # Terminated, checks settled, no interruption to come: nothing about it changes again.
-    settled: bool = False
+    # Lab.advance skips the timeline until time.monotonic() is past this: the first of its moments
+    # still to come (-inf: advance at once, after any change; inf: nothing about it changes again).
+    due: float = -math.inf
+
+    def next_due(self, now: float) -> float:
+        """The first moment not yet past (state() and checks() compare strictly) at which advancing
+        may change the instance; inf when none is left."""
+        moments = [self.running_at, self.status_ok_at]
+        if self.terminated_at is not None:
+            moments.append(self.terminated_at)
+        if self.reclaim_notice_at is not None and self.interruption is None:
+            moments.append(self.reclaim_notice_at)
+        if self.interruption is not None and not self.interruption.done:
+            moments.append(self.interruption.reclaim_at)
+        return min((m for m in moments if m >= now), default=math.inf)
 
     def shift(self, delta_s: float) -> None:
         """Moves the whole boot timeline, for a spot launch fulfilled earlier than planned (the cancel race)."""
@@ -865,6 +880,7 @@ class InstanceTimeline:
         self.status_settled_utc = settled.replace(microsecond=0)
         if self.reclaim_notice_at is not None:
             self.reclaim_notice_at += delta_s
+        self.due = -math.inf
 
     def state(self, now: float) -> tuple[str, int]:
         # Strict comparisons: even with zero delays the RunInstances answer says
@@ -1055,8 +1071,9 @@ class Lab:
         """Brings moto's objects up to date with the lab timeline; runs before every EC2 call."""
         now = time.monotonic()
         with self.lock:
+            # A check per instance, not an update: with thousands launched this runs on every call.
             for timeline in list(self.instances.values()):
-                if not timeline.settled:
+                if now > timeline.due:
                     self._advance_instance(timeline, now)
             for spot in list(self.spot_requests.values()):
                 self._advance_spot(spot, now)
@@ -1073,11 +1090,7 @@ class Lab:
         if interruption is not None and not interruption.done and now > interruption.reclaim_at:
             self._reclaim(timeline, interruption)
             self._apply(timeline, now)
-        timeline.settled = (
-            timeline.instance.state == "terminated"
-            and now > timeline.status_ok_at
-            and (timeline.interruption is None or timeline.interruption.done)
-        )
+        timeline.due = timeline.next_due(now)
 
     def _apply(self, timeline: InstanceTimeline, now: float) -> None:
         instance = timeline.instance
@@ -1281,6 +1294,7 @@ class Lab:
                     continue
                 if timeline.terminated_at is None:
                     timeline.terminated_at = now + self.config["terminate_delay_s"]
+                    timeline.due = -math.inf
                 self._apply(timeline, now)
 
     def track_spot_requests(self, requests: list[SpotInstanceRequest]) -> None:
@@ -1332,6 +1346,7 @@ class Lab:
             pending.terminate()  # moto's model: releases the interfaces, as TerminateInstances does
             timeline = self.instances[pending.id]
             timeline.terminated_at = now + self.config["terminate_delay_s"]
+            timeline.due = -math.inf
             self._apply(timeline, now)
 
     # -- spot interruption and IMDS -------------------------------------------
@@ -1384,6 +1399,7 @@ class Lab:
         reclaim_at = at + notice_s
         interruption = Interruption(action, reclaim_at, utc_iso(utc_at(reclaim_at)), self.config["terminate_delay_s"])
         timeline.interruption = interruption
+        timeline.due = -math.inf
         self.instance_action = interruption.notice()
         request = self._spot_request_of(timeline.instance)
         if request is not None:
@@ -1671,7 +1687,8 @@ def install_moto_patches(lab: Lab) -> None:
     # it answers NotFound for them, as EC2 does.
     def patched_describe_instances(backend: EC2Backend, filters: Any = None) -> Any:
         reservations = []
-        for reservation in describe_instances(backend, filters):
+        narrowed = _reservations_by_instance_id_filter(backend, filters)
+        for reservation in describe_instances(backend, filters) if narrowed is None else narrowed:
             reservation.instances = [i for i in reservation.instances if not lab.hidden(i.id)]
             if reservation.instances:
                 reservations.append(reservation)
@@ -1717,6 +1734,70 @@ def install_moto_patches(lab: Lab) -> None:
     # get_instance walks a fresh copy of every reservation per id; the same walk over the
     # reservations themselves finds the same instance.
     EC2Backend.get_instance = _instance_by_id
+    # So do these readers (DescribeInstanceStatus, validation); none of them changes a reservation.
+    EC2Backend.all_instances = _all_instances
+    EC2Backend.get_multi_instances_by_id = _multi_instances_by_id
+    # A tag filter compiles a pattern per value for every instance it looks at: a sweep naming
+    # 200 sessions over 2,000 instances compiled 400,000. Plain values need only a set.
+    moto_ec2_utils.tag_filter_matches = _tag_filter_matches
+
+
+def _plain_values(values: list[str]) -> frozenset[str] | None:
+    """The filter's values as a set, when none holds a character EC2's wildcards (or moto's fnmatch
+    translation of them) treat specially: then matching a value is equality."""
+    return _plain_value_set(tuple(values))
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_value_set(values: tuple[str, ...]) -> frozenset[str] | None:
+    return None if any(c in v for v in values for c in "*?[\\") else frozenset(values)
+
+
+_moto_tag_filter_matches = moto_ec2_utils.tag_filter_matches
+
+
+def _tag_filter_matches(obj: Any, filter_name: str, filter_values: list[str]) -> bool:
+    """moto 5.2.5's tag_filter_matches, with a set look-up for plain values."""
+    plain = _plain_values(filter_values)
+    if plain is None:
+        return _moto_tag_filter_matches(obj, filter_name, filter_values)
+    if filter_name == "tag-key":
+        tag_values = moto_ec2_utils.get_obj_tag_names(obj)
+    elif filter_name == "tag-value":
+        tag_values = moto_ec2_utils.get_obj_tag_values(obj)
+    elif filter_name.startswith("tag:"):
+        tag_values = moto_ec2_utils.get_obj_tag_values(obj, key=filter_name[4:])
+    else:
+        tag_values = [moto_ec2_utils.get_obj_tag(obj, filter_name) or ""]
+    return any(value in plain for value in tag_values)
+
+
+def _reservations_by_instance_id_filter(backend: EC2Backend, filters: Any) -> list[Any] | None:
+    """What moto's all_reservations(filters) answers, when an `instance-id` filter of plain ids
+    narrows it: only the reservations holding one of them are copied and filtered, not all of them.
+    None when there is no such filter."""
+    ids = _plain_values((filters or {}).get("instance-id") or ["*"])
+    if ids is None:
+        return None
+    holding = [r for r in list(backend.reservations.values()) if any(i.id in ids for i in r.instances)]
+    return moto_ec2_utils.filter_reservations([copy.copy(r) for r in holding], filters)
+
+
+def _all_instances(backend: EC2Backend, filters: Any = None) -> list[Instance]:
+    return [
+        instance
+        for reservation in list(backend.reservations.values())
+        for instance in reservation.instances
+        if instance.applies(filters)
+    ]
+
+
+def _multi_instances_by_id(backend: EC2Backend, instance_ids: list[str], filters: Any = None) -> list[Instance]:
+    by_id = {i.id: i for reservation in list(backend.reservations.values()) for i in reservation.instances}
+    missing = [instance_id for instance_id in instance_ids if instance_id not in by_id]
+    if missing:
+        raise InvalidInstanceIdError(missing)
+    return [by_id[i] for i in instance_ids if by_id[i].applies(filters)]
 
 
 def _instance_by_id(backend: EC2Backend, instance_id: str) -> Instance:
