@@ -1687,8 +1687,7 @@ def install_moto_patches(lab: Lab) -> None:
     # it answers NotFound for them, as EC2 does.
     def patched_describe_instances(backend: EC2Backend, filters: Any = None) -> Any:
         reservations = []
-        narrowed = _reservations_by_instance_id_filter(backend, filters)
-        for reservation in describe_instances(backend, filters) if narrowed is None else narrowed:
+        for reservation in describe_instances(backend, filters):
             reservation.instances = [i for i in reservation.instances if not lab.hidden(i.id)]
             if reservation.instances:
                 reservations.append(reservation)
@@ -1731,12 +1730,22 @@ def install_moto_patches(lab: Lab) -> None:
     # moto lists a response class's methods (inspect.getmembers) on every call to find the
     # action's handler: a twentieth of the lab's time under load. A class's methods do not change.
     moto_core_responses.method_names_from_class = functools.cache(moto_core_responses.method_names_from_class)
-    # get_instance walks a fresh copy of every reservation per id; the same walk over the
-    # reservations themselves finds the same instance.
-    EC2Backend.get_instance = _instance_by_id
+    # get_instance walks a fresh copy of every reservation per id. The lab's timelines hold the
+    # instances it launched by id; any other is found by a walk over the reservations themselves.
+    def instance_by_id(backend: EC2Backend, instance_id: str) -> Instance:
+        timeline = lab.instances.get(instance_id)
+        if timeline is not None and timeline.instance.ec2_backend is backend:
+            return timeline.instance
+        return _instance_by_id(backend, instance_id)
+
+    EC2Backend.get_instance = instance_by_id
     # So do these readers (DescribeInstanceStatus, validation); none of them changes a reservation.
     EC2Backend.all_instances = _all_instances
     EC2Backend.get_multi_instances_by_id = _multi_instances_by_id
+    # A filtered DescribeInstances copied every reservation before filtering the copies.
+    EC2Backend.all_reservations = _all_reservations
+    # Each new Instance finds its AMI by matching a pattern against every image.
+    EC2Backend.describe_images = _describe_images
     # A tag filter compiles a pattern per value for every instance it looks at: a sweep naming
     # 200 sessions over 2,000 instances compiled 400,000. Plain values need only a set.
     moto_ec2_utils.tag_filter_matches = _tag_filter_matches
@@ -1772,15 +1781,38 @@ def _tag_filter_matches(obj: Any, filter_name: str, filter_values: list[str]) ->
     return any(value in plain for value in tag_values)
 
 
-def _reservations_by_instance_id_filter(backend: EC2Backend, filters: Any) -> list[Any] | None:
-    """What moto's all_reservations(filters) answers, when an `instance-id` filter of plain ids
-    narrows it: only the reservations holding one of them are copied and filtered, not all of them.
-    None when there is no such filter."""
-    ids = _plain_values((filters or {}).get("instance-id") or ["*"])
-    if ids is None:
-        return None
-    holding = [r for r in list(backend.reservations.values()) if any(i.id in ids for i in r.instances)]
-    return moto_ec2_utils.filter_reservations([copy.copy(r) for r in holding], filters)
+def _all_reservations(backend: EC2Backend, filters: Any = None) -> list[Any]:
+    """moto's all_reservations: copies, which callers narrow to the instances they want, but only
+    of the reservations that have one (an `instance-id` filter of plain ids picks them by set)."""
+    reservations = list(backend.reservations.values())
+    if filters is None:
+        return [copy.copy(r) for r in reservations]
+    ids = _plain_values(filters.get("instance-id") or ["*"])
+    if ids is not None:
+        reservations = [r for r in reservations if any(i.id in ids for i in r.instances)]
+    passes = moto_ec2_utils.passes_filter_dict
+    reservations = [r for r in reservations if any(passes(i, filters) for i in r.instances)]
+    return moto_ec2_utils.filter_reservations([copy.copy(r) for r in reservations], filters)
+
+
+_moto_describe_images = EC2Backend.describe_images
+
+
+def _describe_images(
+    backend: EC2Backend,
+    ami_ids: list[str] | None = None,
+    filters: dict[str, Any] | None = None,
+    exec_users: list[str] | None = None,
+    owners: list[str] | None = None,
+) -> list[Any]:
+    """moto's describe_images; the look-up of one image by a plain `image-id` filter, which every
+    Instance makes of its AMI, by key instead of by a pattern match against every image."""
+    wanted = (filters or {}).get("image-id")
+    one_plain_id = isinstance(wanted, str) and _plain_values([wanted]) is not None
+    if one_plain_id and list(filters or {}) == ["image-id"] and not (ami_ids or exec_users or owners):
+        ami = backend.amis.get(wanted)
+        return [ami] if ami is not None else []
+    return _moto_describe_images(backend, ami_ids, filters, exec_users, owners)
 
 
 def _all_instances(backend: EC2Backend, filters: Any = None) -> list[Instance]:
