@@ -966,7 +966,11 @@ class Lab:
         self.host_keys = host_keys
         self.mitm_keys = mitm_keys
         self.authorized_keys_path = authorized_keys_path
-        self.authorized_keys: list[str] = []
+        # sshd's key list: the keys of the instances still alive, as each EC2 instance's own list
+        # holds its launch key until it is gone. sshd parses the whole file at each login.
+        self.authorized_keys: dict[tuple[str, str], str] = {}  # (type, blob) -> line
+        self.key_of_instance: dict[str, tuple[str, str]] = {}
+        self.key_users: collections.Counter[tuple[str, str]] = collections.Counter()
         self.faults: list[FaultRule] = []
         self.counters: collections.Counter[str] = collections.Counter()
         # Requests refused by the `throttle` buckets, per action. Apart from `counters`, which still
@@ -1175,7 +1179,7 @@ class Lab:
                 self.tokens[token] = TokenRecord(request_fingerprint(form), reservation)
             self.last_launch_at = now
             self.on_gate_change()
-            self._install_key(backend, kwargs.get("key_name"))
+            self._install_key(backend, kwargs.get("key_name"), reservation.instances)
             log.info("launched %s (token %s)", [i.id for i in reservation.instances], token)
             return reservation
 
@@ -1258,17 +1262,34 @@ class Lab:
         self._set_spot_status(request, "pending-fulfillment")
         self.spot_requests[request.id] = SpotTimeline(request, fulfill_at, instance)
 
-    def _install_key(self, backend: EC2Backend, key_name: str | None) -> None:
-        """Appends the key pair's public key to sshd's authorized_keys, as cloud-init would."""
+    def _install_key(self, backend: EC2Backend, key_name: str | None, instances: list[Instance]) -> None:
+        """Adds the key pair's public key to sshd's authorized_keys, as cloud-init would."""
         key_pair = backend.key_pairs.get(key_name) if key_name else None
         if key_pair is None:
             return
         key_type, blob = key_pair.public_key.split()[:2]
-        if any(line.split()[:2] == [key_type, blob] for line in self.authorized_keys):
+        key = (key_type, blob)
+        for instance in instances:
+            self.key_of_instance[instance.id] = key
+            self.key_users[key] += 1
+        if key not in self.authorized_keys:
+            self.authorized_keys[key] = f"{key_type} {blob} {key_name}"
+            self._write_authorized_keys()
+
+    def _retire_key(self, instance_id: str) -> None:
+        """The instance is going: its key stays only while another live instance has it."""
+        key = self.key_of_instance.pop(instance_id, None)
+        if key is None:
             return
-        self.authorized_keys.append(f"{key_type} {blob} {key_name}")
+        self.key_users[key] -= 1
+        if self.key_users[key] <= 0:
+            del self.key_users[key]
+            self.authorized_keys.pop(key, None)
+            self._write_authorized_keys()
+
+    def _write_authorized_keys(self) -> None:
         staging = self.authorized_keys_path.with_suffix(".tmp")
-        staging.write_text("".join(line + "\n" for line in self.authorized_keys))
+        staging.write_text("".join(line + "\n" for line in self.authorized_keys.values()))
         staging.chmod(0o600)
         os.replace(staging, self.authorized_keys_path)
 
@@ -1295,6 +1316,7 @@ class Lab:
                 if timeline.terminated_at is None:
                     timeline.terminated_at = now + self.config["terminate_delay_s"]
                     timeline.due = -math.inf
+                    self._retire_key(instance.id)
                 self._apply(timeline, now)
 
     def track_spot_requests(self, requests: list[SpotInstanceRequest]) -> None:
@@ -1347,6 +1369,7 @@ class Lab:
             timeline = self.instances[pending.id]
             timeline.terminated_at = now + self.config["terminate_delay_s"]
             timeline.due = -math.inf
+            self._retire_key(pending.id)
             self._apply(timeline, now)
 
     # -- spot interruption and IMDS -------------------------------------------
@@ -1417,6 +1440,7 @@ class Lab:
         getattr(instance, method)()  # moto's model, as TerminateInstances / StopInstances call it
         if method == "terminate":
             timeline.terminated_at = interruption.reclaim_at + interruption.terminate_delay_s
+            self._retire_key(instance.id)
             instance.state_reason = StateReason(
                 "Server.SpotInstanceTermination: Spot instance termination", "Server.SpotInstanceTermination"
             )
@@ -2084,7 +2108,7 @@ class ControlApi:
 
     def _authorized_keys(self, request: Request) -> list[str]:
         with self.lab.lock:
-            return list(self.lab.authorized_keys)
+            return list(self.lab.authorized_keys.values())
 
 
 # --------------------------------------------------------------------------
