@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -173,10 +174,26 @@ impl<A: Ec2Api> BatchedCall<A> for Sweeps {
 
 type Answer<T> = Ec2Result<Option<T>>;
 
+/// Counts a batch as being sent until dropped, and then wakes the batch
+/// that waits for it.
+struct Sending<'a, A, C: BatchedCall<A>>(&'a Batcher<A, C>);
+
+impl<A, C: BatchedCall<A>> Drop for Sending<'_, A, C> {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::SeqCst);
+        self.0.sent.notify_waiters();
+    }
+}
+
 struct Batcher<A, C: BatchedCall<A>> {
     api: Arc<A>,
     window: BatchWindow,
     open: Mutex<Option<OpenBatch<C::Item>>>,
+    /// Batches being sent. While one is, the next waits for it (up to its
+    /// `max_wait`) and takes the ids that arrive meanwhile: the slower EC2
+    /// answers, the more each call carries.
+    sending: AtomicUsize,
+    sent: Notify,
 }
 
 /// The batch that is still taking ids; a flusher task owns its sending.
@@ -187,12 +204,14 @@ struct OpenBatch<T> {
     full: Arc<Notify>,
 }
 
-impl<A: Ec2Api, C: BatchedCall<A>> Batcher<A, C> {
+impl<A: Send + Sync + 'static, C: BatchedCall<A>> Batcher<A, C> {
     fn new(api: &Arc<A>, window: BatchWindow) -> Arc<Batcher<A, C>> {
         Arc::new(Batcher {
             api: Arc::clone(api),
             window,
             open: Mutex::new(None),
+            sending: AtomicUsize::new(0),
+            sent: Notify::new(),
         })
     }
 
@@ -241,13 +260,21 @@ impl<A: Ec2Api, C: BatchedCall<A>> Batcher<A, C> {
 
     async fn send_when_due(self: Arc<Self>, full: Arc<Notify>) {
         loop {
+            // Registered before `sending` is read, so an end of sending
+            // between the two still wakes this task.
+            let sent = self.sent.notified();
             let due = {
                 let open = self.open();
                 let Some(batch) = open.as_ref() else { return };
                 if batch.waiters.len() >= self.window.max_ids {
                     break;
                 }
-                (batch.newest + self.window.idle).min(batch.first + self.window.max_wait)
+                let latest = batch.first + self.window.max_wait;
+                if self.sending.load(Ordering::SeqCst) > 0 {
+                    latest
+                } else {
+                    (batch.newest + self.window.idle).min(latest)
+                }
             };
             if Instant::now() >= due {
                 break;
@@ -255,8 +282,11 @@ impl<A: Ec2Api, C: BatchedCall<A>> Batcher<A, C> {
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {}
                 _ = full.notified() => {}
+                _ = sent => {}
             }
         }
+        self.sending.fetch_add(1, Ordering::SeqCst);
+        let _sending = Sending(&self);
         // Later callers start the next batch from here on.
         let Some(batch) = self.open().take() else {
             return;
@@ -437,5 +467,81 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
 
     async fn console_output(&self, id: &str, latest: bool) -> Ec2Result<Option<Vec<u8>>> {
         self.inner.console_output(id, latest).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// An API whose every call takes 100 ms and answers each id with the
+    /// number of the call that carried it.
+    #[derive(Default)]
+    struct SlowEcho {
+        calls: AtomicUsize,
+    }
+
+    struct Echo;
+
+    impl BatchedCall<SlowEcho> for Echo {
+        type Item = usize;
+        const ACTION: &'static str = "DescribeInstances";
+        async fn call(api: &SlowEcho, ids: &[String]) -> Ec2Result<HashMap<String, usize>> {
+            let call = api.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(ids.iter().map(|id| (id.clone(), call)).collect())
+        }
+    }
+
+    const WINDOW: BatchWindow = BatchWindow {
+        idle: Duration::from_millis(20),
+        max_wait: Duration::from_millis(200),
+        max_ids: 200,
+    };
+
+    /// Asks for `id` after `after`; which call answered, and when.
+    async fn ask(
+        batcher: &Arc<Batcher<SlowEcho, Echo>>,
+        id: &str,
+        after: u64,
+    ) -> (Option<usize>, Duration) {
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_millis(after)).await;
+        let answer = batcher.describe(id).await.expect("answer");
+        (answer, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waits_for_the_call_in_flight_and_takes_the_ids_that_come_meanwhile() {
+        let api = Arc::new(SlowEcho::default());
+        let batcher: Arc<Batcher<SlowEcho, Echo>> = Batcher::new(&api, WINDOW);
+        // a is sent at 20 ms and answered at 120 ms. b (50 ms) and c
+        // (100 ms) would each have gone alone, 20 ms after they asked.
+        let (a, b, c) = tokio::join!(
+            ask(&batcher, "a", 0),
+            ask(&batcher, "b", 50),
+            ask(&batcher, "c", 100)
+        );
+        assert_eq!(api.calls.load(Ordering::SeqCst), 2);
+        assert_eq!((a.0, b.0, c.0), (Some(1), Some(2), Some(2)));
+        // b and c were sent when a's call ended, at 120 ms.
+        assert_eq!(b.1, Duration::from_millis(220));
+        assert_eq!(c.1, Duration::from_millis(220));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waits_for_the_call_in_flight_no_longer_than_its_max_wait() {
+        let api = Arc::new(SlowEcho::default());
+        let window = BatchWindow {
+            max_wait: Duration::from_millis(50),
+            ..WINDOW
+        };
+        let batcher: Arc<Batcher<SlowEcho, Echo>> = Batcher::new(&api, window);
+        let (a, b) = tokio::join!(ask(&batcher, "a", 0), ask(&batcher, "b", 30));
+        assert_eq!((a.0, b.0), (Some(1), Some(2)));
+        // Sent at 80 ms (30 + 50), beside a's call, not after it.
+        assert_eq!(b.1, Duration::from_millis(180));
     }
 }
