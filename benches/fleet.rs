@@ -51,7 +51,7 @@ use acode_ec2::effects::{AwsEffects, Effects};
 use acode_ec2::events::NoProgress;
 use acode_ec2::machine::{Effect, Input, SessionContext, Timestamp};
 use acode_ec2::net_guard::ConnectGuard;
-use acode_ec2::store::{CheckpointStore, LeaseHolder, SqliteStore};
+use acode_ec2::store::{CheckpointStore, LeaseHolder, LogEntry, SqliteStore};
 use lab::Lab;
 use serde_json::json;
 
@@ -369,6 +369,7 @@ async fn recover_fleet(before: bool) {
         sshd_cpu_seconds(&lab),
     );
     let writes_before = store.write_transactions();
+    let started_ms = unix_ms();
     let started = Instant::now();
     let report = engine
         .recover_with(concurrency, &NoProgress, &|_| {})
@@ -405,6 +406,52 @@ async fn recover_fleet(before: bool) {
     );
     println!("  ends: {ends:?}");
     println!("  calls: {:?}", lab.counters());
+    settle_times(&store, started_ms).await;
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When the sessions settled: those whose cleanup swept for a launch of
+/// unknown outcome and found nothing wait `SWEEP_SETTLE` before believing
+/// it (EC2 may not show a new instance yet), which no speed can shorten.
+async fn settle_times(store: &SqliteStore, started_ms: u64) {
+    let (mut waited, mut others) = (Vec::new(), Vec::new());
+    for summary in store.list().await.expect("list") {
+        let at = summary.updated_at_ms.saturating_sub(started_ms) as f64 / 1000.0;
+        let events = store.events(&summary.session_id).await.expect("events");
+        let swept_empty = events.iter().any(|e| {
+            matches!(
+                e.entry,
+                LogEntry::Outcome {
+                    input: Input::NoInstanceFound
+                }
+            )
+        });
+        if swept_empty {
+            &mut waited
+        } else {
+            &mut others
+        }
+        .push(at);
+    }
+    others.sort_by(f64::total_cmp);
+    let at = |q: f64| others[((others.len() - 1) as f64 * q) as usize];
+    let last = |times: &[f64]| times.iter().copied().fold(0.0, f64::max);
+    println!(
+        "  settled: {} sessions, half by {:.1} s, 90% by {:.1} s, all by {:.1} s; {} whose sweep \
+         found nothing waited out the {} s settle, until {:.1} s",
+        others.len(),
+        at(0.5),
+        at(0.9),
+        last(&others),
+        waited.len(),
+        acode_ec2::machine::SWEEP_SETTLE.as_secs(),
+        last(&waited)
+    );
 }
 
 fn main() {
