@@ -1288,8 +1288,11 @@ class Lab:
             self._write_authorized_keys()
 
     def _write_authorized_keys(self) -> None:
+        """Newest first: sshd parses lines only up to the one that matches, and an instance is
+        logged into soon after its launch. That keeps a login's cost near an EC2 instance's, whose
+        file holds its one key, without changing which keys are accepted."""
         staging = self.authorized_keys_path.with_suffix(".tmp")
-        staging.write_text("".join(line + "\n" for line in self.authorized_keys.values()))
+        staging.write_text("".join(line + "\n" for line in reversed(self.authorized_keys.values())))
         staging.chmod(0o600)
         os.replace(staging, self.authorized_keys_path)
 
