@@ -15,7 +15,9 @@
 //! teardown recorded), recovered by a new process; the lab without delays
 //! and without throttling, and this process's buckets off (with EC2's,
 //! the RunInstances bucket alone would set the floor). Reports the time
-//! (goal ≤ 10 s) and EC2 calls per recovered session (goal ≤ 3).
+//! (goal ≤ 10 s), when the sessions settled (those whose sweep found
+//! nothing wait out `SWEEP_SETTLE`), and EC2 calls per recovered session
+//! (goal ≤ 3).
 //!
 //! `--before` runs both the way the engine worked before issue 13: no
 //! rate limits of its own, no shared validation answers, recover one
