@@ -171,6 +171,29 @@ impl SdkEc2 {
             }
         }
     }
+
+    /// DescribeInstances with `filters`, every page; `visit` sees each
+    /// instance of each reservation.
+    async fn each_instance(
+        &self,
+        filters: Vec<Filter>,
+        mut visit: impl FnMut(&Instance),
+    ) -> Ec2Result<()> {
+        let page = |token| {
+            self.client
+                .describe_instances()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token)
+                .send()
+        };
+        let next_token = DescribeInstancesOutput::next_token;
+        self.each_page("DescribeInstances", page, next_token, |page| {
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                visit(instance);
+            }
+        })
+        .await
+    }
 }
 
 /// A try the budget's whole-call limit cut short (the SDK's own per-try
@@ -771,19 +794,9 @@ impl Ec2Api for SdkEc2 {
             .set_values(Some(ids.to_vec()))
             .build();
         let mut found = HashMap::new();
-        let page = |token| {
-            self.client
-                .describe_instances()
-                .filters(filter.clone())
-                .set_next_token(token)
-                .send()
-        };
-        let next_token = DescribeInstancesOutput::next_token;
-        self.each_page("DescribeInstances", page, next_token, |page| {
-            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                if let Some(id) = instance.instance_id() {
-                    found.insert(id.to_string(), view_of(instance));
-                }
+        self.each_instance(vec![filter], |instance| {
+            if let Some(id) = instance.instance_id() {
+                found.insert(id.to_string(), view_of(instance));
             }
         })
         .await?;
@@ -839,28 +852,17 @@ impl Ec2Api for SdkEc2 {
             .values("stopped")
             .build();
         let mut found: HashMap<String, Vec<String>> = HashMap::new();
-        let page = |token| {
-            self.client
-                .describe_instances()
-                .filters(by_session.clone())
-                .filters(live.clone())
-                .set_next_token(token)
-                .send()
-        };
-        let next_token = DescribeInstancesOutput::next_token;
-        self.each_page("DescribeInstances", page, next_token, |page| {
-            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                let session = instance
-                    .tags()
-                    .iter()
-                    .find(|t| t.key() == Some(SESSION_TAG))
-                    .and_then(|t| t.value());
-                if let (Some(session), Some(id)) = (session, instance.instance_id()) {
-                    found
-                        .entry(session.to_string())
-                        .or_default()
-                        .push(id.to_string());
-                }
+        self.each_instance(vec![by_session, live], |instance| {
+            let session = instance
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some(SESSION_TAG))
+                .and_then(|t| t.value());
+            if let (Some(session), Some(id)) = (session, instance.instance_id()) {
+                found
+                    .entry(session.to_string())
+                    .or_default()
+                    .push(id.to_string());
             }
         })
         .await?;
