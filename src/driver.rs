@@ -37,8 +37,12 @@ use crate::observe::{
     TracingObserver,
 };
 use crate::request::{InvalidRequest, ProvisionRequest};
-use crate::store::{Checkpoint, CheckpointStore, Intent, LeaseHolder, LoadedSession, StoreError};
+use crate::store::{
+    Checkpoint, CheckpointStore, Heartbeat, Intent, LeaseHolder, LoadedSession, StoreError,
+};
 
+#[cfg(test)]
+mod tests;
 mod watcher;
 pub use watcher::{InterruptionHook, WATCH_INTERVAL, WatchOptions, WatchedNotice};
 
@@ -293,9 +297,11 @@ impl<E: Effects> Engine<E> {
                 }),
             };
             let ttl = self.options.lease_ttl;
-            self.store
+            let beat = self
+                .store
                 .create(&ctx, &checkpoint, &self.holder, ttl, now)
                 .await?;
+            self.lease.noted(beat);
             let lease = self.lease.join(&session_id);
             let progress = ProgressObserver(progress);
             let observers = self.fanout(&progress);
@@ -415,9 +421,11 @@ impl<E: Effects> Engine<E> {
             });
         };
         let ttl = self.options.lease_ttl;
-        self.store
+        let beat = self
+            .store
             .acquire_lease(session_id, &self.holder, ttl)
             .await?;
+        self.lease.noted(beat);
         let input: Input = input.into();
         let noted = async {
             let mut loaded = self.store.load(session_id).await?;
@@ -701,11 +709,7 @@ impl<E: Effects> Engine<E> {
     /// Leases the session to this engine (or explains who holds it); the
     /// engine's heartbeat keeps it.
     async fn take_lease(&self, session_id: &str) -> Result<SessionLease<'_>, EngineError> {
-        let ttl = self.options.lease_ttl;
-        self.store
-            .acquire_lease(session_id, &self.holder, ttl)
-            .await?;
-        Ok(self.lease.join(session_id))
+        Ok(self.lease.acquire(session_id).await?)
     }
 
     /// Lets another driver take over at once; best effort, as the lease of
@@ -945,6 +949,27 @@ impl EngineLease {
         }
     }
 
+    /// Leases the session to this engine: a drive's share of the lease.
+    async fn acquire(&self, session_id: &str) -> Result<SessionLease<'_>, StoreError> {
+        let beat = self
+            .store
+            .acquire_lease(session_id, &self.holder, self.ttl)
+            .await?;
+        self.noted(beat);
+        Ok(self.join(session_id))
+    }
+
+    /// What a renewal of the engine's lease outside the heartbeat (taking
+    /// or creating a session) found. A lapse it hides would keep the next
+    /// heartbeat from seeing it, so it counts as the heartbeat's would: the
+    /// drives ask the store whether their sessions are still theirs.
+    fn noted(&self, beat: Heartbeat) {
+        if beat.lapsed {
+            warn!("this engine's lease had lapsed; its drives check their sessions");
+            self.state.lapses.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     /// A drive's share of the lease, for the session just leased to this
     /// engine; starts the heartbeat if it is not running.
     fn join(&self, session_id: &str) -> SessionLease<'_> {
@@ -965,19 +990,34 @@ impl EngineLease {
         let state = Arc::clone(&self.state);
         let every = (ttl / 3).max(Duration::from_millis(100));
         tokio::spawn(async move {
+            // Since when the heartbeat has failed, and whether that already
+            // counted as a lapse.
+            let mut failing: Option<(tokio::time::Instant, bool)> = None;
             loop {
                 tokio::time::sleep(every).await;
                 if state.drives.load(Ordering::SeqCst) == 0 {
                     continue;
                 }
                 match store.heartbeat(&holder, ttl).await {
-                    Ok(beat) if beat.lapsed => {
-                        warn!("this engine's lease lapsed; its drives check their sessions");
-                        state.lapses.fetch_add(1, Ordering::SeqCst);
+                    Ok(beat) => {
+                        failing = None;
+                        if beat.lapsed {
+                            warn!("this engine's lease lapsed; its drives check their sessions");
+                            state.lapses.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
-                    Ok(_) => {}
-                    // A busy or failing database may recover before the lease expires.
-                    Err(e) => warn!(error = %e, "lease heartbeat failed; retrying"),
+                    // A busy or failing database may recover before the
+                    // lease expires; past a whole `ttl` of failures it may
+                    // have expired, so the drives check their sessions.
+                    Err(e) => {
+                        warn!(error = %e, "lease heartbeat failed; retrying");
+                        let (since, counted) =
+                            failing.get_or_insert((tokio::time::Instant::now(), false));
+                        if !*counted && since.elapsed() + every >= ttl {
+                            *counted = true;
+                            state.lapses.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
                 }
             }
         })

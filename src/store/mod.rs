@@ -250,8 +250,9 @@ pub enum StoreError {
 /// Durable storage of sessions. The SQLite store is the embedded default.
 #[async_trait]
 pub trait CheckpointStore: Send + Sync {
-    /// Records a new session with its first checkpoint, leased to `holder`.
-    /// `now` dates the log entries; the lease runs by the store's clock.
+    /// Records a new session with its first checkpoint, leased to `holder`,
+    /// whose engine lease this renews (and says if it had lapsed). `now`
+    /// dates the log entries; the lease runs by the store's clock.
     async fn create(
         &self,
         context: &SessionContext,
@@ -259,7 +260,7 @@ pub trait CheckpointStore: Send + Sync {
         holder: &LeaseHolder,
         lease_ttl: Duration,
         now: Timestamp,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Heartbeat, StoreError>;
 
     /// Appends one checkpoint; refused unless `holder` still holds the lease
     /// (which the driver renews separately).
@@ -279,13 +280,16 @@ pub trait CheckpointStore: Send + Sync {
 
     async fn list(&self) -> Result<Vec<SessionSummary>, StoreError>;
 
-    /// Takes the lease for `ttl` by the store's clock, or explains who holds it.
+    /// Takes the lease for `ttl` by the store's clock, or explains who holds
+    /// it. It renews `holder`'s engine lease, so it says, as a heartbeat
+    /// does, whether that had lapsed: the engine's other sessions may have
+    /// been taken over meanwhile.
     async fn acquire_lease(
         &self,
         session_id: &str,
         holder: &LeaseHolder,
         ttl: Duration,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Heartbeat, StoreError>;
 
     /// Renews the lease of `holder`'s engine, which every session leased
     /// to it shares, for `ttl` by the store's clock.

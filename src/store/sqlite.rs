@@ -449,21 +449,22 @@ fn lease_check(
     })
 }
 
-/// Points the session's lease at `holder`'s engine, and renews the engine's.
+/// Points the session's lease at `holder`'s engine, and renews the engine's
+/// (saying whether it had lapsed).
 fn set_lease(
     tx: &Transaction<'_>,
     session_id: &str,
     holder: &LeaseHolder,
     ttl: Duration,
     now: Timestamp,
-) -> Result<(), StoreError> {
+) -> Result<Heartbeat, StoreError> {
     tx.prepare_cached(
         "UPDATE sessions SET lease_owner = ?2, lease_pid = NULL, lease_host = NULL, lease_expires_ms = NULL
          WHERE session_id = ?1",
     )?
     .execute(params![session_id, holder.owner_id])?;
-    renew_engine(tx, holder, ttl, now)?;
-    Ok(())
+    let lapsed = renew_engine(tx, holder, ttl, now)?;
+    Ok(Heartbeat { lapsed })
 }
 
 /// Registers or renews `holder`'s engine row until `now + ttl`; when it
@@ -581,7 +582,7 @@ impl Inner {
         holder: &LeaseHolder,
         lease_ttl: Duration,
         now: Timestamp,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Heartbeat, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = &context.session_id;
@@ -620,11 +621,11 @@ impl Inner {
                 context: Box::new(context.clone()),
             },
         )?;
-        set_lease(&tx, id, holder, lease_ttl, self.clock.now())?;
+        let beat = set_lease(&tx, id, holder, lease_ttl, self.clock.now())?;
         write_checkpoint(&tx, &session, first, now)?;
         tx.commit()?;
         self.wrote();
-        Ok(())
+        Ok(beat)
     }
 
     fn commit(
@@ -758,15 +759,15 @@ impl Inner {
         session_id: &str,
         holder: &LeaseHolder,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Heartbeat, StoreError> {
         let now = self.clock.now();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         lease_check(&tx, session_id, holder, now)?;
-        set_lease(&tx, session_id, holder, ttl, now)?;
+        let beat = set_lease(&tx, session_id, holder, ttl, now)?;
         tx.commit()?;
         self.wrote();
-        Ok(())
+        Ok(beat)
     }
 
     fn heartbeat(&self, holder: &LeaseHolder, ttl: Duration) -> Result<Heartbeat, StoreError> {
@@ -821,7 +822,7 @@ impl CheckpointStore for SqliteStore {
         holder: &LeaseHolder,
         lease_ttl: Duration,
         now: Timestamp,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Heartbeat, StoreError> {
         self.run(|s| s.create(context, first, holder, lease_ttl, now))
     }
 
@@ -856,7 +857,7 @@ impl CheckpointStore for SqliteStore {
         session_id: &str,
         holder: &LeaseHolder,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Heartbeat, StoreError> {
         self.run(|s| s.acquire_lease(session_id, holder, ttl))
     }
 

@@ -110,12 +110,14 @@ impl CheckpointStore for CrashingStore {
         holder: &LeaseHolder,
         lease_ttl: Duration,
         now: Timestamp,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Heartbeat, StoreError> {
         self.switch.check_alive()?;
-        self.inner
+        let beat = self
+            .inner
             .create(context, first, holder, lease_ttl, now)
             .await?;
-        self.after_commit(first)
+        self.after_commit(first)?;
+        Ok(beat)
     }
 
     async fn commit(
@@ -157,7 +159,7 @@ impl CheckpointStore for CrashingStore {
         session_id: &str,
         holder: &LeaseHolder,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Heartbeat, StoreError> {
         self.switch.check_alive()?;
         self.inner.acquire_lease(session_id, holder, ttl).await
     }

@@ -1,0 +1,77 @@
+use super::*;
+use crate::clock::ManualClock;
+use crate::machine::Timestamp;
+use crate::request::sample;
+use crate::store::SqliteStore;
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn context(id: &str) -> SessionContext {
+    SessionContext {
+        session_id: id.into(),
+        request: sample::request(),
+        key_dir: "/tmp/keys".into(),
+        replaces: None,
+    }
+}
+
+fn first_checkpoint(ctx: &SessionContext) -> Checkpoint {
+    let step = machine::start(ctx);
+    Checkpoint {
+        outcome: None,
+        state: step.state,
+        intent: step.effect.map(|effect| Intent {
+            effect,
+            not_before: None,
+        }),
+    }
+}
+
+fn holder(name: &str) -> LeaseHolder {
+    LeaseHolder {
+        owner_id: name.into(),
+        pid: 1,
+        host: "elsewhere".into(),
+    }
+}
+
+/// The engine's lease lapses, another engine takes one session, and this
+/// engine then takes another session before its heartbeat runs. Taking it
+/// renews the engine's lease; the lapse it hid must still make the drive
+/// of the first session ask the store, and stop.
+#[tokio::test]
+async fn a_lapse_renewed_away_by_taking_a_session_still_stops_the_drive_that_lost_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::starting_at(Timestamp(1_700_000_000_000)));
+    let store: Arc<dyn CheckpointStore> = Arc::new(
+        SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap(),
+    );
+    let (a, b) = (holder("engine-a"), holder("engine-b"));
+    for id in ["s1", "s2"] {
+        let ctx = context(id);
+        let now = clock.now();
+        let beat = store
+            .create(&ctx, &first_checkpoint(&ctx), &a, TTL, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            beat.lapsed,
+            id == "s1",
+            "only a new engine's first lease is fresh"
+        );
+    }
+    store.release_lease("s2", &a).await.unwrap();
+    let engine_a = EngineLease::new(Arc::clone(&store), a.clone(), TTL);
+    let mut first = engine_a.join("s1");
+    first.still_held().await.unwrap();
+
+    clock.advance(TTL + Duration::from_secs(1));
+    store.acquire_lease("s1", &b, TTL).await.unwrap();
+    let _second = engine_a.acquire("s2").await.unwrap();
+
+    let lost = first.still_held().await.unwrap_err();
+    assert!(
+        matches!(lost, EngineError::Store(StoreError::LeaseLost(ref id)) if id == "s1"),
+        "{lost}"
+    );
+}
