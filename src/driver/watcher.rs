@@ -100,7 +100,14 @@ impl<E: Effects> Engine<E> {
             if !asked || summary.phase.is_settled() {
                 continue;
             }
-            let session = self.store.load(&summary.session_id).await?;
+            // One damaged session must not stop the others being watched.
+            let session = match self.store.load(&summary.session_id).await {
+                Ok(session) => session,
+                Err(e) => {
+                    warn!(session_id = %summary.session_id, error = %e, "cannot read the session; not finishing it");
+                    continue;
+                }
+            };
             if session.state.phase.is_interruption_underway() {
                 let resumed = self.finish_interruption(summary.session_id, None, progress);
                 in_flight.push(Box::pin(resumed));
@@ -112,17 +119,20 @@ impl<E: Effects> Engine<E> {
         }
         loop {
             let watched = match self.watched_sessions(options, &noticed).await {
-                Ok(watched) => watched,
+                Ok(watched) => Some(watched),
                 // A busy or failing database may recover: look again later,
                 // and let what is in flight go on meanwhile.
                 Err(e) => {
                     warn!(error = %e, "cannot list the sessions to watch; trying again");
-                    Vec::new()
+                    None
                 }
             };
-            if options.until_idle && watched.is_empty() && in_flight.is_empty() {
+            // Idle only when the store said so: a failed listing is not "none".
+            let idle = watched.as_ref().is_some_and(Vec::is_empty);
+            if options.until_idle && idle && in_flight.is_empty() {
                 return Ok(done);
             }
+            let watched = watched.unwrap_or_default();
             // Each look is acted on as it answers; what is in flight goes
             // on meanwhile, so a slow look never holds up a notice.
             let mut looks: FuturesUnordered<_> = watched
@@ -209,7 +219,14 @@ impl<E: Effects> Engine<E> {
             {
                 continue;
             }
-            let session = self.store.load(&summary.session_id).await?;
+            // One damaged session must not stop the others being watched.
+            let session = match self.store.load(&summary.session_id).await {
+                Ok(session) => session,
+                Err(e) => {
+                    warn!(session_id = %summary.session_id, error = %e, "cannot read the session; not watching it");
+                    continue;
+                }
+            };
             if let ProvisionPhase::Ready(ready) = &session.state.phase {
                 let ready = ready.clone();
                 watched.push((session, ready));

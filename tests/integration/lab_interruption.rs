@@ -343,3 +343,30 @@ fn a_watcher_killed_during_the_shutdown_command_is_finished_by_recover() {
             .success()
     );
 }
+
+/// A session the store cannot read (its row damaged) is skipped with a
+/// warning; the watcher still acts on the others' notices.
+#[tokio::test]
+async fn a_damaged_session_does_not_stop_the_watcher_acting_on_another() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    let marker = harness.dir.path().join("never");
+    let engine = harness.engine(lab.effects());
+    let yaml = interrupt_yaml(&lab, marker.to_str().unwrap(), "");
+    let damaged = provision(&lab, &engine, &yaml).await;
+    let noticed = provision(&lab, &engine, &yaml).await;
+    rusqlite::Connection::open(harness.dir.path().join("state.db"))
+        .unwrap()
+        .execute(
+            "UPDATE events SET body_json = '{' WHERE kind = 'transition' AND body_json LIKE ?1",
+            [format!("%{}%", damaged.instance_id)],
+        )
+        .unwrap();
+    assert!(harness.store.load(&damaged.session_id).await.is_err());
+    interrupt(&lab, &noticed.instance_id, 30.0);
+    let watched = engine.watch(&watch_fast(), &NoProgress).await.unwrap();
+    assert_eq!(watched.len(), 1, "{watched:?}");
+    assert_eq!(watched[0].session_id, noticed.session_id);
+    assert!(matches!(watched[0].settled, Ok(PhaseKind::Interrupted)));
+    assert!(lab.live_instances_of(&noticed.session_id).is_empty());
+}
