@@ -223,7 +223,10 @@ pub enum StoreError {
     Damaged { path: String, detail: String },
     #[error("no session {0} in the state database; `acode-ec2 sessions` lists them")]
     NotFound(String),
-    #[error("session {session_id} already exists")]
+    #[error(
+        "session {session_id} already exists in the state database; a new session needs a new id \
+         (`acode-ec2 status {session_id}` shows the one there)"
+    )]
     AlreadyExists { session_id: String },
     #[error(
         "session {session_id} is being driven by another process (pid {pid} on {host}, lease for {remaining_ms} ms more); \
@@ -236,7 +239,8 @@ pub enum StoreError {
         remaining_ms: u64,
     },
     #[error(
-        "lost the lease on session {0} to another process; this driver stopped without touching it further"
+        "lost the lease on session {0} to another process; this driver stopped without touching it \
+         further, and the other process drives it now (`acode-ec2 status {0}` shows where it is)"
     )]
     LeaseLost(String),
     #[error(

@@ -286,9 +286,10 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    // Serializing plain data structs to a String cannot fail.
-    serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"unserializable\":\"{e}\"}}"))
+/// A value as the JSON text the log keeps; a failure (no known type can
+/// fail, but a stand-in must never reach the log) rolls the write back.
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Backend(Box::new(e)))
 }
 
 fn kind_of(entry: &LogEntry) -> &'static str {
@@ -317,7 +318,12 @@ fn append(
     }
     // Cached statements: preparing one costs about as much as running it.
     tx.prepare_cached("INSERT INTO events (id, at_ms, kind, body_json) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![*last, now.0 as i64, kind_of(entry), to_json(entry)])?;
+        .execute(params![
+            *last,
+            now.0 as i64,
+            kind_of(entry),
+            to_json(entry)?
+        ])?;
     Ok(())
 }
 
@@ -595,7 +601,7 @@ impl Inner {
                 params![
                     id,
                     now.0 as i64,
-                    to_json(context),
+                    to_json(context)?,
                     first.state.phase.kind().name(),
                     context.request.ssh.user,
                     context.known_hosts_path(),

@@ -459,7 +459,7 @@ fn a_version_1_database_is_migrated_with_its_sessions() {
         for (seq, entry) in entries.iter().enumerate() {
             conn.execute(
                 "INSERT INTO events (session_id, seq, at_ms, kind, body_json) VALUES ('old', ?1, ?2, ?3, ?4)",
-                params![seq as i64 + 1, NOW.0 as i64, kind_of(entry), to_json(entry)],
+                params![seq as i64 + 1, NOW.0 as i64, kind_of(entry), to_json(entry).unwrap()],
             )
             .unwrap();
         }
