@@ -14,6 +14,11 @@ use crate::request::{AmiSelector, KeyAlgorithm, KeyPairMode, ProvisionRequest, S
 /// What a session with this request would launch, line by line; or why it
 /// could not, with what to do about it.
 pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<String>, String> {
+    // What the engine would refuse before any call (an empty subnet list).
+    request.check().map_err(|e| e.to_string())?;
+    let Some(subnet_id) = request.subnet_ids.first() else {
+        return Err("subnetId: missing; name the subnet to launch in".into());
+    };
     let ctx = SessionContext {
         session_id: "validate".into(),
         request: request.clone(),
@@ -80,7 +85,7 @@ pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<
         request,
         client_token: "acode-validate",
         spot: request.spot.is_some(),
-        subnet_id: &request.subnet_ids[0],
+        subnet_id,
         image: &image,
         key_name: launch_key,
         tags: &tags,

@@ -272,3 +272,19 @@ fn the_iam_policy_grants_exactly_the_actions_the_suite_called() {
         );
     }
 }
+
+/// The library's validate with a request built by hand (not through the
+/// config loader) and no subnet: an error naming the key, not a panic, and
+/// no call that launches.
+#[tokio::test]
+async fn validate_without_a_subnet_names_the_key_and_launches_nothing() {
+    let lab = Lab::start();
+    let mut request = lab.request("");
+    request.subnet_ids.clear();
+    let effects = lab.effects();
+    let err = acode_ec2::effects::preflight::check(effects.api(), &request)
+        .await
+        .unwrap_err();
+    assert!(err.contains("subnetId"), "{err}");
+    assert_eq!(lab.count("RunInstances"), 0, "{err}");
+}
