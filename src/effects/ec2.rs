@@ -340,14 +340,15 @@ pub async fn terminate(
             Err(failure) => return keep_trying(failure),
         }
     }
-    if known_not_found {
-        return Input::InstanceNotFound;
-    }
-    // The instance's host key is trusted no more.
+    // The instance's host key is trusted no more; an instance EC2 no longer
+    // knows is gone as surely as a terminated one.
     if let Err(e) = known_hosts::remove(&ctx.known_hosts_path()) {
         return Input::TransientFailure {
             message: format!("cannot remove {}: {e}", ctx.known_hosts_path()),
         };
+    }
+    if known_not_found {
+        return Input::InstanceNotFound;
     }
     Input::InstanceTerminated
 }

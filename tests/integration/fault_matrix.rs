@@ -487,9 +487,11 @@ impl Bench {
         if self.key_pairs().contains(&key_name) {
             left.push(format!("key pair {key_name}"));
         }
-        let key_file = harness.dir.path().join(format!("keys/{key_name}.pem"));
-        if key_file.exists() {
-            left.push(format!("key file {}", key_file.display()));
+        for file in ["pem", "known_hosts"] {
+            let path = harness.dir.path().join(format!("keys/{key_name}.{file}"));
+            if path.exists() {
+                left.push(format!("file {}", path.display()));
+            }
         }
         left
     }
