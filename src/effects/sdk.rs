@@ -887,10 +887,15 @@ impl Ec2Api for SdkEc2 {
                     .send()
             })
             .await?;
-        Ok(out.output().map(|text| {
-            base64::engine::general_purpose::STANDARD
-                .decode(text.trim())
-                .unwrap_or_default()
-        }))
+        // Garbage is not "no host keys yet": said as such, and asked again.
+        out.output()
+            .map(|text| base64::engine::general_purpose::STANDARD.decode(text.trim()))
+            .transpose()
+            .map_err(|e| Ec2Failure {
+                action: "GetConsoleOutput",
+                code: None,
+                class: ErrorClass::Transient,
+                message: format!("the console output EC2 answered is not base64 ({e})"),
+            })
     }
 }

@@ -675,6 +675,25 @@ async fn an_instance_type_without_live_console_output_is_read_buffered() {
     assert!(lab.count("GetConsoleOutput") >= 2, "{:?}", lab.counters());
 }
 
+/// Console output that is not base64 is garbage from the network, said as
+/// such and asked again, not taken for "no host keys yet".
+#[tokio::test]
+async fn console_output_that_is_not_base64_is_a_transient_failure_that_says_so() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    let (_, ready) = provision_ready(&lab, &harness, "").await;
+    lab.configure(json!({"console_mode": "not-base64"}));
+    let effects = lab.effects();
+    let input =
+        acode_ec2::effects::ec2::read_console_host_keys(effects.api(), &ready.instance_id).await;
+    match input {
+        Input::TransientFailure { message } => {
+            assert!(message.contains("not base64"), "{message}")
+        }
+        other => panic!("expected a transient failure, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn throttling_and_an_invisible_new_instance_are_retried() {
     let lab = Lab::start();

@@ -97,7 +97,7 @@ TERMINATED = ("terminated", 48)
 
 # Config keys that also have a command-line flag (--boot-delay-s etc.).
 CLI_CONFIG_KEYS = ("boot_delay_s", "status_ok_delay_s", "terminate_delay_s", "console_lag_s")
-CONSOLE_MODES = ("ok", "wrong-fingerprint", "no-keys")
+CONSOLE_MODES = ("ok", "wrong-fingerprint", "no-keys", "not-base64")
 SPOT_MODES = ("fulfilled", "capacity-not-available", "price-too-low")
 STATUS_MODES = ("ok", "impaired", "insufficient-data")
 ADDRESS_MODES = ("public", "private-only", "private-loopback")
@@ -1494,7 +1494,7 @@ class Lab:
             if time.monotonic() <= timeline.console_at:
                 return True, None
             mode = self.config["console_mode"]
-            keys = {"ok": self.host_keys, "wrong-fingerprint": self.mitm_keys, "no-keys": None}[mode]
+            keys = {"ok": self.host_keys, "wrong-fingerprint": self.mitm_keys}.get(mode)
             return True, render_console(instance_hostname(timeline.instance), keys)
 
     def ssh_gate_mode(self) -> str:
@@ -2000,7 +2000,10 @@ class Ec2Middleware:
         now = utc_iso(datetime.datetime.now(datetime.timezone.utc))
         inner = f"<instanceId>{escape(instance_id)}</instanceId><timestamp>{now}</timestamp>"
         if output is not None:
-            inner += f"<output>{base64.b64encode(output).decode()}</output>"
+            text = base64.b64encode(output).decode()
+            if self.lab.config["console_mode"] == "not-base64":
+                text = "%% garbled in transit %%"
+            inner += f"<output>{text}</output>"
         return ec2_result_response("GetConsoleOutput", inner)
 
 

@@ -436,6 +436,11 @@ class LabTest(unittest.TestCase):
         self.assertIsNotNone(bare)
         self.assertNotIn(b"BEGIN SSH HOST KEY", bare)
 
+        self.control("POST", "/config", {"console_mode": "not-base64"})
+        garbled = self.ec2.get_console_output(InstanceId=instance_id)["Output"]
+        with self.assertRaises(ValueError):
+            base64.b64decode(garbled, validate=True)
+
         unknown = "i-0123456789abcdef0"
         self.assert_error(lambda: self.ec2.get_console_output(InstanceId=unknown), "InvalidInstanceID.NotFound", 400)
 
