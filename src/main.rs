@@ -239,7 +239,11 @@ fn main() -> ExitCode {
         let metrics = Metrics::install(&cli)?;
         let outcome = run(&cli).await;
         // Written whatever the command's outcome: a failure has metrics too.
-        metrics.write_file(cli.metrics_file.as_deref())?;
+        // A file that cannot be written must not hide that outcome (a
+        // script would take a Ready instance for a failure).
+        if let Err(e) = metrics.write_file(cli.metrics_file.as_deref()) {
+            eprintln!("warning: {e:#}");
+        }
         outcome
     });
     match outcome {
