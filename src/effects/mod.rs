@@ -231,7 +231,8 @@ impl<A: Ec2Api> AwsEffects<A> {
     }
 
     fn with_sources(mut self, change: impl FnOnce(&mut PlacementSources)) -> AwsEffects<A> {
-        let mut sources = Arc::try_unwrap(self.placement).unwrap_or_default();
+        // Shared already (cloned): keep what it has, as far as it can be kept.
+        let mut sources = Arc::try_unwrap(self.placement).unwrap_or_else(|shared| shared.copy());
         change(&mut sources);
         self.placement = Arc::new(sources);
         self

@@ -31,6 +31,27 @@ pub struct PlacementSources {
     pub clock: Arc<dyn Clock>,
 }
 
+impl PlacementSources {
+    /// A copy with what this one knows so far (for a change of settings
+    /// once the sources are shared).
+    pub fn copy(&self) -> PlacementSources {
+        PlacementSources {
+            shortages: RecentShortages {
+                seen: Mutex::new(lock(&self.shortages.seen).clone()),
+            },
+            prices: OnDemandPrices {
+                client: self.prices.client.clone(),
+                found: Mutex::new(lock(&self.prices.found).clone()),
+            },
+            clock: Arc::clone(&self.clock),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Default for PlacementSources {
     fn default() -> PlacementSources {
         PlacementSources {
@@ -51,7 +72,7 @@ pub struct RecentShortages {
 
 impl RecentShortages {
     pub fn note(&self, instance_type: &str, zone: &str, spot: bool, now: Timestamp) {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = lock(&self.seen);
         seen.insert((instance_type.to_string(), zone.to_string(), spot), now);
     }
 
@@ -63,7 +84,7 @@ impl RecentShortages {
         zones: &[String],
         now: Timestamp,
     ) -> Vec<ShortZone> {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = lock(&self.seen);
         seen.retain(|_, at| now < at.plus(SHORTAGE_MEMORY));
         let mut short: Vec<ShortZone> = seen
             .keys()
@@ -153,7 +174,7 @@ impl OnDemandPrices {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, String), MicroUsd>> {
-        self.found.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.found)
     }
 }
 
