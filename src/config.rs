@@ -228,7 +228,11 @@ impl Ec2Target {
             AmiSelector::Alias(OsAlias::Debian11) => "admin",
             _ => "ec2-user",
         };
-        let key_pair = key_pair_mode(self.key_name, self.private_key_path, self.key_pair)?;
+        let key_pair = with_home_expanded(key_pair_mode(
+            self.key_name,
+            self.private_key_path,
+            self.key_pair,
+        )?)?;
         let spot = if self.use_spot {
             Some(SpotPolicy {
                 max_price: self.spot_max_price,
@@ -329,6 +333,41 @@ impl Ec2Target {
             status_checks: self.status_checks.unwrap_or_default(),
         })
     }
+}
+
+/// Key paths as a shell would read them: users write `~/.ssh/…` in YAML,
+/// where no shell expands it.
+fn with_home_expanded(mode: KeyPairMode) -> Result<KeyPairMode, InvalidRequest> {
+    Ok(match mode {
+        KeyPairMode::Existing {
+            key_name,
+            private_key_path,
+        } => KeyPairMode::Existing {
+            key_name,
+            private_key_path: expand_home("privateKeyPath", private_key_path)?,
+        },
+        KeyPairMode::ImportOwn {
+            public_key_path,
+            private_key_path,
+        } => KeyPairMode::ImportOwn {
+            public_key_path: expand_home("keyPair.publicKeyPath", public_key_path)?,
+            private_key_path: expand_home("keyPair.privateKeyPath", private_key_path)?,
+        },
+        other => other,
+    })
+}
+
+fn expand_home(key: &'static str, path: String) -> Result<String, InvalidRequest> {
+    let Some(rest) = path.strip_prefix("~/") else {
+        return Ok(path);
+    };
+    let home = directories::BaseDirs::new().ok_or_else(|| {
+        invalid(
+            key,
+            format!("`{path}` starts with ~/ but this user has no home folder (HOME); give the full path"),
+        )
+    })?;
+    Ok(home.home_dir().join(rest).display().to_string())
 }
 
 fn key_pair_mode(
@@ -462,6 +501,38 @@ mod tests {
                 .is_some_and(|s| s.fallback_to_on_demand)
         );
         assert_eq!(request.ssh.user, "ec2-user");
+    }
+
+    #[test]
+    fn key_paths_under_the_home_folder_are_expanded() {
+        let home = directories::BaseDirs::new()
+            .unwrap()
+            .home_dir()
+            .display()
+            .to_string();
+        let existing = parse(&format!(
+            "{MINIMAL}  keyName: team\n  privateKeyPath: ~/.ssh/team.pem\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            existing.key_pair,
+            KeyPairMode::Existing {
+                key_name: "team".into(),
+                private_key_path: format!("{home}/.ssh/team.pem"),
+            }
+        );
+        let own = parse(&format!(
+            "{MINIMAL}  keyPair:\n    mode: import\n    publicKeyPath: ~/.ssh/id.pub\n    \
+             privateKeyPath: /keys/id\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            own.key_pair,
+            KeyPairMode::ImportOwn {
+                public_key_path: format!("{home}/.ssh/id.pub"),
+                private_key_path: "/keys/id".into(),
+            }
+        );
     }
 
     #[test]
