@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 
-use zeroize::Zeroizing;
+use super::keys::PrivateKeyPem;
 
 use crate::error_code::{AwsErrorCode, ErrorClass};
 use crate::machine::{ImageChoice, MicroUsd, SpotRequestStatus, StatusReport};
@@ -164,7 +164,7 @@ pub trait Ec2Api: Send + Sync + 'static {
         name: &str,
         algorithm: KeyAlgorithm,
         tags: &[(String, String)],
-    ) -> impl Future<Output = Ec2Result<Zeroizing<String>>> + Send;
+    ) -> impl Future<Output = Ec2Result<PrivateKeyPem>> + Send;
 
     fn import_key_pair(
         &self,

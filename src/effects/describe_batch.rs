@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::keys::PrivateKeyPem;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
-use zeroize::Zeroizing;
 
 use super::api::{
     Ec2Api, Ec2Result, InstanceHealth, InstanceView, LaunchSpec, LaunchedView, SpotRequestView,
@@ -370,7 +370,7 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         name: &str,
         algorithm: KeyAlgorithm,
         tags: &[(String, String)],
-    ) -> Ec2Result<Zeroizing<String>> {
+    ) -> Ec2Result<PrivateKeyPem> {
         // Forgotten before and after: an answer lost on the way still changed it.
         self.shared.key_pairs.forget(&name.to_string());
         let answer = self.inner.create_key_pair(name, algorithm, tags).await;

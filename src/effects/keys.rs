@@ -1,8 +1,8 @@
 //! Key pairs and private key files.
 //!
 //! Invariants:
-//! - a private key lives only in memory wrapped in `Zeroizing` and in its key
-//!   file (mode 0600, written before the key is ever used); it never reaches a
+//! - a private key lives only in memory as a [`PrivateKeyPem`] (zeroed when
+//!   dropped, redacted from `{:?}`) and in its key file (mode 0600, written before the key is ever used); it never reaches a
 //!   log, an event, an error or the database;
 //! - `ensure` is idempotent and repairs a half-done earlier run: EC2 returns
 //!   a created private key exactly once, so a pair whose key file is missing
@@ -24,6 +24,26 @@ use crate::error_code::{AwsErrorCode, ErrorClass, LocalRefusal};
 use crate::machine::{Input, KeyPairHandle, SessionContext, Timestamp};
 use crate::request::{KeyAlgorithm, KeyPairMode};
 
+/// A private key as PEM (OpenSSH) text: zeroed when dropped, and never
+/// printed, `{:?}` included, so no log, assert or error can carry it.
+pub struct PrivateKeyPem(Zeroizing<String>);
+
+impl PrivateKeyPem {
+    pub fn new(pem: Zeroizing<String>) -> PrivateKeyPem {
+        PrivateKeyPem(pem)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PrivateKeyPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKeyPem([redacted])")
+    }
+}
+
 fn file_failure(what: &str, path: &str, err: std::io::Error) -> Input {
     Input::Rejected {
         code: LocalRefusal::KeyFile.into(),
@@ -34,7 +54,8 @@ fn file_failure(what: &str, path: &str, err: std::io::Error) -> Input {
 }
 
 /// Writes a private key to a new file readable only by its owner.
-pub fn write_private_key(path: &str, pem: &Zeroizing<String>) -> std::io::Result<()> {
+pub fn write_private_key(path: &str, pem: &PrivateKeyPem) -> std::io::Result<()> {
+    let pem = pem.as_str();
     let target = Path::new(path);
     if target.exists() {
         return Err(std::io::Error::new(
@@ -87,7 +108,7 @@ fn remove_file_if_present(path: &str) -> std::io::Result<()> {
 }
 
 /// Generates a key locally: (private key in OpenSSH format, public key line).
-pub fn generate(algorithm: KeyAlgorithm) -> Result<(Zeroizing<String>, String), ssh_key::Error> {
+pub fn generate(algorithm: KeyAlgorithm) -> Result<(PrivateKeyPem, String), ssh_key::Error> {
     let mut rng = UnwrapErr(ssh_key::getrandom::SysRng);
     let algorithm = match algorithm {
         KeyAlgorithm::Ed25519 => Algorithm::Ed25519,
@@ -95,7 +116,7 @@ pub fn generate(algorithm: KeyAlgorithm) -> Result<(Zeroizing<String>, String), 
     };
     let key = PrivateKey::random(&mut rng, algorithm)?;
     let public = key.public_key().to_openssh()?;
-    Ok((key.to_openssh(LineEnding::LF)?, public))
+    Ok((PrivateKeyPem::new(key.to_openssh(LineEnding::LF)?), public))
 }
 
 fn public_key_of(path: &str) -> Result<String, String> {
@@ -302,7 +323,7 @@ async fn create_pair(
     algorithm: KeyAlgorithm,
     tags: &[(String, String)],
     just_deleted: bool,
-) -> Result<Zeroizing<String>, Input> {
+) -> Result<PrivateKeyPem, Input> {
     let mut deleted = just_deleted;
     loop {
         match api.create_key_pair(key_name, algorithm, tags).await {

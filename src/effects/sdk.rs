@@ -30,6 +30,8 @@ use aws_sdk_ec2::types::{
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
+use super::keys::PrivateKeyPem;
+
 use super::CallBudget;
 use super::api::{
     Ec2Api, Ec2Failure, Ec2Result, InstanceHealth, InstanceState, InstanceView, LaunchSpec,
@@ -493,7 +495,7 @@ impl Ec2Api for SdkEc2 {
         name: &str,
         algorithm: KeyAlgorithm,
         tags: &[(String, String)],
-    ) -> Ec2Result<Zeroizing<String>> {
+    ) -> Ec2Result<PrivateKeyPem> {
         let key_type = match algorithm {
             KeyAlgorithm::Ed25519 => KeyType::Ed25519,
             KeyAlgorithm::Rsa => KeyType::Rsa,
@@ -509,8 +511,8 @@ impl Ec2Api for SdkEc2 {
                     .send()
             })
             .await?;
-        let material = Zeroizing::new(out.key_material.unwrap_or_default());
-        if material.is_empty() {
+        let material = PrivateKeyPem::new(Zeroizing::new(out.key_material.unwrap_or_default()));
+        if material.as_str().is_empty() {
             return Err(malformed("CreateKeyPair", "answered without key material"));
         }
         Ok(material)

@@ -112,8 +112,10 @@ fn leaks(secret: &Secret, name: &str, haystack: &[u8]) -> Vec<String> {
 fn the_scanner_finds_a_key_where_there_is_one() {
     let (pem, _) =
         acode_ec2::effects::keys::generate(acode_ec2::request::KeyAlgorithm::Ed25519).unwrap();
-    let secret = secret_of(&pem);
+    let secret = secret_of(pem.as_str());
     let logged = format!("some log line {} and more", pem.as_str());
+    // `{:?}` (an assert, a dbg!, a derived Debug around it) prints no key.
+    assert!(leaks(&secret, "debug", format!("{pem:?}").as_bytes()).is_empty());
     assert!(!leaks(&secret, "log", logged.as_bytes()).is_empty());
     assert!(leaks(&secret, "log", b"nothing here").is_empty());
     let raw = [b"xx".as_slice(), &secret.bytes[..16], b"yy"].concat();
