@@ -46,7 +46,7 @@ pub enum Observation<'a> {
         /// Since this driver picked the session up.
         elapsed: Duration,
     },
-    /// The session settled (Ready, Failed or TornDown) under this driver.
+    /// The session settled (Ready, Failed, TornDown or Interrupted) under this driver.
     Settled {
         context: &'a SessionContext,
         state: &'a SessionState,

@@ -54,11 +54,7 @@ async fn a_lapse_renewed_away_by_taking_a_session_still_stops_the_drive_that_los
             .create(&ctx, &first_checkpoint(&ctx), &a, TTL, now)
             .await
             .unwrap();
-        assert_eq!(
-            beat.lapsed,
-            id == "s1",
-            "only a new engine's first lease is fresh"
-        );
+        assert!(!beat.lapsed, "a new engine's first lease is no lapse");
     }
     store.release_lease("s2", &a).await.unwrap();
     let engine_a = EngineLease::new(Arc::clone(&store), a.clone(), TTL);

@@ -648,8 +648,13 @@ fn status_reported(
                 "they usually pass one to three minutes after boot: raise sshTimeout, or set \
              statusChecks: not-impaired (or skip) not to wait for them"
             };
+        // SSH may have failed meanwhile too: say so, it may be the same cause.
+        let ssh_note = match (&next.ssh.verified, &next.ssh.last_error) {
+            (None, Some(last)) => format!("; SSH had not worked either (last: {last})"),
+            _ => String::new(),
+        };
         let why = format!(
-            "instance {}'s EC2 status checks did not pass in time ({report}); {hint}",
+            "instance {}'s EC2 status checks did not pass in time ({report}); {hint}{ssh_note}",
             next.instance.instance_id
         );
         return instance_cleanup(&next.instance, failure(why))

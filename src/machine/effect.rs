@@ -1,7 +1,9 @@
 //! What the machine asks the world to do (`Effect`) and what the world
-//! answers (`Input`). Every effect is idempotent: re-running it with the same
-//! fields (its token or deterministic name) has the same result, which is what
-//! lets a resumed session re-execute an intent that has no recorded outcome.
+//! answers (`Input`). Every EC2 and file effect is idempotent: re-running it
+//! with the same fields (its token or deterministic name) has the same result,
+//! which is what lets a resumed session re-execute an intent that has no
+//! recorded outcome. The one exception is the user's own shutdown command
+//! (`RunShutdownCommand`): resumed, it runs again, so it must be safe to repeat.
 
 use std::fmt;
 

@@ -10,11 +10,12 @@ use strum::{EnumIter, IntoEnumIterator};
 
 use super::{CLEANUP_PATIENCE, MAX_TRANSIENT_FAILURES};
 
-/// In declaration order is how labels read: "after 5 tries and owns key pair".
+/// In declaration order is how labels read: "after 6 failures and owns key pair".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, EnumIter)]
 pub enum Guard {
-    /// Fewer consecutive transient failures than the phase tolerates.
+    /// At most `MAX_TRANSIENT_FAILURES` transient failures in a row: retry.
     TriesLeft,
+    /// One more than that: the phase gives up.
     TriesSpent,
     /// Cleanup keeps trying, however long it takes.
     KeepTrying,
@@ -77,8 +78,8 @@ impl Guard {
             Guard::NoFallback => "no fallback".into(),
             Guard::BeforeDeadline => "before deadline".into(),
             Guard::PastDeadline => "past deadline".into(),
-            Guard::TriesLeft => format!("under {MAX_TRANSIENT_FAILURES} tries"),
-            Guard::TriesSpent => format!("after {MAX_TRANSIENT_FAILURES} tries"),
+            Guard::TriesLeft => format!("under {} failures", MAX_TRANSIENT_FAILURES + 1),
+            Guard::TriesSpent => format!("after {} failures", MAX_TRANSIENT_FAILURES + 1),
             Guard::KeepTrying => "keep trying".into(),
             Guard::AskOperator => format!("every {CLEANUP_PATIENCE}th try (stop for an operator)"),
             Guard::OwnsKeyPair => "owns key pair".into(),
@@ -181,7 +182,10 @@ mod tests {
         );
         assert_eq!(
             set.to_string(),
-            format!("after {MAX_TRANSIENT_FAILURES} tries and owns key pair")
+            format!(
+                "after {} failures and owns key pair",
+                MAX_TRANSIENT_FAILURES + 1
+            )
         );
     }
 }

@@ -225,7 +225,7 @@ pub struct SshTrack {
     pub failures: u32,
     /// When the next console read or login runs (`Timestamp(0)`: at once).
     pub due: Timestamp,
-    /// Why the last login failed, for the error if they run out.
+    /// Why the last login failed, for the error if readiness runs out of time.
     pub last_error: Option<String>,
 }
 

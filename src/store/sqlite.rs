@@ -469,18 +469,21 @@ fn set_lease(
          WHERE session_id = ?1",
     )?
     .execute(params![session_id, holder.owner_id])?;
-    let lapsed = renew_engine(tx, holder, ttl, now)?;
-    Ok(Heartbeat { lapsed })
+    // No row yet is a new engine, not a lapsed one.
+    let before = renew_engine(tx, holder, ttl, now)?;
+    Ok(Heartbeat {
+        lapsed: before.is_some_and(|expires| expires <= now.0 as i64),
+    })
 }
 
-/// Registers or renews `holder`'s engine row until `now + ttl`; when it
-/// held no live lease before (it lapsed, or never was), says so.
+/// Registers or renews `holder`'s engine row until `now + ttl`; what it
+/// expired at before, if there was a row.
 fn renew_engine(
     tx: &Transaction<'_>,
     holder: &LeaseHolder,
     ttl: Duration,
     now: Timestamp,
-) -> Result<bool, StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let before: Option<i64> = tx
         .prepare_cached("SELECT expires_ms FROM engines WHERE owner_id = ?1")?
         .query_row([&holder.owner_id], |r| r.get(0))
@@ -495,7 +498,7 @@ fn renew_engine(
         holder.host,
         now.plus(ttl).0 as i64
     ])?;
-    Ok(before.is_none_or(|expires| expires <= now.0 as i64))
+    Ok(before)
 }
 
 /// The session's key, or `LeaseLost` unless `holder` holds its lease right now.
@@ -780,7 +783,10 @@ impl Inner {
         let now = self.clock.now();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let lapsed = renew_engine(&tx, holder, ttl, now)?;
+        // A heartbeat runs only after a lease was taken: no row means it
+        // was removed, which is a lapse too.
+        let before = renew_engine(&tx, holder, ttl, now)?;
+        let lapsed = before.is_none_or(|expires| expires <= now.0 as i64);
         // Rows of engines long gone that lead no session: a day is beyond
         // any lease, and keeps the table as small as the live engines.
         tx.prepare_cached(
