@@ -385,6 +385,14 @@ fn open_store(cli: &Cli) -> Result<(Arc<SqliteStore>, String)> {
         Some(dir) => dir.clone(),
         None => path.parent().unwrap_or(Path::new(".")).join("keys"),
     };
+    // A file there would fail the first key written, after EC2 made the pair.
+    if key_dir.exists() && !key_dir.is_dir() {
+        bail!(
+            "the key folder {} is a file, not a folder; pass --key-dir with a folder (it is \
+             created if missing)",
+            key_dir.display()
+        );
+    }
     let store = SqliteStore::open(&path)?;
     Ok((Arc::new(store), key_dir.to_string_lossy().into_owned()))
 }
@@ -590,11 +598,23 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             until_idle,
         } => {
             let effects = aws_effects().await?;
-            if !state_db_path(cli)?.exists() {
+            let path = state_db_path(cli)?;
+            if !path.exists() {
+                if let Some(session) = sessions.first() {
+                    bail!(
+                        "no session {session}: there is no state database at {}; check \
+                         --state-db / ACODE_EC2_STATE_DB",
+                        path.display()
+                    );
+                }
                 println!("no sessions to watch");
                 return Ok(ExitCode::SUCCESS);
             }
             let mut engine = engine(cli, effects)?;
+            // A session named that does not exist is a typo, not "quiet".
+            for session in sessions {
+                engine.store().summary(session).await?;
+            }
             if let Some(command) = on_interruption {
                 engine = engine.on_interruption(interruption_command(command.clone()));
             }

@@ -33,8 +33,9 @@ pub enum GuardError {
     )]
     StaticCredentialsMissing,
     #[error(
-        "refused AWS endpoint {endpoint:?}: {LOOPBACK_ONLY_ENV}=1 needs AWS_ENDPOINT_URL_EC2 (or AWS_ENDPOINT_URL) \
-         set to a loopback URL such as http://127.0.0.1:PORT"
+        "refused AWS endpoint {}: {LOOPBACK_ONLY_ENV}=1 needs AWS_ENDPOINT_URL_EC2 (or AWS_ENDPOINT_URL) \
+         set to a loopback URL such as http://127.0.0.1:PORT",
+        endpoint.as_deref().unwrap_or("(none set)")
     )]
     AwsEndpointNotLoopback { endpoint: Option<String> },
     #[error(

@@ -100,9 +100,19 @@ fn partial_path(path: &str) -> String {
     format!("{path}.partial")
 }
 
-fn remove_file_if_present(path: &str) -> std::io::Result<()> {
+/// Removes a file; one that is not there is fine, and so is a path through
+/// something that is not a folder (it cannot hold the file), or cleanup of
+/// a session whose key folder is a file would never end.
+pub fn remove_file_if_present(path: &str) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        Err(e)
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Err(e)
+        }
         _ => Ok(()),
     }
 }
@@ -415,6 +425,22 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    /// A key folder that is a file cannot hold the key: removing it is done,
+    /// or the cleanup of such a session would retry for ever.
+    #[test]
+    fn removing_a_file_under_a_file_is_done_and_other_failures_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let under = file.join("acode-s.pem");
+        remove_file_if_present(under.to_str().unwrap()).unwrap();
+        remove_file_if_present(dir.path().join("absent").to_str().unwrap()).unwrap();
+        // A folder where the file should be is still an error.
+        let folder = dir.path().join("folder.pem");
+        std::fs::create_dir(&folder).unwrap();
+        assert!(remove_file_if_present(folder.to_str().unwrap()).is_err());
+    }
 
     #[test]
     fn generated_keys_round_trip_and_files_are_private() {

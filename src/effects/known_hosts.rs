@@ -60,10 +60,7 @@ pub fn write(path: &str, endpoint: &str, key: &str) -> std::io::Result<()> {
 /// Removes the file (and a write a crash cut short); gone already is fine.
 pub fn remove(path: &str) -> std::io::Result<()> {
     for file in [path.to_string(), format!("{path}.partial")] {
-        match std::fs::remove_file(Path::new(&file)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        super::keys::remove_file_if_present(&file)?;
     }
     Ok(())
 }

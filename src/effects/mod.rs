@@ -94,6 +94,18 @@ pub struct CallBudget {
     pub first_backoff: Duration,
 }
 
+/// Why no AWS client could be built from the environment.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvironmentError {
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+    #[error(
+        "no AWS region is set: set AWS_REGION (or `region` in ~/.aws/config for your profile) \
+         to the region the subnets are in"
+    )]
+    NoRegion,
+}
+
 /// The SDK's cap on one backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(20);
 
@@ -176,7 +188,7 @@ impl AwsEffects {
     /// With the guard on, the client is pinned to the checked loopback
     /// endpoint and to the environment's static credentials, whatever
     /// profiles or other settings say.
-    pub async fn from_environment(guard: ConnectGuard) -> Result<AwsEffects, GuardError> {
+    pub async fn from_environment(guard: ConnectGuard) -> Result<AwsEffects, EnvironmentError> {
         let pinned_endpoint = guard.check_aws_environment()?;
         let budget = CallBudget::STANDARD;
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -188,6 +200,10 @@ impl AwsEffects {
             );
         }
         let config = loader.load().await;
+        // Without one, every call fails late, after a session is recorded.
+        if config.region().is_none() {
+            return Err(EnvironmentError::NoRegion);
+        }
         // The Price List API answers in us-east-1 (and two other regions),
         // whatever region the instances are in.
         let pricing = aws_sdk_pricing::config::Builder::from(&config)

@@ -640,3 +640,73 @@ fn a_second_ctrl_c_stops_at_once_and_recover_cleans_up() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_nothing_left(&lab, dir.path(), "after recover");
 }
+
+/// What would fail only after a session is recorded (or never end) is
+/// refused first, with what to do, and writes no state: no region, a key
+/// folder that is a file, a session to watch that does not exist.
+#[test]
+fn the_cli_refuses_what_would_fail_late_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let config = config_file(
+        dir.path(),
+        "c.yaml",
+        "  amiId: ami-0abc\n  instanceType: t3.micro\n  subnetId: subnet-1\n",
+    );
+    let config = config.to_str().unwrap();
+    // Nothing is called in these cases; the guard wants a loopback endpoint.
+    let run = |args: &[&str], region: bool| {
+        let mut command = cli_command(&db, None, args);
+        command.env("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:9");
+        if !region {
+            command
+                .env_remove("AWS_REGION")
+                .env_remove("AWS_DEFAULT_REGION")
+                .env("AWS_CONFIG_FILE", dir.path().join("no-aws-config"));
+        }
+        command.output().expect("run acode-ec2")
+    };
+    let out = run(&["provision", "--config", config], false);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no AWS region is set: set AWS_REGION"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let out = run(
+        &[
+            "--key-dir",
+            file.to_str().unwrap(),
+            "provision",
+            "--config",
+            config,
+        ],
+        true,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is a file, not a folder"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!db.exists(), "state written");
+
+    let out = run(&["watch", "nope", "--until-idle"], true);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no session nope"),
+        "{}",
+        text(&out.stderr)
+    );
+    acode_ec2::store::SqliteStore::open(&db).unwrap();
+    let out = run(&["watch", "nope", "--until-idle"], true);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no session nope in the state database"),
+        "{}",
+        text(&out.stderr)
+    );
+}
