@@ -694,10 +694,31 @@ mod tests {
                 "  ssh:\n    hostKeyVerification: pinned\n",
                 "ssh.hostKeyFingerprints",
             ),
+            ("  instanceType: \" t3.micro \"\n", "instanceType"),
+            ("  tags:\n    \"aws:team\": x\n", "tags"),
+            ("  tags:\n    \"\": x\n", "tags"),
+            ("  iamInstanceProfileArn: \"\"\n", "iamInstanceProfileArn"),
         ] {
             let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
+        let long = |n| "x".repeat(n);
+        for (extra, problem) in [
+            (format!("  tags:\n    {}: v\n", long(129)), "128 characters"),
+            (format!("  tags:\n    k: {}\n", long(257)), "256 characters"),
+            (format!("  userData: {}\n", long(16 * 1024 + 1)), "16 KiB"),
+        ] {
+            let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(problem), "{err}");
+        }
+        // At the limits, accepted.
+        parse(&format!(
+            "{MINIMAL}  tags:\n    {}: {}\n  userData: {}\n",
+            long(128),
+            long(256),
+            long(16 * 1024)
+        ))
+        .unwrap();
         let err = parse(&format!("{MINIMAL}  ebsSizeGb: -3\n"))
             .unwrap_err()
             .to_string();

@@ -343,7 +343,31 @@ pub const SESSION_TAG: &str = "acode-session-id";
 /// Tag keys the engine sets itself; callers may not override them.
 pub const RESERVED_TAG_KEYS: [&str; 3] = ["acode", SESSION_TAG, "acode-timestamp"];
 
+/// EC2's limit on user data, before base64.
+pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
+
 impl ProvisionRequest {
+    /// EC2's rules for tags (RunInstances would refuse the launch late).
+    fn check_tags(&self) -> Result<(), InvalidRequest> {
+        for (key, value) in &self.tags {
+            let problem = if RESERVED_TAG_KEYS.contains(&key.as_str()) {
+                format!("`{key}` is set by acode-ec2 itself")
+            } else if key.trim().is_empty() {
+                "a tag key must not be empty".to_string()
+            } else if key.to_ascii_lowercase().starts_with("aws:") {
+                format!("`{key}`: keys starting with aws: are reserved for AWS")
+            } else if key.chars().count() > 128 {
+                format!("`{key}` is longer than EC2's 128 characters for a key")
+            } else if value.chars().count() > 256 {
+                format!("the value of `{key}` is longer than EC2's 256 characters")
+            } else {
+                continue;
+            };
+            return Err(invalid("tags", problem));
+        }
+        Ok(())
+    }
+
     /// Rejects values EC2 or the engine could never accept, naming the key.
     pub fn check(&self) -> Result<(), InvalidRequest> {
         if let AmiSelector::Id(id) = &self.ami
@@ -359,6 +383,15 @@ impl ProvisionRequest {
         }
         if self.instance_type.trim().is_empty() {
             return Err(invalid("instanceType", "must not be empty"));
+        }
+        if self.instance_type.contains(char::is_whitespace) {
+            return Err(invalid(
+                "instanceType",
+                format!(
+                    "`{}` holds spaces; write it as EC2 names it, e.g. t3.micro",
+                    self.instance_type
+                ),
+            ));
         }
         if self.subnet_ids.is_empty() {
             return Err(invalid("subnetId", "at least one subnet is required"));
@@ -396,14 +429,27 @@ impl ProvisionRequest {
             }
             spot.interruption.check()?;
         }
-        if let Some(key) = self
-            .tags
-            .keys()
-            .find(|k| RESERVED_TAG_KEYS.contains(&k.as_str()))
+        self.check_tags()?;
+        if let Some(arn) = &self.iam_instance_profile_arn
+            && !arn.starts_with("arn:")
         {
             return Err(invalid(
-                "tags",
-                format!("`{key}` is set by acode-ec2 itself"),
+                "iamInstanceProfileArn",
+                format!(
+                    "`{arn}` is not an ARN (arn:aws:iam::ACCOUNT:instance-profile/NAME); leave the key out for none"
+                ),
+            ));
+        }
+        if let Some(user_data) = &self.user_data
+            && user_data.len() > MAX_USER_DATA_BYTES
+        {
+            return Err(invalid(
+                "userData",
+                format!(
+                    "is {} bytes; EC2 takes at most {MAX_USER_DATA_BYTES} (16 KiB) before base64: \
+                     have it fetch a larger script instead",
+                    user_data.len()
+                ),
             ));
         }
         if self.ssh.user.trim().is_empty() {
