@@ -173,8 +173,24 @@ impl std::fmt::Display for ParseError {
 
 /// Parses config text into a checked request.
 pub fn parse(text: &str) -> Result<ProvisionRequest, ParseError> {
-    let file: ConfigFile =
-        serde_saphyr::from_str(text).map_err(|e| ParseError::Yaml(e.to_string()))?;
+    let blank = text
+        .lines()
+        .all(|line| line.trim().is_empty() || line.trim_start().starts_with('#'));
+    if blank {
+        return Err(ParseError::Yaml(
+            "it is empty; it needs `ec2Target:` with the settings under it \
+             (fixtures/ec2-target.example.yaml shows them all)"
+                .into(),
+        ));
+    }
+    let file: ConfigFile = serde_saphyr::from_str(text).map_err(|e| {
+        // The parser's advice is for programmers; the user needs the key.
+        let message = e.to_string().replace(
+            ", set DuplicateKeyPolicy in Options if acceptable",
+            " (given twice; keep one)",
+        );
+        ParseError::Yaml(message)
+    })?;
     let request = file
         .ec2_target
         .into_request()
@@ -666,6 +682,16 @@ mod tests {
             Err(ParseError::Yaml(_))
         ));
         assert!(matches!(parse(""), Err(ParseError::Yaml(_))));
+        let empty = parse("# nothing yet\n\n").unwrap_err().to_string();
+        assert!(empty.contains("ec2Target:"), "{empty}");
+        let twice = parse(&format!("{MINIMAL}  instanceType: t3.large\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            twice.contains("instanceType") && twice.contains("given twice"),
+            "{twice}"
+        );
+        assert!(!twice.contains("DuplicateKeyPolicy"), "{twice}");
     }
 
     #[test]

@@ -44,12 +44,20 @@ impl std::fmt::Debug for PrivateKeyPem {
     }
 }
 
+/// A key file in the key folder acode-ec2 manages.
 fn file_failure(what: &str, path: &str, err: std::io::Error) -> Input {
+    key_file_failure(what, path, err, "the key folder (--key-dir)")
+}
+
+/// A key file the config names: the fix is in the config, not the folder.
+fn config_file_failure(key: &str, path: &str, err: std::io::Error) -> Input {
+    key_file_failure("read", path, err, &format!("{key} in the config"))
+}
+
+fn key_file_failure(what: &str, path: &str, err: std::io::Error, check: &str) -> Input {
     Input::Rejected {
         code: LocalRefusal::KeyFile.into(),
-        message: format!(
-            "cannot {what} key file {path}: {err}; check the key folder and its permissions"
-        ),
+        message: format!("cannot {what} key file {path}: {err}; check {check} and its permissions"),
     }
 }
 
@@ -172,7 +180,7 @@ pub async fn ensure(
                 };
             }
             if let Err(e) = std::fs::metadata(private_key_path) {
-                return file_failure("read", private_key_path, e);
+                return config_file_failure("privateKeyPath", private_key_path, e);
             }
             return ready;
         }
@@ -246,7 +254,7 @@ pub fn own_public_key(public_key_path: &str, private_key_path: &str) -> Result<S
         message,
     };
     let text = std::fs::read_to_string(public_key_path)
-        .map_err(|e| file_failure("read", public_key_path, e))?;
+        .map_err(|e| config_file_failure("keyPair.publicKeyPath", public_key_path, e))?;
     let public = ssh_key::PublicKey::from_openssh(text.trim()).map_err(|e| {
         refuse(format!(
             "{public_key_path} is not an OpenSSH public key ({e}); give the .pub file"
