@@ -33,7 +33,9 @@ use acode_ec2::store::{
 #[derive(Parser)]
 #[command(name = "acode-ec2", version, about, long_about)]
 struct Cli {
-    /// SQLite file holding sessions and their event logs.
+    /// SQLite file holding sessions and their event logs
+    /// [default: state.db in this user's data folder, e.g.
+    /// ~/.local/share/acode-ec2/state.db].
     #[arg(long, global = true, env = "ACODE_EC2_STATE_DB", value_name = "PATH")]
     state_db: Option<PathBuf>,
 
@@ -45,7 +47,8 @@ struct Cli {
     /// Log lines on stderr as text, or as JSON objects (one per line, with
     /// the session's id, phase and instance, and for each EC2 call its
     /// action, duration, request id and error code). JSON replaces the
-    /// progress lines. Levels: ACODE_EC2_LOG (a tracing filter, default warn).
+    /// progress lines: ACODE_EC2_LOG=info logs each phase change (the
+    /// filter is a tracing one; default warn).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 
@@ -73,7 +76,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Launch one instance as the config file describes and wait until it is Ready.
+    /// Launch an instance (or --count N) as the config file describes and wait until it is Ready.
     ///
     /// Ready means: the instance runs, an SSH login worked against a host
     /// key from its console (or pinned), and EC2's status checks pass
@@ -100,6 +103,7 @@ enum Command {
         /// ACODE_KEY_PATH, ACODE_KNOWN_HOSTS, ACODE_HOST_KEY_FINGERPRINT,
         /// ACODE_PUBLIC_IP, ACODE_PRIVATE_IP and ACODE_WAS_SPOT in its environment.
         /// Its failure is reported (exit status 3) but leaves the instance Ready.
+        /// With --json, its output goes to stderr, so stdout stays JSON.
         #[arg(long, value_name = "CMD")]
         on_ready: Option<String>,
         /// Start N sessions from the config, side by side in this process
@@ -111,7 +115,10 @@ enum Command {
         count: u16,
     },
     /// Print an OpenSSH `Host` block for a Ready session (for ~/.ssh/config).
-    SshConfig { session: String },
+    SshConfig {
+        /// The session's id (`acode-ec2 sessions` lists them).
+        session: String,
+    },
     /// Check a config against the account without creating anything.
     ///
     /// Checks everything `provision` checks before it creates anything (the
@@ -120,6 +127,7 @@ enum Command {
     /// (DryRun). Prints what would be launched; exits 1 with what to fix.
     /// Writes no state.
     Validate {
+        /// YAML file with a top-level `ec2Target:` (see fixtures/ec2-target.example.yaml).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -129,22 +137,29 @@ enum Command {
     /// request, terminate/delete only on resources tagged acode=true. With
     /// --config, also iam:PassRole for the config's instance profile role.
     IamPolicy {
+        /// The config to tailor the policy to (its instance profile's role).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Show one session (the newest if none is named).
     Status {
+        /// The session's id (`acode-ec2 sessions` lists them).
         session: Option<String>,
+        /// Print it as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
     /// List all sessions.
     Sessions {
+        /// Print them as a JSON array on stdout.
         #[arg(long)]
         json: bool,
     },
     /// Terminate a session's instance and delete the key pair it created.
-    Teardown { session: String },
+    Teardown {
+        /// The session's id (`acode-ec2 sessions` lists them).
+        session: String,
+    },
     /// Resume or clean up every session that is neither Ready nor finished.
     ///
     /// Every session is driven side by side, each under its lease, with at
@@ -184,7 +199,7 @@ enum Command {
         /// Run CMD (with `sh -c`) here when a notice arrives.
         #[arg(long, value_name = "CMD")]
         on_interruption: Option<String>,
-        /// How often each session is looked at (250ms, 5s, 1m).
+        /// How often each session is looked at (250ms, 5s, 1m; at least 100ms).
         #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = watch_interval)]
         interval: Duration,
         /// Stop once no watched session is Ready and nothing is in flight.
@@ -298,7 +313,7 @@ async fn fleet_summary(end: FleetEnd, json: bool, on_ready: Option<&str>) -> Res
     let mut code = ExitCode::SUCCESS;
     if let Some(command) = on_ready {
         for instance in &ready {
-            if run_on_ready(command, instance).await? != ExitCode::SUCCESS {
+            if run_on_ready(command, instance, json).await? != ExitCode::SUCCESS {
                 code = ExitCode::from(3);
             }
         }
@@ -466,7 +481,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 print_ready(&ready);
             }
             match on_ready {
-                Some(command) => run_on_ready(command, &ready).await,
+                Some(command) => run_on_ready(command, &ready, *json).await,
                 None => Ok(ExitCode::SUCCESS),
             }
         }
@@ -867,9 +882,15 @@ fn print_watched(item: &WatchedNotice) {
 }
 
 /// Runs the --on-ready command with the Ready instance in its environment.
-async fn run_on_ready(command: &str, ready: &ReadyInstance) -> Result<ExitCode> {
+/// Runs the --on-ready command; with `json`, its output goes to stderr so
+/// stdout stays the JSON a script parses.
+async fn run_on_ready(command: &str, ready: &ReadyInstance, json: bool) -> Result<ExitCode> {
     let optional = |value: &Option<String>| value.clone().unwrap_or_default();
-    let status = tokio::process::Command::new("sh")
+    let mut sh = tokio::process::Command::new("sh");
+    if json {
+        sh.stdout(std::process::Stdio::from(std::io::stderr()));
+    }
+    let status = sh
         .arg("-c")
         .arg(command)
         .env("ACODE_SESSION_ID", &ready.session_id)

@@ -315,7 +315,8 @@ fn on_ready_gets_the_instance_and_ssh_config_trusts_only_the_verified_key() {
         .expect("run ssh");
     assert!(login.status.success(), "{}", text(&login.stderr));
 
-    // A failing hook is reported with exit status 3; the instance stays Ready.
+    // A failing hook is reported with exit status 3; the instance stays
+    // Ready. With --json, what the hook prints goes to stderr: stdout parses.
     let out = cli(
         &db,
         Some(&lab),
@@ -323,11 +324,15 @@ fn on_ready_gets_the_instance_and_ssh_config_trusts_only_the_verified_key() {
             "provision",
             "--config",
             config.to_str().unwrap(),
+            "--json",
             "--on-ready",
-            "exit 7",
+            "echo hook-noise; exit 7",
         ],
     );
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let ready: Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON alone");
+    assert_eq!(ready["ssh_user"], lab.info.ssh_user.as_str());
+    assert!(text(&out.stderr).contains("hook-noise"));
     assert!(
         text(&out.stderr).contains("is Ready and tracked"),
         "{}",
