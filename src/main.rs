@@ -998,18 +998,30 @@ fn print_phases(phases: &[PhaseSpan]) {
 }
 
 fn print_summary(s: &SessionSummary) {
+    // A finished session's instance and key are history, not something to use.
+    let gone = if s.phase.is_terminal() { " (gone)" } else { "" };
     println!("session   {}", s.session_id);
     println!("phase     {}", s.phase);
-    println!("instance  {}", s.instance_id.as_deref().unwrap_or("-"));
+    println!(
+        "instance  {}{gone}",
+        s.instance_id.as_deref().unwrap_or("-")
+    );
     println!("public ip {}", s.public_ip.as_deref().unwrap_or("-"));
-    println!("key       {}", s.key_path.as_deref().unwrap_or("-"));
+    let key_gone = match &s.key_path {
+        Some(path) if !Path::new(path).exists() => " (deleted)",
+        _ => "",
+    };
+    println!(
+        "key       {}{key_gone}",
+        s.key_path.as_deref().unwrap_or("-")
+    );
     println!("spot      {}", s.was_spot);
     if let (Some(host), Some(port)) = (&s.ssh_host, s.ssh_port) {
         let user = s.ssh_user.as_deref().unwrap_or("?");
-        println!("ssh       {user}@{host} port {port}");
+        println!("ssh       {user}@{host} port {port}{gone}");
     }
     if let Some(print) = &s.host_key_fingerprint {
-        println!("host key  {print} (verified)");
+        println!("host key  {print} (verified){gone}");
     }
     if let Some(path) = &s.known_hosts_path {
         println!("known     {path}");

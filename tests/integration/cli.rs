@@ -228,6 +228,18 @@ fn provision_status_sessions_teardown_against_the_lab() {
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["phase"], "TornDown");
     assert!(lab.live_instances_of(&session).is_empty());
+    // Shown as history: nothing in it reads as usable.
+    let shown = text(&cli(&db, Some(&lab), &["status", &session]).stdout);
+    for line in ["instance ", "key ", "ssh ", "host key "] {
+        let found = shown
+            .lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_default();
+        assert!(
+            found.ends_with("(gone)") || found.ends_with("(deleted)"),
+            "{line}: {shown}"
+        );
+    }
 
     let out = cli(&db, Some(&lab), &["status", "no-such-session"]);
     assert!(!out.status.success());
