@@ -14,7 +14,7 @@ use aws_config::retry::RetryConfig;
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::http::HttpResponse;
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::operation::describe_instance_status::DescribeInstanceStatusOutput;
 use aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput;
@@ -266,6 +266,23 @@ where
     }
 }
 
+/// An error and its causes as one readable line ("dispatch failure: io
+/// error: …: Connection refused"), without the SDK's Debug dump, which
+/// says the same again in type names.
+fn causes(err: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        // Wrappers often repeat their source's text: say each thing once.
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 fn failure<E>(action: &'static str, err: SdkError<E, HttpResponse>) -> Ec2Failure
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -298,7 +315,7 @@ where
             action,
             code: None,
             class: ErrorClass::Rejected,
-            message: DisplayErrorContext(&err).to_string(),
+            message: causes(&err),
         },
         // Neither sent nor timed out nor cut off (no credentials, no
         // endpoint): as the SDK's classifier, not worth another try.
@@ -309,7 +326,7 @@ where
                 action,
                 code: None,
                 class: ErrorClass::Rejected,
-                message: DisplayErrorContext(&err).to_string(),
+                message: causes(&err),
             }
         }
         // Timeouts, dropped connections, unparsable answers: try again later.
@@ -317,7 +334,7 @@ where
             action,
             code: None,
             class: ErrorClass::Transient,
-            message: DisplayErrorContext(other).to_string(),
+            message: causes(other),
         },
     }
 }
