@@ -57,6 +57,37 @@ pub struct SdkEc2 {
 }
 
 impl SdkEc2 {
+    /// DescribeInstanceStatus itself.
+    async fn instance_statuses_of(
+        &self,
+        ids: &[String],
+    ) -> Ec2Result<HashMap<String, InstanceHealth>> {
+        let mut found = HashMap::new();
+        let page = |token| {
+            self.client
+                .describe_instance_status()
+                .set_instance_ids(Some(ids.to_vec()))
+                .include_all_instances(true)
+                .set_next_token(token)
+                .send()
+        };
+        let next_token = DescribeInstanceStatusOutput::next_token;
+        self.each_page("DescribeInstanceStatus", page, next_token, |page| {
+            for status in page.instance_statuses() {
+                if let Some(id) = status.instance_id() {
+                    let report = StatusReport {
+                        system: check_state(status.system_status()),
+                        instance: check_state(status.instance_status()),
+                    };
+                    let state = state_of(status.instance_state().and_then(|s| s.name()));
+                    found.insert(id.to_string(), InstanceHealth { report, state });
+                }
+            }
+        })
+        .await?;
+        Ok(found)
+    }
+
     /// Over `client`, within EC2's default account buckets and
     /// [`CallBudget::STANDARD`]: the client's own retry and timeout
     /// settings are replaced (no SDK retries; the budget's timeouts).
@@ -822,34 +853,31 @@ impl Ec2Api for SdkEc2 {
         Ok(found)
     }
 
+    /// EC2 refuses the whole call for one id it does not know (the ids
+    /// have no filter form here, unlike DescribeInstances), so the ids its
+    /// error names are left out and the rest asked again: one instance not
+    /// visible yet must not blind a whole batch.
     async fn describe_instance_statuses(
         &self,
         ids: &[String],
     ) -> Ec2Result<HashMap<String, InstanceHealth>> {
-        let mut found = HashMap::new();
-        let page = |token| {
-            self.client
-                .describe_instance_status()
-                .set_instance_ids(Some(ids.to_vec()))
-                .include_all_instances(true)
-                .set_next_token(token)
-                .send()
-        };
-        let next_token = DescribeInstanceStatusOutput::next_token;
-        self.each_page("DescribeInstanceStatus", page, next_token, |page| {
-            for status in page.instance_statuses() {
-                if let Some(id) = status.instance_id() {
-                    let report = StatusReport {
-                        system: check_state(status.system_status()),
-                        instance: check_state(status.instance_status()),
-                    };
-                    let state = state_of(status.instance_state().and_then(|s| s.name()));
-                    found.insert(id.to_string(), InstanceHealth { report, state });
+        let mut asked = ids.to_vec();
+        loop {
+            match self.instance_statuses_of(&asked).await {
+                Err(failure) if failure.class == ErrorClass::NotFound && asked.len() > 1 => {
+                    let named: HashSet<&str> = failure
+                        .message
+                        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                        .collect();
+                    let before = asked.len();
+                    asked.retain(|id| !named.contains(id.as_str()));
+                    if asked.len() == before {
+                        return Err(failure);
+                    }
                 }
+                answer => return answer,
             }
-        })
-        .await?;
-        Ok(found)
+        }
     }
 
     /// One DescribeInstances (paged) whose tag filter names every session:

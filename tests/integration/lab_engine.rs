@@ -675,6 +675,30 @@ async fn an_instance_type_without_live_console_output_is_read_buffered() {
     assert!(lab.count("GetConsoleOutput") >= 2, "{:?}", lab.counters());
 }
 
+/// EC2 refuses a whole DescribeInstanceStatus for one id it does not know:
+/// the id is left out and the rest answered, so one instance not visible
+/// yet does not blind the others in its batch.
+#[tokio::test]
+async fn a_status_batch_with_an_unknown_id_still_answers_the_known_ones() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    let (_, ready) = provision_ready(&lab, &harness, "").await;
+    let unknown = "i-0123456789abcdef0".to_string();
+    let sdk = SdkEc2::new(lab.ec2());
+    let alone = sdk
+        .describe_instance_statuses(std::slice::from_ref(&unknown))
+        .await;
+    assert_eq!(alone.unwrap_err().class, ErrorClass::NotFound);
+    let calls = lab.count("DescribeInstanceStatus");
+    let found = sdk
+        .describe_instance_statuses(&[unknown.clone(), ready.instance_id.clone()])
+        .await
+        .expect("the known id answered");
+    assert!(found.contains_key(&ready.instance_id), "{found:?}");
+    assert!(!found.contains_key(&unknown));
+    assert_eq!(lab.count("DescribeInstanceStatus") - calls, 2);
+}
+
 /// Console output that is not base64 is garbage from the network, said as
 /// such and asked again, not taken for "no host keys yet".
 #[tokio::test]
