@@ -61,6 +61,10 @@ impl Default for WatchOptions {
     }
 }
 
+/// Listings of the sessions that may fail in a row before the watch ends
+/// with the error.
+const LIST_FAILURES_TOLERATED: u32 = 3;
+
 /// What became of one notice: where the session settled, and the
 /// replacement, if one was asked for.
 #[derive(Debug)]
@@ -117,12 +121,22 @@ impl<E: Effects> Engine<E> {
                 ));
             }
         }
+        let mut failed_lists = 0;
         loop {
             let watched = match self.watched_sessions(options, &noticed).await {
-                Ok(watched) => Some(watched),
-                // A busy or failing database may recover: look again later,
-                // and let what is in flight go on meanwhile.
+                Ok(watched) => {
+                    failed_lists = 0;
+                    Some(watched)
+                }
+                // A busy database may recover: look again later, and let
+                // what is in flight go on meanwhile. One that keeps failing
+                // ends the watch with its error (a watcher blind for good
+                // must not look as if it watched).
                 Err(e) => {
+                    failed_lists += 1;
+                    if failed_lists >= LIST_FAILURES_TOLERATED {
+                        return Err(e);
+                    }
                     warn!(error = %e, "cannot list the sessions to watch; trying again");
                     None
                 }
