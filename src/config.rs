@@ -178,8 +178,8 @@ pub fn parse(text: &str) -> Result<ProvisionRequest, ParseError> {
         .all(|line| line.trim().is_empty() || line.trim_start().starts_with('#'));
     if blank {
         return Err(ParseError::Yaml(
-            "it is empty; it needs `ec2Target:` with the settings under it \
-             (fixtures/ec2-target.example.yaml shows them all)"
+            "missing field `ec2Target`: the file is empty; it needs `ec2Target:` with the \
+             settings under it (fixtures/ec2-target.example.yaml shows them all)"
                 .into(),
         ));
     }
