@@ -29,6 +29,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::effects::Effects;
 pub use crate::events::ReadyInstance;
 use crate::events::{ProgressSink, ProvisionEvent};
+use crate::lock;
 use crate::machine::{
     self, Input, MachineError, OutsideInput, Pause, PhaseKind, ProvisionPhase, SessionContext,
 };
@@ -170,11 +171,6 @@ enum Claim<'a> {
 enum Routed<'a> {
     Committed(PhaseKind, DriveHandle),
     Mine(DriveClaim<'a>),
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The registry is a plain map: a panic elsewhere cannot leave it torn.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct Engine<E: Effects> {

@@ -62,3 +62,9 @@ pub mod observe;
 pub mod request;
 pub mod store;
 pub mod telemetry;
+
+/// Locks `mutex`, poisoned or not: the crate's shared maps and counters are
+/// written whole under their locks, so a panic elsewhere leaves none torn.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -17,6 +17,7 @@ use aws_sdk_pricing::types::{Filter as PriceFilter, FilterType};
 use super::api::Ec2Api;
 use super::sdk::Measured;
 use crate::clock::{Clock, SystemClock};
+use crate::lock;
 use crate::machine::{Input, MicroUsd, PlacementFacts, SessionContext, ShortZone, Timestamp};
 
 /// How long a capacity failure steers launches of the same instance type
@@ -46,10 +47,6 @@ impl PlacementSources {
             clock: Arc::clone(&self.clock),
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Default for PlacementSources {
