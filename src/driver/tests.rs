@@ -1,31 +1,10 @@
 use super::*;
 use crate::clock::ManualClock;
 use crate::machine::Timestamp;
-use crate::request::sample;
 use crate::store::SqliteStore;
+use crate::store::sample::{context, first_checkpoint};
 
 const TTL: Duration = Duration::from_secs(30);
-
-fn context(id: &str) -> SessionContext {
-    SessionContext {
-        session_id: id.into(),
-        request: sample::request(),
-        key_dir: "/tmp/keys".into(),
-        replaces: None,
-    }
-}
-
-fn first_checkpoint(ctx: &SessionContext) -> Checkpoint {
-    let step = machine::start(ctx);
-    Checkpoint {
-        outcome: None,
-        state: step.state,
-        intent: step.effect.map(|effect| Intent {
-            effect,
-            not_before: None,
-        }),
-    }
-}
 
 fn holder(name: &str) -> LeaseHolder {
     LeaseHolder {

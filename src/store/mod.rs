@@ -308,3 +308,33 @@ pub trait CheckpointStore: Send + Sync {
     async fn release_lease(&self, session_id: &str, holder: &LeaseHolder)
     -> Result<(), StoreError>;
 }
+
+/// Sessions as unit tests of the store and the driver start them.
+#[cfg(test)]
+pub(crate) mod sample {
+    use super::{Checkpoint, Intent};
+    use crate::machine::{self, SessionContext};
+
+    /// A session of the sample request.
+    pub fn context(id: &str) -> SessionContext {
+        SessionContext {
+            session_id: id.into(),
+            request: crate::request::sample::request(),
+            key_dir: "/tmp/keys".into(),
+            replaces: None,
+        }
+    }
+
+    /// The checkpoint a new session is created with.
+    pub fn first_checkpoint(ctx: &SessionContext) -> Checkpoint {
+        let step = machine::start(ctx);
+        Checkpoint {
+            outcome: None,
+            state: step.state,
+            intent: step.effect.map(|effect| Intent {
+                effect,
+                not_before: None,
+            }),
+        }
+    }
+}

@@ -2,32 +2,11 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 use crate::machine::{self, Effect, Input, ProvisionPhase, Validating};
-use crate::request::sample;
 use crate::store::Intent;
+use crate::store::sample::{context, first_checkpoint};
 
 const NOW: Timestamp = Timestamp(1_700_000_000_000);
 const TTL: Duration = Duration::from_secs(30);
-
-fn context(id: &str) -> SessionContext {
-    SessionContext {
-        session_id: id.into(),
-        request: sample::request(),
-        key_dir: "/tmp/keys".into(),
-        replaces: None,
-    }
-}
-
-fn first_checkpoint(ctx: &SessionContext) -> Checkpoint {
-    let step = machine::start(ctx);
-    Checkpoint {
-        outcome: None,
-        state: step.state,
-        intent: step.effect.map(|effect| Intent {
-            effect,
-            not_before: None,
-        }),
-    }
-}
 
 fn validated(ctx: &SessionContext) -> Checkpoint {
     let state = machine::start(ctx).state;
