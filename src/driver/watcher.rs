@@ -104,13 +104,8 @@ impl<E: Effects> Engine<E> {
             if !asked || summary.phase.is_settled() {
                 continue;
             }
-            // One damaged session must not stop the others being watched.
-            let session = match self.store.load(&summary.session_id).await {
-                Ok(session) => session,
-                Err(e) => {
-                    warn!(session_id = %summary.session_id, error = %e, "cannot read the session; not finishing it");
-                    continue;
-                }
+            let Some(session) = self.readable(&summary.session_id).await else {
+                continue;
             };
             if session.state.phase.is_interruption_underway() {
                 let resumed = self.finish_interruption(summary.session_id, None, progress);
@@ -215,6 +210,18 @@ impl<E: Effects> Engine<E> {
         done.push(finished);
     }
 
+    /// The session, or a warning and `None` when the store cannot read it:
+    /// one damaged session must not stop the others being watched.
+    async fn readable(&self, session_id: &str) -> Option<LoadedSession> {
+        match self.store.load(session_id).await {
+            Ok(session) => Some(session),
+            Err(e) => {
+                warn!(%session_id, error = %e, "cannot read the session; leaving it out of the watch");
+                None
+            }
+        }
+    }
+
     /// The Ready spot sessions to look at (those asked for, or all), less
     /// those whose notice is already being acted on.
     async fn watched_sessions(
@@ -233,13 +240,8 @@ impl<E: Effects> Engine<E> {
             {
                 continue;
             }
-            // One damaged session must not stop the others being watched.
-            let session = match self.store.load(&summary.session_id).await {
-                Ok(session) => session,
-                Err(e) => {
-                    warn!(session_id = %summary.session_id, error = %e, "cannot read the session; not watching it");
-                    continue;
-                }
+            let Some(session) = self.readable(&summary.session_id).await else {
+                continue;
             };
             if let ProvisionPhase::Ready(ready) = &session.state.phase {
                 let ready = ready.clone();
