@@ -42,6 +42,8 @@ impl fmt::Display for Ec2Failure {
     }
 }
 
+impl std::error::Error for Ec2Failure {}
+
 pub type Ec2Result<T> = Result<T, Ec2Failure>;
 
 /// An instance's state as EC2 names it.

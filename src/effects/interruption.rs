@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use aws_sdk_ec2::primitives::{DateTime, DateTimeFormat};
 
-use super::api::{Ec2Api, InstanceState};
+use super::api::{Ec2Api, Ec2Failure, InstanceState};
 use super::placement::PlacementSources;
 use super::ssh::{self, Probe};
 use crate::machine::{
@@ -103,6 +103,29 @@ pub async fn check(
     check
 }
 
+/// Why one way of looking for a notice gave no answer; the check then
+/// tries the other way, and reports both when neither answers.
+#[derive(Debug, thiserror::Error)]
+pub enum NoticeQueryError {
+    #[error("the session is not a spot session, so it gets no notices")]
+    NotSpot,
+    #[error("instance id {0:?} is not an EC2 id; the session's record is damaged")]
+    NotAnInstanceId(String),
+    #[error(transparent)]
+    Ssh(#[from] ssh::SshCommandError),
+    #[error(
+        "the metadata query on the instance exited {0:?}; curl must be installed there and \
+         the metadata service reachable (IMDS enabled, hop limit ≥ 1)"
+    )]
+    QueryExited(Option<u32>),
+    #[error("instance-action is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("the metadata service answered HTTP {0:?}")]
+    MetadataStatus(String),
+    #[error(transparent)]
+    Api(#[from] Ec2Failure),
+}
+
 /// IMDSv2 asked from the instance: a token, then `spot/instance-action`
 /// (404: no notice). The instance id goes along as `X-Acode-Instance-Id`,
 /// which EC2's metadata service ignores and the lab answers by.
@@ -111,14 +134,14 @@ async fn from_metadata(
     ctx: &SessionContext,
     ready: &Ready,
     now: Timestamp,
-) -> Result<InterruptionCheck, String> {
+) -> Result<InterruptionCheck, NoticeQueryError> {
     let Some(policy) = ctx.request.spot.as_ref().map(|s| &s.interruption) else {
-        return Err("the session is not a spot session".into());
+        return Err(NoticeQueryError::NotSpot);
     };
     let id = &ready.instance.instance_id;
     // Both go into a command line: only what EC2 ids and the checked URL hold.
     if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(format!("instance id {id:?} is not an EC2 id"));
+        return Err(NoticeQueryError::NotAnInstanceId(id.clone()));
     }
     let url = policy.metadata_url.trim_end_matches('/');
     // Quoted, and `-g` so curl does not glob an IPv6 literal's brackets;
@@ -138,24 +161,21 @@ async fn from_metadata(
     )
     .await?;
     if run.exit_status != Some(0) {
-        return Err(format!(
-            "the metadata query on the instance exited {:?}",
-            run.exit_status
-        ));
+        return Err(NoticeQueryError::QueryExited(run.exit_status));
     }
     parse_instance_action(&String::from_utf8_lossy(&run.stdout), now)
 }
 
 /// The answer printed as `BODY\nHTTP_CODE`.
-fn parse_instance_action(out: &str, now: Timestamp) -> Result<InterruptionCheck, String> {
+fn parse_instance_action(out: &str, now: Timestamp) -> Result<InterruptionCheck, NoticeQueryError> {
     let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
     match code.trim() {
         "404" => Ok(InterruptionCheck::Quiet {
             via: "instance metadata",
         }),
         "200" => {
-            let doc: serde_json::Value = serde_json::from_str(body.trim())
-                .map_err(|e| format!("instance-action is not JSON: {e}"))?;
+            let doc: serde_json::Value =
+                serde_json::from_str(body.trim()).map_err(NoticeQueryError::NotJson)?;
             let action = doc["action"].as_str().unwrap_or("terminate").to_string();
             let at = doc["time"]
                 .as_str()
@@ -168,7 +188,7 @@ fn parse_instance_action(out: &str, now: Timestamp) -> Result<InterruptionCheck,
                 source: "the instance's metadata service".into(),
             }))
         }
-        other => Err(format!("the metadata service answered HTTP {other}")),
+        other => Err(NoticeQueryError::MetadataStatus(other.to_string())),
     }
 }
 
@@ -177,7 +197,7 @@ async fn from_api(
     api: &impl Ec2Api,
     ready: &Ready,
     now: Timestamp,
-) -> Result<InterruptionCheck, String> {
+) -> Result<InterruptionCheck, NoticeQueryError> {
     let notice = |action: &str, at: Timestamp, source: String| {
         InterruptionCheck::Noticed(InterruptionNotice {
             action: action.to_string(),
@@ -186,10 +206,7 @@ async fn from_api(
         })
     };
     if let Some(request) = &ready.instance.spot_request {
-        let view = api
-            .spot_request(&request.request_id)
-            .await
-            .map_err(|f| f.to_string())?;
+        let view = api.spot_request(&request.request_id).await?;
         let code = view.and_then(|v| v.status.status_code).unwrap_or_default();
         let source = format!("the EC2 API (spot request status {code})");
         // EC2 may skip `marked-for-…` and go straight to `instance-…-by-…`.
@@ -206,7 +223,7 @@ async fn from_api(
         }
     }
     let id = &ready.instance.instance_id;
-    let view = api.describe_instance(id).await.map_err(|f| f.to_string())?;
+    let view = api.describe_instance(id).await?;
     match view.map(|v| v.state) {
         Some(InstanceState::Running | InstanceState::Pending) => {
             Ok(InterruptionCheck::Quiet { via: "EC2 API" })
@@ -231,12 +248,12 @@ mod tests {
     #[test]
     fn instance_action_answers_are_read_and_garbage_is_refused() {
         let now = Timestamp(1_000);
-        assert_eq!(
+        assert!(matches!(
             parse_instance_action("\n404", now),
             Ok(InterruptionCheck::Quiet {
                 via: "instance metadata"
             })
-        );
+        ));
         let found = parse_instance_action(
             "{\"action\": \"stop\", \"time\": \"2026-11-26T10:00:00Z\"}\n200",
             now,
@@ -246,8 +263,17 @@ mod tests {
         };
         assert_eq!(notice.action, "stop");
         assert_eq!(notice.at, Timestamp(1_795_687_200_000));
-        assert!(parse_instance_action("not json\n200", now).is_err());
-        assert!(parse_instance_action("<html>\n500", now).is_err());
-        assert!(parse_instance_action("", now).is_err());
+        assert!(matches!(
+            parse_instance_action("not json\n200", now),
+            Err(NoticeQueryError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse_instance_action("<html>\n500", now),
+            Err(NoticeQueryError::MetadataStatus(code)) if code == "500"
+        ));
+        assert!(matches!(
+            parse_instance_action("", now),
+            Err(NoticeQueryError::MetadataStatus(code)) if code.is_empty()
+        ));
     }
 }

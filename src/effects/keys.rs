@@ -137,9 +137,10 @@ pub fn generate(algorithm: KeyAlgorithm) -> Result<(PrivateKeyPem, String), ssh_
     Ok((PrivateKeyPem::new(key.to_openssh(LineEnding::LF)?), public))
 }
 
-fn public_key_of(path: &str) -> Result<String, String> {
-    let key = PrivateKey::read_openssh_file(Path::new(path)).map_err(|e| e.to_string())?;
-    key.public_key().to_openssh().map_err(|e| e.to_string())
+fn public_key_of(path: &str) -> Result<String, ssh_key::Error> {
+    PrivateKey::read_openssh_file(Path::new(path))?
+        .public_key()
+        .to_openssh()
 }
 
 pub async fn ensure(

@@ -97,6 +97,27 @@ impl RecentShortages {
     }
 }
 
+/// Why an on-demand price is not known; savings are then reported as
+/// unknown, and placement goes on without them.
+#[derive(Debug, thiserror::Error)]
+pub enum PriceError {
+    #[error("no Price List client is configured")]
+    NoClient,
+    #[error("GetProducts: cannot build the filter: {0}")]
+    Filter(#[source] aws_sdk_pricing::error::BuildError),
+    #[error(transparent)]
+    Call(#[from] super::api::Ec2Failure),
+    #[error(
+        "the Price List API lists no on-demand price for {instance_type} ({os}) in {region}; \
+         check the instance type is offered there"
+    )]
+    NotListed {
+        instance_type: String,
+        os: &'static str,
+        region: String,
+    },
+}
+
 /// On-demand prices from the AWS Price List API, by (instance type,
 /// region, operating system); a price, once found, is kept for the process.
 pub struct OnDemandPrices {
@@ -120,7 +141,7 @@ impl OnDemandPrices {
         instance_type: &str,
         region: &str,
         platform: Option<&str>,
-    ) -> Result<MicroUsd, String> {
+    ) -> Result<MicroUsd, PriceError> {
         let os = operating_system(platform);
         let key = (
             instance_type.to_string(),
@@ -131,7 +152,7 @@ impl OnDemandPrices {
             return Ok(*price);
         }
         let Some(client) = &self.client else {
-            return Err("no Price List client is configured".into());
+            return Err(PriceError::NoClient);
         };
         let term = |field: &str, value: &str| {
             PriceFilter::builder()
@@ -139,7 +160,7 @@ impl OnDemandPrices {
                 .field(field)
                 .value(value)
                 .build()
-                .map_err(|e| format!("GetProducts: {e}"))
+                .map_err(PriceError::Filter)
         };
         let out = client
             .get_products()
@@ -154,17 +175,15 @@ impl OnDemandPrices {
             .max_results(10)
             .send()
             .measured("GetProducts")
-            .await
-            .map_err(|failure| failure.to_string())?;
+            .await?;
         let price = out
             .price_list()
             .iter()
             .find_map(|product| on_demand_price(product))
-            .ok_or_else(|| {
-                format!(
-                    "the Price List API lists no on-demand price for {instance_type} \
-                     ({os}) in {region}"
-                )
+            .ok_or_else(|| PriceError::NotListed {
+                instance_type: instance_type.to_string(),
+                os,
+                region: region.to_string(),
             })?;
         self.lock().insert(key, price);
         Ok(price)
@@ -267,7 +286,7 @@ pub async fn find(
     }
     match on_demand {
         Ok(price) => facts.on_demand_price = Some(price),
-        Err(why) => facts.on_demand_gap = Some(why),
+        Err(why) => facts.on_demand_gap = Some(why.to_string()),
     }
     for gap in &facts.gaps {
         tracing::warn!(%gap, "spot placement fact missing: subnets keep their config order");

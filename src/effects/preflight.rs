@@ -4,20 +4,64 @@
 //! Invariant: creates nothing and writes nothing: Describe calls, and
 //! CreateKeyPair/ImportKeyPair/RunInstances with `DryRun=true` only.
 
-use super::api::{Ec2Api, LaunchSpec};
+use super::api::{Ec2Api, Ec2Failure, LaunchSpec};
 use super::ec2::{self, session_tags};
 use super::{guidance, keys};
-use crate::error_code::{AwsErrorCode, ErrorClass};
+use crate::error_code::{AwsErrorCode, ErrorClass, RejectionCode};
 use crate::machine::{ImageChoice, Input, SessionContext};
-use crate::request::{AmiSelector, KeyAlgorithm, KeyPairMode, ProvisionRequest, StatusCheckMode};
+use crate::request::{
+    AmiSelector, InvalidRequest, KeyAlgorithm, KeyPairMode, ProvisionRequest, StatusCheckMode,
+};
+
+/// Why a request could not be provisioned, found before anything was
+/// created; each says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(transparent)]
+    Request(#[from] InvalidRequest),
+    #[error("subnetId: missing; name the subnet to launch in")]
+    NoSubnet,
+    /// A check EC2 answered: the image, subnets or security groups.
+    #[error("{code}: {message}")]
+    Rejected {
+        code: RejectionCode,
+        message: String,
+    },
+    /// A check that got no answer (EC2 unreachable or slow).
+    #[error("the checks could not finish: {0}")]
+    Unfinished(String),
+    #[error("{}", guidance::missing_key_pair(.key_name, .region))]
+    MissingKeyPair { key_name: String, region: String },
+    #[error(
+        "cannot read private key {path}: {source}; fix `privateKeyPath` or the file's permissions"
+    )]
+    PrivateKeyUnreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot generate a {algorithm} key: {source}")]
+    KeyGeneration {
+        algorithm: &'static str,
+        source: ssh_key::Error,
+    },
+    /// The key files named by `importOwn` are unusable.
+    #[error("{0}")]
+    OwnKey(String),
+    /// EC2 refused a call or its dry run: guidance for a denial, else EC2's words.
+    #[error("{}", refusal(.0))]
+    Refused(Ec2Failure),
+}
 
 /// What a session with this request would launch, line by line; or why it
 /// could not, with what to do about it.
-pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<String>, String> {
+pub async fn check(
+    api: &impl Ec2Api,
+    request: &ProvisionRequest,
+) -> Result<Vec<String>, PreflightError> {
     // What the engine would refuse before any call (an empty subnet list).
-    request.check().map_err(|e| e.to_string())?;
+    request.check()?;
     let Some(subnet_id) = request.subnet_ids.first() else {
-        return Err("subnetId: missing; name the subnet to launch in".into());
+        return Err(PreflightError::NoSubnet);
     };
     let ctx = SessionContext {
         session_id: "validate".into(),
@@ -27,8 +71,10 @@ pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<
     };
     let (image, zones) = match ec2::validate(api, &ctx).await {
         Input::Validated { image, zones, .. } => (image, zones),
-        Input::Rejected { code, message } => return Err(format!("{code}: {message}")),
-        other => return Err(format!("the checks could not finish: {}", describe(&other))),
+        Input::Rejected { code, message } => {
+            return Err(PreflightError::Rejected { code, message });
+        }
+        other => return Err(PreflightError::Unfinished(describe(&other))),
     };
     let mut lines = describe_launch(api, request, &image, &zones);
     let tags = session_tags(&ctx, crate::clock::wall_clock());
@@ -40,11 +86,20 @@ pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<
         } => {
             match api.key_pair_exists(key_name).await {
                 Ok(true) => {}
-                Ok(false) => return Err(guidance::missing_key_pair(key_name, &api.region())),
-                Err(failure) => return Err(refusal(failure)),
+                Ok(false) => {
+                    return Err(PreflightError::MissingKeyPair {
+                        key_name: key_name.clone(),
+                        region: api.region(),
+                    });
+                }
+                Err(failure) => return Err(PreflightError::Refused(failure)),
             }
-            std::fs::metadata(private_key_path)
-                .map_err(|e| format!("cannot read private key {private_key_path}: {e}"))?;
+            std::fs::metadata(private_key_path).map_err(|source| {
+                PreflightError::PrivateKeyUnreadable {
+                    path: private_key_path.clone(),
+                    source,
+                }
+            })?;
             (
                 format!("existing key pair {key_name} ({private_key_path})"),
                 Some(key_name.as_str()),
@@ -72,7 +127,7 @@ pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<
             private_key_path,
         } => {
             let public = keys::own_public_key(public_key_path, private_key_path)
-                .map_err(|input| describe(&input))?;
+                .map_err(|input| PreflightError::OwnKey(describe(&input)))?;
             dry_run_key(api, &key_name, Some(&public), &tags).await?;
             (
                 format!("your key {public_key_path}, imported per session (ImportKeyPair allowed)"),
@@ -91,7 +146,9 @@ pub async fn check(api: &impl Ec2Api, request: &ProvisionRequest) -> Result<Vec<
         tags: &tags,
         dry_run: true,
     };
-    api.run_instance(spec).await.map_err(refusal)?;
+    api.run_instance(spec)
+        .await
+        .map_err(PreflightError::Refused)?;
     lines.push("RunInstances    allowed (dry run): EC2 would launch this".into());
     Ok(lines)
 }
@@ -162,22 +219,25 @@ async fn dry_run_key(
     name: &str,
     public: Option<&str>,
     tags: &[(String, String)],
-) -> Result<(), String> {
+) -> Result<(), PreflightError> {
     api.dry_run_key_pair(name, public, tags)
         .await
-        .map_err(refusal)
+        .map_err(PreflightError::Refused)
 }
 
 /// A public key for a dry-run import; its private half is dropped at once.
-fn throwaway_public_key(algorithm: KeyAlgorithm) -> Result<String, String> {
+fn throwaway_public_key(algorithm: KeyAlgorithm) -> Result<String, PreflightError> {
     keys::generate(algorithm)
         .map(|(_, public)| public)
-        .map_err(|e| format!("cannot generate a {} key: {e}", algorithm.name()))
+        .map_err(|source| PreflightError::KeyGeneration {
+            algorithm: algorithm.name(),
+            source,
+        })
 }
 
 /// A failed check as the user reads it: the guidance for a denial, else
 /// EC2's words.
-fn refusal(failure: super::api::Ec2Failure) -> String {
+fn refusal(failure: &Ec2Failure) -> String {
     if failure.is(&AwsErrorCode::UnauthorizedOperation) {
         return format!(
             "{}: {}",

@@ -230,6 +230,21 @@ pub struct CommandRun {
 /// Output past this is dropped: the commands run here answer in a line.
 pub const OUTPUT_LIMIT: usize = 64 * 1024;
 
+/// Why a command over SSH did not run to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum SshCommandError {
+    /// The login the command needs did not happen (the host key is checked
+    /// first, as for a readiness probe).
+    #[error("cannot log in: {reason}")]
+    Login { reason: String },
+    #[error("cannot open an SSH channel: {0}; the server may limit sessions, try again")]
+    Channel(#[source] russh::Error),
+    #[error("cannot start the command: {0}; the server refused to run it, check its sshd_config")]
+    Exec(#[source] russh::Error),
+    #[error("did not finish within {0:?}; the host may be overloaded, try again")]
+    TimedOut(Duration),
+}
+
 /// Runs `command` on the host at `probe.endpoint` after the same checks as
 /// a probe (the host key must be trusted before logging in), within
 /// `timeout`; or why it could not run.
@@ -238,20 +253,22 @@ pub async fn run_command(
     probe: Probe<'_>,
     command: &str,
     timeout: Duration,
-) -> Result<CommandRun, String> {
+) -> Result<CommandRun, SshCommandError> {
     let run = async {
         let logged_in = log_in(guard, probe, timeout.min(PROBE_TIMEOUT))
             .await
-            .map_err(|why| refusal(&why))?;
+            .map_err(|why| SshCommandError::Login {
+                reason: refusal(&why),
+            })?;
         let session = &logged_in.session;
         let mut channel = session
             .channel_open_session()
             .await
-            .map_err(|e| format!("cannot open an SSH channel: {e}"))?;
+            .map_err(SshCommandError::Channel)?;
         channel
             .exec(true, command)
             .await
-            .map_err(|e| format!("cannot start the command: {e}"))?;
+            .map_err(SshCommandError::Exec)?;
         let mut run = CommandRun {
             exit_status: None,
             stdout: Vec::new(),
@@ -275,7 +292,7 @@ pub async fn run_command(
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(outcome) => outcome,
-        Err(_) => Err(format!("did not finish within {timeout:?}")),
+        Err(_) => Err(SshCommandError::TimedOut(timeout)),
     }
 }
 

@@ -285,6 +285,6 @@ async fn validate_without_a_subnet_names_the_key_and_launches_nothing() {
     let err = acode_ec2::effects::preflight::check(effects.api(), &request)
         .await
         .unwrap_err();
-    assert!(err.contains("subnetId"), "{err}");
+    assert!(err.to_string().contains("subnetId"), "{err}");
     assert_eq!(lab.count("RunInstances"), 0, "{err}");
 }
