@@ -183,13 +183,21 @@ pub fn parse(text: &str) -> Result<ProvisionRequest, ParseError> {
                 .into(),
         ));
     }
-    let file: ConfigFile = serde_saphyr::from_str(text).map_err(|e| {
+    // YAML 1.2 booleans only: `yes`, `on` or a quoted `'yes'` would
+    // otherwise read as true, so a typo or a string could turn spot on.
+    let options = serde_saphyr::options! { strict_booleans: true };
+    let file: ConfigFile = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         // The parser's advice is for programmers; the user needs the key.
-        let message = e.to_string().replace(
-            ", set DuplicateKeyPolicy in Options if acceptable",
-            " (given twice; keep one)",
-        );
-        ParseError::Yaml(message)
+        let message = e
+            .to_string()
+            .replace(
+                ", set DuplicateKeyPolicy in Options if acceptable",
+                " (given twice; keep one)",
+            )
+            .replace("(strict mode expects true/false)", "(write true or false)");
+        // The CLI says "error:" once already.
+        let message = message.strip_prefix("error: ").unwrap_or(&message);
+        ParseError::Yaml(message.to_string())
     })?;
     let request = file
         .ec2_target
@@ -692,6 +700,23 @@ mod tests {
             "{twice}"
         );
         assert!(!twice.contains("DuplicateKeyPolicy"), "{twice}");
+    }
+
+    #[test]
+    fn booleans_are_true_or_false_only() {
+        for value in ["yes", "'yes'", "on", "\"no\"", "1"] {
+            let err = parse(&format!("{MINIMAL}  useSpot: {value}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("useSpot") && err.contains("write true or false"),
+                "{value}: {err}"
+            );
+        }
+        let spot = parse(&format!("{MINIMAL}  useSpot: true\n")).unwrap();
+        assert!(spot.spot.is_some());
+        let on_demand = parse(&format!("{MINIMAL}  useSpot: false\n")).unwrap();
+        assert!(on_demand.spot.is_none());
     }
 
     #[test]
