@@ -16,6 +16,7 @@ pub const READ_ACTIONS: &[&str] = &[
     "DescribeImages",
     "DescribeSubnets",
     "DescribeSecurityGroups",
+    "DescribeInstanceTypeOfferings",
     "DescribeKeyPairs",
     "DescribeInstances",
     "DescribeInstanceStatus",

@@ -122,9 +122,10 @@ enum Command {
     /// Check a config against the account without creating anything.
     ///
     /// Checks everything `provision` checks before it creates anything (the
-    /// config, the image, subnets, security groups and key pair), and asks
-    /// EC2 whether the key pair and RunInstances calls would be allowed
-    /// (DryRun). Prints what would be launched; exits 1 with what to fix.
+    /// config, the image, subnets, security groups and key pair), whether
+    /// the subnets' zones offer the instance type, and asks EC2 whether the
+    /// key pair and RunInstances calls would be allowed (DryRun). Prints
+    /// what would be launched; exits 1 with what to fix.
     /// Writes no state.
     Validate {
         /// YAML file with a top-level `ec2Target:` (see fixtures/ec2-target.example.yaml).

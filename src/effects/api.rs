@@ -151,6 +151,14 @@ pub trait Ec2Api: Send + Sync + 'static {
 
     fn check_security_groups(&self, ids: &[String]) -> impl Future<Output = Ec2Result<()>> + Send;
 
+    /// The zones among `zones` where EC2 offers `instance_type`; none for a
+    /// type that does not exist (DescribeInstanceTypeOfferings).
+    fn instance_type_zones(
+        &self,
+        instance_type: &str,
+        zones: &[String],
+    ) -> impl Future<Output = Ec2Result<Vec<String>>> + Send;
+
     /// Up to `limit` security group ids (of `vpc`, if given), for suggestions.
     fn some_security_groups(
         &self,

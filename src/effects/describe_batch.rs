@@ -359,6 +359,14 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         groups.get_or_fetch(&ids.to_vec(), fetch).await
     }
 
+    async fn instance_type_zones(
+        &self,
+        instance_type: &str,
+        zones: &[String],
+    ) -> Ec2Result<Vec<String>> {
+        self.inner.instance_type_zones(instance_type, zones).await
+    }
+
     async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {
         let fetch = || self.inner.key_pair_exists(name);
         let key_pairs = &self.shared.key_pairs;

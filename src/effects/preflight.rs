@@ -27,6 +27,19 @@ pub enum PreflightError {
         code: RejectionCode,
         message: String,
     },
+    #[error(
+        "instanceType: {instance_type} is not offered in the zones of your subnets ({}) in \
+         {region}. Check its spelling (`aws ec2 describe-instance-types --instance-types \
+         {instance_type} --region {region}`), or pick subnets in zones that offer it (`aws ec2 \
+         describe-instance-type-offerings --location-type availability-zone --filters \
+         Name=instance-type,Values={instance_type} --region {region}`)",
+        .zones.join(", ")
+    )]
+    InstanceTypeNotOffered {
+        instance_type: String,
+        region: String,
+        zones: Vec<String>,
+    },
     /// A check that got no answer (EC2 unreachable or slow).
     #[error("the checks could not finish: {0}")]
     Unfinished(String),
@@ -77,6 +90,7 @@ pub async fn check(
         other => return Err(PreflightError::Unfinished(describe(&other))),
     };
     let mut lines = describe_launch(api, request, &image, &zones);
+    lines.extend(instance_type_offered(api, request, &zones).await?);
     let tags = session_tags(&ctx, crate::clock::wall_clock());
     let key_name = ctx.owned_key_name();
     let (key_line, launch_key) = match &request.key_pair {
@@ -212,6 +226,43 @@ fn describe_launch(
         request.ssh.user, request.timeouts.ssh
     ));
     lines
+}
+
+/// Refuses an instance type no subnet's zone offers (a misspelt one is
+/// offered nowhere); a line per subnet whose zone lacks it, where
+/// launches are refused and go on to the next subnet.
+async fn instance_type_offered(
+    api: &impl Ec2Api,
+    request: &ProvisionRequest,
+    zones: &[String],
+) -> Result<Vec<String>, PreflightError> {
+    let mut distinct = zones.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    let offered = api
+        .instance_type_zones(&request.instance_type, &distinct)
+        .await
+        .map_err(PreflightError::Refused)?;
+    if offered.is_empty() {
+        return Err(PreflightError::InstanceTypeNotOffered {
+            instance_type: request.instance_type.clone(),
+            region: api.region(),
+            zones: distinct,
+        });
+    }
+    Ok(request
+        .subnet_ids
+        .iter()
+        .zip(zones)
+        .filter(|(_, zone)| !offered.contains(zone))
+        .map(|(subnet, zone)| {
+            format!(
+                "note            {subnet} ({zone}) does not offer {}: launches there are \
+                 refused and go on to the next subnet",
+                request.instance_type
+            )
+        })
+        .collect())
 }
 
 async fn dry_run_key(

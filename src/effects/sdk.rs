@@ -24,8 +24,8 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     Instance, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
     InstanceMetadataOptionsRequest, InstanceStateName, InstanceStatusSummary, InstanceType,
-    KeyFormat, KeyType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions,
-    SummaryStatus, Tag, TagSpecification, VolumeType,
+    KeyFormat, KeyType, LocationType, MarketType, ResourceType, SpotInstanceType,
+    SpotMarketOptions, SummaryStatus, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine as _;
 use zeroize::Zeroizing;
@@ -523,6 +523,39 @@ impl Ec2Api for SdkEc2 {
         })
         .await
         .map(|_| ())
+    }
+
+    async fn instance_type_zones(
+        &self,
+        instance_type: &str,
+        zones: &[String],
+    ) -> Ec2Result<Vec<String>> {
+        let out = self
+            .send("DescribeInstanceTypeOfferings", || {
+                self.client
+                    .describe_instance_type_offerings()
+                    .location_type(LocationType::AvailabilityZone)
+                    .filters(
+                        Filter::builder()
+                            .name("instance-type")
+                            .values(instance_type)
+                            .build(),
+                    )
+                    .filters(
+                        Filter::builder()
+                            .name("location")
+                            .set_values(Some(zones.to_vec()))
+                            .build(),
+                    )
+                    .send()
+            })
+            .await?;
+        Ok(out
+            .instance_type_offerings()
+            .iter()
+            .filter_map(|offering| offering.location())
+            .map(str::to_string)
+            .collect())
     }
 
     async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {

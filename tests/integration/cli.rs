@@ -406,6 +406,27 @@ fn validate_checks_everything_and_creates_nothing() {
     );
     assert!(!db.exists(), "validate wrote state");
 
+    // A failover subnet in a zone without the type (us-east-1e has no t3 in
+    // EC2's offerings, and in moto's): valid, with a note naming it.
+    let east_1e = lab.subnet("us-east-1e");
+    let partly = config_file(
+        dir.path(),
+        "partly.yaml",
+        &lab.target_yaml(&format!("  failoverSubnetIds: [{east_1e}]\n")),
+    );
+    let out = cli(
+        &db,
+        Some(&lab),
+        &["validate", "--config", partly.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains(&format!("{east_1e} (us-east-1e) does not offer t3.micro")),
+        "{report}"
+    );
+    assert!(!report.contains("us-east-1a) does not offer"), "{report}");
+
     // Each bad config: exit 1 with what is wrong and what to do.
     let yaml = lab.target_yaml("");
     let subnet = lab.subnet("us-east-1a");
@@ -429,6 +450,13 @@ fn validate_checks_everything_and_creates_nothing() {
             vec![
                 "security group sg-0000000000deadbee does not exist",
                 "groups that do: sg-",
+            ],
+        ),
+        (
+            yaml.replace("instanceType: t3.micro", "instanceType: t3.bogus"),
+            vec![
+                "instanceType: t3.bogus is not offered in the zones of your subnets (us-east-1a)",
+                "aws ec2 describe-instance-types --instance-types t3.bogus",
             ],
         ),
         (
