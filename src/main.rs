@@ -1,5 +1,14 @@
 //! `acode-ec2`: the command-line edge. Errors become `anyhow` here and only here.
 
+/// Parts of the command line kept out of this file.
+#[macro_use]
+mod cli {
+    #[macro_use]
+    pub mod stdout;
+    pub mod cancel;
+    pub mod fleet;
+}
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -271,11 +280,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parts of the command line kept out of this file.
-mod cli {
-    pub mod cancel;
-    pub mod fleet;
-}
 use cli::cancel::{CancelNotices, Cancellable, until_cancelled};
 use cli::fleet::{FleetDisplay, FleetEnd, provision_fleet};
 
@@ -297,7 +301,7 @@ async fn fleet_summary(end: FleetEnd, json: bool, on_ready: Option<&str>) -> Res
     let (ready, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
     let ready: Vec<ReadyInstance> = ready.into_iter().filter_map(Result::ok).collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&ready)?);
+        outln!("{}", serde_json::to_string_pretty(&ready)?);
     } else {
         for instance in &ready {
             print_ready(instance);
@@ -436,7 +440,7 @@ fn engine(cli: &Cli, effects: AwsEffects) -> Result<Engine<AwsEffects>> {
 async fn run(cli: &Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Diagram { format } => {
-            print!(
+            out!(
                 "{}",
                 match format {
                     DiagramFormat::Mermaid => diagram::mermaid(),
@@ -477,7 +481,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             display.finish();
             let ready = outcome?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&ready)?);
+                outln!("{}", serde_json::to_string_pretty(&ready)?);
             } else {
                 print_ready(&ready);
             }
@@ -491,9 +495,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             let effects = aws_effects().await?;
             match acode_ec2::effects::preflight::check(effects.api(), &request).await {
                 Ok(lines) => {
-                    println!("{} is valid; provision would launch:", config.display());
+                    outln!("{} is valid; provision would launch:", config.display());
                     for line in lines {
-                        println!("  {line}");
+                        outln!("  {line}");
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -503,7 +507,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::IamPolicy { config } => {
             let request = config.as_deref().map(acode_ec2::config::load).transpose()?;
             let policy = acode_ec2::iam_policy::policy(request.as_ref());
-            println!("{}", serde_json::to_string_pretty(&policy)?);
+            outln!("{}", serde_json::to_string_pretty(&policy)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::SshConfig { session } => {
@@ -511,7 +515,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 bail!("no session {session}: there is no state database yet");
             };
             let summary = store.summary(session).await?;
-            print!("{}", ssh_config_block(&summary)?);
+            out!("{}", ssh_config_block(&summary)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { session, json } => {
@@ -544,20 +548,20 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     replaces,
                     replaced_by,
                 };
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                outln!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print_summary(&summary);
                 if let Some(request) = spot {
                     print_spot_request(request);
                 }
                 if let Some(savings) = savings {
-                    println!("savings   {savings}");
+                    outln!("savings   {savings}");
                 }
                 if let Some(old) = replaces {
-                    println!("replaces  {old} (interrupted)");
+                    outln!("replaces  {old} (interrupted)");
                 }
                 if let Some(new) = replaced_by {
-                    println!("replaced  by {new}");
+                    outln!("replaced  by {new}");
                 }
                 print_phases(&phases);
             }
@@ -569,16 +573,18 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 None => Vec::new(),
             };
             if *json {
-                println!("{}", serde_json::to_string_pretty(&sessions)?);
+                outln!("{}", serde_json::to_string_pretty(&sessions)?);
             } else if sessions.is_empty() {
-                println!("no sessions");
+                outln!("no sessions");
             } else {
-                println!(
+                outln!(
                     "{:<36}  {:<19}  {:<20}  PUBLIC IP",
-                    "SESSION", "PHASE", "INSTANCE"
+                    "SESSION",
+                    "PHASE",
+                    "INSTANCE"
                 );
                 for s in &sessions {
-                    println!(
+                    outln!(
                         "{:<36}  {:<19}  {:<20}  {}",
                         s.session_id,
                         s.phase.name(),
@@ -604,7 +610,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             let display = ProgressDisplay::new(cli.log_format);
             let end = engine.teardown(session, &display).await;
             display.finish();
-            println!("session {session} is {}", end?);
+            outln!("session {session} is {}", end?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch {
@@ -623,7 +629,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                         path.display()
                     );
                 }
-                println!("no sessions to watch");
+                outln!("no sessions to watch");
                 return Ok(ExitCode::SUCCESS);
             }
             let mut engine = engine(cli, effects)?;
@@ -657,7 +663,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Recover { concurrency } => {
             let effects = aws_effects().await?;
             if !state_db_path(cli)?.exists() {
-                println!("nothing to recover");
+                outln!("nothing to recover");
                 return Ok(ExitCode::SUCCESS);
             }
             let engine = engine(cli, effects)?;
@@ -669,25 +675,25 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             display.finish();
             let report = report?;
             if report.is_empty() {
-                println!("nothing to recover");
+                outln!("nothing to recover");
             }
             let mut failures = 0;
             for item in report {
                 match item.result {
-                    Ok(phase) => println!("session {} is {phase}", item.session_id),
+                    Ok(phase) => outln!("session {} is {phase}", item.session_id),
                     Err(EngineError::ProvisionFailed { reason, .. }) => {
-                        println!(
+                        outln!(
                             "session {} is Failed (cleaned up): {reason}",
                             item.session_id
                         )
                     }
                     // Another live process (a second recover, say) has it: its turn.
                     Err(e @ EngineError::Store(StoreError::Leased { .. })) => {
-                        println!("session {} left to its driver: {e}", item.session_id)
+                        outln!("session {} left to its driver: {e}", item.session_id)
                     }
                     Err(e) => {
                         failures += 1;
-                        println!("session {} not recovered: {e}", item.session_id);
+                        outln!("session {} not recovered: {e}", item.session_id);
                     }
                 }
             }
@@ -770,23 +776,24 @@ fn cancelled(
 }
 
 fn print_ready(ready: &ReadyInstance) {
-    println!("session {} is Ready", ready.session_id);
-    println!(
+    outln!("session {} is Ready", ready.session_id);
+    outln!(
         "  instance  {}{}",
         ready.instance_id,
         if ready.was_spot { " (spot)" } else { "" }
     );
-    println!(
+    outln!(
         "  ssh       {} (host key {})",
-        ready.ssh_endpoint, ready.host_key_fingerprint
+        ready.ssh_endpoint,
+        ready.host_key_fingerprint
     );
     if let Some(path) = &ready.key_path {
-        println!("  key       {path}");
+        outln!("  key       {path}");
     }
     if let Some(savings) = &ready.spot_savings {
-        println!("  savings   {savings}");
+        outln!("  savings   {savings}");
     }
-    println!("  login     {}", ready.ssh_command());
+    outln!("  login     {}", ready.ssh_command());
 }
 
 /// `--lease-ttl`: a duration of at least 1 s.
@@ -865,19 +872,21 @@ fn print_watched(item: &WatchedNotice) {
         Err(e) => format!("not finished: {e}"),
     };
     match &item.notice {
-        Some(notice) => println!(
+        Some(notice) => outln!(
             "session {} got notice to {} (from {}): {outcome}",
-            item.session_id, notice.action, notice.source
+            item.session_id,
+            notice.action,
+            notice.source
         ),
-        None => println!(
+        None => outln!(
             "session {} (interrupted before this watcher): {outcome}",
             item.session_id
         ),
     }
     if let Some(replacement) = &item.replacement {
         match &replacement.result {
-            Ok(phase) => println!("  replaced by session {} ({phase})", replacement.session_id),
-            Err(e) => println!("  replacement {} failed: {e}", replacement.session_id),
+            Ok(phase) => outln!("  replaced by session {} ({phase})", replacement.session_id),
+            Err(e) => outln!("  replacement {} failed: {e}", replacement.session_id),
         }
     }
 }
@@ -965,7 +974,7 @@ struct StatusView<'a> {
 
 fn print_spot_request(r: &SpotRequestStatus) {
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    println!(
+    outln!(
         "spot req  {} (state {}, status {}, price {})",
         r.request_id,
         or_dash(&r.state),
@@ -978,7 +987,7 @@ fn print_phases(phases: &[PhaseSpan]) {
     let Some(first) = phases.first() else {
         return;
     };
-    println!("phases");
+    outln!("phases");
     for span in phases {
         let start = Duration::from_millis(span.entered_at_ms.saturating_sub(first.entered_at_ms));
         let took = span.duration_ms.map_or_else(
@@ -989,7 +998,7 @@ fn print_phases(phases: &[PhaseSpan]) {
             1 => "1 answer".to_string(),
             n => format!("{n} answers"),
         };
-        println!(
+        outln!(
             "  +{:>6.1} s  {:<19} {:>9}  {answers}",
             start.as_secs_f64(),
             span.phase.name(),
@@ -1001,34 +1010,34 @@ fn print_phases(phases: &[PhaseSpan]) {
 fn print_summary(s: &SessionSummary) {
     // A finished session's instance and key are history, not something to use.
     let gone = if s.phase.is_terminal() { " (gone)" } else { "" };
-    println!("session   {}", s.session_id);
-    println!("phase     {}", s.phase);
-    println!(
+    outln!("session   {}", s.session_id);
+    outln!("phase     {}", s.phase);
+    outln!(
         "instance  {}{gone}",
         s.instance_id.as_deref().unwrap_or("-")
     );
-    println!("public ip {}", s.public_ip.as_deref().unwrap_or("-"));
+    outln!("public ip {}", s.public_ip.as_deref().unwrap_or("-"));
     let key_gone = match &s.key_path {
         Some(path) if !Path::new(path).exists() => " (deleted)",
         _ => "",
     };
-    println!(
+    outln!(
         "key       {}{key_gone}",
         s.key_path.as_deref().unwrap_or("-")
     );
-    println!("spot      {}", s.was_spot);
+    outln!("spot      {}", s.was_spot);
     if let (Some(host), Some(port)) = (&s.ssh_host, s.ssh_port) {
         let user = s.ssh_user.as_deref().unwrap_or("?");
-        println!("ssh       {user}@{host} port {port}{gone}");
+        outln!("ssh       {user}@{host} port {port}{gone}");
     }
     if let Some(print) = &s.host_key_fingerprint {
-        println!("host key  {print} (verified){gone}");
+        outln!("host key  {print} (verified){gone}");
     }
     if let Some(path) = &s.known_hosts_path {
-        println!("known     {path}");
+        outln!("known     {path}");
     }
     if let Some(detail) = &s.detail {
-        println!("detail    {detail}");
+        outln!("detail    {detail}");
     }
 }
 

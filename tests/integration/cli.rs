@@ -61,6 +61,31 @@ fn help_lists_every_command_of_the_contract() {
     }
 }
 
+/// `acode-ec2 sessions | head -1`: a reader that left before the output
+/// ends the command quietly, not with a panic (Rust ignores SIGPIPE, so
+/// `println!` would panic on the closed pipe).
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    for args in [
+        &["diagram", "--format", "dot"][..],
+        &["iam-policy"],
+        &["sessions"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        // Closed before the command starts: its first write fails for sure.
+        drop(reader);
+        let out = cli_command(&db, None, args)
+            .stdout(writer)
+            .output()
+            .expect("run acode-ec2");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn a_config_with_an_unknown_key_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
