@@ -416,8 +416,21 @@ fn holder_is_gone(
         return true;
     }
     // Same host and the process is gone: no need to wait for expiry.
-    host == Some(this_host().as_str())
-        && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    host == Some(this_host().as_str()) && pid.is_some_and(|pid| !process_runs(pid))
+}
+
+/// Whether process `pid` of this host runs. A zombie does not: it died
+/// and waits for its parent to reap it, which a container whose PID 1 is
+/// not an init may never do.
+fn process_runs(pid: i64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (command) state ...`; the command may hold spaces and parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 fn lease_check(

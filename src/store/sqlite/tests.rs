@@ -183,6 +183,34 @@ fn a_lease_whose_holder_died_can_be_taken_over() {
         .create(&ctx2, &first_checkpoint(&ctx2), &dead_here, TTL, NOW)
         .unwrap();
     store.inner.acquire_lease("s2", &me, TTL).unwrap();
+
+    // So is one that died and was never reaped (a zombie: /proc/PID stays).
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let ctx3 = context("s3");
+    let zombie = LeaseHolder {
+        owner_id: "zombie".into(),
+        pid: child.id(),
+        host: this_host(),
+    };
+    store
+        .inner
+        .create(&ctx3, &first_checkpoint(&ctx3), &zombie, TTL, NOW)
+        .unwrap();
+    assert!(
+        store.inner.acquire_lease("s3", &me, TTL).is_err(),
+        "taken from a live process"
+    );
+    child.kill().unwrap();
+    // Not reaped yet; wait until the kernel shows it as a zombie.
+    let stat = format!("/proc/{}/stat", child.id());
+    while !std::fs::read_to_string(&stat).unwrap().contains(") Z") {
+        std::thread::yield_now();
+    }
+    store.inner.acquire_lease("s3", &me, TTL).unwrap();
+    child.wait().unwrap();
 }
 
 #[test]
