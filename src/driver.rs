@@ -92,6 +92,17 @@ pub enum EngineError {
     DriverStopped { session_id: String, reason: String },
 }
 
+impl EngineError {
+    /// Another live process, or a drive of this one, holds the session:
+    /// it is that driver's to finish, not a failure of this one.
+    pub fn is_held_elsewhere(&self) -> bool {
+        matches!(
+            self,
+            EngineError::AlreadyDriving { .. } | EngineError::Store(StoreError::Leased { .. })
+        )
+    }
+}
+
 /// How many effects (EC2 calls, SSH logins) `recover` runs at once by
 /// default; sessions that wait hold none, so every session is driven at
 /// once and none waits behind another's wait.
@@ -102,11 +113,27 @@ pub const RECOVER_CONCURRENCY: usize = 64;
 pub struct RecoverTally {
     /// Sessions to recover (not counting replacements started after).
     pub total: usize,
-    /// Sessions whose drive ended, failed ones included.
+    /// Sessions whose drive ended, however it ended.
     pub done: usize,
     pub in_flight: usize,
-    /// Drives that ended in an error (not sessions that failed and were cleaned up).
+    /// Drives that ended in an error (not sessions that failed and were
+    /// cleaned up, nor those left to another driver).
     pub failed: usize,
+    /// Sessions another live process (or drive) holds: left to it.
+    pub left: usize,
+}
+
+impl RecoverTally {
+    /// Counts a drive's end.
+    fn ended(&mut self, result: &Result<PhaseKind, EngineError>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.done += 1;
+        match result {
+            Ok(_) | Err(EngineError::ProvisionFailed { .. }) => {}
+            Err(e) if e.is_held_elsewhere() => self.left += 1,
+            Err(_) => self.failed += 1,
+        }
+    }
 }
 
 /// What `recover` did with one session.
@@ -535,10 +562,13 @@ impl<E: Effects> Engine<E> {
             .filter(|summary| !summary.phase.is_settled())
             .map(|summary| summary.session_id)
             .collect();
+        // Every drive starts at once (effects wait for slots, not drives).
         let counts = Mutex::new(RecoverTally {
             total: unsettled.len(),
+            in_flight: unsettled.len(),
             ..RecoverTally::default()
         });
+        tally(&lock(&counts));
         let update = |change: &dyn Fn(&mut RecoverTally)| {
             let mut counts = lock(&counts);
             change(&mut counts);
@@ -548,17 +578,12 @@ impl<E: Effects> Engine<E> {
         let drives = unsettled.into_iter().map(|session_id| {
             let (update, slots) = (&update, Arc::clone(&slots));
             async move {
-                update(&|t| t.in_flight += 1);
                 // Boxed: a drive is a deep future, and recover's own would
                 // not fit a test thread's stack in debug builds.
                 let result = Box::pin(self.resume_within(&session_id, progress, Some(slots)))
                     .await
                     .map(|s| s.state.phase.kind());
-                update(&|t| {
-                    t.in_flight -= 1;
-                    t.done += 1;
-                    t.failed += usize::from(result.is_err());
-                });
+                update(&|t| t.ended(&result));
                 Recovered { session_id, result }
             }
         });

@@ -27,9 +27,7 @@ use acode_ec2::events::{InterruptedInstance, ProgressSink, ProvisionProgress, Re
 use acode_ec2::machine::diagram;
 use acode_ec2::machine::{SpotRequestStatus, SpotSavings};
 use acode_ec2::net_guard::ConnectGuard;
-use acode_ec2::store::{
-    CheckpointStore, PhaseSpan, SessionSummary, SqliteStore, StoreError, phase_timeline,
-};
+use acode_ec2::store::{CheckpointStore, PhaseSpan, SessionSummary, SqliteStore, phase_timeline};
 
 /// Provision EC2 instances for coding-agent sessions: each session ends with
 /// a Ready instance that accepted an SSH login, its host key checked against
@@ -688,8 +686,8 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                         )
                     }
                     // Another live process (a second recover, say) has it: its turn.
-                    Err(e @ EngineError::Store(StoreError::Leased { .. })) => {
-                        outln!("session {} left to its driver: {e}", item.session_id)
+                    Err(e) if e.is_held_elsewhere() => {
+                        outln!("{e}; left to it")
                     }
                     Err(e) => {
                         failures += 1;

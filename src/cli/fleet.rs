@@ -87,7 +87,10 @@ impl FleetDisplay {
     /// Shows how far a recover has got (each change of done or failed as
     /// a line when there is no terminal).
     pub fn tally(&self, t: &RecoverTally) {
-        let text = format!("{} in flight, {} failed", t.in_flight, t.failed);
+        let mut text = format!("{} in flight, {} failed", t.in_flight, t.failed);
+        if t.left > 0 {
+            text.push_str(&format!(", {} left to another driver", t.left));
+        }
         if let Some(bar) = &self.tally {
             bar.set_length(t.total as u64);
             bar.set_position(t.done as u64);
@@ -95,7 +98,7 @@ impl FleetDisplay {
             return;
         }
         let mut last = lock(&self.last_tally);
-        let changed = last.is_none_or(|l| (l.done, l.failed) != (t.done, t.failed));
+        let changed = last.is_none_or(|l| l.done != t.done);
         if self.lines && changed {
             eprintln!("recover: {}/{} done, {text}", t.done, t.total);
         }

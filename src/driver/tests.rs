@@ -50,3 +50,56 @@ async fn a_lapse_renewed_away_by_taking_a_session_still_stops_the_drive_that_los
         "{lost}"
     );
 }
+
+/// A recover's tally: a session held by another driver is left to it and a
+/// session that failed and was cleaned up was recovered; neither is a
+/// failed drive.
+#[test]
+fn the_recover_tally_counts_only_drives_that_went_wrong_as_failed() {
+    let ends: [Result<PhaseKind, EngineError>; 5] = [
+        Ok(PhaseKind::Ready),
+        Err(EngineError::ProvisionFailed {
+            session_id: "s2".into(),
+            reason: "no capacity".into(),
+        }),
+        Err(EngineError::AlreadyDriving {
+            session_id: "s3".into(),
+        }),
+        Err(EngineError::Store(StoreError::Leased {
+            session_id: "s4".into(),
+            pid: 7,
+            host: "elsewhere boot=1".into(),
+            remaining_ms: 1_500,
+        })),
+        Err(EngineError::DriverStopped {
+            session_id: "s5".into(),
+            reason: "the store is gone".into(),
+        }),
+    ];
+    let mut tally = RecoverTally {
+        total: ends.len(),
+        in_flight: ends.len(),
+        ..RecoverTally::default()
+    };
+    for end in &ends {
+        tally.ended(end);
+    }
+    assert_eq!(
+        tally,
+        RecoverTally {
+            total: 5,
+            done: 5,
+            in_flight: 0,
+            failed: 1,
+            left: 2,
+        }
+    );
+    let Err(leased) = &ends[3] else {
+        unreachable!()
+    };
+    assert_eq!(
+        leased.to_string(),
+        "session s4 is being driven by another process (pid 7 on elsewhere, its lease runs 2 s \
+         more); wait for it to finish, or stop it and retry once its lease expires"
+    );
+}

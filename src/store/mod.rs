@@ -229,8 +229,10 @@ pub enum StoreError {
     )]
     AlreadyExists { session_id: String },
     #[error(
-        "session {session_id} is being driven by another process (pid {pid} on {host}, lease for {remaining_ms} ms more); \
-         wait for it to finish, or stop it and retry once its lease expires"
+        "session {session_id} is being driven by another process (pid {pid} on {}, its lease runs {} s more); \
+         wait for it to finish, or stop it and retry once its lease expires",
+        .host.split_whitespace().next().unwrap_or("another host"),
+        .remaining_ms.div_ceil(1000)
     )]
     Leased {
         session_id: String,

@@ -335,6 +335,13 @@ async fn two_recovers_at_once_share_the_sessions_and_launch_each_once() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{out:?}");
         assert!(!text.contains("not recovered"), "{text}");
+        // A session the other recover drives is left to it, not a failure.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().rfind(|l| l.starts_with("recover: "));
+        assert!(
+            last.is_some_and(|l| l.starts_with("recover: 6/6 done, 0 in flight, 0 failed")),
+            "{stderr}"
+        );
     }
     let sessions = store.list().await.expect("list");
     assert_eq!(sessions.len(), 6);
