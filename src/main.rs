@@ -389,6 +389,16 @@ fn state_db_path(cli: &Cli) -> Result<PathBuf> {
 
 /// For commands that only read: a missing database means no sessions, and
 /// is not created just to be read.
+/// What a command that only reads says when the state database is not
+/// there: its path, so a mistyped one is not taken for "nothing here".
+fn no_database(path: &Path) -> String {
+    format!(
+        "no state database at {} (one is made by the first provision; if sessions were made \
+         with another, pass it with --state-db or ACODE_EC2_STATE_DB)",
+        path.display()
+    )
+}
+
 fn open_existing_store(cli: &Cli) -> Result<Option<Arc<SqliteStore>>> {
     let path = state_db_path(cli)?;
     if !path.exists() {
@@ -510,7 +520,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Command::SshConfig { session } => {
             let Some(store) = open_existing_store(cli)? else {
-                bail!("no session {session}: there is no state database yet");
+                bail!(
+                    "no session {session}: {}",
+                    no_database(&state_db_path(cli)?)
+                );
             };
             let summary = store.summary(session).await?;
             out!("{}", ssh_config_block(&summary)?);
@@ -527,8 +540,8 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     let newest = store.list().await?.pop().context(no_sessions)?;
                     (store, newest)
                 }
-                (None, Some(id)) => bail!("no session {id}: {no_sessions}"),
-                (None, None) => bail!(no_sessions),
+                (None, Some(id)) => bail!("no session {id}: {}", no_database(&state_db_path(cli)?)),
+                (None, None) => bail!("no sessions yet: {}", no_database(&state_db_path(cli)?)),
             };
             let phases = phase_timeline(&store.events(&summary.session_id).await?);
             let session = store.load(&summary.session_id).await?;
@@ -566,10 +579,15 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sessions { json } => {
-            let sessions = match open_existing_store(cli)? {
-                Some(store) => store.list().await?,
-                None => Vec::new(),
+            let Some(store) = open_existing_store(cli)? else {
+                if *json {
+                    outln!("[]");
+                } else {
+                    outln!("no sessions: {}", no_database(&state_db_path(cli)?));
+                }
+                return Ok(ExitCode::SUCCESS);
             };
+            let sessions = store.list().await?;
             if *json {
                 outln!("{}", serde_json::to_string_pretty(&sessions)?);
             } else if sessions.is_empty() {
@@ -621,14 +639,26 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             let path = state_db_path(cli)?;
             if !path.exists() {
                 if let Some(session) = sessions.first() {
-                    bail!(
-                        "no session {session}: there is no state database at {}; check \
-                         --state-db / ACODE_EC2_STATE_DB",
-                        path.display()
-                    );
+                    bail!("no session {session}: {}", no_database(&path));
                 }
-                outln!("no sessions to watch");
-                return Ok(ExitCode::SUCCESS);
+                if *until_idle {
+                    outln!("no sessions to watch: {}", no_database(&path));
+                    return Ok(ExitCode::SUCCESS);
+                }
+                // A watcher may well start before the first provision.
+                eprintln!(
+                    "watch: waiting for the first session: {}",
+                    no_database(&path)
+                );
+                let appeared = async {
+                    while !path.exists() {
+                        tokio::time::sleep(*interval).await;
+                    }
+                };
+                tokio::select! {
+                    () = appeared => {}
+                    _ = stop_signal() => return Ok(ExitCode::from(130)),
+                }
             }
             let mut engine = engine(cli, effects)?;
             // A session named that does not exist is a typo, not "quiet".
@@ -660,8 +690,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Recover { concurrency } => {
             let effects = aws_effects().await?;
-            if !state_db_path(cli)?.exists() {
-                outln!("nothing to recover");
+            let path = state_db_path(cli)?;
+            if !path.exists() {
+                outln!("nothing to recover: {}", no_database(&path));
                 return Ok(ExitCode::SUCCESS);
             }
             let engine = engine(cli, effects)?;

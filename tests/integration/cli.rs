@@ -183,6 +183,46 @@ fn teardown_and_recover_without_a_state_database_create_none() {
     let out = cli(&db, Some(&lab), &["recover"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("nothing to recover"));
+    // Commands that only read name the path they looked at: a mistyped
+    // one is not taken for "nothing here".
+    for (args, ok) in [
+        (&["sessions"][..], true),
+        (&["status"], false),
+        (&["status", "s1"], false),
+        (&["ssh-config", "s1"], false),
+        (&["recover"], true),
+        (&["watch", "--until-idle"], true),
+    ] {
+        let out = cli(&db, Some(&lab), args);
+        assert_eq!(out.status.success(), ok, "{args:?}: {out:?}");
+        let said = text(&out.stdout) + &text(&out.stderr);
+        assert!(
+            said.contains("no state database at") && said.contains("never.db"),
+            "{args:?}: {said}"
+        );
+    }
+    let out = cli(&db, Some(&lab), &["sessions", "--json"]);
+    assert_eq!(text(&out.stdout).trim(), "[]");
+    // A watcher started before the first provision waits for it.
+    let mut watch = cli_command(&db, Some(&lab), &["watch", "--interval", "100ms"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(watch.stderr.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("waiting for the first session"), "{first}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(watch.try_wait().unwrap().is_none(), "watch ended: {first}");
+    let sent = Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    assert_eq!(watch.wait().unwrap().code(), Some(130));
     assert!(!db.exists() && !db.parent().unwrap().exists());
 }
 
