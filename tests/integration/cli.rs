@@ -471,6 +471,20 @@ fn validate_checks_everything_and_creates_nothing() {
     );
     assert!(!db.exists(), "validate wrote state");
 
+    // Logs to a pipe are plain text: no colour codes for a file to keep.
+    let out = cli_command(
+        &db,
+        Some(&lab),
+        &["validate", "--config", good.to_str().unwrap()],
+    )
+    .env("ACODE_EC2_LOG", "debug")
+    .env_remove("NO_COLOR")
+    .output()
+    .expect("run acode-ec2");
+    let logs = text(&out.stderr);
+    assert!(logs.contains("DEBUG"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "colour codes in a pipe: {logs}");
+
     // A failover subnet in a zone without the type (us-east-1e has no t3 in
     // EC2's offerings, and in moto's): valid, with a note naming it.
     let east_1e = lab.subnet("us-east-1e");
