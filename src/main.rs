@@ -342,6 +342,14 @@ impl Metrics {
             return Ok(Metrics(None));
         }
         let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+        for (name, buckets) in acode_ec2::telemetry::HISTOGRAM_BUCKETS {
+            builder = builder
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full((*name).to_string()),
+                    buckets,
+                )
+                .context("histogram buckets")?;
+        }
         if let Some(addr) = cli.metrics_listen {
             if ConnectGuard::from_env().is_loopback_only() && !addr.ip().is_loopback() {
                 bail!(

@@ -34,6 +34,32 @@ pub const SESSIONS: &str = "acode_ec2_sessions";
 /// Seconds calls waited for a token of this process's EC2 buckets, by `family`.
 pub const RATE_LIMIT_WAIT_SECONDS: &str = "acode_ec2_rate_limit_wait_seconds";
 
+/// Histogram buckets (upper bounds, seconds) for each histogram above, sized
+/// to what it measures: a recorder given them exports histograms, which
+/// Prometheus can sum across hosts (quantile summaries cannot be).
+pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
+    (
+        EC2_CALL_SECONDS,
+        &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0],
+    ),
+    (
+        TIME_TO_SETTLE_SECONDS,
+        &[
+            5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 1200.0,
+        ],
+    ),
+    (
+        PHASE_SECONDS,
+        &[
+            0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+        ],
+    ),
+    (
+        RATE_LIMIT_WAIT_SECONDS,
+        &[0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+    ),
+];
+
 /// How a call ended, for its log line and counters.
 pub enum CallResult<'a> {
     Ok,

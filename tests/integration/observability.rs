@@ -64,6 +64,11 @@ fn a_provision_writes_its_metrics_and_json_logs_and_status_shows_the_phases() {
         "acode_ec2_phase_seconds_count{phase=\"WaitingForSsh\"",
         "acode_ec2_ec2_calls_total{action=\"RunInstances\",result=\"ok\"} 1",
         "acode_ec2_sessions{phase=\"Ready\"} 1",
+        // Histograms, as the README says, not quantile summaries.
+        "# TYPE acode_ec2_time_to_settle_seconds histogram",
+        "# TYPE acode_ec2_phase_seconds histogram",
+        "# TYPE acode_ec2_ec2_call_seconds histogram",
+        "acode_ec2_ec2_call_seconds_bucket{action=\"RunInstances\",le=\"0.5\"}",
     ] {
         assert!(
             text_metrics.contains(part),
