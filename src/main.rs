@@ -283,9 +283,44 @@ fn main() -> ExitCode {
 use cli::cancel::{CancelNotices, Cancellable, until_cancelled};
 use cli::fleet::{FleetDisplay, FleetEnd, provision_fleet};
 
+/// The `--on-ready` commands of `provision --count`, each started as its
+/// session is committed Ready.
+#[derive(Default, Clone)]
+struct OnReadyHooks(Arc<Mutex<Vec<tokio::task::JoinHandle<Result<ExitCode>>>>>);
+
+impl OnReadyHooks {
+    fn run_on_ready(
+        &self,
+        engine: Engine<AwsEffects>,
+        command: &str,
+        json: bool,
+    ) -> Engine<AwsEffects> {
+        let (hooks, command) = (self.clone(), command.to_string());
+        let runtime = tokio::runtime::Handle::current();
+        engine.on_ready(move |ready| {
+            let (command, ready) = (command.clone(), ready.clone());
+            let hook = runtime.spawn(async move { run_on_ready(&command, &ready, json).await });
+            hooks.0.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
+        })
+    }
+
+    /// Waits for every hook: exit status 3 if any failed.
+    async fn finished(self) -> Result<ExitCode> {
+        let hooks = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut code = ExitCode::SUCCESS;
+        for hook in hooks {
+            if hook.await.context("an --on-ready command's task")?? != ExitCode::SUCCESS {
+                code = ExitCode::from(3);
+            }
+        }
+        Ok(code)
+    }
+}
+
 /// Prints how `provision --count` ended: each Ready session (or a JSON
-/// array of them), each failure, and a count; runs --on-ready per Ready one.
-async fn fleet_summary(end: FleetEnd, json: bool, on_ready: Option<&str>) -> Result<ExitCode> {
+/// array of them), each failure, and a count; waits for the --on-ready
+/// commands started as sessions turned Ready.
+async fn fleet_summary(end: FleetEnd, json: bool, hooks: OnReadyHooks) -> Result<ExitCode> {
     let (results, cancelled) = match end {
         FleetEnd::Settled { results, cancelled } => (results, cancelled),
         FleetEnd::Stopped(sessions) => {
@@ -315,14 +350,7 @@ async fn fleet_summary(end: FleetEnd, json: bool, on_ready: Option<&str>) -> Res
         ready.len(),
         failed.len()
     );
-    let mut code = ExitCode::SUCCESS;
-    if let Some(command) = on_ready {
-        for instance in &ready {
-            if run_on_ready(command, instance, json).await? != ExitCode::SUCCESS {
-                code = ExitCode::from(3);
-            }
-        }
-    }
+    let code = hooks.finished().await?;
     if cancelled {
         return Ok(ExitCode::from(130));
     }
@@ -474,11 +502,17 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             count,
         } if *count > 1 => {
             let request = acode_ec2::config::load(config)?;
-            let engine = engine(cli, aws_effects().await?)?;
+            let mut engine = engine(cli, aws_effects().await?)?;
+            // Each hook starts as its session turns Ready, not once the last
+            // session has settled.
+            let hooks = OnReadyHooks::default();
+            if let Some(command) = on_ready {
+                engine = hooks.run_on_ready(engine, command, *json);
+            }
             let display = FleetDisplay::new(cli.log_format == LogFormat::Text);
             let end = provision_fleet(&engine, request, usize::from(*count), &display).await;
             display.finish();
-            fleet_summary(end?, *json, on_ready.as_deref()).await
+            fleet_summary(end?, *json, hooks).await
         }
         Command::Provision {
             config,

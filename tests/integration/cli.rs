@@ -427,6 +427,66 @@ fn on_ready_gets_the_instance_and_ssh_config_trusts_only_the_verified_key() {
     }
 }
 
+/// `provision --count 2 --on-ready`: a session's hook runs as soon as it is
+/// Ready, while the other (its launch held back 3 s) is still on its way.
+#[test]
+fn each_on_ready_hook_runs_when_its_session_is_ready() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let config = config_file(dir.path(), "fleet.yaml", &lab.target_yaml(""));
+    let log = dir.path().join("hooks.log");
+    lab.fault(serde_json::json!({"action": "RunInstances", "latency_ms": 3000, "count": 1}));
+    let hook = format!(
+        "echo \"$ACODE_SESSION_ID $(date +%s%3N)\" >> {}",
+        log.display()
+    );
+    let out = cli(
+        &db,
+        Some(&lab),
+        &[
+            "provision",
+            "--config",
+            config.to_str().unwrap(),
+            "--count",
+            "2",
+            "--json",
+            "--on-ready",
+            &hook,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ready: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON array");
+    assert_eq!(ready.len(), 2);
+    let hooks: Vec<(String, u64)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (id, ms) = line.split_once(' ').unwrap();
+            (id.to_string(), ms.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(hooks.len(), 2, "{hooks:?}");
+    let out = cli(&db, Some(&lab), &["sessions", "--json"]);
+    let sessions: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let settled = |id: &str| {
+        sessions
+            .iter()
+            .find(|s| s["session_id"] == id)
+            .and_then(|s| s["updated_at_ms"].as_u64())
+            .unwrap()
+    };
+    let (first, second) = (&hooks[0], &hooks[1]);
+    assert!(
+        first.1 < settled(&second.0),
+        "the first hook waited for the other session: {hooks:?} {sessions:?}"
+    );
+    for id in [&first.0, &second.0] {
+        let out = cli(&db, Some(&lab), &["teardown", id]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+}
+
 /// Writes `ec2Target:` + `body` to a config file in `dir`.
 pub fn config_file(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
     let path = dir.join(name);
