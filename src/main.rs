@@ -25,7 +25,7 @@ use acode_ec2::driver::{
 use acode_ec2::effects::AwsEffects;
 use acode_ec2::events::{InterruptedInstance, ProgressSink, ProvisionProgress, ReadyInstance};
 use acode_ec2::machine::diagram;
-use acode_ec2::machine::{SpotRequestStatus, SpotSavings};
+use acode_ec2::machine::{PhaseKind, SpotRequestStatus, SpotSavings};
 use acode_ec2::net_guard::ConnectGuard;
 use acode_ec2::store::{CheckpointStore, PhaseSpan, SessionSummary, SqliteStore, phase_timeline};
 
@@ -705,9 +705,21 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 }
             }
             let mut engine = engine(cli, effects)?;
-            // A session named that does not exist is a typo, not "quiet".
+            // A session named that does not exist is a typo, not "quiet";
+            // one that gets no notices is said, not silently skipped.
             for session in sessions {
-                engine.store().summary(session).await?;
+                let summary = engine.store().summary(session).await?;
+                if summary.phase != PhaseKind::Ready || !summary.was_spot {
+                    let what = if summary.phase == PhaseKind::Ready {
+                        "Ready on demand".to_string()
+                    } else {
+                        summary.phase.to_string()
+                    };
+                    eprintln!(
+                        "watch: session {session} is {what}: only Ready spot sessions get \
+                         interruption notices, so it is not watched"
+                    );
+                }
             }
             if let Some(command) = on_interruption {
                 engine = engine.on_interruption(interruption_command(command.clone()));

@@ -392,6 +392,18 @@ fn on_ready_gets_the_instance_and_ssh_config_trusts_only_the_verified_key() {
         .expect("run ssh");
     assert!(login.status.success(), "{}", text(&login.stderr));
 
+    // Watching an on-demand session is said to watch nothing.
+    let out = cli(&db, Some(&lab), &["watch", &session, "--until-idle"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "session {session} is Ready on demand: only Ready spot sessions get interruption \
+             notices"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
     // A failing hook is reported with exit status 3; the instance stays
     // Ready. With --json, what the hook prints goes to stderr: stdout parses.
     let out = cli(
@@ -880,7 +892,7 @@ fn the_cli_refuses_what_would_fail_late_and_writes_nothing() {
 
     // Without a state database, then with an empty one.
     for said in [
-        "no session nope: there is no state database",
+        "no session nope: no state database at",
         "no session nope in the state database",
     ] {
         let out = run(&["watch", "nope", "--until-idle"], true);
