@@ -4,6 +4,8 @@
 #[macro_use]
 mod cli {
     #[macro_use]
+    pub mod stderr;
+    #[macro_use]
     pub mod stdout;
     pub mod cancel;
     pub mod fleet;
@@ -244,11 +246,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
+        LogFormat::Json => {
+            cli::stderr::use_json();
+            logs.json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .init();
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -256,7 +260,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -267,14 +271,14 @@ fn main() -> ExitCode {
         // A file that cannot be written must not hide that outcome (a
         // script would take a Ready instance for a failure).
         if let Err(e) = metrics.write_file(cli.metrics_file.as_deref()) {
-            eprintln!("warning: {e:#}");
+            errln!("warning: {e:#}");
         }
         outcome
     });
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -324,7 +328,7 @@ async fn fleet_summary(end: FleetEnd, json: bool, hooks: OnReadyHooks) -> Result
     let (results, cancelled) = match end {
         FleetEnd::Settled { results, cancelled } => (results, cancelled),
         FleetEnd::Stopped(sessions) => {
-            eprintln!(
+            errln!(
                 "stopped at once: {} session(s) checkpointed with the cancel recorded; \
                  `acode-ec2 recover` finishes their cleanup",
                 sessions.len()
@@ -343,9 +347,9 @@ async fn fleet_summary(end: FleetEnd, json: bool, hooks: OnReadyHooks) -> Result
         }
     }
     for failure in failed.iter().filter_map(|r| r.as_ref().err()) {
-        eprintln!("{failure}");
+        errln!("{failure}");
     }
-    eprintln!(
+    errln!(
         "{} of {total} sessions Ready, {} failed",
         ready.len(),
         failed.len()
@@ -690,7 +694,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     return Ok(ExitCode::SUCCESS);
                 }
                 // A watcher may well start before the first provision.
-                eprintln!(
+                errln!(
                     "watch: waiting for the first session: {}",
                     no_database(&path)
                 );
@@ -715,7 +719,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     } else {
                         summary.phase.to_string()
                     };
-                    eprintln!(
+                    errln!(
                         "watch: session {session} is {what}: only Ready spot sessions get \
                          interruption notices, so it is not watched"
                     );
@@ -736,7 +740,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             };
             display.finish();
             let Some(watched) = watched else {
-                eprintln!("watch stopped; sessions mid-way are finished by `acode-ec2 recover`");
+                errln!("watch stopped; sessions mid-way are finished by `acode-ec2 recover`");
                 return Ok(ExitCode::from(130));
             };
             for item in watched? {
@@ -838,21 +842,21 @@ fn cancelled(
     let id = session.unwrap_or_else(|| "(not recorded yet)".into());
     match end {
         Some(Err(EngineError::TornDown { .. })) => {
-            eprintln!("cancelled: session {id} was torn down; nothing is left");
+            errln!("cancelled: session {id} was torn down; nothing is left");
         }
         Some(Err(EngineError::ProvisionFailed { reason, .. })) => {
-            eprintln!("cancelled: session {id} failed and was cleaned up: {reason}");
+            errln!("cancelled: session {id} failed and was cleaned up: {reason}");
         }
         Some(Ok(ready)) => {
-            eprintln!(
+            errln!(
                 "cancelled too late: session {id} is Ready; `acode-ec2 teardown {}` removes it",
                 ready.session_id
             );
         }
         Some(Err(e)) => {
-            eprintln!("cancelled, but the cleanup stopped: {e}");
+            errln!("cancelled, but the cleanup stopped: {e}");
         }
-        None => eprintln!(
+        None => errln!(
             "stopped at once: session {id} is checkpointed with the cancel recorded; \
              `acode-ec2 recover` finishes its cleanup (as does `acode-ec2 teardown {id}`)"
         ),
@@ -940,12 +944,12 @@ fn interruption_command(command: String) -> InterruptionHook {
                 .await;
             match status {
                 Ok(status) if status.success() => {}
-                Ok(status) => eprintln!(
+                Ok(status) => errln!(
                     "warning: the --on-interruption command failed ({status}) for session {}; \
                      the session is cleaned up all the same",
                     at.session_id
                 ),
-                Err(e) => eprintln!("warning: cannot run the --on-interruption command: {e}"),
+                Err(e) => errln!("warning: cannot run the --on-interruption command: {e}"),
             }
         })
     })
@@ -1005,10 +1009,11 @@ async fn run_on_ready(command: &str, ready: &ReadyInstance, json: bool) -> Resul
     if status.success() {
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!(
+    errln!(
         "warning: the --on-ready command failed ({status}); session {} is Ready and tracked \
          (`acode-ec2 teardown {}` removes it)",
-        ready.session_id, ready.session_id
+        ready.session_id,
+        ready.session_id
     );
     Ok(ExitCode::from(3))
 }
@@ -1164,7 +1169,7 @@ impl ProgressDisplay {
     fn say(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => errln!("{line}"),
         }
     }
 
@@ -1192,7 +1197,7 @@ impl ProgressSink for ProgressDisplay {
                 let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
                 // Polls repeat the same line; print it once.
                 if *last != line {
-                    eprintln!("[{:>6.1}s] {line}", p.elapsed.as_secs_f64());
+                    errln!("[{:>6.1}s] {line}", p.elapsed.as_secs_f64());
                     *last = line;
                 }
             }

@@ -80,7 +80,7 @@ impl FleetDisplay {
             Some(bars) => {
                 let _ = bars.println(line);
             }
-            None => eprintln!("{line}"),
+            None => errln!("{line}"),
         }
     }
 
@@ -100,7 +100,7 @@ impl FleetDisplay {
         let mut last = lock(&self.last_tally);
         let changed = last.is_none_or(|l| l.done != t.done);
         if self.lines && changed {
-            eprintln!("recover: {}/{} done, {text}", t.done, t.total);
+            errln!("recover: {}/{} done, {text}", t.done, t.total);
         }
         *last = Some(*t);
     }
@@ -146,7 +146,7 @@ impl ProgressSink for FleetDisplay {
             }
             // Polls repeat the same line; print it once.
             Some(Row::Line(last)) if self.lines && *last != line => {
-                eprintln!(
+                errln!(
                     "[{:>6.1}s] {} {line}",
                     p.elapsed.as_secs_f64(),
                     short(&p.session_id)

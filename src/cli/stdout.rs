@@ -21,7 +21,9 @@ pub fn write(text: fmt::Arguments<'_>) {
     if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
         GONE.store(true, Ordering::Relaxed);
         if e.kind() != io::ErrorKind::BrokenPipe {
-            eprintln!("warning: cannot write to standard output: {e}; the rest is not printed");
+            super::stderr::say(&format!(
+                "warning: cannot write to standard output: {e}; the rest is not printed"
+            ));
         }
     }
 }

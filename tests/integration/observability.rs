@@ -58,6 +58,19 @@ fn a_provision_writes_its_metrics_and_json_logs_and_status_shows_the_phases() {
         .expect("a line with the instance in its span");
     assert!(late["span"]["phase"].is_string(), "{late}");
 
+    // The CLI's own lines (an error here) are JSON objects too.
+    let out = cli(&db, Some(&lab), &["--log-format", "json", "status", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    let error: Value = serde_json::from_str(text(&out.stderr).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out.stderr)));
+    assert_eq!(error["level"], "ERROR");
+    assert!(
+        error["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("no session nope")),
+        "{error}"
+    );
+
     let text_metrics = std::fs::read_to_string(&metrics).expect("metrics file");
     for part in [
         "acode_ec2_time_to_settle_seconds_count{outcome=\"ready\",capacity=\"on_demand\"} 1",
