@@ -802,8 +802,8 @@ fn interruption_reason(
     shutdown: Option<&str>,
 ) -> String {
     let mut reason = format!(
-        "EC2 gave notice to {} spot instance {} at {} ms since the epoch (read from {})",
-        notice.action, instance.instance_id, notice.at.0, notice.source
+        "EC2 gave notice to {} spot instance {} at {} (read from {})",
+        notice.action, instance.instance_id, notice.at, notice.source
     );
     if let Some(outcome) = shutdown {
         reason.push_str(&format!("; shutdown command: {outcome}"));

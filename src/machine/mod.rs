@@ -58,6 +58,33 @@ impl Timestamp {
     }
 }
 
+/// `2026-11-26T10:00:00Z`: the UTC date and time, to the second, for
+/// messages people read (the proleptic Gregorian calendar, from days since
+/// the epoch by Howard Hinnant's `civil_from_days`).
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seconds = self.0 / 1000;
+        let (days, second_of_day) = (seconds / 86_400, seconds % 86_400);
+        let z = days + 719_468;
+        let era = z / 146_097;
+        let day_of_era = z % 146_097;
+        let year_of_era =
+            (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+        let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+        let mp = (5 * day_of_year + 2) / 153;
+        let day = day_of_year - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = year_of_era + era * 400 + u64::from(month <= 2);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+            second_of_day / 3600,
+            second_of_day / 60 % 60,
+            second_of_day % 60
+        )
+    }
+}
+
 /// Consecutive transient failures a non-cleanup phase tolerates before the
 /// session is cleaned up. Cleanup phases retry without limit: giving up there
 /// would leak the instance.

@@ -1332,3 +1332,28 @@ fn spot_short_in_every_zone_with_fallback_launches_on_demand_at_once() {
         Some(Effect::RunInstance { spot: false, .. })
     ));
 }
+
+#[test]
+fn timestamps_read_as_utc_dates() {
+    assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00Z");
+    assert_eq!(
+        Timestamp(1_795_687_200_000).to_string(),
+        "2026-11-26T10:00:00Z"
+    );
+    assert_eq!(
+        Timestamp(1_709_210_096_999).to_string(),
+        "2024-02-29T12:34:56Z"
+    );
+}
+
+proptest! {
+    /// The same text as the SDK's date formatting, to the second, up to
+    /// the year 9999.
+    #[test]
+    fn timestamps_format_as_the_sdk_does(ms in 0u64..253_402_300_800_000) {
+        let sdk = aws_sdk_ec2::primitives::DateTime::from_secs((ms / 1000) as i64)
+            .fmt(aws_sdk_ec2::primitives::DateTimeFormat::DateTime)
+            .unwrap();
+        prop_assert_eq!(Timestamp(ms).to_string(), sdk);
+    }
+}
