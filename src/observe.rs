@@ -13,8 +13,8 @@ use tracing::{info, warn};
 
 use crate::events::{ProgressSink, ProvisionEvent, ProvisionProgress, ReadyInstance};
 use crate::machine::{
-    Effect, Guard, Guards, Input, Notice, PhaseKind, ProvisionPhase, SessionContext, SessionState,
-    SpotSavings, Timestamp,
+    CleanupCause, Effect, Guard, Guards, Input, Notice, PhaseKind, ProvisionPhase, SessionContext,
+    SessionState, SpotSavings, Timestamp,
 };
 use crate::store::{Checkpoint, LoadedSession};
 use crate::telemetry;
@@ -407,6 +407,18 @@ impl Observer for ProgressObserver<'_> {
         };
         let phase = state.phase.kind();
         let message = match (next, &state.phase) {
+            // The first line of a failure's cleanup says what failed: the
+            // sweep after a refused or unanswered launch can take 30 s.
+            (Some(effect), ProvisionPhase::TerminatingInstance(t)) => match &t.cause {
+                CleanupCause::Failure(reason) if t.instance_id.is_none() => format!(
+                    "{reason}; making sure the launch left no instance (EC2 can take 30 s to \
+                     show one)"
+                ),
+                CleanupCause::Failure(reason) => {
+                    format!("{} (cleaning up after: {reason})", describe(effect))
+                }
+                _ => describe(effect),
+            },
             (Some(effect), _) => describe(effect),
             (None, ProvisionPhase::Ready(r)) => {
                 format!(

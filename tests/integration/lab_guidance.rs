@@ -116,7 +116,31 @@ async fn a_denied_launch_says_what_was_denied_and_where_the_policy_is() {
     lab.fault(json!({"action": "RunInstances", "code": "UnauthorizedOperation", "count": 1,
         "message": "You are not authorized to perform this operation. Encoded authorization failure message: QUJD"}));
     let harness = Harness::new();
-    let (session_id, reason) = failure_of(&lab, &harness, "").await;
+    let said = std::sync::Mutex::new(Vec::new());
+    let progress = |p: &acode_ec2::events::ProvisionProgress| {
+        said.lock().unwrap().push((p.phase, p.message.clone()));
+    };
+    let err = harness
+        .engine(lab.effects())
+        .provision(lab.request(""), &progress)
+        .await
+        .unwrap_err();
+    let EngineError::ProvisionFailed { session_id, reason } = err else {
+        panic!("expected a failed session, got {err}");
+    };
+    assert!(lab.live_instances_of(&session_id).is_empty(), "{reason}");
+    // While cleanup makes sure the refused launch made nothing (up to
+    // 30 s), the progress already says what was refused.
+    let said = said.into_inner().unwrap();
+    let sweep = said
+        .iter()
+        .find(|(phase, _)| *phase == acode_ec2::machine::PhaseKind::TerminatingInstance)
+        .map(|(_, message)| message.as_str());
+    assert!(
+        sweep.is_some_and(|m| m.contains("ec2:RunInstances")
+            && m.contains("making sure the launch left no instance")),
+        "{said:?}"
+    );
     for part in [
         "ec2:RunInstances",
         "--encoded-message QUJD",
@@ -131,7 +155,6 @@ async fn a_denied_launch_says_what_was_denied_and_where_the_policy_is() {
         "{reason}"
     );
     assert!(!reason.contains("QUJD QUJD"));
-    let _ = session_id;
 }
 
 #[tokio::test]
