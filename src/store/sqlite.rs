@@ -421,10 +421,13 @@ fn holder_is_gone(
 
 /// Whether process `pid` of this host runs. A zombie does not: it died
 /// and waits for its parent to reap it, which a container whose PID 1 is
-/// not an init may never do.
+/// not an init may never do. When /proc cannot say (hidden by `hidepid`,
+/// no file handles left), it is taken to run: a lease waits out its
+/// expiry rather than risk two drivers.
 fn process_runs(pid: i64) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(e) => return e.kind() != std::io::ErrorKind::NotFound,
     };
     // `pid (command) state ...`; the command may hold spaces and parentheses.
     let state = stat

@@ -206,7 +206,9 @@ fn a_lease_whose_holder_died_can_be_taken_over() {
     child.kill().unwrap();
     // Not reaped yet; wait until the kernel shows it as a zombie.
     let stat = format!("/proc/{}/stat", child.id());
+    let since = std::time::Instant::now();
     while !std::fs::read_to_string(&stat).unwrap().contains(") Z") {
+        assert!(since.elapsed() < Duration::from_secs(60), "never a zombie");
         std::thread::yield_now();
     }
     store.inner.acquire_lease("s3", &me, TTL).unwrap();
