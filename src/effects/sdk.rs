@@ -530,8 +530,10 @@ impl Ec2Api for SdkEc2 {
         instance_type: &str,
         zones: &[String],
     ) -> Ec2Result<Vec<String>> {
-        let out = self
-            .send("DescribeInstanceTypeOfferings", || {
+        let mut offered = Vec::new();
+        self.each_page(
+            "DescribeInstanceTypeOfferings",
+            |token| {
                 self.client
                     .describe_instance_type_offerings()
                     .location_type(LocationType::AvailabilityZone)
@@ -547,15 +549,20 @@ impl Ec2Api for SdkEc2 {
                             .set_values(Some(zones.to_vec()))
                             .build(),
                     )
+                    .set_next_token(token)
                     .send()
-            })
-            .await?;
-        Ok(out
-            .instance_type_offerings()
-            .iter()
-            .filter_map(|offering| offering.location())
-            .map(str::to_string)
-            .collect())
+            },
+            |page| page.next_token(),
+            |page| {
+                let zones = page
+                    .instance_type_offerings()
+                    .iter()
+                    .filter_map(|offering| offering.location());
+                offered.extend(zones.map(str::to_string));
+            },
+        )
+        .await?;
+        Ok(offered)
     }
 
     async fn key_pair_exists(&self, name: &str) -> Ec2Result<bool> {

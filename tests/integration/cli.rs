@@ -578,6 +578,25 @@ fn validate_checks_everything_and_creates_nothing() {
     );
     assert!(!report.contains("us-east-1a) does not offer"), "{report}");
 
+    // A policy from before validate asked for the offerings: a note, not a
+    // refusal of a config that provisions fine.
+    lab.fault(
+        serde_json::json!({"action": "DescribeInstanceTypeOfferings",
+        "code": "UnauthorizedOperation", "count": 1}),
+    );
+    let out = cli(
+        &db,
+        Some(&lab),
+        &["validate", "--config", good.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("the instance type's zones were not checked")
+            && report.contains("ec2:DescribeInstanceTypeOfferings"),
+        "{report}"
+    );
+
     // Each bad config: exit 1 with what is wrong and what to do.
     let yaml = lab.target_yaml("");
     let subnet = lab.subnet("us-east-1a");
