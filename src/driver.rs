@@ -568,7 +568,9 @@ impl<E: Effects> Engine<E> {
             in_flight: unsettled.len(),
             ..RecoverTally::default()
         });
-        tally(&lock(&counts));
+        if !unsettled.is_empty() {
+            tally(&lock(&counts));
+        }
         let update = |change: &dyn Fn(&mut RecoverTally)| {
             let mut counts = lock(&counts);
             change(&mut counts);

@@ -112,7 +112,9 @@ enum Command {
         /// ACODE_KEY_PATH, ACODE_KNOWN_HOSTS, ACODE_HOST_KEY_FINGERPRINT,
         /// ACODE_PUBLIC_IP, ACODE_PRIVATE_IP and ACODE_WAS_SPOT in its environment.
         /// Its failure is reported (exit status 3) but leaves the instance Ready.
-        /// With --json, its output goes to stderr, so stdout stays JSON.
+        /// With --json, its output goes to stderr, so stdout stays JSON. With
+        /// --count, each runs as its session turns Ready, side by side with
+        /// the others.
         #[arg(long, value_name = "CMD")]
         on_ready: Option<String>,
         /// Start N sessions from the config, side by side in this process
@@ -276,6 +278,8 @@ fn main() -> ExitCode {
         outcome
     });
     match outcome {
+        // What the command printed did not all get out (said on stderr).
+        Ok(code) if code == ExitCode::SUCCESS && cli::stdout::lost_output() => ExitCode::FAILURE,
         Ok(code) => code,
         Err(e) => {
             errln!("error: {e:#}");
@@ -429,8 +433,6 @@ fn state_db_path(cli: &Cli) -> Result<PathBuf> {
     }
 }
 
-/// For commands that only read: a missing database means no sessions, and
-/// is not created just to be read.
 /// What a command that only reads says when the state database is not
 /// there: its path, so a mistyped one is not taken for "nothing here".
 fn no_database(path: &Path) -> String {
@@ -441,6 +443,8 @@ fn no_database(path: &Path) -> String {
     )
 }
 
+/// For commands that only read: a missing database means no sessions, and
+/// is not created just to be read.
 fn open_existing_store(cli: &Cli) -> Result<Option<Arc<SqliteStore>>> {
     let path = state_db_path(cli)?;
     if !path.exists() {
@@ -664,11 +668,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             // Without a database there is nothing to tear down: none is created.
             let path = state_db_path(cli)?;
             if !path.exists() {
-                bail!(
-                    "no session {session}: there is no state database at {}; \
-                     check --state-db / ACODE_EC2_STATE_DB",
-                    path.display()
-                );
+                bail!("no session {session}: {}", no_database(&path));
             }
             let engine = engine(cli, effects)?;
             let display = ProgressDisplay::new(cli.log_format);
@@ -710,20 +710,20 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             }
             let mut engine = engine(cli, effects)?;
             // A session named that does not exist is a typo, not "quiet";
-            // one that gets no notices is said, not silently skipped.
+            // one that will never get a notice is said, not silently skipped
+            // (one still on its way is watched once it is Ready).
             for session in sessions {
                 let summary = engine.store().summary(session).await?;
-                if summary.phase != PhaseKind::Ready || !summary.was_spot {
-                    let what = if summary.phase == PhaseKind::Ready {
-                        "Ready on demand".to_string()
-                    } else {
-                        summary.phase.to_string()
-                    };
-                    errln!(
-                        "watch: session {session} is {what}: only Ready spot sessions get \
-                         interruption notices, so it is not watched"
-                    );
-                }
+                let what = match summary.phase {
+                    PhaseKind::Ready if !summary.was_spot => "Ready on demand".to_string(),
+                    PhaseKind::Ready => continue,
+                    phase if phase.is_settled() => phase.to_string(),
+                    _ => continue,
+                };
+                errln!(
+                    "watch: session {session} is {what}: only Ready spot sessions get \
+                     interruption notices, so it is not watched"
+                );
             }
             if let Some(command) = on_interruption {
                 engine = engine.on_interruption(interruption_command(command.clone()));
@@ -778,7 +778,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     }
                     // Another live process (a second recover, say) has it: its turn.
                     Err(e) if e.is_held_elsewhere() => {
-                        outln!("{e}; left to it")
+                        outln!("left to its driver: {e}")
                     }
                     Err(e) => {
                         failures += 1;
@@ -986,6 +986,8 @@ fn print_watched(item: &WatchedNotice) {
 async fn run_on_ready(command: &str, ready: &ReadyInstance, json: bool) -> Result<ExitCode> {
     let optional = |value: &Option<String>| value.clone().unwrap_or_default();
     let mut sh = tokio::process::Command::new("sh");
+    // A hook still running when the command stops at once ends with it.
+    sh.kill_on_drop(true);
     if json {
         sh.stdout(std::process::Stdio::from(std::io::stderr()));
     }

@@ -2,9 +2,11 @@
 //! one JSON object per line shaped like the log lines beside them, so a
 //! reader of the log stream never meets a line that does not parse.
 //!
-//! Invariant: every line the CLI writes to stderr goes through [`say`]
-//! (or the tracing subscriber, or a progress bar, which exists only
-//! without JSON logs).
+//! Invariant: every line the CLI itself writes to stderr goes through
+//! [`say`] (or the tracing subscriber, or a progress bar, which exists
+//! only without JSON logs). Not its own, so not JSON: the output of the
+//! user's hook commands (`--on-ready` under `--json`, `--on-interruption`),
+//! clap's usage errors (printed before the format is known) and panics.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,14 +3,21 @@
 //! still finishes (and records) its work. `println!` panics instead.
 //!
 //! Invariant: writing here never panics; once stdout fails, later writes
-//! are skipped, and a failure other than a closed pipe is said once on
-//! stderr.
+//! are skipped. A closed pipe is the reader's choice; any other failure
+//! (a full disk under `> ready.json`) is said once on stderr and makes the
+//! command exit 1 ([`lost_output`]).
 
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static GONE: AtomicBool = AtomicBool::new(false);
+static LOST: AtomicBool = AtomicBool::new(false);
+
+/// Whether output was lost for a reason other than a reader that left.
+pub fn lost_output() -> bool {
+    LOST.load(Ordering::Relaxed)
+}
 
 /// Writes `text` to stdout and flushes it, unless stdout already failed.
 pub fn write(text: fmt::Arguments<'_>) {
@@ -21,6 +28,7 @@ pub fn write(text: fmt::Arguments<'_>) {
     if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
         GONE.store(true, Ordering::Relaxed);
         if e.kind() != io::ErrorKind::BrokenPipe {
+            LOST.store(true, Ordering::Relaxed);
             super::stderr::say(&format!(
                 "warning: cannot write to standard output: {e}; the rest is not printed"
             ));
