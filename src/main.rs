@@ -9,6 +9,12 @@ mod cli {
     pub mod stdout;
     pub mod cancel;
     pub mod fleet;
+
+    /// A lock on the CLI's display and hook state, poison or not: a panic
+    /// elsewhere leaves nothing torn that matters there.
+    pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        mutex.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 use std::io::IsTerminal;
@@ -308,13 +314,13 @@ impl OnReadyHooks {
         engine.on_ready(move |ready| {
             let (command, ready) = (command.clone(), ready.clone());
             let hook = runtime.spawn(async move { run_on_ready(&command, &ready, json).await });
-            hooks.0.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
+            cli::lock(&hooks.0).push(hook);
         })
     }
 
     /// Waits for every hook: exit status 3 if any failed.
     async fn finished(self) -> Result<ExitCode> {
-        let hooks = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let hooks = std::mem::take(&mut *cli::lock(&self.0));
         let mut code = ExitCode::SUCCESS;
         for hook in hooks {
             if hook.await.context("an --on-ready command's task")?? != ExitCode::SUCCESS {
@@ -1196,7 +1202,7 @@ impl ProgressSink for ProgressDisplay {
             None if !self.lines => {}
             None => {
                 let line = format!("{:<19} {}", p.phase.name(), p.message);
-                let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
+                let mut last = cli::lock(&self.last_line);
                 // Polls repeat the same line; print it once.
                 if *last != line {
                     errln!("[{:>6.1}s] {line}", p.elapsed.as_secs_f64());

@@ -15,15 +15,11 @@ use acode_ec2::events::{ProgressSink, ProvisionProgress, ReadyInstance};
 use acode_ec2::request::ProvisionRequest;
 
 use super::cancel::{CancelNotices, Cancellable, until_cancelled};
+use super::lock;
 
 /// What a line shows of a session id: enough to tell sessions apart.
 fn short(session_id: &str) -> &str {
     session_id.get(..8).unwrap_or(session_id)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Display state only: a panic elsewhere leaves nothing torn that matters.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Progress of many sessions: bars on a terminal, plain lines otherwise,
