@@ -425,7 +425,12 @@ fn holder_is_gone(
 /// no file handles left), it is taken to run: a lease waits out its
 /// expiry rather than risk two drivers.
 fn process_runs(pid: i64) -> bool {
-    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    stat_says_running(std::fs::read_to_string(format!("/proc/{pid}/stat")))
+}
+
+/// What a read of `/proc/PID/stat` says: see [`process_runs`].
+fn stat_says_running(read: std::io::Result<String>) -> bool {
+    let stat = match read {
         Ok(stat) => stat,
         Err(e) => return e.kind() != std::io::ErrorKind::NotFound,
     };

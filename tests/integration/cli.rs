@@ -309,6 +309,11 @@ fn provision_status_sessions_teardown_against_the_lab() {
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["phase"], "TornDown");
     assert!(lab.live_instances_of(&session).is_empty());
+    // Only a finished session in the database: no tally of nothing.
+    let out = cli(&db, Some(&lab), &["recover"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "nothing to recover");
+    assert!(!text(&out.stderr).contains("0/0"), "{}", text(&out.stderr));
     // Shown as history: nothing in it reads as usable.
     let shown = text(&cli(&db, Some(&lab), &["status", &session]).stdout);
     for line in ["instance ", "key ", "ssh ", "host key "] {
@@ -706,6 +711,24 @@ fn provision_interrupted(
     signals: usize,
     extra: &[&str],
 ) -> (Option<i32>, String) {
+    // A progress line "[  1.2s] Launching …", or "[  1.2s] 1a2b3c4d Launching …" for a fleet.
+    let reached = |line: &str| {
+        line.starts_with('[') && line.split_whitespace().take(4).any(|word| word == phase)
+    };
+    provision_interrupted_after(lab, db, config, &reached, signals, extra)
+}
+
+/// Starts `acode-ec2 provision`, waits for a line on its stderr that
+/// `reached` accepts, sends it SIGINT `signals` times; its exit code and
+/// everything it said.
+fn provision_interrupted_after(
+    lab: &Lab,
+    db: &std::path::Path,
+    config: &std::path::Path,
+    reached: &dyn Fn(&str) -> bool,
+    signals: usize,
+    extra: &[&str],
+) -> (Option<i32>, String) {
     use std::io::BufRead;
     let mut args = vec!["provision", "--config", config.to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -725,14 +748,10 @@ fn provision_interrupted(
         }
     });
     let mut said = String::new();
-    // A progress line "[  1.2s] Launching …", or "[  1.2s] 1a2b3c4d Launching …" for a fleet.
-    let reached = |line: &str| {
-        line.starts_with('[') && line.split_whitespace().take(4).any(|word| word == phase)
-    };
     loop {
         let line = lines
             .recv_timeout(std::time::Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("never reached {phase}:\n{said}"));
+            .unwrap_or_else(|_| panic!("never reached the line awaited:\n{said}"));
         said.push_str(&line);
         said.push('\n');
         if reached(&line) {
@@ -776,6 +795,49 @@ fn a_first_ctrl_c_tears_every_session_of_a_fleet_down() {
         .filter_map(|s| s["phase"].as_str())
         .collect();
     assert_eq!(phases, ["TornDown"; 3], "{sessions}");
+}
+
+/// A second Ctrl-C stops at once, and an --on-ready command still running
+/// stops with it rather than outlive the process that started it.
+#[test]
+fn a_second_ctrl_c_also_ends_a_running_on_ready_command() {
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let config = config_file(dir.path(), "target.yaml", &lab.target_yaml(""));
+    // One session turns Ready and starts its hook; the other's launch is held.
+    lab.fault(serde_json::json!({"action": "RunInstances", "latency_ms": 10000, "count": 1}));
+    let hook = "echo \"hook started $$\" >&2; exec sleep 120";
+    let started = |line: &str| line.starts_with("hook started ");
+    let (code, said) = provision_interrupted_after(
+        &lab,
+        &db,
+        &config,
+        &started,
+        2,
+        &["--count", "2", "--on-ready", hook],
+    );
+    let pid: u32 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("hook started "))
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no hook pid:\n{said}"));
+    // The hook's `sleep` is gone, or a zombie no one reaped yet.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(str::to_string)
+        });
+    if matches!(state.as_deref(), Some(s) if s != "Z" && s != "X") {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("the --on-ready command outlived acode-ec2 (state {state:?}):\n{said}");
+    }
+    assert_eq!(code, Some(130), "{said}");
+    assert!(said.contains("stopped at once"), "{said}");
+    let out = cli(&db, Some(&lab), &["recover"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_nothing_left(&lab, dir.path(), "after recover");
 }
 
 /// Nothing of any session is left in the lab, and no key file on disk.

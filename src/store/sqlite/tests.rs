@@ -215,6 +215,26 @@ fn a_lease_whose_holder_died_can_be_taken_over() {
     child.wait().unwrap();
 }
 
+/// /proc that cannot say (hidden by `hidepid`, no file handles left) is
+/// not taken for a dead holder: only "no such process" and a zombie are.
+#[test]
+fn only_a_missing_or_zombie_process_counts_as_gone() {
+    use std::io::{Error, ErrorKind};
+    let read = |kind: ErrorKind| Err(Error::from(kind));
+    assert!(!stat_says_running(read(ErrorKind::NotFound)));
+    assert!(stat_says_running(read(ErrorKind::PermissionDenied)));
+    assert!(stat_says_running(read(ErrorKind::Other)));
+    // The command may hold spaces and parentheses; the state follows the last `)`.
+    for (stat, runs) in [
+        ("42 (acode-ec2) S 1 42", true),
+        ("42 (a) Z (b) R 1 42", true),
+        ("42 (a) R (b) Z 1 42", false),
+        ("42 (acode-ec2) X 1 42", false),
+    ] {
+        assert_eq!(stat_says_running(Ok(stat.into())), runs, "{stat}");
+    }
+}
+
 #[test]
 fn a_torn_write_leaves_the_previous_checkpoint_intact() {
     let dir = tempfile::tempdir().unwrap();
