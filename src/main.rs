@@ -102,9 +102,12 @@ enum Command {
     /// checks, all within 5 min (`sshTimeout`). On Ready it prints an `ssh`
     /// command that trusts only the verified host key.
     ///
-    /// Exit status: 0 when Ready; 1 when provisioning failed (everything it
-    /// made is removed); 3 when the instance is Ready but the --on-ready
-    /// command failed (the instance stays Ready and tracked).
+    /// Exit status: 0 when Ready; 1 when provisioning failed: everything it
+    /// made is removed, unless the error says cleanup stalled (EC2 kept
+    /// refusing it): then the session stays tracked and `acode-ec2
+    /// teardown SESSION` finishes the job; 3 when the instance is Ready but
+    /// the --on-ready command failed (the instance stays Ready and tracked);
+    /// 130 after Ctrl-C.
     #[command(verbatim_doc_comment)]
     Provision {
         /// YAML file with a top-level `ec2Target:` (see fixtures/ec2-target.example.yaml).
