@@ -199,10 +199,18 @@ fn describe_launch(
                 request.security_group_ids.join(", ")
             }
         ),
-        format!(
-            "root volume     {} GiB gp3, deleted with the instance",
-            request.ebs_size_gb
-        ),
+        match &image.root_device_name {
+            Some(device) => format!(
+                "root volume     {device}: {} GiB gp3, deleted with the instance",
+                request.ebs_size_gb
+            ),
+            // Without a device to name, the launch cannot resize it.
+            None => format!(
+                "root volume     the image's own: it names no root device, so ebsSizeGb ({} GiB) \
+                 cannot apply",
+                request.ebs_size_gb
+            ),
+        },
     ];
     lines.push(match &request.spot {
         Some(spot) => format!(
