@@ -580,6 +580,15 @@ mod tests {
         assert_eq!(r.ssh.retry_interval, Duration::from_secs(10));
         assert_eq!(r.ssh.address, SshAddress::Auto);
         assert_eq!(r.status_checks, StatusCheckMode::Ok);
+        // Spot's (FR-027, FR-029/030): 5 min to running, fallback on, the
+        // on-demand price as the ceiling (no max price sent).
+        let spot = parse(&format!("{MINIMAL}  useSpot: true\n"))
+            .unwrap()
+            .spot
+            .expect("spot");
+        assert_eq!(spot.request_timeout, Duration::from_secs(300));
+        assert!(spot.fallback_to_on_demand);
+        assert_eq!(spot.max_price, None);
     }
 
     #[test]

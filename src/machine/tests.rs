@@ -876,6 +876,30 @@ fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
     );
 }
 
+/// FR-053: a failed SSH login is tried again `ssh.retryInterval` later.
+#[test]
+fn a_failed_ssh_login_is_tried_again_after_the_retry_interval() {
+    let ctx = ctx(shapes()[0]);
+    let phase = phases(&ctx)
+        .into_iter()
+        .find(|p| matches!(p, ProvisionPhase::WaitingForSsh(w) if w.trusted_host_keys.is_some()))
+        .unwrap();
+    let s = step(
+        &ctx,
+        &SessionState::fresh(phase),
+        Input::SshNotReady {
+            reason: "connection refused".into(),
+        },
+        T0,
+    )
+    .unwrap();
+    let ProvisionPhase::WaitingForSsh(w) = &s.state.phase else {
+        panic!("{:?}", s.state.phase)
+    };
+    assert_eq!(w.ssh.due, T0.plus(ctx.request.ssh.retry_interval));
+    assert_eq!(w.ssh.failures, 1);
+}
+
 #[test]
 fn host_key_mismatch_terminates_and_names_the_presented_key() {
     let ctx = ctx(shapes()[0]);
