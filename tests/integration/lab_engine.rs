@@ -68,6 +68,148 @@ async fn assert_no_secrets_in(harness: &Harness) {
     }
 }
 
+/// Everything the config asks of the launch, read back from EC2 (moto):
+/// root volume size, gp3 and delete-on-termination (FR-016–019), IMDSv2
+/// required (FR-020), the instance profile, userData, the session's tags
+/// and the caller's on the instance and its volume (FR-011–013, AC-002),
+/// and for spot the one-time request at the max price (FR-023/024).
+#[tokio::test]
+async fn the_launch_carries_every_setting_of_the_config() {
+    use base64::Engine as _;
+    let lab = Lab::start();
+    let harness = Harness::new();
+    let arn = lab.call(
+        "POST",
+        "/instance_profiles",
+        Some(json!({"name": "acode-agent"})),
+    )["arn"]
+        .as_str()
+        .expect("an instance profile ARN")
+        .to_string();
+    let script = "#!/bin/sh\necho acode-user-data\n";
+    let settings = format!(
+        "  ebsSizeGb: 33\n  userData: |\n    #!/bin/sh\n    echo acode-user-data\n  \
+         iamInstanceProfileArn: {arn}\n  tags:\n    team: coding-agents\n"
+    );
+    let ec2 = lab.ec2();
+    for spot in [false, true] {
+        let extra = if spot {
+            format!("{settings}  useSpot: true\n  spotMaxPrice: \"0.05\"\n")
+        } else {
+            settings.clone()
+        };
+        let before_ms = acode_ec2::clock::wall_clock().0;
+        let (engine, ready) = provision_ready(&lab, &harness, &extra).await;
+        assert_eq!(ready.was_spot, spot);
+        let out = ec2
+            .describe_instances()
+            .instance_ids(&ready.instance_id)
+            .send()
+            .await
+            .expect("DescribeInstances");
+        let instance = &out.reservations()[0].instances()[0];
+        assert_eq!(
+            instance.metadata_options().and_then(|m| m.http_tokens()),
+            Some(&aws_sdk_ec2::types::HttpTokensState::Required)
+        );
+        assert_eq!(
+            instance.iam_instance_profile().and_then(|p| p.arn()),
+            Some(arn.as_str())
+        );
+        let tags_of =
+            |tags: &[aws_sdk_ec2::types::Tag]| -> std::collections::HashMap<String, String> {
+                tags.iter()
+                    .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                    .collect()
+            };
+        let check_tags = |tags: std::collections::HashMap<String, String>, what: &str| {
+            assert_eq!(
+                tags.get("acode").map(String::as_str),
+                Some("true"),
+                "{what}: {tags:?}"
+            );
+            assert_eq!(
+                tags.get("acode-session-id"),
+                Some(&ready.session_id),
+                "{what}: {tags:?}"
+            );
+            assert_eq!(
+                tags.get("team").map(String::as_str),
+                Some("coding-agents"),
+                "{what}: {tags:?}"
+            );
+            let at: u64 = tags
+                .get("acode-timestamp")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(|| panic!("{what}: no acode-timestamp in {tags:?}"));
+            assert!(
+                at >= before_ms && at <= acode_ec2::clock::wall_clock().0,
+                "{what}: {at}"
+            );
+        };
+        check_tags(tags_of(instance.tags()), "instance");
+        let root = &instance.block_device_mappings()[0];
+        assert_eq!(root.device_name(), instance.root_device_name());
+        let ebs = root.ebs().expect("an EBS root volume");
+        assert_eq!(ebs.delete_on_termination(), Some(true));
+        let volumes = ec2
+            .describe_volumes()
+            .volume_ids(ebs.volume_id().expect("a volume id"))
+            .send()
+            .await
+            .expect("DescribeVolumes");
+        let volume = &volumes.volumes()[0];
+        assert_eq!(volume.size(), Some(33));
+        assert_eq!(
+            volume.volume_type(),
+            Some(&aws_sdk_ec2::types::VolumeType::Gp3)
+        );
+        check_tags(tags_of(volume.tags()), "volume");
+        // Sent base64-encoded, as EC2 wants it, and shown the same way.
+        let attribute = ec2
+            .describe_instance_attribute()
+            .instance_id(&ready.instance_id)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+            .send()
+            .await
+            .expect("DescribeInstanceAttribute");
+        let decode = |text: &[u8]| {
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .expect("base64")
+        };
+        let stored = attribute
+            .user_data()
+            .and_then(|u| u.value())
+            .expect("userData");
+        assert_eq!(decode(stored.as_bytes()), script.as_bytes());
+        match instance.spot_instance_request_id() {
+            Some(request_id) if spot => {
+                let requests = ec2
+                    .describe_spot_instance_requests()
+                    .spot_instance_request_ids(request_id)
+                    .send()
+                    .await
+                    .expect("DescribeSpotInstanceRequests");
+                let request = &requests.spot_instance_requests()[0];
+                assert_eq!(
+                    request.r#type(),
+                    Some(&aws_sdk_ec2::types::SpotInstanceType::OneTime)
+                );
+                let price: f64 = request
+                    .spot_price()
+                    .and_then(|p| p.parse().ok())
+                    .expect("a max price");
+                assert!((price - 0.05).abs() < 1e-9, "{price}");
+            }
+            None if !spot => {}
+            other => panic!("spot {spot}, spot request {other:?}"),
+        }
+        let end = engine.teardown(&ready.session_id, &NoProgress).await;
+        assert_eq!(end.expect("teardown"), PhaseKind::TornDown);
+    }
+}
+
 #[tokio::test]
 async fn provisions_to_ready_with_a_verified_host_key_then_tears_down_to_nothing() {
     let lab = Lab::start();

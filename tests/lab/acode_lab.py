@@ -62,6 +62,7 @@ os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key  # noqa: E402
 from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
+from moto.iam.models import iam_backends  # noqa: E402
 from moto.core import responses as moto_core_responses  # noqa: E402
 from moto.core.serialize import return_if_not_empty  # noqa: E402
 from moto.ec2 import utils as moto_ec2_utils  # noqa: E402
@@ -2029,6 +2030,7 @@ class ControlApi:
             ("GET", "/_lab/instances"): lambda req: lab.instances_view(),
             ("GET", "/_lab/key_pairs"): lambda req: lab.key_pairs_view(),
             ("GET", "/_lab/authorized_keys"): self._authorized_keys,
+            ("POST", "/_lab/instance_profiles"): self._instance_profile,
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
@@ -2115,6 +2117,20 @@ class ControlApi:
     def _authorized_keys(self, request: Request) -> list[str]:
         with self.lab.lock:
             return list(self.lab.authorized_keys.values())
+
+    def _instance_profile(self, request: Request) -> dict[str, str]:
+        """An IAM instance profile in moto's IAM, which RunInstances checks a profile ARN against."""
+        body = self._json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
+            raise BadRequest('instance_profiles: expected {"name": "..."}')
+        unknown = sorted(set(body) - {"name"})
+        if unknown:
+            raise BadRequest(f"instance_profiles: unknown key '{unknown[0]}'")
+        iam = iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+        with self.lab.lock:
+            existing = iam.instance_profiles.get(body["name"])
+            profile = existing or iam.create_instance_profile(name=body["name"], path="/", role_names=[])
+        return {"arn": profile.arn}
 
 
 # --------------------------------------------------------------------------

@@ -399,6 +399,19 @@ class LabTest(unittest.TestCase):
         self.ec2.terminate_instances(InstanceIds=[instance_id])
         self.assert_error(lambda: self.run_instance(ClientToken=token), "IdempotentInstanceTerminated", 400)
 
+    def test_instance_profiles(self) -> None:
+        arn = self.control("POST", "/instance_profiles", {"name": "agent"})["arn"]
+        self.assertEqual(arn, "arn:aws:iam::123456789012:instance-profile/agent")
+        self.assertEqual(self.control("POST", "/instance_profiles", {"name": "agent"})["arn"], arn)
+        instance_id = self.run_instance(IamInstanceProfile={"Arn": arn})["Instances"][0]["InstanceId"]
+        self.assertEqual(self.describe(instance_id)["IamInstanceProfile"]["Arn"], arn)
+        unknown = "arn:aws:iam::123456789012:instance-profile/nobody"
+        with self.assertRaises(ClientError):
+            self.run_instance(IamInstanceProfile={"Arn": unknown})
+        for body in ({}, {"name": ""}, {"name": "x", "colour": 1}):
+            self.control("POST", "/instance_profiles", body, expect=400)
+        self.ec2.terminate_instances(InstanceIds=[instance_id])
+
     # -- console output ---------------------------------------------------------------------
 
     def test_console_output_modes(self) -> None:
