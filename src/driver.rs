@@ -32,6 +32,7 @@ use crate::events::{ProgressSink, ProvisionEvent};
 use crate::lock;
 use crate::machine::{
     self, Input, MachineError, OutsideInput, Pause, PhaseKind, ProvisionPhase, SessionContext,
+    Timestamp,
 };
 use crate::observe::{
     EventChannel, Fanout, MetricsObserver, Observation, Observer, OnReady, ProgressObserver,
@@ -223,7 +224,12 @@ impl<E: Effects> Engine<E> {
         let holder = LeaseHolder::for_this_process();
         Engine {
             effects,
-            lease: EngineLease::new(Arc::clone(&store), holder.clone(), options.lease_ttl),
+            lease: EngineLease::new(
+                Arc::clone(&store),
+                holder.clone(),
+                options.lease_ttl,
+                Arc::new(SystemClock),
+            ),
             store,
             clock: Arc::new(SystemClock),
             holder,
@@ -245,6 +251,7 @@ impl<E: Effects> Engine<E> {
             Arc::clone(&self.store),
             holder.clone(),
             self.options.lease_ttl,
+            Arc::clone(&self.clock),
         );
         self.holder = holder;
         self
@@ -253,6 +260,12 @@ impl<E: Effects> Engine<E> {
     /// Reads `now` from, and waits on, `clock` (tests and benches run
     /// without real sleeps on a [`crate::clock::ManualClock`]).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Engine<E> {
+        self.lease = EngineLease::new(
+            Arc::clone(&self.store),
+            self.holder.clone(),
+            self.options.lease_ttl,
+            Arc::clone(&clock),
+        );
         self.clock = clock;
         self
     }
@@ -324,7 +337,7 @@ impl<E: Effects> Engine<E> {
                 .store
                 .create(&ctx, &checkpoint, &self.holder, ttl, now)
                 .await?;
-            self.lease.noted(beat);
+            self.lease.noted(now, beat);
             let lease = self.lease.join(&session_id);
             let progress = ProgressObserver(progress);
             let observers = self.fanout(&progress);
@@ -444,11 +457,12 @@ impl<E: Effects> Engine<E> {
             });
         };
         let ttl = self.options.lease_ttl;
+        let began = self.clock.now();
         let beat = self
             .store
             .acquire_lease(session_id, &self.holder, ttl)
             .await?;
-        self.lease.noted(beat);
+        self.lease.noted(began, beat);
         let input: Input = input.into();
         let noted = async {
             let mut loaded = self.store.load(session_id).await?;
@@ -818,13 +832,14 @@ impl<E: Effects> Engine<E> {
                     _ = self.clock.sleep_until(at) => {}
                 }
             }
-            // Another process took the session over: it runs the effects now.
-            lease.still_held().await?;
             // Closed only when its engine is dropped, which ends this drive anyway.
             let slot = match effect_slots {
                 Some(slots) => slots.acquire().await.ok(),
                 None => None,
             };
+            // Checked after any wait for a slot, right before the effect:
+            // another process that took the session over runs it now.
+            lease.still_held().await?;
             let (input, delivered) = self.run_effect(session, &intent, inbox).await;
             drop(slot);
             let mut pause = None;
@@ -944,11 +959,15 @@ fn ready_or_error(end: LoadedSession) -> Result<ReadyInstance, EngineError> {
 /// This engine's one lease: a heartbeat renews its row in the store while
 /// it drives any session (one write per `ttl / 3`, however many), and the
 /// drives learn from it when the lease lapsed and a session may have been
-/// taken over.
+/// taken over. A drive about to run an effect while the last renewal is
+/// older than the heartbeat allows (the process was stopped or the machine
+/// slept, so no heartbeat could run) renews first and asks the store.
 struct EngineLease {
     store: Arc<dyn CheckpointStore>,
     holder: LeaseHolder,
     ttl: Duration,
+    /// The engine's clock, which dates renewals.
+    clock: Arc<dyn Clock>,
     state: Arc<LeaseState>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -959,38 +978,65 @@ struct LeaseState {
     drives: AtomicUsize,
     /// How many times the heartbeat found the lease lapsed.
     lapses: AtomicU64,
+    /// When (ms, by the engine's clock) a renewal last began that worked.
+    renewed_at_ms: AtomicU64,
+}
+
+impl LeaseState {
+    /// A renewal that began at `at` worked; one that lapsed counts as a lapse.
+    fn renewed(&self, at: Timestamp, beat: Heartbeat) {
+        self.renewed_at_ms.fetch_max(at.0, Ordering::SeqCst);
+        if beat.lapsed {
+            warn!("this engine's lease had lapsed; its drives check their sessions");
+            self.lapses.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl EngineLease {
-    fn new(store: Arc<dyn CheckpointStore>, holder: LeaseHolder, ttl: Duration) -> EngineLease {
+    fn new(
+        store: Arc<dyn CheckpointStore>,
+        holder: LeaseHolder,
+        ttl: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> EngineLease {
         EngineLease {
             store,
             holder,
             ttl,
+            clock,
             state: Arc::default(),
             heartbeat: Mutex::new(None),
         }
     }
 
+    /// Whether the last renewal is older than half the lease: the heartbeat
+    /// renews every third of it, so it has missed a beat, and by the time
+    /// this process runs again the store may have let another take over.
+    fn renewal_overdue(&self) -> bool {
+        let renewed = self.state.renewed_at_ms.load(Ordering::SeqCst);
+        let half = u64::try_from((self.ttl / 2).as_millis()).unwrap_or(u64::MAX);
+        self.clock.now().0.saturating_sub(renewed) > half
+    }
+
     /// Leases the session to this engine: a drive's share of the lease.
     async fn acquire(&self, session_id: &str) -> Result<SessionLease<'_>, StoreError> {
+        let began = self.clock.now();
         let beat = self
             .store
             .acquire_lease(session_id, &self.holder, self.ttl)
             .await?;
-        self.noted(beat);
+        self.noted(began, beat);
         Ok(self.join(session_id))
     }
 
     /// What a renewal of the engine's lease outside the heartbeat (taking
-    /// or creating a session) found. A lapse it hides would keep the next
-    /// heartbeat from seeing it, so it counts as the heartbeat's would: the
-    /// drives ask the store whether their sessions are still theirs.
-    fn noted(&self, beat: Heartbeat) {
-        if beat.lapsed {
-            warn!("this engine's lease had lapsed; its drives check their sessions");
-            self.state.lapses.fetch_add(1, Ordering::SeqCst);
-        }
+    /// or creating a session, begun at `began`) found. A lapse it hides
+    /// would keep the next heartbeat from seeing it, so it counts as the
+    /// heartbeat's would: the drives ask the store whether their sessions
+    /// are still theirs.
+    fn noted(&self, began: Timestamp, beat: Heartbeat) {
+        self.state.renewed(began, beat);
     }
 
     /// A drive's share of the lease, for the session just leased to this
@@ -1010,7 +1056,7 @@ impl EngineLease {
 
     fn start_heartbeat(&self) -> tokio::task::JoinHandle<()> {
         let (store, holder, ttl) = (Arc::clone(&self.store), self.holder.clone(), self.ttl);
-        let state = Arc::clone(&self.state);
+        let (state, clock) = (Arc::clone(&self.state), Arc::clone(&self.clock));
         let every = (ttl / 3).max(Duration::from_millis(100));
         tokio::spawn(async move {
             // Since when the heartbeat has failed, and whether that already
@@ -1021,13 +1067,11 @@ impl EngineLease {
                 if state.drives.load(Ordering::SeqCst) == 0 {
                     continue;
                 }
+                let began = clock.now();
                 match store.heartbeat(&holder, ttl).await {
                     Ok(beat) => {
                         failing = None;
-                        if beat.lapsed {
-                            warn!("this engine's lease lapsed; its drives check their sessions");
-                            state.lapses.fetch_add(1, Ordering::SeqCst);
-                        }
+                        state.renewed(began, beat);
                     }
                     // A busy or failing database may recover before the
                     // lease expires; past a whole `ttl` of failures it may
@@ -1065,8 +1109,18 @@ struct SessionLease<'a> {
 
 impl SessionLease<'_> {
     /// Whether the session is still this engine's to drive: after a lapse
-    /// of the engine's lease, asked of the store once; otherwise known.
+    /// of the engine's lease, asked of the store once; otherwise known. A
+    /// renewal overdue (this process was stopped, or the machine slept)
+    /// is made first: from then on no one can take the session, and the
+    /// store says whether someone already did.
     async fn still_held(&mut self) -> Result<(), EngineError> {
+        if self.engine.renewal_overdue() {
+            let began = self.engine.clock.now();
+            let beat = (self.engine.store)
+                .heartbeat(&self.engine.holder, self.engine.ttl)
+                .await?;
+            self.engine.noted(began, beat);
+        }
         let lapses = self.engine.state.lapses.load(Ordering::SeqCst);
         if lapses == self.checked_lapses {
             return Ok(());

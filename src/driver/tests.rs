@@ -36,7 +36,7 @@ async fn a_lapse_renewed_away_by_taking_a_session_still_stops_the_drive_that_los
         assert!(!beat.lapsed, "a new engine's first lease is no lapse");
     }
     store.release_lease("s2", &a).await.unwrap();
-    let engine_a = EngineLease::new(Arc::clone(&store), a.clone(), TTL);
+    let engine_a = EngineLease::new(Arc::clone(&store), a.clone(), TTL, clock.clone());
     let mut first = engine_a.join("s1");
     first.still_held().await.unwrap();
 
@@ -48,6 +48,59 @@ async fn a_lapse_renewed_away_by_taking_a_session_still_stops_the_drive_that_los
     assert!(
         matches!(lost, EngineError::Store(StoreError::LeaseLost(ref id)) if id == "s1"),
         "{lost}"
+    );
+}
+
+/// A process stopped (Ctrl-Z, a suspended machine) runs no heartbeat.
+/// Meanwhile its lease expired and another process took the session,
+/// finished it and let it go. Woken, the drive must not run its next effect
+/// (a create would leak): its renewal is overdue, so it renews, and the
+/// store says the session is no longer its own.
+#[tokio::test]
+async fn a_drive_woken_after_its_lease_expired_asks_the_store_before_its_next_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::starting_at(Timestamp(1_700_000_000_000)));
+    let sqlite = Arc::new(
+        SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap(),
+    );
+    let store: Arc<dyn CheckpointStore> = sqlite.clone();
+    let (a, b) = (holder("engine-a"), holder("engine-b"));
+    let engine_a = EngineLease::new(Arc::clone(&store), a.clone(), TTL, clock.clone());
+    for id in ["s1", "s2"] {
+        let ctx = context(id);
+        let beat = store
+            .create(&ctx, &first_checkpoint(&ctx), &a, TTL, clock.now())
+            .await
+            .unwrap();
+        engine_a.noted(clock.now(), beat);
+    }
+    let mut taken = engine_a.join("s1");
+    let mut kept = engine_a.join("s2");
+    taken.still_held().await.unwrap();
+    kept.still_held().await.unwrap();
+    let writes = sqlite.write_transactions();
+    // Within the heartbeat's rhythm nothing is asked.
+    clock.advance(TTL / 3);
+    taken.still_held().await.unwrap();
+    assert_eq!(sqlite.write_transactions(), writes, "a renewal on time");
+
+    // Stopped past the lease: another engine takes s1, ends, and lets go.
+    clock.advance(TTL);
+    store.acquire_lease("s1", &b, TTL).await.unwrap();
+    store.release_lease("s1", &b).await.unwrap();
+
+    let lost = taken.still_held().await.unwrap_err();
+    assert!(
+        matches!(lost, EngineError::Store(StoreError::LeaseLost(ref id)) if id == "s1"),
+        "{lost}"
+    );
+    // The renewal made on waking keeps s2, which no one took, and from
+    // then on no one can take it.
+    kept.still_held().await.unwrap();
+    let refused = store.acquire_lease("s2", &b, TTL).await;
+    assert!(
+        matches!(refused, Err(StoreError::Leased { .. })),
+        "{refused:?}"
     );
 }
 
