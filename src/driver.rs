@@ -399,7 +399,7 @@ impl<E: Effects> Engine<E> {
             match self.store.load(session_id).await {
                 Ok(loaded) => self.drive(loaded, claim, lease, &observers).await,
                 Err(e) => {
-                    self.release_quietly(session_id).await;
+                    lease.release().await;
                     Err(e.into())
                 }
             }
@@ -456,13 +456,9 @@ impl<E: Effects> Engine<E> {
                 session_id: session_id.to_string(),
             });
         };
-        let ttl = self.options.lease_ttl;
-        let began = self.clock.now();
-        let beat = self
-            .store
-            .acquire_lease(session_id, &self.holder, ttl)
-            .await?;
-        self.lease.noted(began, beat);
+        // A drive share like any other: a dropped drive's release of this
+        // session must not undo the lease taken here.
+        let lease = self.take_lease(session_id).await?;
         let input: Input = input.into();
         let noted = async {
             let mut loaded = self.store.load(session_id).await?;
@@ -476,7 +472,7 @@ impl<E: Effects> Engine<E> {
             Ok(loaded.state.phase.kind())
         }
         .await;
-        self.release_quietly(session_id).await;
+        lease.release().await;
         drop(claim);
         noted
     }
@@ -666,11 +662,11 @@ impl<E: Effects> Engine<E> {
         match committed {
             Ok(Ok(loaded)) => self.drive(loaded, claim, lease, &observers).await,
             Ok(Err(finished)) => {
-                self.release_quietly(&session_id).await;
+                lease.release().await;
                 Ok(finished)
             }
             Err(e) => {
-                self.release_quietly(&session_id).await;
+                lease.release().await;
                 Err(e)
             }
         }
@@ -749,14 +745,6 @@ impl<E: Effects> Engine<E> {
         Ok(self.lease.acquire(session_id).await?)
     }
 
-    /// Lets another driver take over at once; best effort, as the lease of
-    /// a process that died expires anyway.
-    async fn release_quietly(&self, session_id: &str) {
-        if let Err(e) = self.store.release_lease(session_id, &self.holder).await {
-            warn!(%session_id, error = %e, "could not release the lease");
-        }
-    }
-
     /// Drives the session until it settles (or stops); the session as it ends.
     async fn drive(
         &self,
@@ -780,8 +768,7 @@ impl<E: Effects> Engine<E> {
                 started,
             )
             .await;
-        drop(lease);
-        self.release_quietly(&session.context.session_id).await;
+        lease.release().await;
         match &result {
             Ok(()) => {
                 observers.observe(&Observation::Settled {
@@ -980,9 +967,19 @@ struct LeaseState {
     lapses: AtomicU64,
     /// When (ms, by the engine's clock) a renewal last began that worked.
     renewed_at_ms: AtomicU64,
+    /// Drives under way, by session.
+    by_session: Mutex<HashMap<String, usize>>,
+    /// Held while a session's lease is taken for a drive here, and while a
+    /// dropped drive's lease is let go: the second must not undo the first.
+    gate: tokio::sync::Mutex<()>,
 }
 
 impl LeaseState {
+    /// Whether a drive of `session_id` is under way here.
+    fn driving(&self, session_id: &str) -> bool {
+        lock(&self.by_session).contains_key(session_id)
+    }
+
     /// A renewal that began at `at` worked; one that lapsed counts as a lapse.
     fn renewed(&self, at: Timestamp, beat: Heartbeat) {
         self.renewed_at_ms.fetch_max(at.0, Ordering::SeqCst);
@@ -1021,6 +1018,7 @@ impl EngineLease {
 
     /// Leases the session to this engine: a drive's share of the lease.
     async fn acquire(&self, session_id: &str) -> Result<SessionLease<'_>, StoreError> {
+        let _gate = self.state.gate.lock().await;
         let began = self.clock.now();
         let beat = self
             .store
@@ -1043,6 +1041,9 @@ impl EngineLease {
     /// engine; starts the heartbeat if it is not running.
     fn join(&self, session_id: &str) -> SessionLease<'_> {
         self.state.drives.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.state.by_session)
+            .entry(session_id.to_string())
+            .or_default() += 1;
         let mut heartbeat = lock(&self.heartbeat);
         if heartbeat.is_none() {
             *heartbeat = Some(self.start_heartbeat());
@@ -1051,6 +1052,7 @@ impl EngineLease {
             engine: self,
             session_id: session_id.to_string(),
             checked_lapses: self.state.lapses.load(Ordering::SeqCst),
+            released: false,
         }
     }
 
@@ -1099,15 +1101,34 @@ impl Drop for EngineLease {
     }
 }
 
-/// One drive's view of its engine's lease.
+/// One drive's view of its engine's lease. A drive ends by releasing it;
+/// one dropped before that (its caller gave up on it: a timeout, a select)
+/// has the session let go in the background, or the engine's heartbeat
+/// would keep it from every other process for as long as the engine lives.
 struct SessionLease<'a> {
     engine: &'a EngineLease,
     session_id: String,
     /// The engine's lapse count this drive last checked its session at.
     checked_lapses: u64,
+    released: bool,
 }
 
 impl SessionLease<'_> {
+    /// Lets another driver take over at once; best effort, as the lease of
+    /// a process that died expires anyway.
+    async fn release(mut self) {
+        let engine = self.engine;
+        let released = engine
+            .store
+            .release_lease(&self.session_id, &engine.holder)
+            .await;
+        // Dropped before the store answered, the drop lets go instead.
+        self.released = true;
+        if let Err(e) = released {
+            warn!(session_id = %self.session_id, error = %e, "could not release the lease");
+        }
+    }
+
     /// Whether the session is still this engine's to drive: after a lapse
     /// of the engine's lease, asked of the store once; otherwise known. A
     /// renewal overdue (this process was stopped, or the machine slept)
@@ -1140,6 +1161,34 @@ impl SessionLease<'_> {
 
 impl Drop for SessionLease<'_> {
     fn drop(&mut self) {
-        self.engine.state.drives.fetch_sub(1, Ordering::SeqCst);
+        let state = &self.engine.state;
+        state.drives.fetch_sub(1, Ordering::SeqCst);
+        {
+            let mut by_session = lock(&state.by_session);
+            if let Some(n) = by_session.get_mut(&self.session_id) {
+                *n -= 1;
+                if *n == 0 {
+                    by_session.remove(&self.session_id);
+                }
+            }
+        }
+        if self.released {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (state, store) = (Arc::clone(state), Arc::clone(&self.engine.store));
+        let (holder, session_id) = (self.engine.holder.clone(), self.session_id.clone());
+        runtime.spawn(async move {
+            let _gate = state.gate.lock().await;
+            // A new drive here took the session meanwhile: it is its lease now.
+            if state.driving(&session_id) {
+                return;
+            }
+            if let Err(e) = store.release_lease(&session_id, &holder).await {
+                warn!(%session_id, error = %e, "could not release a dropped drive's lease");
+            }
+        });
     }
 }

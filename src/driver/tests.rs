@@ -104,6 +104,50 @@ async fn a_drive_woken_after_its_lease_expired_asks_the_store_before_its_next_ef
     );
 }
 
+/// A library caller gives up on a drive (a timeout around `provision`):
+/// the session is let go, so another process can resume it while this
+/// engine, and its heartbeat, live on. A drive of the same session started
+/// here meanwhile keeps its lease.
+#[tokio::test]
+async fn a_dropped_drive_lets_its_session_go_unless_a_new_drive_took_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::starting_at(Timestamp(1_700_000_000_000)));
+    let store: Arc<dyn CheckpointStore> = Arc::new(
+        SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap(),
+    );
+    let (a, b) = (holder("engine-a"), holder("engine-b"));
+    let engine_a = EngineLease::new(Arc::clone(&store), a.clone(), TTL, clock.clone());
+    for id in ["s1", "s2"] {
+        let ctx = context(id);
+        let beat = store
+            .create(&ctx, &first_checkpoint(&ctx), &a, TTL, clock.now())
+            .await
+            .unwrap();
+        engine_a.noted(clock.now(), beat);
+    }
+    drop(engine_a.join("s1"));
+    let mut waited = 0;
+    while store.holds_lease("s1", &a).await.unwrap() {
+        waited += 1;
+        assert!(
+            waited < 1000,
+            "the dropped drive's session was never let go"
+        );
+        tokio::task::yield_now().await;
+    }
+    store.acquire_lease("s1", &b, TTL).await.unwrap();
+
+    drop(engine_a.acquire("s2").await.unwrap());
+    let again = engine_a.acquire("s2").await.unwrap();
+    // Let the dropped drive's release run; it must leave the new drive's lease.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(store.holds_lease("s2", &a).await.unwrap());
+    again.release().await;
+    assert!(!store.holds_lease("s2", &a).await.unwrap());
+}
+
 /// A recover's tally: a session held by another driver is left to it and a
 /// session that failed and was cleaned up was recovered; neither is a
 /// failed drive.

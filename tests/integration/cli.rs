@@ -808,7 +808,8 @@ fn a_second_ctrl_c_also_ends_a_running_on_ready_command() {
     // One session turns Ready and starts its hook; the other's launch is held.
     lab.fault(serde_json::json!({"action": "RunInstances", "latency_ms": 10000, "count": 1}));
     let hook = "echo \"hook started $$\" >&2; exec sleep 120";
-    let started = |line: &str| line.starts_with("hook started ");
+    // The hook writes beside the progress lines, maybe into one.
+    let started = |line: &str| line.contains("hook started ");
     let (code, said) = provision_interrupted_after(
         &lab,
         &db,
@@ -819,7 +820,7 @@ fn a_second_ctrl_c_also_ends_a_running_on_ready_command() {
     );
     let pid: u32 = said
         .lines()
-        .find_map(|l| l.strip_prefix("hook started "))
+        .find_map(|l| l.split_once("hook started ").map(|(_, pid)| pid))
         .and_then(|pid| pid.trim().parse().ok())
         .unwrap_or_else(|| panic!("no hook pid:\n{said}"));
     // The hook's `sleep` is gone, or a zombie no one reaped yet.
@@ -923,6 +924,11 @@ fn a_second_ctrl_c_stops_at_once_and_recover_cleans_up() {
     );
     let out = cli(&db, Some(&lab), &["recover"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    eprintln!(
+        "SAID {said}\nRECOVER {} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     assert_nothing_left(&lab, dir.path(), "after recover");
 }
 
