@@ -305,7 +305,18 @@ pub async fn terminate(
     let mut ids: Vec<String> = instance_id.map(str::to_string).into_iter().collect();
     let listed_live = match api.live_instances_of_session(&ctx.session_id).await {
         Ok(tagged) => tagged,
-        Err(failure) => return keep_trying(failure),
+        Err(failure) => {
+            // The instance on record need not wait for the sweep (while
+            // DescribeInstances fails it would wait forever): it goes now,
+            // and the next try sweeps.
+            if let Some(id) = instance_id
+                && let Err(e) = api.terminate_instance(id).await
+                && e.class != ErrorClass::NotFound
+            {
+                return keep_trying(e);
+            }
+            return keep_trying(failure);
+        }
     };
     for id in &listed_live {
         if !ids.contains(id) {

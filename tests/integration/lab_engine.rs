@@ -210,6 +210,43 @@ async fn the_launch_carries_every_setting_of_the_config() {
     }
 }
 
+/// While DescribeInstances fails, cleanup's sweep by tag cannot run; the
+/// instance on record is terminated all the same, not left running until
+/// EC2's reads come back.
+#[tokio::test]
+async fn the_instance_on_record_is_terminated_while_the_sweep_cannot_run() {
+    let lab = Lab::start();
+    let harness = Harness::new();
+    let (engine, ready) = provision_ready(&lab, &harness, "").await;
+    lab.fault(json!({"action": "DescribeInstances", "code": "InternalError", "http_status": 500, "count": 10000}));
+    let state = || {
+        lab.instances()
+            .into_iter()
+            .find(|i| i["instance_id"] == ready.instance_id.as_str())
+            .and_then(|i| i["state"].as_str().map(str::to_string))
+    };
+    let terminated = async {
+        while !matches!(state().as_deref(), Some("shutting-down" | "terminated")) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = engine.teardown(&ready.session_id, &NoProgress) => panic!("torn down without a sweep"),
+        () = terminated => {}
+        () = tokio::time::sleep(Duration::from_secs(60)) => panic!("still {:?}", state()),
+    }
+    // Every sweep so far failed, and the fault still holds.
+    let remaining = lab.call("GET", "/faults", None)[0]["remaining"]
+        .as_u64()
+        .expect("the fault");
+    assert!(remaining > 0 && remaining < 10000, "{remaining}");
+    // EC2's reads are back: the cleanup finishes.
+    lab.call("DELETE", "/faults", None);
+    let end = engine.teardown(&ready.session_id, &NoProgress).await;
+    assert_eq!(end.expect("teardown"), PhaseKind::TornDown);
+    assert!(lab.live_instances_of(&ready.session_id).is_empty());
+}
+
 #[tokio::test]
 async fn provisions_to_ready_with_a_verified_host_key_then_tears_down_to_nothing() {
     let lab = Lab::start();
