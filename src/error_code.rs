@@ -69,6 +69,8 @@ pub enum AwsErrorCode {
     InvalidAmiIdMalformed,
     IdempotentParameterMismatch,
     UnauthorizedOperation,
+    /// The credentials were not accepted (unknown, expired, signed wrong).
+    AuthFailure,
     UnsupportedOperation,
     InvalidParameterValue,
     /// A dry run that would have succeeded.
@@ -146,6 +148,7 @@ impl AwsErrorCode {
             | InvalidAmiIdMalformed
             | IdempotentParameterMismatch
             | UnauthorizedOperation
+            | AuthFailure
             | UnsupportedOperation
             | InvalidParameterValue
             | DryRunOperation => ErrorClass::Rejected,

@@ -31,6 +31,8 @@ pub fn session_tags(ctx: &SessionContext, created: Timestamp) -> Vec<(String, St
 pub fn failed(failure: Ec2Failure) -> Input {
     let message = if failure.is(&AwsErrorCode::UnauthorizedOperation) {
         guidance::unauthorized(failure.action, &failure.message)
+    } else if failure.is(&AwsErrorCode::AuthFailure) {
+        guidance::auth_failure(&failure.message)
     } else {
         failure.message.clone()
     };

@@ -56,6 +56,16 @@ pub fn unauthorized(action: &str, message: &str) -> String {
     )
 }
 
+/// AWS did not accept who signed the call (not a missing permission).
+pub fn auth_failure(message: &str) -> String {
+    format!(
+        "AWS did not accept the credentials (AuthFailure: {message}). Check which ones the SDK \
+         picked (`aws sts get-caller-identity` with the same profile and environment), that \
+         they are current (a session token expires), that this machine's clock is right, \
+         and that the region is one the account may use"
+    )
+}
+
 pub fn missing_key_pair(key_name: &str, region: &str) -> String {
     format!(
         "key pair {key_name} does not exist in {region}. Create it (`aws ec2 create-key-pair \

@@ -315,16 +315,27 @@ fn refusal(failure: &Ec2Failure) -> String {
             guidance::unauthorized(failure.action, &failure.message)
         );
     }
+    if failure.is(&AwsErrorCode::AuthFailure) {
+        return format!(
+            "{}: {}",
+            failure.action,
+            guidance::auth_failure(&failure.message)
+        );
+    }
     if failure.class == ErrorClass::Transient {
-        return format!("{failure}; EC2 did not answer, try again");
+        return format!("{failure}; this may pass: try again");
     }
     failure.to_string()
 }
 
 fn describe(input: &Input) -> String {
     match input {
+        Input::Rejected {
+            code: RejectionCode::NoCode,
+            message,
+        } => message.clone(),
         Input::Rejected { code, message } => format!("{code}: {message}"),
-        Input::TransientFailure { message } => format!("{message}; EC2 did not answer, try again"),
+        Input::TransientFailure { message } => format!("{message}; this may pass: try again"),
         other => format!("{other:?}"),
     }
 }

@@ -311,7 +311,7 @@ fn causes(err: &dyn std::error::Error) -> String {
         }
         next = e.source();
     }
-    parts.join(": ")
+    printable(&parts.join(": "))
 }
 
 fn failure<E>(action: &'static str, err: SdkError<E, HttpResponse>) -> Ec2Failure
@@ -321,7 +321,7 @@ where
     match &err {
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
-            let message = err.message().unwrap_or_default().to_string();
+            let message = printable(err.message().unwrap_or_default());
             match err.code().map(AwsErrorCode::parse) {
                 Some(code) => Ec2Failure {
                     action,
@@ -329,16 +329,7 @@ where
                     code: Some(code),
                     message,
                 },
-                None => Ec2Failure {
-                    action,
-                    code: None,
-                    class: if (500..600).contains(&status) {
-                        ErrorClass::Transient
-                    } else {
-                        ErrorClass::Rejected
-                    },
-                    message: format!("HTTP {status} {message}"),
-                },
+                None => not_ec2s_answer(action, status, &message),
             }
         }
         // A request the SDK could not even build will not build next time.
@@ -365,9 +356,62 @@ where
             action,
             code: None,
             class: ErrorClass::Transient,
-            message: causes(other),
+            message: match other {
+                SdkError::DispatchFailure(_) => format!(
+                    "could not reach EC2 ({}); check the network, the EC2 endpoint and any proxy",
+                    causes(other)
+                ),
+                SdkError::ResponseError(_) => format!(
+                    "the answer could not be read ({}); if this repeats, check the EC2 endpoint \
+                     and any proxy on the way",
+                    causes(other)
+                ),
+                _ => causes(other),
+            },
         },
     }
+}
+
+/// An answer the SDK could not read as EC2's: a proxy's or captive
+/// portal's page, a truncated or foreign body, an error without a code.
+/// Only a 4xx is a refusal; anything else may pass (the call is retried),
+/// but if it keeps coming the endpoint is the likely cause.
+fn not_ec2s_answer(action: &'static str, status: u16, message: &str) -> Ec2Failure {
+    let what = if message.is_empty() {
+        String::new()
+    } else {
+        format!(" ({message})")
+    };
+    Ec2Failure {
+        action,
+        code: None,
+        class: if (400..500).contains(&status) {
+            ErrorClass::Rejected
+        } else {
+            ErrorClass::Transient
+        },
+        message: format!(
+            "HTTP {status} with an answer that is not EC2's{what}; if this repeats, check the \
+             EC2 endpoint (AWS_ENDPOINT_URL_EC2, the profile's endpoint_url) and any proxy on \
+             the way"
+        ),
+    }
+}
+
+/// Server text as one safe line: control characters (line breaks,
+/// terminal escapes) written out, so an answer cannot forge progress lines
+/// or drive the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_debug().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 fn tags_of(tags: &[(String, String)]) -> Vec<Tag> {

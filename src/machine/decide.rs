@@ -906,7 +906,11 @@ fn rejected(
     message: String,
     now: Timestamp,
 ) -> Option<Decision> {
-    let reason = failure(format!("{} rejected: {code}: {message}", phase.kind()));
+    let said = match code {
+        RejectionCode::NoCode => message,
+        code => format!("{code}: {message}"),
+    };
+    let reason = failure(format!("{} rejected: {said}", phase.kind()));
     if phase.kind() == PhaseKind::Ready || phase.kind().is_cleanup() {
         return None;
     }

@@ -8,6 +8,7 @@ mod crashing;
 mod deliver;
 mod fake_world;
 mod fault_matrix;
+mod foreign_answers;
 mod fuzz;
 mod kill_campaign;
 mod lab;
