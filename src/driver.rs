@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
-use tracing::{Instrument, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::clock::{Clock, SystemClock};
 use crate::effects::Effects;
@@ -781,7 +781,8 @@ impl<E: Effects> Engine<E> {
                 claim.ended.send_replace(Some(Ended::Settled(phase)));
             }
             Err(e) => {
-                warn!(error = %e, "driving stopped");
+                // The caller gets the error and says it: logged once, quietly.
+                info!(error = %e, "driving stopped");
                 claim
                     .ended
                     .send_replace(Some(Ended::Stopped(e.to_string())));

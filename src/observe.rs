@@ -16,7 +16,7 @@ use crate::machine::{
     CleanupCause, Effect, Guard, Guards, Input, Notice, PhaseKind, ProvisionPhase, SessionContext,
     SessionState, SpotSavings, Timestamp,
 };
-use crate::store::{Checkpoint, LoadedSession};
+use crate::store::{Checkpoint, Intent, LoadedSession};
 use crate::telemetry;
 
 /// Something that happened to a session, as the driver saw it.
@@ -110,7 +110,13 @@ impl Observer for TracingObserver {
                     log_notice(notice);
                 }
                 if let Some(Input::TransientFailure { message }) = &checkpoint.outcome {
-                    warn!(%message, failures = checkpoint.state.transient_failures, "transient failure, will retry");
+                    // Counted from before: a phase that gives up starts the next at zero.
+                    let failures = before.transient_failures + 1;
+                    if from == to {
+                        warn!(%message, failures, "transient failure, will retry");
+                    } else {
+                        warn!(%message, failures, "transient failure, giving up on {from}");
+                    }
                 }
             }
             Observation::Settled { state, .. } => {
@@ -385,26 +391,30 @@ pub struct ProgressObserver<'a>(pub &'a dyn ProgressSink);
 
 impl Observer for ProgressObserver<'_> {
     fn observe(&self, observation: &Observation<'_>) {
-        let (session_id, state, next, elapsed) = match observation {
+        let (session_id, state, intent, elapsed, at) = match observation {
             Observation::Started { .. } | Observation::Settled { .. } => return,
-            Observation::Resumed { session, .. } => (
+            Observation::Resumed { session, at } => (
                 &session.context.session_id,
                 &session.state,
-                session.pending.as_ref().map(|i| &i.effect),
+                session.pending.as_ref(),
                 Duration::ZERO,
+                *at,
             ),
             Observation::Stepped {
                 context,
                 checkpoint,
                 elapsed,
+                at,
                 ..
             } => (
                 &context.session_id,
                 &checkpoint.state,
-                checkpoint.intent.as_ref().map(|i| &i.effect),
+                checkpoint.intent.as_ref(),
                 *elapsed,
+                *at,
             ),
         };
+        let next = intent.map(|i| &i.effect);
         let phase = state.phase.kind();
         let message = match (next, &state.phase) {
             // The first line of a failure's cleanup says what failed: the
@@ -430,8 +440,11 @@ impl Observer for ProgressObserver<'_> {
             (None, ProvisionPhase::Interrupted(i)) => {
                 format!("cleaned up after an interruption: {}", i.reason)
             }
-            (None, _) => "instance and key pair removed".to_string(),
+            (None, _) => "nothing of the session is left running (EC2 may list a terminated \
+                          instance as shutting-down for a minute)"
+                .to_string(),
         };
+        let message = message + &backoff_note(state, intent, at);
         self.0.progress(&ProvisionProgress {
             session_id: session_id.clone(),
             phase,
@@ -441,6 +454,23 @@ impl Observer for ProgressObserver<'_> {
             elapsed,
         });
     }
+}
+
+/// How long a retry waits, when it does: the line would otherwise claim
+/// work while nothing is sent (a resumed session may wait out the backoff
+/// its earlier driver chose).
+fn backoff_note(state: &SessionState, intent: Option<&Intent>, at: Timestamp) -> String {
+    let wait = intent
+        .and_then(|i| i.not_before)
+        .map_or(0, |due| due.0.saturating_sub(at.0));
+    if state.transient_failures == 0 || wait < 1000 {
+        return String::new();
+    }
+    format!(
+        "; after {} failed tries, the next in {} s",
+        state.transient_failures,
+        wait.div_ceil(1000)
+    )
 }
 
 /// A human line for what an effect is doing.
@@ -481,5 +511,30 @@ pub fn describe(effect: &Effect) -> String {
         Effect::RunShutdownCommand { endpoint, .. } => {
             format!("running the shutdown command at {endpoint} before the interruption")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::Validating;
+
+    #[test]
+    fn a_retry_says_how_long_it_waits_and_a_poll_says_nothing() {
+        let at = Timestamp(1_700_000_000_000);
+        let intent = |wait_ms: u64| Intent {
+            effect: Effect::ValidateRequest,
+            not_before: Some(Timestamp(at.0 + wait_ms)),
+        };
+        let mut state = SessionState::fresh(ProvisionPhase::Validating(Validating));
+        // A poll's wait (no failure) is the cadence, not news.
+        assert_eq!(backoff_note(&state, Some(&intent(5_000)), at), "");
+        state.transient_failures = 3;
+        assert_eq!(
+            backoff_note(&state, Some(&intent(26_001)), at),
+            "; after 3 failed tries, the next in 27 s"
+        );
+        assert_eq!(backoff_note(&state, Some(&intent(400)), at), "");
+        assert_eq!(backoff_note(&state, None, at), "");
     }
 }
