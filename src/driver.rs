@@ -800,6 +800,7 @@ impl<E: Effects> Engine<E> {
         observers: &Fanout<'_>,
         started: Instant,
     ) -> Result<(), EngineError> {
+        let mut first_intent = true;
         loop {
             // Inputs that arrived meanwhile go first: a teardown must be
             // committed before the next intent (perhaps a launch) runs.
@@ -830,6 +831,14 @@ impl<E: Effects> Engine<E> {
             lease.still_held().await?;
             let (input, delivered) = self.run_effect(session, &intent, inbox).await;
             drop(slot);
+            // The drive's first intent may be one an earlier driver sent
+            // before it stopped: what it did then is not in this answer.
+            let input = if first_intent {
+                input.map(Input::after_earlier_send)
+            } else {
+                input
+            };
+            first_intent = false;
             let mut pause = None;
             if let Some(input) = input {
                 pause = self.record(session, input, observers, started).await?;

@@ -108,6 +108,24 @@ impl AwsErrorCode {
         }
     }
 
+    /// A throttle: EC2 refused the call before acting on it.
+    pub fn is_throttle(&self) -> bool {
+        use AwsErrorCode::*;
+        matches!(
+            self,
+            RequestLimitExceeded
+                | Throttling
+                | ThrottlingException
+                | ThrottledException
+                | RequestThrottled
+                | RequestThrottledException
+                | Ec2ThrottledException
+                | BandwidthLimitExceeded
+                | SlowDown
+                | TooManyRequestsException
+        )
+    }
+
     /// The class of an error EC2 answered with this code and HTTP status.
     pub fn class(&self, http_status: u16) -> ErrorClass {
         use AwsErrorCode::*;

@@ -420,6 +420,12 @@ impl Observer for ProgressObserver<'_> {
             // The first line of a failure's cleanup says what failed: the
             // sweep after a refused or unanswered launch can take 30 s.
             (Some(effect), ProvisionPhase::TerminatingInstance(t)) => match &t.cause {
+                // A refused launch whose every try was answered made nothing: one look.
+                CleanupCause::Failure(reason)
+                    if t.instance_id.is_none() && t.launched_at.is_none() =>
+                {
+                    format!("{reason}; making sure the launch left no instance")
+                }
                 CleanupCause::Failure(reason) if t.instance_id.is_none() => format!(
                     "{reason}; making sure the launch left no instance (EC2 can take 30 s to \
                      show one)"

@@ -25,11 +25,22 @@ pub struct Ec2Failure {
     pub code: Option<AwsErrorCode>,
     pub class: ErrorClass,
     pub message: String,
+    /// An earlier try of this call may have reached EC2 and lost its
+    /// answer (a timeout, a dropped connection, a 5xx): a refusal now does
+    /// not show that the call made nothing.
+    pub answer_lost_before: bool,
 }
 
 impl Ec2Failure {
     pub fn is(&self, code: &AwsErrorCode) -> bool {
         self.code.as_ref() == Some(code)
+    }
+
+    /// Whether EC2 may have carried the call out although it failed: any
+    /// transient failure but a throttle, which EC2 answers before it acts.
+    pub fn may_have_acted(&self) -> bool {
+        self.class == ErrorClass::Transient
+            && !self.code.as_ref().is_some_and(AwsErrorCode::is_throttle)
     }
 }
 
@@ -305,6 +316,7 @@ pub trait Ec2Api: Send + Sync + 'static {
 /// A failure made here, for answers EC2 gave that make no sense.
 pub fn malformed(action: &'static str, message: impl Into<String>) -> Ec2Failure {
     Ec2Failure {
+        answer_lost_before: false,
         action,
         code: None,
         class: ErrorClass::Transient,

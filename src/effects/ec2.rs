@@ -180,7 +180,16 @@ pub async fn run_instance(
                 message: guidance::quota(&code, &failure.message, launch.spot, &api.region()),
                 code,
             },
-            _ => failed(failure),
+            (ErrorClass::Transient, _) => failed(failure),
+            _ => {
+                let every_try_answered = !failure.answer_lost_before;
+                match failed(failure) {
+                    Input::Rejected { code, message } if every_try_answered => {
+                        Input::LaunchRefused { code, message }
+                    }
+                    other => other,
+                }
+            }
         },
     }
 }

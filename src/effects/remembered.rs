@@ -162,6 +162,7 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
             Err(Ec2Failure {
+                answer_lost_before: false,
                 action: "GetSpotPlacementScores",
                 code: None,
                 class: ErrorClass::Transient,
@@ -183,6 +184,7 @@ mod tests {
     async fn failures_are_not_remembered() {
         let memo: Remembered<u8, u32> = Remembered::new(REMEMBER_FOR);
         let failure = Ec2Failure {
+            answer_lost_before: false,
             action: "DescribeImages",
             code: None,
             class: ErrorClass::Transient,

@@ -146,6 +146,8 @@ impl SdkEc2 {
         let least = budget.attempt.min(budget.operation / 10);
         let mut spent = Duration::ZERO;
         let mut tries = 0;
+        // Whether a try may have reached EC2 without its answer reaching us.
+        let mut answer_lost = false;
         loop {
             self.limits.wait_turn(action).await;
             tries += 1;
@@ -156,6 +158,11 @@ impl SdkEc2 {
                 Err(_) => Err(out_of_budget(action, started.elapsed(), budget, tries)),
             };
             spent += started.elapsed();
+            let answer = answer.map_err(|mut failure| {
+                failure.answer_lost_before = answer_lost;
+                answer_lost |= failure.may_have_acted();
+                failure
+            });
             match answer {
                 Err(failure)
                     if failure.class == ErrorClass::Transient && tries < budget.attempts =>
@@ -239,6 +246,7 @@ fn out_of_budget(
 ) -> Ec2Failure {
     telemetry::ec2_call(action, elapsed, None, CallResult::NoCode);
     Ec2Failure {
+        answer_lost_before: false,
         action,
         code: None,
         class: ErrorClass::Transient,
@@ -324,6 +332,7 @@ where
             let message = printable(err.message().unwrap_or_default());
             match err.code().map(AwsErrorCode::parse) {
                 Some(code) => Ec2Failure {
+                    answer_lost_before: false,
                     action,
                     class: code.class(status),
                     code: Some(code),
@@ -334,6 +343,7 @@ where
         }
         // A request the SDK could not even build will not build next time.
         SdkError::ConstructionFailure(_) => Ec2Failure {
+            answer_lost_before: false,
             action,
             code: None,
             class: ErrorClass::Rejected,
@@ -345,6 +355,7 @@ where
             if !(dispatch.is_io() || dispatch.is_timeout() || dispatch.as_other().is_some()) =>
         {
             Ec2Failure {
+                answer_lost_before: false,
                 action,
                 code: None,
                 class: ErrorClass::Rejected,
@@ -353,6 +364,7 @@ where
         }
         // Timeouts, dropped connections, unparsable answers: try again later.
         other => Ec2Failure {
+            answer_lost_before: false,
             action,
             code: None,
             class: ErrorClass::Transient,
@@ -383,6 +395,7 @@ fn not_ec2s_answer(action: &'static str, status: u16, message: &str) -> Ec2Failu
         format!(" ({message})")
     };
     Ec2Failure {
+        answer_lost_before: false,
         action,
         code: None,
         class: if (400..500).contains(&status) {
@@ -1023,6 +1036,7 @@ impl Ec2Api for SdkEc2 {
             .map(|text| base64::engine::general_purpose::STANDARD.decode(text.trim()))
             .transpose()
             .map_err(|e| Ec2Failure {
+                answer_lost_before: false,
                 action: "GetConsoleOutput",
                 code: None,
                 class: ErrorClass::Transient,

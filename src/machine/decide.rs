@@ -75,6 +75,9 @@ pub(super) fn decide(
         Input::Rejected { code, message } => {
             return rejected(ctx, &state.phase, code, message, now);
         }
+        Input::LaunchRefused { code, message } => {
+            return launch_refused(ctx, state, code, message, now);
+        }
         other => other,
     };
     match &state.phase {
@@ -915,6 +918,33 @@ fn rejected(
         return None;
     }
     Some(cleanup_from(ctx, phase, reason, now))
+}
+
+/// A refused launch. Cleanup still sweeps by tag, but when no try of the
+/// launch may have acted unseen (none lost its answer, none failed before
+/// in this phase) the sweep is believed at once: nothing can be on its
+/// way. Otherwise it waits out [`SWEEP_SETTLE`] as for any lost answer.
+fn launch_refused(
+    ctx: &SessionContext,
+    state: &SessionState,
+    code: RejectionCode,
+    message: String,
+    now: Timestamp,
+) -> Option<Decision> {
+    if !matches!(
+        state.phase,
+        ProvisionPhase::Launching(_) | ProvisionPhase::RequestingSpot(_)
+    ) {
+        return None;
+    }
+    let mut decision = rejected(ctx, &state.phase, code, message, now)?;
+    if state.transient_failures > 0 {
+        return Some(decision.because(Guard::AnswerMayBeLost));
+    }
+    if let ProvisionPhase::TerminatingInstance(t) = &mut decision.next.phase {
+        t.launched_at = None;
+    }
+    Some(decision.because(Guard::EveryTryAnswered))
 }
 
 /// What cleanup must terminate.

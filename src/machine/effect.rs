@@ -127,6 +127,14 @@ pub enum Input {
         code: RejectionCode,
         message: String,
     },
+    /// RunInstances was refused, and no try of it may have acted unseen (a
+    /// timeout, a dropped connection): the launch made nothing. The driver
+    /// reports a refusal of a launch an earlier driver may have sent as
+    /// [`Input::Rejected`] (see [`Input::after_earlier_send`]).
+    LaunchRefused {
+        code: RejectionCode,
+        message: String,
+    },
     KeyPairReady {
         key: KeyPairHandle,
     },
@@ -221,6 +229,17 @@ impl Input {
     pub fn kind(&self) -> InputKind {
         self.into()
     }
+
+    /// This answer to an intent an earlier driver may already have sent
+    /// (a resumed session): its send may have launched, so a refusal now
+    /// no longer shows the launch made nothing.
+    #[must_use]
+    pub fn after_earlier_send(self) -> Input {
+        match self {
+            Input::LaunchRefused { code, message } => Input::Rejected { code, message },
+            other => other,
+        }
+    }
 }
 
 /// The inputs that come from outside a session rather than from its own
@@ -287,6 +306,7 @@ impl Effect {
                 Launched,
                 CapacityUnavailable,
                 QuotaExceeded,
+                LaunchRefused,
                 Rejected,
                 TransientFailure,
             ],

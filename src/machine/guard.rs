@@ -28,6 +28,11 @@ pub enum Guard {
     /// the instance yet.
     JustLaunched,
     GraceOver,
+    /// A refused launch none of whose tries may have acted unseen (and
+    /// none before it in this phase): it made nothing, and the sweep after
+    /// it is believed at once.
+    EveryTryAnswered,
+    AnswerMayBeLost,
     /// The request asks for spot capacity.
     SpotRequested,
     OnDemandOnly,
@@ -96,6 +101,8 @@ impl Guard {
             Guard::SshPending => "SSH pending".into(),
             Guard::JustLaunched => "just launched".into(),
             Guard::GraceOver => "grace over".into(),
+            Guard::EveryTryAnswered => "every try answered".into(),
+            Guard::AnswerMayBeLost => "an answer may be lost".into(),
             Guard::AlreadyCleaningUp => "already cleaning up".into(),
             Guard::OnInterruption => "on interruption".into(),
             Guard::ShutdownCommand => "shutdown command".into(),
@@ -104,15 +111,15 @@ impl Guard {
         }
     }
 
-    const fn bit(self) -> u32 {
-        1 << self as u32
+    const fn bit(self) -> u64 {
+        1 << self as u64
     }
 }
 
 /// The guards a row (or a decision) requires, all at once. A bit set, so
 /// rows stay `const` and a step allocates nothing.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Guards(u32);
+pub struct Guards(u64);
 
 impl Guards {
     pub const NONE: Guards = Guards(0);
@@ -172,7 +179,7 @@ mod tests {
     #[test]
     fn every_guard_fits_the_bit_set_and_has_its_own_label() {
         let all: Vec<Guard> = Guard::iter().collect();
-        assert!(all.len() <= 32);
+        assert!(all.len() <= 64);
         let labels: std::collections::BTreeSet<String> = all.iter().map(|g| g.label()).collect();
         assert_eq!(labels.len(), all.len(), "two guards share a label");
         let set = Guards::of(&[Guard::TriesSpent, Guard::OwnsKeyPair]);

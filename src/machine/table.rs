@@ -68,6 +68,9 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::RequestingSpot, I::QuotaExceeded, &[G::NoFallback, G::KeyPairNotOurs], P::Failed),
     // An unanswered launch may have made an instance: cleanup sweeps by tag.
     t(P::RequestingSpot, I::Rejected, &[], P::TerminatingInstance),
+    // Refused with every try answered: the sweep is believed at once.
+    t(P::RequestingSpot, I::LaunchRefused, &[G::EveryTryAnswered], P::TerminatingInstance),
+    t(P::RequestingSpot, I::LaunchRefused, &[G::AnswerMayBeLost], P::TerminatingInstance),
     t(P::RequestingSpot, I::TransientFailure, &[G::TriesLeft], P::RequestingSpot),
     t(P::RequestingSpot, I::TransientFailure, &[G::TriesSpent], P::TerminatingInstance),
     t(P::RequestingSpot, I::TeardownRequested, &[], P::TerminatingInstance),
@@ -79,6 +82,8 @@ pub const TRANSITIONS: &[Transition] = &[
     t(P::Launching, I::QuotaExceeded, &[G::OwnsKeyPair], P::DeletingKeyPair),
     t(P::Launching, I::QuotaExceeded, &[G::KeyPairNotOurs], P::Failed),
     t(P::Launching, I::Rejected, &[], P::TerminatingInstance),
+    t(P::Launching, I::LaunchRefused, &[G::EveryTryAnswered], P::TerminatingInstance),
+    t(P::Launching, I::LaunchRefused, &[G::AnswerMayBeLost], P::TerminatingInstance),
     t(P::Launching, I::TransientFailure, &[G::TriesLeft], P::Launching),
     t(P::Launching, I::TransientFailure, &[G::TriesSpent], P::TerminatingInstance),
     t(P::Launching, I::TeardownRequested, &[], P::TerminatingInstance),

@@ -326,6 +326,10 @@ fn sample_input(kind: InputKind) -> Input {
             code: AwsErrorCode::InvalidAmiIdNotFound.into(),
             message: "no such image".into(),
         },
+        InputKind::LaunchRefused => Input::LaunchRefused {
+            code: AwsErrorCode::UnauthorizedOperation.into(),
+            message: "the credentials may not call ec2:RunInstances".into(),
+        },
         InputKind::KeyPairReady => Input::KeyPairReady {
             key: KeyPairHandle {
                 key_name: "acode-x".into(),
@@ -1054,6 +1058,36 @@ fn not_found_during_cleanup_is_believed_only_after_the_grace() {
     }
     let s = step(&ctx, &refused, Input::NoInstanceFound, T0).unwrap();
     assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
+}
+
+/// A refused launch: believed at once when every try was answered, swept
+/// with the settle when an earlier try in the phase failed (its answer
+/// may be lost) or the refusal answers a send an earlier driver made.
+#[test]
+fn a_refused_launch_is_swept_once_unless_an_answer_may_be_lost() {
+    let ctx = ctx(shapes()[0]);
+    let launching = phases(&ctx)
+        .into_iter()
+        .find(|p| p.kind() == PhaseKind::Launching)
+        .unwrap();
+    let refused = sample_input(InputKind::LaunchRefused);
+    let launched_at = |state: &SessionState| match &state.phase {
+        ProvisionPhase::TerminatingInstance(t) => t.launched_at,
+        other => panic!("{other:?}"),
+    };
+    let mut state = SessionState::fresh(launching);
+    let s = step(&ctx, &state, refused.clone(), T0).unwrap();
+    assert_eq!(launched_at(&s.state), None);
+    assert_eq!(s.guards, Guards::from(Guard::EveryTryAnswered));
+    state.transient_failures = 1;
+    let s = step(&ctx, &state, refused.clone(), T0).unwrap();
+    assert_eq!(launched_at(&s.state), Some(T0));
+    assert_eq!(s.guards, Guards::from(Guard::AnswerMayBeLost));
+    assert_eq!(
+        refused.after_earlier_send().kind(),
+        InputKind::Rejected,
+        "a resumed launch's refusal proves nothing"
+    );
 }
 
 #[test]

@@ -996,6 +996,118 @@ async fn a_crash_after_run_instances_resumes_with_the_same_token_and_one_instanc
     assert_eq!(all.len(), 1, "a second instance was launched: {all:?}");
 }
 
+/// The session's cleanup after its launch was refused, once recorded: the
+/// outcome recorded for the launch, and whether the sweep that follows
+/// waits out `SWEEP_SETTLE` (a launch time) or is believed at once.
+async fn cleanup_after_refusal(
+    harness: &Harness,
+    session_id: &str,
+) -> (acode_ec2::machine::InputKind, Option<Timestamp>) {
+    use acode_ec2::machine::ProvisionPhase;
+    use acode_ec2::store::LogEntry;
+    for _ in 0..600 {
+        let loaded = harness.store.load(session_id).await.expect("load");
+        if let ProvisionPhase::TerminatingInstance(t) = &loaded.state.phase {
+            let events = harness.store.events(session_id).await.expect("events");
+            let refusal = events
+                .iter()
+                .find_map(|e| match &e.entry {
+                    LogEntry::Outcome { input }
+                        if matches!(
+                            input,
+                            Input::Rejected { .. } | Input::LaunchRefused { .. }
+                        ) =>
+                    {
+                        Some(input.kind())
+                    }
+                    _ => None,
+                })
+                .expect("the refusal recorded");
+            return (refusal, t.launched_at);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no cleanup after the refusal");
+}
+
+/// A refused launch whose every try was answered made nothing: its sweep
+/// is believed at once. After a try that lost its answer, or re-sent after
+/// a crash (the dead process may have launched), it waits out the settle.
+#[tokio::test]
+async fn a_refused_launch_is_settled_at_once_only_when_no_try_may_have_launched() {
+    use acode_ec2::machine::InputKind;
+    let lab = Lab::start();
+    let denied = json!({"action": "RunInstances", "code": "UnauthorizedOperation", "http_status": 403, "count": 1});
+
+    // Every try answered: refused, one sweep, Failed, nothing left.
+    let harness = Harness::new();
+    lab.fault(denied.clone());
+    let engine = harness.engine(lab.effects());
+    let failed = engine.provision(lab.request(""), &NoProgress).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let session = harness.only_session().await;
+    let events = harness.store.events(&session).await.expect("events");
+    let outcomes: Vec<InputKind> = events
+        .iter()
+        .filter_map(|e| match &e.entry {
+            acode_ec2::store::LogEntry::Outcome { input } => Some(input.kind()),
+            _ => None,
+        })
+        .collect();
+    assert!(outcomes.contains(&InputKind::LaunchRefused), "{outcomes:?}");
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|k| **k == InputKind::NoInstanceFound)
+            .count(),
+        1,
+        "believed at the first sweep: {outcomes:?}"
+    );
+    assert!(lab.live_instances_of(&session).is_empty());
+
+    // A try whose connection dropped, then the refusal: it may have launched.
+    let harness = Harness::new();
+    lab.fault(json!({"action": "RunInstances", "drop_connection": true, "count": 1}));
+    lab.fault(denied.clone());
+    let engine = harness.engine(lab.effects());
+    let session = {
+        let provision = engine.provision(lab.request(""), &NoProgress);
+        tokio::pin!(provision);
+        let session = loop {
+            tokio::select! {
+                end = &mut provision => panic!("settled before the sweep could wait: {end:?}"),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            if let Ok(sessions) = harness.store.list().await
+                && let Some(s) = sessions.first()
+                && s.phase == PhaseKind::TerminatingInstance
+            {
+                break s.session_id.clone();
+            }
+        };
+        let (refusal, launched_at) = cleanup_after_refusal(&harness, &session).await;
+        assert_eq!(refusal, InputKind::Rejected);
+        assert!(launched_at.is_some(), "the sweep must wait out the settle");
+        session
+    };
+    drop(engine);
+    assert!(lab.live_instances_of(&session).is_empty());
+
+    // Re-sent by a new process after a crash left the launch unanswered.
+    let harness = Harness::new();
+    let session = crash_at(&lab, &harness, CrashPoint::IntentCommitted, 4).await;
+    lab.fault(denied);
+    let engine = harness.engine(lab.effects());
+    let resumed = engine.resume(&session, &NoProgress);
+    tokio::select! {
+        end = resumed => panic!("settled before the sweep could wait: {end:?}"),
+        (refusal, launched_at) = cleanup_after_refusal(&harness, &session) => {
+            assert_eq!(refusal, InputKind::Rejected);
+            assert!(launched_at.is_some(), "the sweep must wait out the settle");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_crash_between_create_key_pair_and_the_key_file_is_repaired() {
     let lab = Lab::start();
