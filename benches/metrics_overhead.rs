@@ -84,7 +84,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 async fn batch(engine: &Engine<Healthy>) -> Duration {
-    let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
+    let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
     let request = acode_ec2::config::parse(yaml).expect("config");
     let started = Instant::now();
     for _ in 0..BATCH {

@@ -71,7 +71,7 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
+    let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
     let request = acode_ec2::config::parse(yaml).expect("config");
     runtime.block_on(async {
         let store = Arc::new(SqliteStore::open(&dir.path().join("mem.db")).expect("store"));

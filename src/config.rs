@@ -509,8 +509,8 @@ fn key_pair_mode(
 mod tests {
     use super::*;
 
-    const MINIMAL: &str =
-        "ec2Target:\n  amiId: ami-0abc\n  instanceType: t3.micro\n  subnetId: subnet-1\n";
+    const MINIMAL: &str = "ec2Target:\n  amiId: ami-0abc\n  instanceType: t3.micro\n  \
+                           subnetId: subnet-1\n  securityGroupIds: [sg-1]\n";
 
     #[test]
     fn example_fixture_parses() {
@@ -762,6 +762,13 @@ mod tests {
             let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
+        // FR-007: no security group is refused, not left to the VPC's default.
+        let without_groups = MINIMAL.replace("  securityGroupIds: [sg-1]\n", "");
+        let err = parse(&without_groups).unwrap_err().to_string();
+        assert!(
+            err.contains("securityGroupIds") && err.contains("at least one security group"),
+            "{err}"
+        );
         let long = |n| "x".repeat(n);
         for (extra, problem) in [
             (format!("  tags:\n    {}: v\n", long(129)), "128 characters"),

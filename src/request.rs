@@ -402,6 +402,16 @@ impl ProvisionRequest {
                 format!("`{bad}` is not a subnet id (subnet-…)"),
             ));
         }
+        // FR-007. EC2 would put the instance in the VPC's default group,
+        // which rarely lets SSH in: the session would fail only when its
+        // SSH wait runs out.
+        if self.security_group_ids.is_empty() {
+            return Err(invalid(
+                "securityGroupIds",
+                "at least one security group is required, one that lets this machine reach the \
+                 instance's SSH port; e.g. securityGroupIds: [sg-0123456789abcdef0]",
+            ));
+        }
         if let Some(bad) = self
             .security_group_ids
             .iter()

@@ -15,7 +15,7 @@ use acode_ec2::store::{Checkpoint, Intent};
 pub const NOW: Timestamp = Timestamp(1_700_000_000_000);
 
 pub fn context(session_id: &str) -> SessionContext {
-    let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  useSpot: true\n";
+    let yaml = "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n  useSpot: true\n";
     SessionContext {
         session_id: session_id.into(),
         request: acode_ec2::config::parse(yaml).expect("bench config"),

@@ -110,9 +110,7 @@ pub async fn validate(api: &impl Ec2Api, ctx: &SessionContext) -> Input {
         .iter()
         .map(|id| subnet_of(id).map(|s| s.zone_id.clone()).unwrap_or_default())
         .collect();
-    if !request.security_group_ids.is_empty()
-        && let Err(failure) = api.check_security_groups(&request.security_group_ids).await
-    {
+    if let Err(failure) = api.check_security_groups(&request.security_group_ids).await {
         if failure.class != ErrorClass::NotFound {
             return failed(failure);
         }

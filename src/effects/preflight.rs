@@ -191,14 +191,7 @@ fn describe_launch(
             "subnets         {} (tried in this order)",
             subnets.join(", ")
         ),
-        format!(
-            "security groups {}",
-            if request.security_group_ids.is_empty() {
-                "the VPC's default".to_string()
-            } else {
-                request.security_group_ids.join(", ")
-            }
-        ),
+        format!("security groups {}", request.security_group_ids.join(", ")),
         match &image.root_device_name {
             Some(device) => format!(
                 "root volume     {device}: {} GiB gp3, deleted with the instance",

@@ -736,10 +736,7 @@ impl Ec2Api for SdkEc2 {
             .min_count(1)
             .max_count(1)
             .subnet_id(spec.subnet_id)
-            .set_security_group_ids(
-                (!request.security_group_ids.is_empty())
-                    .then(|| request.security_group_ids.clone()),
-            )
+            .set_security_group_ids(Some(request.security_group_ids.clone()))
             .set_key_name(spec.key_name.map(str::to_string))
             .tag_specifications(tag_spec(ResourceType::Instance, spec.tags))
             .tag_specifications(tag_spec(ResourceType::Volume, spec.tags));

@@ -106,7 +106,7 @@ fn a_closed_stdout_ends_quietly() {
 fn a_config_with_an_unknown_key_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.yaml");
-    std::fs::write(&config, "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n  colour: blue\n").unwrap();
+    std::fs::write(&config, "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n  colour: blue\n").unwrap();
     let db = dir.path().join("s.db");
     let out = cli(
         &db,
@@ -128,7 +128,7 @@ fn without_a_loopback_endpoint_the_guard_refuses_to_build_a_client() {
     let config = dir.path().join("ok.yaml");
     std::fs::write(
         &config,
-        "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n",
+        "ec2Target:\n  amiId: ami-1\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n",
     )
     .unwrap();
     let out = cli(
@@ -942,7 +942,7 @@ fn the_cli_refuses_what_would_fail_late_and_writes_nothing() {
     let config = config_file(
         dir.path(),
         "c.yaml",
-        "  amiId: ami-0abc\n  instanceType: t3.micro\n  subnetId: subnet-1\n",
+        "  amiId: ami-0abc\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n",
     );
     let config = config.to_str().unwrap();
     // Nothing is called in these cases; the guard wants a loopback endpoint.

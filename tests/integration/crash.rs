@@ -14,7 +14,7 @@ use crate::common::{Harness, request};
 use crate::crashing::{ALL_POINTS, CrashPoint, is_crash};
 use crate::fake_world::FakeWorld;
 
-const SPOT_WITH_FALLBACK: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  useSpot: true\n  pollInterval: 50ms\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
+const SPOT_WITH_FALLBACK: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n  useSpot: true\n  pollInterval: 50ms\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
 
 /// Effects a clean run performs; crashes are injected at each of them.
 const EFFECTS_IN_A_CLEAN_RUN: u32 = 8;
@@ -340,7 +340,7 @@ async fn a_cleanup_that_keeps_failing_stops_with_advice_and_stays_recoverable() 
 
 /// A spot session whose interruption runs a shutdown command and starts a
 /// replacement.
-const SPOT_REPLACED_ON_INTERRUPTION: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  useSpot: true\n  pollInterval: 50ms\n  spotInterruption:\n    shutdownCommand: sync\n    replace: true\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
+const SPOT_REPLACED_ON_INTERRUPTION: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n  useSpot: true\n  pollInterval: 50ms\n  spotInterruption:\n    shutdownCommand: sync\n    replace: true\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
 
 /// A watcher that dies at any point of acting on a notice (committing it,
 /// the shutdown command, the terminate, the key pair delete, any step of

@@ -14,7 +14,7 @@ use crate::common::{Harness, request};
 use crate::fake_world::FakeWorld;
 
 /// On demand, SSH polled every 50 ms for up to 5 minutes.
-const WAITS_FOR_SSH: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  pollInterval: 50ms\n  sshTimeout: 5m\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
+const WAITS_FOR_SSH: &str = "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n  pollInterval: 50ms\n  sshTimeout: 5m\n  ssh:\n    endpointOverride: 127.0.0.1:22\n";
 
 /// Waits until the engine's only session polls SSH; its id.
 async fn waiting_for_ssh(harness: &Harness) -> String {

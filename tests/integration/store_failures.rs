@@ -253,7 +253,7 @@ async fn a_database_damaged_in_the_middle_is_named_with_what_to_do() {
             let ctx = SessionContext {
                 session_id: format!("session-{i:03}"),
                 request: crate::common::request(
-                    "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n",
+                    "  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  securityGroupIds: [sg-1]\n",
                 ),
                 key_dir: "/tmp/keys".into(),
                 replaces: None,
