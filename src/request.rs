@@ -65,15 +65,56 @@ impl OsAlias {
             .join(", ")
     }
 
-    /// `(owner account, image name pattern)` of the publisher's official images.
-    pub fn image_filter(self) -> (&'static str, &'static str) {
-        match self {
-            OsAlias::AmazonLinux2 => ("amazon", "amzn2-ami-hvm-*-x86_64-gp2"),
-            OsAlias::Ubuntu2204 => (
+    /// `(owner account, image name pattern)` of the publisher's official
+    /// images for `arch`.
+    pub fn image_filter(self, arch: Arch) -> (&'static str, &'static str) {
+        match (self, arch) {
+            (OsAlias::AmazonLinux2, Arch::X86_64) => ("amazon", "amzn2-ami-hvm-*-x86_64-gp2"),
+            (OsAlias::AmazonLinux2, Arch::Arm64) => ("amazon", "amzn2-ami-hvm-*-arm64-gp2"),
+            (OsAlias::Ubuntu2204, Arch::X86_64) => (
                 "099720109477",
                 "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*",
             ),
-            OsAlias::Debian11 => ("136693071363", "debian-11-amd64-*"),
+            (OsAlias::Ubuntu2204, Arch::Arm64) => (
+                "099720109477",
+                "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-arm64-server-*",
+            ),
+            (OsAlias::Debian11, Arch::X86_64) => ("136693071363", "debian-11-amd64-*"),
+            (OsAlias::Debian11, Arch::Arm64) => ("136693071363", "debian-11-arm64-*"),
+        }
+    }
+}
+
+/// The CPU architecture an OS alias's image is picked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    X86_64,
+    /// AWS Graviton.
+    Arm64,
+}
+
+impl Arch {
+    /// As EC2's images name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// By EC2's naming: a `g` among the attribute letters after the
+    /// generation digit marks Graviton (t4g, c7gn, im4gn, is4gen, hpc7g),
+    /// as does the first Graviton family, a1. A `g` family (g5: GPUs on
+    /// x86) has it before the digit.
+    pub fn of_instance_type(instance_type: &str) -> Arch {
+        let family = instance_type.split('.').next().unwrap_or_default();
+        let attributes = family
+            .trim_start_matches(|c: char| c.is_ascii_lowercase())
+            .trim_start_matches(|c: char| c.is_ascii_digit());
+        if family == "a1" || attributes.contains('g') {
+            Arch::Arm64
+        } else {
+            Arch::X86_64
         }
     }
 }
@@ -606,6 +647,51 @@ pub(crate) mod sample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An OS alias picks the image for the instance type's CPU: Graviton
+    /// types get arm64 images, every other type x86_64.
+    #[test]
+    fn graviton_types_get_arm64_images() {
+        for arm in [
+            "t4g.micro",
+            "a1.large",
+            "c7gn.xlarge",
+            "m6gd.large",
+            "im4gn.large",
+            "is4gen.large",
+            "hpc7g.4xlarge",
+            "x2gd.medium",
+            "c8g.large",
+        ] {
+            assert_eq!(Arch::of_instance_type(arm), Arch::Arm64, "{arm}");
+        }
+        for x86 in [
+            "t3.micro",
+            "g5.xlarge",
+            "g4dn.xlarge",
+            "m5zn.large",
+            "c5n.large",
+            "p4d.24xlarge",
+            "inf2.xlarge",
+            "mac1.metal",
+            "u-6tb1.metal",
+            "m7i-flex.large",
+        ] {
+            assert_eq!(Arch::of_instance_type(x86), Arch::X86_64, "{x86}");
+        }
+        let (_, arm) = OsAlias::Ubuntu2204.image_filter(Arch::Arm64);
+        assert!(arm.contains("arm64") && !arm.contains("amd64"), "{arm}");
+        for alias in [
+            OsAlias::AmazonLinux2,
+            OsAlias::Ubuntu2204,
+            OsAlias::Debian11,
+        ] {
+            assert_ne!(
+                alias.image_filter(Arch::Arm64),
+                alias.image_filter(Arch::X86_64)
+            );
+        }
+    }
 
     #[test]
     fn sample_request_is_valid() {

@@ -15,7 +15,7 @@ use super::keys::PrivateKeyPem;
 
 use crate::error_code::{AwsErrorCode, ErrorClass};
 use crate::machine::{ImageChoice, MicroUsd, SpotRequestStatus, StatusReport};
-use crate::request::{AmiSelector, KeyAlgorithm, ProvisionRequest};
+use crate::request::{AmiSelector, Arch, KeyAlgorithm, ProvisionRequest};
 
 /// A failed call: which action, EC2's code (none for timeouts and dropped
 /// connections) and what it means.
@@ -142,9 +142,11 @@ pub struct LaunchSpec<'a> {
 
 pub trait Ec2Api: Send + Sync + 'static {
     /// The newest image the selector names (`None`: no such image listed).
+    /// An OS alias picks the image built for `arch`; an AMI id is itself.
     fn find_image(
         &self,
         ami: &AmiSelector,
+        arch: Arch,
     ) -> impl Future<Output = Ec2Result<Option<ImageChoice>>> + Send;
 
     /// The region the calls go to, for messages.

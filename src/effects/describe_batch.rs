@@ -31,7 +31,7 @@ use super::api::{
 };
 use super::remembered::{REMEMBER_FOR, SharedAnswers};
 use crate::machine::{ImageChoice, MicroUsd};
-use crate::request::{AmiSelector, KeyAlgorithm};
+use crate::request::{AmiSelector, Arch, KeyAlgorithm};
 
 /// When a batch is sent: `idle` after its newest id, `max_wait` after its
 /// first, or at once when it holds `max_ids`.
@@ -327,9 +327,12 @@ impl<A: Ec2Api> Ec2Api for Batched<A> {
         self.inner.describe_instance_statuses(ids).await
     }
 
-    async fn find_image(&self, ami: &AmiSelector) -> Ec2Result<Option<ImageChoice>> {
-        let fetch = || self.inner.find_image(ami);
-        self.shared.images.get_or_fetch(ami, fetch).await
+    async fn find_image(&self, ami: &AmiSelector, arch: Arch) -> Ec2Result<Option<ImageChoice>> {
+        let fetch = || self.inner.find_image(ami, arch);
+        self.shared
+            .images
+            .get_or_fetch(&(ami.clone(), arch), fetch)
+            .await
     }
 
     fn region(&self) -> String {

@@ -13,7 +13,7 @@ use crate::error_code::{AwsErrorCode, ErrorClass, LocalRefusal, RejectionCode};
 use crate::machine::{
     CheckState, ClientToken, ImageChoice, Input, SessionContext, StatusReport, Timestamp,
 };
-use crate::request::{AmiSelector, SESSION_TAG};
+use crate::request::{AmiSelector, Arch, SESSION_TAG};
 
 /// `acode=true`, the session id, the creation time and the caller's tags.
 pub fn session_tags(ctx: &SessionContext, created: Timestamp) -> Vec<(String, String)> {
@@ -71,7 +71,8 @@ fn local(refusal: LocalRefusal, message: impl Into<String>) -> Input {
 /// security groups exist; a missing one is refused with what does exist.
 pub async fn validate(api: &impl Ec2Api, ctx: &SessionContext) -> Input {
     let request = &ctx.request;
-    let image = match api.find_image(&request.ami).await {
+    let arch = Arch::of_instance_type(&request.instance_type);
+    let image = match api.find_image(&request.ami, arch).await {
         Ok(Some(image)) => image,
         Ok(None) => {
             let refusal = match &request.ami {
@@ -81,11 +82,11 @@ pub async fn validate(api: &impl Ec2Api, ctx: &SessionContext) -> Input {
             let why = "DescribeImages listed none";
             return local(
                 refusal,
-                guidance::missing_image(api, &request.ami, why).await,
+                guidance::missing_image(api, &request.ami, arch, why).await,
             );
         }
         Err(failure) if is_missing_image(&failure) => {
-            let text = guidance::missing_image(api, &request.ami, &failure.to_string()).await;
+            let text = guidance::missing_image(api, &request.ami, arch, &failure.to_string()).await;
             return guided(failure, text);
         }
         Err(failure) => return failed(failure),

@@ -7,7 +7,7 @@
 
 use super::api::Ec2Api;
 use crate::error_code::AwsErrorCode;
-use crate::request::{AmiSelector, OsAlias};
+use crate::request::{AmiSelector, Arch, OsAlias};
 
 /// How many existing ids a message lists.
 const SUGGESTIONS: usize = 5;
@@ -76,17 +76,19 @@ pub fn missing_key_pair(key_name: &str, region: &str) -> String {
 }
 
 /// An AMI that does not exist here: the newest image of each OS alias in
-/// this region, so the user can pick one.
-pub async fn missing_image(api: &impl Ec2Api, ami: &AmiSelector, why: &str) -> String {
+/// this region (for `arch`), so the user can pick one.
+pub async fn missing_image(api: &impl Ec2Api, ami: &AmiSelector, arch: Arch, why: &str) -> String {
     use strum::IntoEnumIterator;
     let region = api.region();
     let asked = match ami {
         AmiSelector::Id(id) => format!("image {id}"),
-        AmiSelector::Alias(alias) => format!("no image for OS alias {}", alias.name()),
+        AmiSelector::Alias(alias) => {
+            format!("no {} image for OS alias {}", arch.name(), alias.name())
+        }
     };
     let mut found = Vec::new();
     for alias in OsAlias::iter() {
-        if let Ok(Some(image)) = api.find_image(&AmiSelector::Alias(alias)).await {
+        if let Ok(Some(image)) = api.find_image(&AmiSelector::Alias(alias), arch).await {
             found.push(format!("{} ({})", image.ami_id, alias.name()));
         }
     }

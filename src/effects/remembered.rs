@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::api::{Ec2Result, SubnetInfo};
 use crate::machine::{ImageChoice, MicroUsd};
-use crate::request::AmiSelector;
+use crate::request::{AmiSelector, Arch};
 
 /// How long a validation answer is shared by default: short beside a
 /// config edit, long beside a burst of sessions started together.
@@ -100,7 +100,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Remembered<K, V> {
 
 /// The answers a process shares.
 pub struct SharedAnswers {
-    pub images: Remembered<AmiSelector, Option<ImageChoice>>,
+    pub images: Remembered<(AmiSelector, Arch), Option<ImageChoice>>,
     pub subnets: Remembered<Vec<String>, Vec<SubnetInfo>>,
     pub security_groups: Remembered<Vec<String>, ()>,
     pub key_pairs: Remembered<String, bool>,

@@ -40,7 +40,7 @@ use super::api::{
 use super::rate_limit::RateLimits;
 use crate::error_code::{AwsErrorCode, ErrorClass};
 use crate::machine::{CheckState, ImageChoice, MicroUsd, SpotRequestStatus, StatusReport};
-use crate::request::{AmiSelector, KeyAlgorithm, SESSION_TAG};
+use crate::request::{AmiSelector, Arch, KeyAlgorithm, SESSION_TAG};
 use crate::telemetry::{self, CallResult};
 
 /// aws-sdk-ec2, one client and one set of rate-limit buckets shared by
@@ -494,11 +494,11 @@ fn check_state(summary: Option<&InstanceStatusSummary>) -> CheckState {
 }
 
 impl Ec2Api for SdkEc2 {
-    async fn find_image(&self, ami: &AmiSelector) -> Ec2Result<Option<ImageChoice>> {
+    async fn find_image(&self, ami: &AmiSelector, arch: Arch) -> Ec2Result<Option<ImageChoice>> {
         let call = match ami {
             AmiSelector::Id(id) => self.client.describe_images().image_ids(id),
             AmiSelector::Alias(alias) => {
-                let (owner, pattern) = alias.image_filter();
+                let (owner, pattern) = alias.image_filter(arch);
                 self.client
                     .describe_images()
                     .owners(owner)
