@@ -102,6 +102,9 @@ enum Command {
     /// checks, all within 5 min (`sshTimeout`). On Ready it prints an `ssh`
     /// command that trusts only the verified host key.
     ///
+    /// A Ready spot instance's interruption notice is acted on only while
+    /// `acode-ec2 watch` runs (see `watch --help`); provision returns at Ready.
+    ///
     /// Exit status: 0 when Ready; 1 when provisioning failed: everything it
     /// made is removed, unless the error says cleanup stalled (EC2 kept
     /// refusing it): then the session stays tracked and `acode-ec2
