@@ -924,11 +924,6 @@ fn a_second_ctrl_c_stops_at_once_and_recover_cleans_up() {
     );
     let out = cli(&db, Some(&lab), &["recover"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    eprintln!(
-        "SAID {said}\nRECOVER {} {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
     assert_nothing_left(&lab, dir.path(), "after recover");
 }
 
