@@ -992,7 +992,8 @@ impl LeaseState {
 
     /// A renewal that began at `at` worked; one that lapsed counts as a lapse.
     fn renewed(&self, at: Timestamp, beat: Heartbeat) {
-        self.renewed_at_ms.fetch_max(at.0, Ordering::SeqCst);
+        // Stored, not maxed: a clock stepped back must not hide overdue renewals.
+        self.renewed_at_ms.store(at.0, Ordering::SeqCst);
         if beat.lapsed {
             warn!("this engine's lease had lapsed; its drives check their sessions");
             self.lapses.fetch_add(1, Ordering::SeqCst);
@@ -1145,15 +1146,23 @@ impl SessionLease<'_> {
     /// is made first: from then on no one can take the session, and the
     /// store says whether someone already did.
     async fn still_held(&mut self) -> Result<(), EngineError> {
+        let mut unrenewed = false;
         if self.engine.renewal_overdue() {
             let began = self.engine.clock.now();
-            let beat = (self.engine.store)
+            match (self.engine.store)
                 .heartbeat(&self.engine.holder, self.engine.ttl)
-                .await?;
-            self.engine.noted(began, beat);
+                .await
+            {
+                Ok(beat) => self.engine.noted(began, beat),
+                // Not renewed: the lease may have lapsed, so ask as after one.
+                Err(e) => {
+                    warn!(error = %e, "lease renewal failed; asking the store about the session");
+                    unrenewed = true;
+                }
+            }
         }
         let lapses = self.engine.state.lapses.load(Ordering::SeqCst);
-        if lapses == self.checked_lapses {
+        if lapses == self.checked_lapses && !unrenewed {
             return Ok(());
         }
         let store = &self.engine.store;

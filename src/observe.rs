@@ -95,6 +95,7 @@ impl Observer for TracingObserver {
                 before,
                 checkpoint,
                 notices,
+                guards,
                 ..
             } => {
                 let (from, to) = (before.phase.kind(), checkpoint.state.phase.kind());
@@ -112,7 +113,9 @@ impl Observer for TracingObserver {
                 if let Some(Input::TransientFailure { message }) = &checkpoint.outcome {
                     // Counted from before: a phase that gives up starts the next at zero.
                     let failures = before.transient_failures + 1;
-                    if from == to {
+                    if guards.iter().any(|g| g == Guard::AskOperator) {
+                        warn!(%message, failures, "transient failure; cleanup stops here for an operator");
+                    } else if from == to {
                         warn!(%message, failures, "transient failure, will retry");
                     } else {
                         warn!(%message, failures, "transient failure, giving up on {from}");
@@ -391,7 +394,7 @@ pub struct ProgressObserver<'a>(pub &'a dyn ProgressSink);
 
 impl Observer for ProgressObserver<'_> {
     fn observe(&self, observation: &Observation<'_>) {
-        let (session_id, state, intent, elapsed, at) = match observation {
+        let (session_id, state, intent, elapsed, at, guards) = match observation {
             Observation::Started { .. } | Observation::Settled { .. } => return,
             Observation::Resumed { session, at } => (
                 &session.context.session_id,
@@ -399,12 +402,14 @@ impl Observer for ProgressObserver<'_> {
                 session.pending.as_ref(),
                 Duration::ZERO,
                 *at,
+                Guards::NONE,
             ),
             Observation::Stepped {
                 context,
                 checkpoint,
                 elapsed,
                 at,
+                guards,
                 ..
             } => (
                 &context.session_id,
@@ -412,6 +417,7 @@ impl Observer for ProgressObserver<'_> {
                 checkpoint.intent.as_ref(),
                 *elapsed,
                 *at,
+                *guards,
             ),
         };
         let next = intent.map(|i| &i.effect);
@@ -450,7 +456,14 @@ impl Observer for ProgressObserver<'_> {
                           instance as shutting-down for a minute)"
                 .to_string(),
         };
-        let message = message + &backoff_note(state, intent, at);
+        // A cleanup stopping for an operator waits for no timer: the
+        // driver's error says what to do.
+        let stalled = guards.iter().any(|g| g == Guard::AskOperator);
+        let message = if stalled {
+            message
+        } else {
+            message + &backoff_note(state, intent, at)
+        };
         self.0.progress(&ProvisionProgress {
             session_id: session_id.clone(),
             phase,
@@ -472,11 +485,11 @@ fn backoff_note(state: &SessionState, intent: Option<&Intent>, at: Timestamp) ->
     if state.transient_failures == 0 || wait < 1000 {
         return String::new();
     }
-    format!(
-        "; after {} failed tries, the next in {} s",
-        state.transient_failures,
-        wait.div_ceil(1000)
-    )
+    let tries = match state.transient_failures {
+        1 => "1 failed try".to_string(),
+        n => format!("{n} failed tries"),
+    };
+    format!("; after {tries}, the next in {} s", wait.div_ceil(1000))
 }
 
 /// A human line for what an effect is doing.
@@ -541,6 +554,11 @@ mod tests {
             "; after 3 failed tries, the next in 27 s"
         );
         assert_eq!(backoff_note(&state, Some(&intent(400)), at), "");
+        state.transient_failures = 1;
+        assert_eq!(
+            backoff_note(&state, Some(&intent(1_000)), at),
+            "; after 1 failed try, the next in 1 s"
+        );
         assert_eq!(backoff_note(&state, None, at), "");
     }
 }

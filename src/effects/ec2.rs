@@ -181,9 +181,14 @@ pub async fn run_instance(
             },
             (ErrorClass::Transient, _) => failed(failure),
             _ => {
-                let every_try_answered = !failure.answer_lost_before;
+                // Proof that this launch made nothing: EC2's own refusal
+                // (an error code, not a foreign page), no try before it
+                // lost its answer, and not a token EC2 says it has seen.
+                let proves_nothing = !failure.answer_lost_before
+                    && failure.code.is_some()
+                    && !failure.is(&AwsErrorCode::IdempotentParameterMismatch);
                 match failed(failure) {
-                    Input::Rejected { code, message } if every_try_answered => {
+                    Input::Rejected { code, message } if proves_nothing => {
                         Input::LaunchRefused { code, message }
                     }
                     other => other,

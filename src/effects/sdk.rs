@@ -386,8 +386,9 @@ where
 
 /// An answer the SDK could not read as EC2's: a proxy's or captive
 /// portal's page, a truncated or foreign body, an error without a code.
-/// Only a 4xx is a refusal; anything else may pass (the call is retried),
-/// but if it keeps coming the endpoint is the likely cause.
+/// Only a 4xx is a refusal (but 408 and 429, "later", are not); anything
+/// else may pass (the call is retried), but if it keeps coming the
+/// endpoint is the likely cause.
 fn not_ec2s_answer(action: &'static str, status: u16, message: &str) -> Ec2Failure {
     let what = if message.is_empty() {
         String::new()
@@ -398,7 +399,7 @@ fn not_ec2s_answer(action: &'static str, status: u16, message: &str) -> Ec2Failu
         answer_lost_before: false,
         action,
         code: None,
-        class: if (400..500).contains(&status) {
+        class: if (400..500).contains(&status) && status != 408 && status != 429 {
             ErrorClass::Rejected
         } else {
             ErrorClass::Transient

@@ -922,8 +922,10 @@ fn rejected(
 
 /// A refused launch. Cleanup still sweeps by tag, but when no try of the
 /// launch may have acted unseen (none lost its answer, none failed before
-/// in this phase) the sweep is believed at once: nothing can be on its
-/// way. Otherwise it waits out [`SWEEP_SETTLE`] as for any lost answer.
+/// in this phase, and no earlier attempt, in another subnet or capacity
+/// type, could have lost one) the sweep is believed at once: nothing can
+/// be on its way. Otherwise it waits out [`SWEEP_SETTLE`] as for any lost
+/// answer.
 fn launch_refused(
     ctx: &SessionContext,
     state: &SessionState,
@@ -931,14 +933,14 @@ fn launch_refused(
     message: String,
     now: Timestamp,
 ) -> Option<Decision> {
-    if !matches!(
-        state.phase,
-        ProvisionPhase::Launching(_) | ProvisionPhase::RequestingSpot(_)
-    ) {
+    let (ProvisionPhase::Launching(Launching { launch })
+    | ProvisionPhase::RequestingSpot(RequestingSpot { launch })) = &state.phase
+    else {
         return None;
-    }
+    };
+    let first_attempt = launch.attempt == 0;
     let mut decision = rejected(ctx, &state.phase, code, message, now)?;
-    if state.transient_failures > 0 {
+    if state.transient_failures > 0 || !first_attempt {
         return Some(decision.because(Guard::AnswerMayBeLost));
     }
     if let ProvisionPhase::TerminatingInstance(t) = &mut decision.next.phase {

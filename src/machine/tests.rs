@@ -1083,6 +1083,15 @@ fn a_refused_launch_is_swept_once_unless_an_answer_may_be_lost() {
     let s = step(&ctx, &state, refused.clone(), T0).unwrap();
     assert_eq!(launched_at(&s.state), Some(T0));
     assert_eq!(s.guards, Guards::from(Guard::AnswerMayBeLost));
+    // A later attempt (another subnet, on-demand after spot): an earlier
+    // attempt's lost answer is not in this phase's count.
+    state.transient_failures = 0;
+    if let ProvisionPhase::Launching(Launching { launch }) = &mut state.phase {
+        launch.attempt = 1;
+    }
+    let s = step(&ctx, &state, refused.clone(), T0).unwrap();
+    assert_eq!(launched_at(&s.state), Some(T0));
+    assert_eq!(s.guards, Guards::from(Guard::AnswerMayBeLost));
     assert_eq!(
         refused.after_earlier_send().kind(),
         InputKind::Rejected,

@@ -117,6 +117,20 @@ async fn an_error_without_a_code_is_a_refusal_that_names_the_endpoint_as_suspect
     );
 }
 
+/// A proxy's "later" (408, 429) without an EC2 code is no refusal.
+#[tokio::test]
+async fn a_proxys_later_is_retried() {
+    for status in ["408 Request Timeout", "429 Too Many Requests"] {
+        let (url, asked) = serve(status, "text/plain", "slow down".to_string());
+        let failure = ec2_at(&url)
+            .describe_instance("i-0123456789abcdef0")
+            .await
+            .expect_err("no answer");
+        assert_eq!(failure.class, ErrorClass::Transient, "{status}: {failure}");
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "{status}");
+    }
+}
+
 #[tokio::test]
 async fn server_text_cannot_forge_lines_or_drive_the_terminal() {
     // A line break and a C1 control (CSI), both valid in XML 1.0.
@@ -137,4 +151,56 @@ async fn server_text_cannot_forge_lines_or_drive_the_terminal() {
         "control characters reach the terminal: {said:?}"
     );
     assert!(said.contains("line one\\n[   9.9s] Ready"), "{said}");
+}
+
+/// A refused launch is proof that it made nothing only when EC2 itself
+/// refused it (an error code); a foreign page's 4xx is no such proof.
+#[tokio::test]
+async fn only_ec2s_own_refusal_of_a_launch_proves_it_made_nothing() {
+    use acode_ec2::effects::ec2::{Launch, run_instance};
+    use acode_ec2::machine::token::ClientToken;
+    use acode_ec2::machine::{ImageChoice, Input, SessionContext, Timestamp};
+    let request = acode_ec2::config::parse(
+        "ec2Target:\n  amiId: ami-0123\n  instanceType: t3.micro\n  subnetId: subnet-1\n  \
+         securityGroupIds: [sg-1]\n",
+    )
+    .expect("config");
+    let ctx = SessionContext {
+        session_id: "s1".into(),
+        request,
+        key_dir: "/nonexistent".into(),
+        replaces: None,
+    };
+    let token = ClientToken::derive("s1", 0, false, "subnet-1");
+    let image = ImageChoice {
+        ami_id: "ami-0123".into(),
+        root_device_name: None,
+        platform: None,
+    };
+    let denied = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
+        <Code>UnauthorizedOperation</Code><Message>You are not authorized</Message></Error>\
+        </Errors><RequestID>r-1</RequestID></Response>";
+    for (status, body, refused_for_sure) in [
+        ("403 Forbidden", denied.to_string(), true),
+        (
+            "403 Forbidden",
+            "<html>blocked by policy</html>".to_string(),
+            false,
+        ),
+    ] {
+        let (url, _) = serve(status, "text/xml", body);
+        let launch = Launch {
+            client_token: &token,
+            spot: false,
+            subnet_id: "subnet-1",
+            image: &image,
+            key_name: "acode-s1",
+        };
+        let input = run_instance(&ec2_at(&url), &ctx, Timestamp(0), launch).await;
+        match input {
+            Input::LaunchRefused { .. } if refused_for_sure => {}
+            Input::Rejected { .. } if !refused_for_sure => {}
+            other => panic!("{status} (EC2's refusal: {refused_for_sure}): {other:?}"),
+        }
+    }
 }
