@@ -95,6 +95,23 @@ pub enum ErrorClass {
     Rejected,
 }
 
+/// The throttling codes, as one pattern: `is_throttle` and `class` both
+/// match them, and the match in `class` stays exhaustive.
+macro_rules! throttle_codes {
+    () => {
+        RequestLimitExceeded
+            | Throttling
+            | ThrottlingException
+            | ThrottledException
+            | RequestThrottled
+            | RequestThrottledException
+            | Ec2ThrottledException
+            | BandwidthLimitExceeded
+            | SlowDown
+            | TooManyRequestsException
+    };
+}
+
 impl AwsErrorCode {
     pub fn parse(code: &str) -> AwsErrorCode {
         // `#[strum(default)]` makes parsing infallible.
@@ -111,36 +128,15 @@ impl AwsErrorCode {
     /// A throttle: EC2 refused the call before acting on it.
     pub fn is_throttle(&self) -> bool {
         use AwsErrorCode::*;
-        matches!(
-            self,
-            RequestLimitExceeded
-                | Throttling
-                | ThrottlingException
-                | ThrottledException
-                | RequestThrottled
-                | RequestThrottledException
-                | Ec2ThrottledException
-                | BandwidthLimitExceeded
-                | SlowDown
-                | TooManyRequestsException
-        )
+        matches!(self, throttle_codes!())
     }
 
     /// The class of an error EC2 answered with this code and HTTP status.
     pub fn class(&self, http_status: u16) -> ErrorClass {
         use AwsErrorCode::*;
         match self {
-            RequestLimitExceeded
-            | Throttling
-            | ThrottlingException
-            | ThrottledException
-            | RequestThrottled
-            | RequestThrottledException
-            | Ec2ThrottledException
-            | BandwidthLimitExceeded
+            throttle_codes!()
             | PriorRequestNotComplete
-            | SlowDown
-            | TooManyRequestsException
             | RequestTimeout
             | RequestTimeoutException
             | InternalError
