@@ -880,14 +880,19 @@ fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
     );
 }
 
+/// A sample WaitingForSsh whose console host keys are already trusted.
+fn waiting_for_trusted_ssh(ctx: &SessionContext) -> ProvisionPhase {
+    phases(ctx)
+        .into_iter()
+        .find(|p| matches!(p, ProvisionPhase::WaitingForSsh(w) if w.trusted_host_keys.is_some()))
+        .unwrap()
+}
+
 /// FR-053: a failed SSH login is tried again `ssh.retryInterval` later.
 #[test]
 fn a_failed_ssh_login_is_tried_again_after_the_retry_interval() {
     let ctx = ctx(shapes()[0]);
-    let phase = phases(&ctx)
-        .into_iter()
-        .find(|p| matches!(p, ProvisionPhase::WaitingForSsh(w) if w.trusted_host_keys.is_some()))
-        .unwrap();
+    let phase = waiting_for_trusted_ssh(&ctx);
     let s = step(
         &ctx,
         &SessionState::fresh(phase),
@@ -907,10 +912,7 @@ fn a_failed_ssh_login_is_tried_again_after_the_retry_interval() {
 #[test]
 fn host_key_mismatch_terminates_and_names_the_presented_key() {
     let ctx = ctx(shapes()[0]);
-    let phase = phases(&ctx)
-        .into_iter()
-        .find(|p| matches!(p, ProvisionPhase::WaitingForSsh(w) if w.trusted_host_keys.is_some()))
-        .unwrap();
+    let phase = waiting_for_trusted_ssh(&ctx);
     let s = step(
         &ctx,
         &SessionState::fresh(phase),
