@@ -51,6 +51,44 @@ async fn a_lapse_renewed_away_by_taking_a_session_still_stops_the_drive_that_los
     );
 }
 
+/// Engine "engine-a" and the sessions s1 and s2 it created, in a store on
+/// a manual clock.
+struct EngineA {
+    _dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    sqlite: Arc<SqliteStore>,
+    store: Arc<dyn CheckpointStore>,
+    a: LeaseHolder,
+    engine: EngineLease,
+}
+
+async fn engine_a_with_two_sessions() -> EngineA {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::starting_at(Timestamp(1_700_000_000_000)));
+    let sqlite = Arc::new(
+        SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap(),
+    );
+    let store: Arc<dyn CheckpointStore> = sqlite.clone();
+    let a = holder("engine-a");
+    let engine = EngineLease::new(Arc::clone(&store), a.clone(), TTL, clock.clone());
+    for id in ["s1", "s2"] {
+        let ctx = context(id);
+        let beat = store
+            .create(&ctx, &first_checkpoint(&ctx), &a, TTL, clock.now())
+            .await
+            .unwrap();
+        engine.noted(clock.now(), beat);
+    }
+    EngineA {
+        _dir: dir,
+        clock,
+        sqlite,
+        store,
+        a,
+        engine,
+    }
+}
+
 /// A process stopped (Ctrl-Z, a suspended machine) runs no heartbeat.
 /// Meanwhile its lease expired and another process took the session,
 /// finished it and let it go. Woken, the drive must not run its next effect
@@ -58,22 +96,15 @@ async fn a_lapse_renewed_away_by_taking_a_session_still_stops_the_drive_that_los
 /// store says the session is no longer its own.
 #[tokio::test]
 async fn a_drive_woken_after_its_lease_expired_asks_the_store_before_its_next_effect() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::starting_at(Timestamp(1_700_000_000_000)));
-    let sqlite = Arc::new(
-        SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap(),
-    );
-    let store: Arc<dyn CheckpointStore> = sqlite.clone();
-    let (a, b) = (holder("engine-a"), holder("engine-b"));
-    let engine_a = EngineLease::new(Arc::clone(&store), a.clone(), TTL, clock.clone());
-    for id in ["s1", "s2"] {
-        let ctx = context(id);
-        let beat = store
-            .create(&ctx, &first_checkpoint(&ctx), &a, TTL, clock.now())
-            .await
-            .unwrap();
-        engine_a.noted(clock.now(), beat);
-    }
+    let EngineA {
+        _dir,
+        clock,
+        sqlite,
+        store,
+        engine: engine_a,
+        ..
+    } = engine_a_with_two_sessions().await;
+    let b = holder("engine-b");
     let mut taken = engine_a.join("s1");
     let mut kept = engine_a.join("s2");
     taken.still_held().await.unwrap();
@@ -110,21 +141,14 @@ async fn a_drive_woken_after_its_lease_expired_asks_the_store_before_its_next_ef
 /// here meanwhile keeps its lease.
 #[tokio::test]
 async fn a_dropped_drive_lets_its_session_go_unless_a_new_drive_took_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::starting_at(Timestamp(1_700_000_000_000)));
-    let store: Arc<dyn CheckpointStore> = Arc::new(
-        SqliteStore::open_with_clock(&dir.path().join("state.db"), clock.clone()).unwrap(),
-    );
-    let (a, b) = (holder("engine-a"), holder("engine-b"));
-    let engine_a = EngineLease::new(Arc::clone(&store), a.clone(), TTL, clock.clone());
-    for id in ["s1", "s2"] {
-        let ctx = context(id);
-        let beat = store
-            .create(&ctx, &first_checkpoint(&ctx), &a, TTL, clock.now())
-            .await
-            .unwrap();
-        engine_a.noted(clock.now(), beat);
-    }
+    let EngineA {
+        _dir,
+        store,
+        a,
+        engine: engine_a,
+        ..
+    } = engine_a_with_two_sessions().await;
+    let b = holder("engine-b");
     drop(engine_a.join("s1"));
     let mut waited = 0;
     while store.holds_lease("s1", &a).await.unwrap() {
