@@ -76,14 +76,19 @@ fn ec2_at(url: &str) -> SdkEc2 {
     })
 }
 
+/// How DescribeInstances through `url` failed (`why` it must fail).
+async fn describe_failure(url: &str, why: &str) -> acode_ec2::effects::api::Ec2Failure {
+    ec2_at(url)
+        .describe_instance("i-0123456789abcdef0")
+        .await
+        .expect_err(why)
+}
+
 #[tokio::test]
 async fn a_page_that_is_not_ec2s_is_retried_and_said_to_be_foreign() {
     let page = "<html><body>Please log in to the guest network</body></html>".to_string();
     let (url, asked) = serve("200 OK", "text/html", page);
-    let failure = ec2_at(&url)
-        .describe_instance("i-0123456789abcdef0")
-        .await
-        .expect_err("a page is no answer");
+    let failure = describe_failure(&url, "a page is no answer").await;
     // A read that may pass: retried within the call, then left to the machine.
     assert_eq!(failure.class, ErrorClass::Transient, "{failure}");
     assert_eq!(asked.load(Ordering::SeqCst), 2);
@@ -104,10 +109,7 @@ async fn an_error_without_a_code_is_a_refusal_that_names_the_endpoint_as_suspect
         "text/xml",
         "<Response><Errors><Error/></Errors></Response>".to_string(),
     );
-    let failure = ec2_at(&url)
-        .describe_instance("i-0123456789abcdef0")
-        .await
-        .expect_err("refused");
+    let failure = describe_failure(&url, "refused").await;
     assert_eq!(failure.class, ErrorClass::Rejected, "{failure}");
     assert_eq!(asked.load(Ordering::SeqCst), 1, "a refusal is not retried");
     let said = failure.to_string();
@@ -122,10 +124,7 @@ async fn an_error_without_a_code_is_a_refusal_that_names_the_endpoint_as_suspect
 async fn a_proxys_later_is_retried() {
     for status in ["408 Request Timeout", "429 Too Many Requests"] {
         let (url, asked) = serve(status, "text/plain", "slow down".to_string());
-        let failure = ec2_at(&url)
-            .describe_instance("i-0123456789abcdef0")
-            .await
-            .expect_err("no answer");
+        let failure = describe_failure(&url, "no answer").await;
         assert_eq!(failure.class, ErrorClass::Transient, "{status}: {failure}");
         assert_eq!(asked.load(Ordering::SeqCst), 2, "{status}");
     }
@@ -140,10 +139,7 @@ async fn server_text_cannot_forge_lines_or_drive_the_terminal() {
          <Message>{message}</Message></Error></Errors><RequestID>r-1</RequestID></Response>"
     );
     let (url, _) = serve("401 Unauthorized", "text/xml", body);
-    let failure = ec2_at(&url)
-        .describe_instance("i-0123456789abcdef0")
-        .await
-        .expect_err("refused");
+    let failure = describe_failure(&url, "refused").await;
     assert!(failure.is(&AwsErrorCode::AuthFailure), "{failure:?}");
     let said = failure.to_string();
     assert!(
