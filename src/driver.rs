@@ -18,7 +18,7 @@
 //!   recovers from.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -222,16 +222,17 @@ impl<E: Effects> Engine<E> {
     ) -> Engine<E> {
         let (events, _) = broadcast::channel(1024);
         let holder = LeaseHolder::for_this_process();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Engine {
             effects,
             lease: EngineLease::new(
                 Arc::clone(&store),
                 holder.clone(),
                 options.lease_ttl,
-                Arc::new(SystemClock),
+                Arc::clone(&clock),
             ),
             store,
-            clock: Arc::new(SystemClock),
+            clock,
             holder,
             options,
             observers: vec![
@@ -971,13 +972,12 @@ struct EngineLease {
 
 #[derive(Default)]
 struct LeaseState {
-    /// Drives under way: the heartbeat writes only while there are some.
-    drives: AtomicUsize,
     /// How many times the heartbeat found the lease lapsed.
     lapses: AtomicU64,
     /// When (ms, by the engine's clock) a renewal last began that worked.
     renewed_at_ms: AtomicU64,
-    /// Drives under way, by session.
+    /// Drives under way, by session: the heartbeat writes only while
+    /// there are some.
     by_session: Mutex<HashMap<String, usize>>,
     /// Held while a session's lease is taken for a drive here, and while a
     /// dropped drive's lease is let go: the second must not undo the first.
@@ -1051,7 +1051,6 @@ impl EngineLease {
     /// A drive's share of the lease, for the session just leased to this
     /// engine; starts the heartbeat if it is not running.
     fn join(&self, session_id: &str) -> SessionLease<'_> {
-        self.state.drives.fetch_add(1, Ordering::SeqCst);
         *lock(&self.state.by_session)
             .entry(session_id.to_string())
             .or_default() += 1;
@@ -1077,7 +1076,7 @@ impl EngineLease {
             let mut failing: Option<(tokio::time::Instant, bool)> = None;
             loop {
                 tokio::time::sleep(every).await;
-                if state.drives.load(Ordering::SeqCst) == 0 {
+                if lock(&state.by_session).is_empty() {
                     continue;
                 }
                 let began = clock.now();
@@ -1181,7 +1180,6 @@ impl SessionLease<'_> {
 impl Drop for SessionLease<'_> {
     fn drop(&mut self) {
         let state = &self.engine.state;
-        state.drives.fetch_sub(1, Ordering::SeqCst);
         {
             let mut by_session = lock(&state.by_session);
             if let Some(n) = by_session.get_mut(&self.session_id) {
