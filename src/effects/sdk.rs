@@ -416,16 +416,15 @@ fn not_ec2s_answer(action: &'static str, status: u16, message: &str) -> Ec2Failu
 /// terminal escapes) written out, so an answer cannot forge progress lines
 /// or drive the terminal.
 fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_debug().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect()
+    let mut line = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            line.extend(c.escape_debug());
+        } else {
+            line.push(c);
+        }
+    }
+    line
 }
 
 fn tags_of(tags: &[(String, String)]) -> Vec<Tag> {
