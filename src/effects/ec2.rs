@@ -29,13 +29,7 @@ pub fn session_tags(ctx: &SessionContext, created: Timestamp) -> Vec<(String, St
 /// The input for a failed call whose NotFound is not expected. A denied
 /// call says how to find out why and what policy is needed.
 pub fn failed(failure: Ec2Failure) -> Input {
-    let message = if failure.is(&AwsErrorCode::UnauthorizedOperation) {
-        guidance::unauthorized(failure.action, &failure.message)
-    } else if failure.is(&AwsErrorCode::AuthFailure) {
-        guidance::auth_failure(&failure.message)
-    } else {
-        failure.message.clone()
-    };
+    let message = guidance::for_caller(&failure).unwrap_or_else(|| failure.message.clone());
     match failure.class {
         ErrorClass::Transient => Input::TransientFailure {
             message: failure.to_string(),

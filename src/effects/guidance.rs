@@ -5,7 +5,7 @@
 //!
 //! Invariant: guidance only reads (Describe calls); it never creates.
 
-use super::api::Ec2Api;
+use super::api::{Ec2Api, Ec2Failure};
 use crate::error_code::AwsErrorCode;
 use crate::request::{AmiSelector, Arch, OsAlias};
 
@@ -54,6 +54,18 @@ pub fn unauthorized(action: &str, message: &str) -> String {
         "the credentials may not call ec2:{action} (UnauthorizedOperation). `acode-ec2 \
          iam-policy --config FILE` prints the least-privilege policy acode-ec2 needs; {decode}"
     )
+}
+
+/// The guidance for a refusal of who is calling (a missing permission,
+/// credentials AWS does not accept), else `None`: EC2's words will do.
+pub fn for_caller(failure: &Ec2Failure) -> Option<String> {
+    if failure.is(&AwsErrorCode::UnauthorizedOperation) {
+        Some(unauthorized(failure.action, &failure.message))
+    } else if failure.is(&AwsErrorCode::AuthFailure) {
+        Some(auth_failure(&failure.message))
+    } else {
+        None
+    }
 }
 
 /// AWS did not accept who signed the call (not a missing permission).

@@ -7,7 +7,7 @@
 use super::api::{Ec2Api, Ec2Failure, LaunchSpec};
 use super::ec2::{self, session_tags};
 use super::{guidance, keys};
-use crate::error_code::{AwsErrorCode, ErrorClass, RejectionCode};
+use crate::error_code::{ErrorClass, RejectionCode};
 use crate::machine::{ImageChoice, Input, SessionContext};
 use crate::request::{
     AmiSelector, InvalidRequest, KeyAlgorithm, KeyPairMode, ProvisionRequest, StatusCheckMode,
@@ -301,19 +301,8 @@ fn throwaway_public_key(algorithm: KeyAlgorithm) -> Result<String, PreflightErro
 /// A failed check as the user reads it: the guidance for a denial, else
 /// EC2's words.
 fn refusal(failure: &Ec2Failure) -> String {
-    if failure.is(&AwsErrorCode::UnauthorizedOperation) {
-        return format!(
-            "{}: {}",
-            failure.action,
-            guidance::unauthorized(failure.action, &failure.message)
-        );
-    }
-    if failure.is(&AwsErrorCode::AuthFailure) {
-        return format!(
-            "{}: {}",
-            failure.action,
-            guidance::auth_failure(&failure.message)
-        );
+    if let Some(guidance) = guidance::for_caller(failure) {
+        return format!("{}: {guidance}", failure.action);
     }
     if failure.class == ErrorClass::Transient {
         return format!("{failure}; this may pass: try again");
