@@ -113,7 +113,7 @@ impl Observer for TracingObserver {
                 if let Some(Input::TransientFailure { message }) = &checkpoint.outcome {
                     // Counted from before: a phase that gives up starts the next at zero.
                     let failures = before.transient_failures + 1;
-                    if guards.iter().any(|g| g == Guard::AskOperator) {
+                    if guards.contains(Guard::AskOperator) {
                         warn!(%message, failures, "transient failure; cleanup stops here for an operator");
                     } else if from == to {
                         warn!(%message, failures, "transient failure, will retry");
@@ -458,7 +458,7 @@ impl Observer for ProgressObserver<'_> {
         };
         // A cleanup stopping for an operator waits for no timer: the
         // driver's error says what to do.
-        let stalled = guards.iter().any(|g| g == Guard::AskOperator);
+        let stalled = guards.contains(Guard::AskOperator);
         let message = if stalled {
             message
         } else {

@@ -148,6 +148,10 @@ impl Guards {
         self.0 == 0
     }
 
+    pub fn contains(self, guard: Guard) -> bool {
+        self.0 & guard.bit() != 0
+    }
+
     pub fn iter(self) -> impl Iterator<Item = Guard> {
         Guard::iter().filter(move |g| self.0 & g.bit() != 0)
     }
