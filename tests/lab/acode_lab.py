@@ -61,6 +61,7 @@ os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key  # noqa: E402
+from moto import backends as moto_backends  # noqa: E402
 from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.iam.models import iam_backends  # noqa: E402
 from moto.core import responses as moto_core_responses  # noqa: E402
@@ -984,6 +985,7 @@ class Lab:
         # The latest interruption notice of any instance: what IMDS answers without X-Acode-Instance-Id.
         self.instance_action: dict[str, str] | None = None
         self.last_launch_at: float | None = None
+        self.accepted_instance_types: set[str | None] = set()  # see launch
         self.latest_instance_id: str | None = None
         self.imds_tokens: dict[str, float] = {}
         # The latest change of spot_prices: the time of the newest DescribeSpotPriceHistory point.
@@ -1164,7 +1166,14 @@ class Lab:
                 return self._replay(self.tokens[token], request_fingerprint(form))
             if form and form.get("InstanceMarketOptions.MarketType") == "spot":
                 self._refuse_spot_launch()
+            instance_type = kwargs.get("instance_type")
+            if instance_type in self.accepted_instance_types and not kwargs.get("launch_template"):
+                # moto checks the type against every offering of the region on each launch
+                # (a twentieth of a launch's time); a type it accepted once needs no second look.
+                # Without a launch template, this flag only skips that check.
+                kwargs["is_instance_type_default"] = True
             reservation = run(backend, *args, **kwargs)
+            self.accepted_instance_types.add(instance_type)
             now = time.monotonic()
             for instance in reservation.instances:
                 instance.client_token = token  # moto 5.2.5 stores "ABCDE" when no token was sent
@@ -1777,6 +1786,9 @@ def install_moto_patches(lab: Lab) -> None:
     # A tag filter compiles a pattern per value for every instance it looks at: a sweep naming
     # 200 sessions over 2,000 instances compiled 400,000. Plain values need only a set.
     moto_ec2_utils.tag_filter_matches = _tag_filter_matches
+    # The server's dispatcher lists moto's package folder (a stat per service) on every request
+    # to see whether the host names a service. The folder does not change while the lab runs.
+    moto_backends.list_of_moto_modules = functools.cache(lambda: tuple(_list_of_moto_modules()))
 
 
 def _plain_values(values: list[str]) -> frozenset[str] | None:
@@ -1824,6 +1836,7 @@ def _all_reservations(backend: EC2Backend, filters: Any = None) -> list[Any]:
 
 
 _moto_describe_images = EC2Backend.describe_images
+_list_of_moto_modules = moto_backends.list_of_moto_modules
 
 
 def _describe_images(
@@ -1861,7 +1874,9 @@ def _multi_instances_by_id(backend: EC2Backend, instance_ids: list[str], filters
 
 
 def _instance_by_id(backend: EC2Backend, instance_id: str) -> Instance:
-    for reservation in backend.reservations.values():
+    # Newest first: the instance not yet in a timeline is the one being launched (moto's
+    # run_instances looks it up to attach its volumes), and it is in the last reservation.
+    for reservation in reversed(backend.reservations.values()):
         for instance in reservation.instances:
             if instance.id == instance_id:
                 return instance
