@@ -6,9 +6,11 @@
 //! passes `now` in. Infrastructure timers (lease renewal, batching windows,
 //! call timeouts) stay on real time: they guard real resources.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::machine::Timestamp;
@@ -89,9 +91,146 @@ impl Clock for ManualClock {
     }
 }
 
+/// Wall time that can skip ahead. Sleeps wait on the real timer, and
+/// [`SkippingClock::skip_to_next_wake`] moves the clock at once to the
+/// earliest sleeper's deadline and wakes it. A bench that knows nothing
+/// is happening but waiting (every drive asleep on this clock, no call in
+/// flight) skips the wait instead of spending it; work still takes the
+/// real time it takes, unlike on a [`ManualClock`].
+#[derive(Debug)]
+pub struct SkippingClock {
+    /// Milliseconds skipped so far: `now` is the wall clock plus this.
+    /// Every skip is announced here, so sleepers recompute their wait.
+    skipped_ms: tokio::sync::watch::Sender<u64>,
+    /// Deadlines of the sleeps under way, by ticket.
+    sleepers: Mutex<BTreeMap<u64, Timestamp>>,
+    next_ticket: AtomicU64,
+}
+
+impl Default for SkippingClock {
+    fn default() -> SkippingClock {
+        SkippingClock {
+            skipped_ms: tokio::sync::watch::Sender::new(0),
+            sleepers: Mutex::default(),
+            next_ticket: AtomicU64::new(0),
+        }
+    }
+}
+
+impl SkippingClock {
+    /// How many sleeps on this clock are under way.
+    pub fn asleep(&self) -> usize {
+        self.lock_sleepers().len()
+    }
+
+    /// Moves the clock to the earliest deadline of the sleeps under way,
+    /// if it is ahead, and wakes them; returns how far it moved.
+    pub fn skip_to_next_wake(&self) -> Duration {
+        let Some(next) = self.lock_sleepers().values().min().copied() else {
+            return Duration::ZERO;
+        };
+        let by = self.now().millis_until(next);
+        self.skipped_ms.send_modify(|skipped| *skipped += by);
+        Duration::from_millis(by)
+    }
+
+    /// The time skipped so far.
+    pub fn skipped(&self) -> Duration {
+        Duration::from_millis(*self.skipped_ms.borrow())
+    }
+
+    fn lock_sleepers(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Timestamp>> {
+        // A map of deadlines cannot be left half-written: a poisoned lock is fine.
+        self.sleepers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A sleep's place among a [`SkippingClock`]'s sleepers, given up when the
+/// sleep ends or is dropped (a driver's `select!` drops its sleep when an
+/// input arrives).
+struct Sleeper<'a> {
+    clock: &'a SkippingClock,
+    ticket: u64,
+}
+
+impl Drop for Sleeper<'_> {
+    fn drop(&mut self) {
+        self.clock.lock_sleepers().remove(&self.ticket);
+    }
+}
+
+impl Clock for SkippingClock {
+    fn now(&self) -> Timestamp {
+        wall_clock().plus(self.skipped())
+    }
+
+    fn sleep_until(&self, at: Timestamp) -> Wait<'_> {
+        Box::pin(async move {
+            let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+            self.lock_sleepers().insert(ticket, at);
+            let _sleeper = Sleeper {
+                clock: self,
+                ticket,
+            };
+            let mut skips = self.skipped_ms.subscribe();
+            loop {
+                let wait = self.now().millis_until(at);
+                if wait == 0 {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    // The sender lives as long as the clock, which this borrows.
+                    _ = skips.changed() => {}
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    #[tokio::test]
+    async fn a_skipping_clock_skips_to_the_earliest_sleep_and_wakes_only_it() {
+        let clock = Arc::new(SkippingClock::default());
+        let start = clock.now();
+        let soon = tokio::spawn({
+            let clock = Arc::clone(&clock);
+            async move { clock.sleep_until(start.plus(Duration::from_secs(30))).await }
+        });
+        let later = tokio::spawn({
+            let clock = Arc::clone(&clock);
+            async move {
+                clock
+                    .sleep_until(start.plus(Duration::from_secs(600)))
+                    .await
+            }
+        });
+        while clock.asleep() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let skipped = clock.skip_to_next_wake();
+        assert!(
+            (Duration::from_millis(29_000)..=Duration::from_secs(30)).contains(&skipped),
+            "skipped {skipped:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), soon)
+            .await
+            .expect("the earliest sleep woke")
+            .expect("sleep task");
+        assert!(clock.now() >= start.plus(Duration::from_secs(30)));
+        assert_eq!(clock.asleep(), 1, "the later sleep still sleeps");
+        assert!(!later.is_finished());
+        later.abort();
+        let _ = later.await;
+        assert_eq!(clock.asleep(), 0, "a dropped sleep leaves the sleepers");
+        assert_eq!(clock.skip_to_next_wake(), Duration::ZERO);
+        assert_eq!(clock.skipped(), skipped);
+    }
 
     #[tokio::test]
     async fn a_manual_clock_jumps_to_the_deadline_of_a_sleep() {

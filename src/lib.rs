@@ -13,7 +13,7 @@
 //! | [`error_code`] | EC2 error codes parsed once, and their classes | no other module matches code strings |
 //! | [`observe`] | one `Observer` fan-out: tracing, event channel, progress | observers see no key material and change nothing |
 //! | [`telemetry`] | metric names; every EC2 call logged (action, duration, request id, code) and counted | labels never carry ids or key material |
-//! | [`clock`] | `Clock`: the system clock, or a manual one for tests | the machine never reads a clock; the driver passes `now` in |
+//! | [`clock`] | `Clock`: the system clock, a manual one for tests, or one that skips idle waits for benches | the machine never reads a clock; the driver passes `now` in |
 //! | [`events`] | typed events and progress for library callers | never carry key material |
 //! | [`request`], [`config`] | the request model and its YAML form | a request is valid or refused naming the key |
 //! | [`iam_policy`] | the least-privilege policy the engine needs | grants exactly the EC2 and Price List actions the engine calls |
