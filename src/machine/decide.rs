@@ -741,11 +741,33 @@ fn terminating_instance(
         Input::NoInstanceFound => SWEEP_SETTLE,
         _ => return None,
     };
-    if p.launched_at.is_none_or(|at| now >= at.plus(grace)) {
+    let Some(launched_at) = p.launched_at.filter(|at| now < at.plus(grace)) else {
         return Some(next_cleanup_step(p, Guard::GraceOver.into()));
-    }
+    };
     let phase = ProvisionPhase::TerminatingInstance(p.clone());
-    Some(Decision::poll(&phase, poll_at(ctx, now)).because(Guard::JustLaunched))
+    let next = next_look(ctx, launched_at, grace, now);
+    Some(Decision::poll(&phase, next).because(Guard::JustLaunched))
+}
+
+/// When cleanup looks again for an instance EC2 may not show yet: 1, 2,
+/// 4, 8… s after its launch, and last when `grace` ends, each on the poll
+/// grid (so the looks of a process's sessions batch) and never sooner than
+/// its next point. EC2 shows most new instances within seconds; looking
+/// every poll interval for the whole grace spent a Describe call per
+/// interval (from the account's shared bucket) and two checkpoints each.
+fn next_look(
+    ctx: &SessionContext,
+    launched_at: Timestamp,
+    grace: Duration,
+    now: Timestamp,
+) -> Timestamp {
+    let mut after = Duration::from_secs(1);
+    while after < grace && launched_at.plus(after) <= now {
+        after = after.saturating_mul(2);
+    }
+    let at = launched_at.plus(after.min(grace));
+    // The grid point at or after `at`: `poll_at` gives the one after its argument.
+    poll_at(ctx, Timestamp(at.0.saturating_sub(1))).max(poll_at(ctx, now))
 }
 
 /// How long before EC2 acts on a notice the shutdown command must have

@@ -1062,6 +1062,42 @@ fn not_found_during_cleanup_is_believed_only_after_the_grace() {
     assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
 }
 
+/// A sweep that finds nothing looks again 1, 2, 4, 8 and 16 s after the
+/// launch and last when the settle ends, not every poll interval; on a
+/// coarser poll grid, at its next points.
+#[test]
+fn an_empty_sweep_looks_again_at_doubling_spans_until_the_settle_ends() {
+    for (every, expected) in [
+        (Duration::from_secs(1), vec![1, 2, 4, 8, 16, 30]),
+        (Duration::from_secs(5), vec![5, 10, 20, 30]),
+        (Duration::from_secs(10), vec![10, 20, 30]),
+    ] {
+        let mut ctx = ctx(shapes()[0]);
+        ctx.request.timeouts.poll_interval = every;
+        let state = SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
+            instance_id: None,
+            launched_at: Some(T0),
+            key: None,
+            cause: CleanupCause::Teardown,
+        }));
+        let (mut now, mut looks) = (T0, Vec::new());
+        loop {
+            let s = step(&ctx, &state, Input::NoInstanceFound, now).unwrap();
+            let Some(wake) = s.wake_at else {
+                assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
+                break;
+            };
+            assert!(wake > now, "{wake:?} after {now:?}");
+            looks.push((wake.0 - T0.0) / 1000);
+            now = wake;
+        }
+        assert_eq!(
+            looks, expected,
+            "looks at {every:?} polls, s after the launch"
+        );
+    }
+}
+
 /// A refused launch: believed at once when every try was answered, swept
 /// with the settle when an earlier try in the phase failed (its answer
 /// may be lost) or the refusal answers a send an earlier driver made.
