@@ -31,8 +31,8 @@ pub use crate::events::ReadyInstance;
 use crate::events::{ProgressSink, ProvisionEvent};
 use crate::lock;
 use crate::machine::{
-    self, Input, MachineError, OutsideInput, Pause, PhaseKind, ProvisionPhase, SessionContext,
-    Timestamp,
+    self, Effect, Input, MachineError, OutsideInput, Pause, PhaseKind, ProvisionPhase,
+    SessionContext, Timestamp,
 };
 use crate::observe::{
     EventChannel, Fanout, MetricsObserver, Observation, Observer, OnReady, ProgressObserver,
@@ -104,9 +104,9 @@ impl EngineError {
     }
 }
 
-/// How many effects (EC2 calls, SSH logins) `recover` runs at once by
-/// default; sessions that wait hold none, so every session is driven at
-/// once and none waits behind another's wait.
+/// How many EC2 calls, and apart from them how many SSH logins, `recover`
+/// runs at once by default; sessions that wait hold none, so every session
+/// is driven at once and none waits behind another's wait.
 pub const RECOVER_CONCURRENCY: usize = 64;
 
 /// How far a `recover` has got.
@@ -179,7 +179,32 @@ struct DriveClaim<'a> {
     ended: watch::Sender<Option<Ended>>,
     /// Slots this drive's effects take one of while they run (`recover`
     /// bounds effects, not drives, so a drive that waits holds none).
-    effect_slots: Option<Arc<Semaphore>>,
+    effect_slots: Option<Arc<EffectSlots>>,
+}
+
+/// What `recover` bounds: EC2 calls and SSH logins, each with slots of
+/// their own. They load different things (EC2's API, the instances'
+/// sshd), so a wave of logins must not leave the API idle, nor the reverse.
+struct EffectSlots {
+    ec2_calls: Semaphore,
+    ssh_logins: Semaphore,
+}
+
+impl EffectSlots {
+    fn new(each: usize) -> EffectSlots {
+        EffectSlots {
+            ec2_calls: Semaphore::new(each.max(1)),
+            ssh_logins: Semaphore::new(each.max(1)),
+        }
+    }
+
+    fn for_effect(&self, effect: &Effect) -> &Semaphore {
+        if effect.over_ssh() {
+            &self.ssh_logins
+        } else {
+            &self.ec2_calls
+        }
+    }
 }
 
 impl Drop for DriveClaim<'_> {
@@ -384,7 +409,7 @@ impl<E: Effects> Engine<E> {
         &self,
         session_id: &str,
         progress: &dyn ProgressSink,
-        effect_slots: Option<Arc<Semaphore>>,
+        effect_slots: Option<Arc<EffectSlots>>,
     ) -> Result<LoadedSession, EngineError> {
         let span = session_span(session_id);
         async {
@@ -547,7 +572,8 @@ impl<E: Effects> Engine<E> {
 
     /// Resumes every session that is neither Ready nor finished: each ends
     /// Ready or cleaned up. Sessions another live process drives are left
-    /// to it and reported as such. [`RECOVER_CONCURRENCY`] effects at once.
+    /// to it and reported as such. [`RECOVER_CONCURRENCY`] EC2 calls and
+    /// as many SSH logins at once.
     pub async fn recover(
         &self,
         progress: &dyn ProgressSink,
@@ -557,7 +583,8 @@ impl<E: Effects> Engine<E> {
     }
 
     /// As [`Engine::recover`], driving every session side by side with at
-    /// most `concurrency` of their effects running at once: a session in a
+    /// most `concurrency` of their EC2 calls, and as many SSH logins,
+    /// running at once: a session in a
     /// long wait (a poll interval, a backoff, EC2's 30 s to show an
     /// instance) holds no slot, so it delays no other. Each is under its
     /// lease. `tally` hears how many are done, in flight and failed
@@ -587,7 +614,7 @@ impl<E: Effects> Engine<E> {
             change(&mut counts);
             tally(&counts);
         };
-        let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+        let slots = Arc::new(EffectSlots::new(concurrency));
         let drives = unsettled.into_iter().map(|session_id| {
             let (update, slots) = (&update, Arc::clone(&slots));
             async move {
@@ -797,7 +824,7 @@ impl<E: Effects> Engine<E> {
         session: &mut LoadedSession,
         inbox: &mut Inbox,
         lease: &mut SessionLease<'_>,
-        effect_slots: Option<&Semaphore>,
+        effect_slots: Option<&EffectSlots>,
         observers: &Fanout<'_>,
         started: Instant,
     ) -> Result<(), EngineError> {
@@ -824,7 +851,7 @@ impl<E: Effects> Engine<E> {
             }
             // Closed only when its engine is dropped, which ends this drive anyway.
             let slot = match effect_slots {
-                Some(slots) => slots.acquire().await.ok(),
+                Some(slots) => slots.for_effect(&intent.effect).acquire().await.ok(),
                 None => None,
             };
             // Checked after any wait for a slot, right before the effect:

@@ -187,12 +187,13 @@ enum Command {
     /// Resume or clean up every session that is neither Ready nor finished.
     ///
     /// Every session is driven side by side, each under its lease, with at
-    /// most --concurrency of their EC2 calls and SSH logins running at once;
-    /// a session waiting on a slow instance holds up no other. A line per
+    /// most --concurrency of their EC2 calls, and apart from those as many
+    /// SSH logins, running at once; a session waiting on a slow instance
+    /// holds up no other. A line per
     /// session and a tally of done / in flight / failed. Sessions another
     /// live process drives are left to it.
     Recover {
-        /// How many EC2 calls and SSH logins to run at once.
+        /// How many EC2 calls to run at once, and how many SSH logins.
         #[arg(long, value_name = "N", default_value_t = acode_ec2::driver::RECOVER_CONCURRENCY as u16,
               value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,

@@ -278,6 +278,15 @@ impl Effect {
         self.into()
     }
 
+    /// Effects that talk to the instance over SSH rather than to EC2's
+    /// API: the two are different resources, bounded apart.
+    pub fn over_ssh(&self) -> bool {
+        matches!(
+            self,
+            Effect::ProbeSsh { .. } | Effect::RunShutdownCommand { .. }
+        )
+    }
+
     /// Effects that only look: a driver may abandon one mid-way (for an
     /// outside input) without losing track of anything. Effects that
     /// create or remove something always run to their answer.
