@@ -2278,7 +2278,7 @@ class Sshd:
             "PermitRootLogin prohibit-password\n"
             "StrictModes no\n"
             "UsePAM no\n"
-            "LogLevel VERBOSE\n"
+            "LogLevel INFO\n"
             # Tests probe many sessions at once; the default (10:30:100) drops some.
             "MaxStartups 200\n"
         )
