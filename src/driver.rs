@@ -185,6 +185,10 @@ struct DriveClaim<'a> {
 /// What `recover` bounds: EC2 calls and SSH logins, each with slots of
 /// their own. They load different things (EC2's API, the instances'
 /// sshd), so a wave of logins must not leave the API idle, nor the reverse.
+/// Polls take none: the effects layer folds the polls of many sessions
+/// into one batched call (at most a couple in flight per kind), so a slot
+/// per session would only bound how many wait for the batch, and keep
+/// other calls waiting behind them.
 struct EffectSlots {
     ec2_calls: Semaphore,
     ssh_logins: Semaphore,
@@ -198,11 +202,11 @@ impl EffectSlots {
         }
     }
 
-    fn for_effect(&self, effect: &Effect) -> &Semaphore {
-        if effect.over_ssh() {
-            &self.ssh_logins
-        } else {
-            &self.ec2_calls
+    fn for_effect(&self, effect: &Effect) -> Option<&Semaphore> {
+        match effect {
+            Effect::DescribeInstance { .. } | Effect::DescribeInstanceStatus { .. } => None,
+            effect if effect.over_ssh() => Some(&self.ssh_logins),
+            _ => Some(&self.ec2_calls),
         }
     }
 }
@@ -851,7 +855,10 @@ impl<E: Effects> Engine<E> {
             }
             // Closed only when its engine is dropped, which ends this drive anyway.
             let slot = match effect_slots {
-                Some(slots) => slots.for_effect(&intent.effect).acquire().await.ok(),
+                Some(slots) => match slots.for_effect(&intent.effect) {
+                    Some(slots) => slots.acquire().await.ok(),
+                    None => None,
+                },
                 None => None,
             };
             // Checked after any wait for a slot, right before the effect:

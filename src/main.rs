@@ -188,8 +188,8 @@ enum Command {
     ///
     /// Every session is driven side by side, each under its lease, with at
     /// most --concurrency of their EC2 calls, and apart from those as many
-    /// SSH logins, running at once; a session waiting on a slow instance
-    /// holds up no other. A line per
+    /// SSH logins, running at once (polls go out batched and take no slot);
+    /// a session waiting on a slow instance holds up no other. A line per
     /// session and a tally of done / in flight / failed. Sessions another
     /// live process drives are left to it.
     Recover {

@@ -224,3 +224,39 @@ fn the_recover_tally_counts_only_drives_that_went_wrong_as_failed() {
          more); wait for it to finish, or stop it and retry once its lease expires"
     );
 }
+
+/// `recover`'s slots: EC2 calls and SSH logins each have their own, so a
+/// full pool of one leaves the other free; polls, which the effects layer
+/// batches into one call for many sessions, take none.
+#[test]
+fn recover_bounds_ec2_calls_and_ssh_logins_apart_and_polls_not_at_all() {
+    let slots = EffectSlots::new(1);
+    let probe = Effect::ProbeSsh {
+        endpoint: "127.0.0.1:22".into(),
+        user: "ec2-user".into(),
+        private_key_path: None,
+        trusted: None,
+        known_hosts_path: None,
+    };
+    let console = Effect::ReadConsoleHostKeys {
+        instance_id: "i-1".into(),
+    };
+    let terminate = Effect::TerminateInstance { instance_id: None };
+    let take = |effect: &Effect| slots.for_effect(effect).expect("a slot pool").try_acquire();
+
+    let _call = take(&console).expect("a free EC2 slot");
+    assert!(take(&terminate).is_err(), "a second EC2 call waits");
+    let _login = take(&probe).expect("an SSH login does not wait for EC2 calls");
+    assert!(take(&probe).is_err(), "a second SSH login waits");
+    for poll in [
+        Effect::DescribeInstance {
+            instance_id: "i-1".into(),
+            spot_request_id: None,
+        },
+        Effect::DescribeInstanceStatus {
+            instance_id: "i-1".into(),
+        },
+    ] {
+        assert!(slots.for_effect(&poll).is_none(), "{poll:?} takes a slot");
+    }
+}
