@@ -21,8 +21,8 @@
 //! wait is skipped rather than slept. Reports the time (goal ≤ 10 s), the
 //! time skipped, when the sessions settled (by the engine's clock), where
 //! the time per effect went, and EC2 calls per recovered session (goal
-//! ≤ 3). `--concurrency=N` changes how many effects run at once (default:
-//! the engine's).
+//! ≤ 3). `--concurrency=N` changes how many EC2 calls, and apart from them
+//! SSH logins, run at once (default: the engine's).
 //!
 //! `--before` runs both the way the engine worked before issue 13: no
 //! rate limits of its own, no shared validation answers, recover one
@@ -365,12 +365,12 @@ async fn recover_fleet(before: bool) {
 
     lab.call("POST", "/counters/reset", None);
     // Waits nobody needs to sit through: when every session still being
-    // driven is asleep on the clock (in practice, sweeps waiting out
-    // `SWEEP_SETTLE`, since the lab shows an instance at once), the clock
-    // skips to the first wake-up instead.
+    // driven is asleep on the clock, the clock skips to the first wake-up
+    // instead (the skips are reported: which waits they were, and when).
+    // `--before` skips nothing, as the engine before issue 13 ran.
     let clock = Arc::new(SkippingClock::default());
     let engine = engine(
-        effects(&lab, RateLimits::unlimited(), before),
+        effects(&lab, RateLimits::unlimited(), before).with_clock(clock.clone()),
         store.clone(),
         dir.path(),
     )
@@ -397,10 +397,16 @@ async fn recover_fleet(before: bool) {
     let in_flight = AtomicUsize::new(usize::MAX);
     let tally = |tally: &RecoverTally| in_flight.store(tally.in_flight, Ordering::SeqCst);
     let recover = engine.recover_with(concurrency, &NoProgress, &tally);
-    let report = tokio::select! {
-        report = recover => report.expect("recover"),
-        _ = skip_idle_waits(&clock, &in_flight) => unreachable!("skips until recover ends"),
-    };
+    let skips = Mutex::new(Vec::new());
+    let report = if before {
+        recover.await
+    } else {
+        tokio::select! {
+            report = recover => report,
+            _ = skip_idle_waits(&clock, &in_flight, &skips) => unreachable!("skips until recover ends"),
+        }
+    }
+    .expect("recover");
     let took = started.elapsed().as_secs_f64();
     let engine_cpu = own_cpu_seconds(std::process::id()) - cpu_before.0;
     let lab_cpu = cpu_seconds(lab.pid()) - cpu_before.1;
@@ -419,7 +425,7 @@ async fn recover_fleet(before: bool) {
     }
     let n = report.len().max(1) as f64;
     println!(
-        "  recovered {} sessions in {took:.2} s ({concurrency} at once); EC2 calls per session {:.2} ({:.2} without key-pair calls)",
+        "  recovered {} sessions in {took:.2} s ({concurrency} EC2 calls and SSH logins at once); EC2 calls per session {:.2} ({:.2} without key-pair calls)",
         report.len(),
         all as f64 / n,
         (all - key_pairs) as f64 / n
@@ -430,9 +436,14 @@ async fn recover_fleet(before: bool) {
          {} write transactions (fsyncs)",
         store.write_transactions() - writes_before
     );
+    let skips = skips.into_inner().unwrap_or_else(|e| e.into_inner());
     println!(
-        "  the clock skipped {:.1} s, in which every session still being driven was asleep on it",
-        clock.skipped().as_secs_f64()
+        "  the clock skipped {:.1} s in {} skips, the first {:.1} s into the recover with {} \
+         sessions left, all asleep on it",
+        clock.skipped().as_secs_f64(),
+        skips.len(),
+        skips.first().map_or(0.0, |s: &Skip| s.at.as_secs_f64()),
+        skips.first().map_or(0, |s| s.sessions)
     );
     println!("  ends: {ends:?}");
     println!("  calls: {:?}", lab.counters());
@@ -474,26 +485,42 @@ async fn time_per_effect(store: &SqliteStore, started_ms: u64) {
     }
 }
 
+/// A skip of the clock: when, into the recover, and how many sessions
+/// were left, all asleep.
+struct Skip {
+    at: Duration,
+    sessions: usize,
+}
+
 /// Skips the clock to the next wake-up whenever every drive of the
-/// recover is asleep on it (three checks running, 2 ms apart): then no
-/// call is in flight and no session can move before that wake-up. After a
-/// skip it waits for a sleeper to wake before looking again.
-async fn skip_idle_waits(clock: &SkippingClock, in_flight: &AtomicUsize) {
-    let all_asleep = || {
-        let driving = in_flight.load(Ordering::SeqCst);
-        driving > 0 && driving != usize::MAX && clock.asleep() == driving
-    };
+/// recover is asleep on it (three checks running, 2 ms apart, then once
+/// more under the clock's lock): then no call is in flight and no session
+/// can move before that wake-up. After a skip it waits for a sleeper to
+/// wake before looking again.
+async fn skip_idle_waits(clock: &SkippingClock, in_flight: &AtomicUsize, skips: &Mutex<Vec<Skip>>) {
+    let started = Instant::now();
+    let driving = || Some(in_flight.load(Ordering::SeqCst)).filter(|n| *n > 0 && *n != usize::MAX);
+    let all_asleep = || driving().is_some_and(|n| clock.asleep() == n);
     let mut idle_checks = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(2)).await;
         idle_checks = if all_asleep() { idle_checks + 1 } else { 0 };
-        if idle_checks >= 3 {
-            clock.skip_to_next_wake();
-            idle_checks = 0;
-            let woken = Instant::now();
-            while all_asleep() && woken.elapsed() < Duration::from_millis(200) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+        if idle_checks < 3 {
+            continue;
+        }
+        idle_checks = 0;
+        let Some(sessions) = driving() else { continue };
+        if clock.skip_if_all_asleep(sessions).is_zero() {
+            continue;
+        }
+        let at = started.elapsed();
+        skips
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Skip { at, sessions });
+        let woken = Instant::now();
+        while all_asleep() && woken.elapsed() < Duration::from_millis(200) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }

@@ -92,7 +92,7 @@ impl Clock for ManualClock {
 }
 
 /// Wall time that can skip ahead. Sleeps wait on the real timer, and
-/// [`SkippingClock::skip_to_next_wake`] moves the clock at once to the
+/// [`SkippingClock::skip_if_all_asleep`] moves the clock at once to the
 /// earliest sleeper's deadline and wakes it. A bench that knows nothing
 /// is happening but waiting (every drive asleep on this clock, no call in
 /// flight) skips the wait instead of spending it; work still takes the
@@ -123,14 +123,23 @@ impl SkippingClock {
         self.lock_sleepers().len()
     }
 
-    /// Moves the clock to the earliest deadline of the sleeps under way,
-    /// if it is ahead, and wakes them; returns how far it moved.
-    pub fn skip_to_next_wake(&self) -> Duration {
-        let Some(next) = self.lock_sleepers().values().min().copied() else {
+    /// When exactly `expected` sleeps are under way and none is due yet,
+    /// moves the clock to the earliest of their deadlines and wakes them
+    /// (each recomputes its wait; the earliest returns); returns how far it
+    /// moved. Checked and done under one lock, so a sleeper that has just
+    /// woken, or one whose deadline has come, stops the skip.
+    pub fn skip_if_all_asleep(&self, expected: usize) -> Duration {
+        let sleepers = self.lock_sleepers();
+        if sleepers.len() != expected {
+            return Duration::ZERO;
+        }
+        let Some(next) = sleepers.values().min().copied() else {
             return Duration::ZERO;
         };
         let by = self.now().millis_until(next);
-        self.skipped_ms.send_modify(|skipped| *skipped += by);
+        if by > 0 {
+            self.skipped_ms.send_modify(|skipped| *skipped += by);
+        }
         Duration::from_millis(by)
     }
 
@@ -195,7 +204,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_skipping_clock_skips_to_the_earliest_sleep_and_wakes_only_it() {
+    async fn a_skipping_clock_skips_to_the_earliest_sleep_only_when_all_are_asleep() {
         let clock = Arc::new(SkippingClock::default());
         let start = clock.now();
         let soon = tokio::spawn({
@@ -213,7 +222,12 @@ mod tests {
         while clock.asleep() < 2 {
             tokio::task::yield_now().await;
         }
-        let skipped = clock.skip_to_next_wake();
+        assert_eq!(
+            clock.skip_if_all_asleep(3),
+            Duration::ZERO,
+            "a third sleeper is awake"
+        );
+        let skipped = clock.skip_if_all_asleep(2);
         assert!(
             (Duration::from_millis(29_000)..=Duration::from_secs(30)).contains(&skipped),
             "skipped {skipped:?}"
@@ -223,12 +237,12 @@ mod tests {
             .expect("the earliest sleep woke")
             .expect("sleep task");
         assert!(clock.now() >= start.plus(Duration::from_secs(30)));
-        assert_eq!(clock.asleep(), 1, "the later sleep still sleeps");
+        assert_eq!(clock.asleep(), 1, "the later sleep sleeps on");
         assert!(!later.is_finished());
         later.abort();
         let _ = later.await;
         assert_eq!(clock.asleep(), 0, "a dropped sleep leaves the sleepers");
-        assert_eq!(clock.skip_to_next_wake(), Duration::ZERO);
+        assert_eq!(clock.skip_if_all_asleep(0), Duration::ZERO);
         assert_eq!(clock.skipped(), skipped);
     }
 
