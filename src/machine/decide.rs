@@ -750,22 +750,25 @@ fn terminating_instance(
 }
 
 /// When cleanup looks again for an instance EC2 may not show yet: 1, 2,
-/// 4, 8… s after its launch, and last when `grace` ends, each on the poll
-/// grid (so the looks of a process's sessions batch) and never sooner than
-/// its next point. EC2 shows most new instances within seconds; looking
-/// every poll interval for the whole grace spent a Describe call per
-/// interval (from the account's shared bucket) and two checkpoints each.
+/// 4, 8 and 16 s after its launch, then every [`SWEEP_SETTLE`] at most,
+/// and last when `grace` ends; each on the poll grid (so the looks of a
+/// process's sessions batch) and never sooner than its next point. EC2
+/// shows most new instances within seconds; looking every poll interval
+/// for the whole grace spent a Describe call per interval (from the
+/// account's shared bucket) and two checkpoints each. A launch time ahead
+/// of `now` (another host's clock) counts from `now`.
 fn next_look(
     ctx: &SessionContext,
     launched_at: Timestamp,
     grace: Duration,
     now: Timestamp,
 ) -> Timestamp {
+    let from = launched_at.min(now);
     let mut after = Duration::from_secs(1);
-    while after < grace && launched_at.plus(after) <= now {
-        after = after.saturating_mul(2);
+    while after < grace && from.plus(after) <= now {
+        after += after.min(SWEEP_SETTLE);
     }
-    let at = launched_at.plus(after.min(grace));
+    let at = from.plus(after).min(launched_at.plus(grace));
     // The grid point at or after `at`: `poll_at` gives the one after its argument.
     poll_at(ctx, Timestamp(at.0.saturating_sub(1))).max(poll_at(ctx, now))
 }

@@ -1062,27 +1062,47 @@ fn not_found_during_cleanup_is_believed_only_after_the_grace() {
     assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
 }
 
-/// A sweep that finds nothing looks again 1, 2, 4, 8 and 16 s after the
-/// launch and last when the settle ends, not every poll interval; on a
-/// coarser poll grid, at its next points.
+/// Cleanup looks again for an instance EC2 may not show yet 1, 2, 4, 8
+/// and 16 s after the launch, then at most 30 s apart, and last when the
+/// grace ends, not every poll interval; on a coarser poll grid, at its
+/// next points. A launch time ahead of the clock counts from the clock.
 #[test]
-fn an_empty_sweep_looks_again_at_doubling_spans_until_the_settle_ends() {
-    for (every, expected) in [
-        (Duration::from_secs(1), vec![1, 2, 4, 8, 16, 30]),
-        (Duration::from_secs(5), vec![5, 10, 20, 30]),
-        (Duration::from_secs(10), vec![10, 20, 30]),
-    ] {
-        let mut ctx = ctx(shapes()[0]);
-        ctx.request.timeouts.poll_interval = every;
-        let state = SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
-            instance_id: None,
-            launched_at: Some(T0),
+fn cleanup_looks_again_at_doubling_spans_until_the_grace_ends() {
+    let terminating = |instance_id: Option<&str>, launched_at| {
+        SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
+            instance_id: instance_id.map(str::to_string),
+            launched_at: Some(launched_at),
             key: None,
             cause: CleanupCause::Teardown,
-        }));
+        }))
+    };
+    let swept = (terminating(None, T0), Input::NoInstanceFound);
+    let by_id = (terminating(Some("i-1"), T0), Input::InstanceNotFound);
+    let ahead = (
+        terminating(None, T0.plus(Duration::from_secs(3))),
+        Input::NoInstanceFound,
+    );
+    for ((state, input), every, expected) in [
+        (swept.clone(), 1, vec![1, 2, 4, 8, 16, 30]),
+        (swept.clone(), 5, vec![5, 10, 20, 30]),
+        (swept.clone(), 10, vec![10, 20, 30]),
+        // A poll interval longer than the grace: one look, past it.
+        (swept, 50, vec![50]),
+        (
+            by_id,
+            1,
+            vec![
+                1, 2, 4, 8, 16, 32, 62, 92, 122, 152, 182, 212, 242, 272, 300,
+            ],
+        ),
+        // Every second until the clock reaches the launch time, then doubling.
+        (ahead, 1, vec![1, 2, 3, 4, 5, 7, 11, 19, 33]),
+    ] {
+        let mut ctx = ctx(shapes()[0]);
+        ctx.request.timeouts.poll_interval = Duration::from_secs(every);
         let (mut now, mut looks) = (T0, Vec::new());
         loop {
-            let s = step(&ctx, &state, Input::NoInstanceFound, now).unwrap();
+            let s = step(&ctx, &state, input.clone(), now).unwrap();
             let Some(wake) = s.wake_at else {
                 assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
                 break;
@@ -1091,10 +1111,7 @@ fn an_empty_sweep_looks_again_at_doubling_spans_until_the_settle_ends() {
             looks.push((wake.0 - T0.0) / 1000);
             now = wake;
         }
-        assert_eq!(
-            looks, expected,
-            "looks at {every:?} polls, s after the launch"
-        );
+        assert_eq!(looks, expected, "{input:?} at {every} s polls: s after T0");
     }
 }
 
