@@ -177,8 +177,9 @@ struct DriveClaim<'a> {
     session_id: String,
     inbox: Inbox,
     ended: watch::Sender<Option<Ended>>,
-    /// Slots this drive's effects take one of while they run (`recover`
-    /// bounds effects, not drives, so a drive that waits holds none).
+    /// Slots this drive's EC2 calls and SSH logins take one of while they
+    /// run (`recover` bounds those, not drives, so a drive that waits holds
+    /// none).
     effect_slots: Option<Arc<EffectSlots>>,
 }
 
@@ -186,9 +187,9 @@ struct DriveClaim<'a> {
 /// their own. They load different things (EC2's API, the instances'
 /// sshd), so a wave of logins must not leave the API idle, nor the reverse.
 /// Polls take none: the effects layer folds the polls of many sessions
-/// into one batched call (at most a couple in flight per kind), so a slot
-/// per session would only bound how many wait for the batch, and keep
-/// other calls waiting behind them.
+/// into one batched call of up to 200 ids (under the engine's rate limits),
+/// so a slot per session would only bound how many wait for the batch, and
+/// keep other calls waiting behind them.
 struct EffectSlots {
     ec2_calls: Semaphore,
     ssh_logins: Semaphore,

@@ -193,7 +193,8 @@ enum Command {
     /// session and a tally of done / in flight / failed. Sessions another
     /// live process drives are left to it.
     Recover {
-        /// How many EC2 calls to run at once, and how many SSH logins.
+        /// How many EC2 calls (polls aside: they go out batched) to run at
+        /// once, and how many SSH logins.
         #[arg(long, value_name = "N", default_value_t = acode_ec2::driver::RECOVER_CONCURRENCY as u16,
               value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,

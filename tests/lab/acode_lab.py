@@ -985,7 +985,7 @@ class Lab:
         # The latest interruption notice of any instance: what IMDS answers without X-Acode-Instance-Id.
         self.instance_action: dict[str, str] | None = None
         self.last_launch_at: float | None = None
-        self.accepted_instance_types: set[str | None] = set()  # see launch
+        self.passed_type_checks: set[tuple[Any, Any, Any]] = set()  # see launch
         self.latest_instance_id: str | None = None
         self.imds_tokens: dict[str, float] = {}
         # The latest change of spot_prices: the time of the newest DescribeSpotPriceHistory point.
@@ -1166,14 +1166,18 @@ class Lab:
                 return self._replay(self.tokens[token], request_fingerprint(form))
             if form and form.get("InstanceMarketOptions.MarketType") == "spot":
                 self._refuse_spot_launch()
-            instance_type = kwargs.get("instance_type")
-            if instance_type in self.accepted_instance_types and not kwargs.get("launch_template"):
-                # moto checks the type against every offering of the region on each launch
-                # (a twentieth of a launch's time); a type it accepted once needs no second look.
-                # Without a launch template, this flag only skips that check.
+            # moto checks a named type against every offering of the region on each launch (a
+            # twentieth of a launch's time). A check that passed once for this region, placement
+            # and type passes again, so the flag that skips it is set; without a launch template
+            # it does nothing else. (moto raises on a failed check only when its
+            # EC2_ENABLE_INSTANCE_TYPE_VALIDATION is set.)
+            type_check = (kwargs.get("region_name"), kwargs.get("placement"), kwargs.get("instance_type"))
+            checks_type = not kwargs.get("is_instance_type_default") and not kwargs.get("launch_template")
+            if checks_type and type_check in self.passed_type_checks:
                 kwargs["is_instance_type_default"] = True
             reservation = run(backend, *args, **kwargs)
-            self.accepted_instance_types.add(instance_type)
+            if checks_type:
+                self.passed_type_checks.add(type_check)
             now = time.monotonic()
             for instance in reservation.instances:
                 instance.client_token = token  # moto 5.2.5 stores "ABCDE" when no token was sent
