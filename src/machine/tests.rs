@@ -190,6 +190,25 @@ fn waiting_for_ssh_samples(ctx: &SessionContext) -> Vec<WaitingForSsh> {
     all
 }
 
+/// The sample phase of `kind` (see [`phases`]).
+fn phase_of(ctx: &SessionContext, kind: PhaseKind) -> ProvisionPhase {
+    phases(ctx)
+        .into_iter()
+        .find(|p| p.kind() == kind)
+        .unwrap_or_else(|| panic!("no sample {kind:?} phase"))
+}
+
+/// Cleanup's terminate step for an instance (or, without an id, a sweep by
+/// tag) launched at `launched_at`.
+fn terminating(instance_id: Option<&str>, launched_at: Timestamp) -> SessionState {
+    SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
+        instance_id: instance_id.map(str::to_string),
+        launched_at: Some(launched_at),
+        key: None,
+        cause: CleanupCause::Teardown,
+    }))
+}
+
 /// A sample of every phase a context can be in, with each kind of data.
 fn phases(ctx: &SessionContext) -> Vec<ProvisionPhase> {
     let launch = |subnet_index| LaunchAttempt {
@@ -821,12 +840,7 @@ fn without_fallback_a_late_spot_instance_is_cleaned_up() {
 fn sessions_polling_at_different_moments_poll_at_the_same_instants() {
     let ctx = ctx(shapes()[0]);
     let every = ctx.request.timeouts.poll_interval;
-    let state = SessionState::fresh(
-        phases(&ctx)
-            .into_iter()
-            .find(|p| p.kind() == PhaseKind::WaitingForRunning)
-            .unwrap(),
-    );
+    let state = SessionState::fresh(phase_of(&ctx, PhaseKind::WaitingForRunning));
     let wake = |now: Timestamp| {
         step(
             &ctx,
@@ -849,10 +863,7 @@ fn sessions_polling_at_different_moments_poll_at_the_same_instants() {
 #[test]
 fn polls_wait_for_the_poll_interval_and_give_up_at_the_deadline() {
     let ctx = ctx(shapes()[0]);
-    let phase = phases(&ctx)
-        .into_iter()
-        .find(|p| p.kind() == PhaseKind::WaitingForRunning)
-        .unwrap();
+    let phase = phase_of(&ctx, PhaseKind::WaitingForRunning);
     let state = SessionState::fresh(phase);
     let s = step(
         &ctx,
@@ -952,10 +963,7 @@ fn transient_failures_back_off_then_clean_up() {
 #[test]
 fn a_sweep_after_a_launch_that_may_have_been_lost_is_dated() {
     let ctx = ctx(shapes()[0]);
-    let launching = phases(&ctx)
-        .into_iter()
-        .find(|p| p.kind() == PhaseKind::Launching)
-        .unwrap();
+    let launching = phase_of(&ctx, PhaseKind::Launching);
     let sweep_of = |state: &SessionState, input: Input| {
         let s = step(&ctx, state, input, T0).unwrap();
         let ProvisionPhase::TerminatingInstance(t) = s.state.phase else {
@@ -1020,21 +1028,13 @@ fn cleanup_never_gives_up_on_its_own() {
 #[test]
 fn not_found_during_cleanup_is_believed_only_after_the_grace() {
     let ctx = ctx(shapes()[0]);
-    let terminating = |instance_id: Option<&str>| {
-        SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
-            instance_id: instance_id.map(str::to_string),
-            launched_at: Some(T0),
-            key: None,
-            cause: CleanupCause::Teardown,
-        }))
-    };
     for (state, input, grace) in [
         (
-            terminating(Some("i-1")),
+            terminating(Some("i-1"), T0),
             Input::InstanceNotFound,
             LAUNCH_VISIBILITY_GRACE,
         ),
-        (terminating(None), Input::NoInstanceFound, SWEEP_SETTLE),
+        (terminating(None, T0), Input::NoInstanceFound, SWEEP_SETTLE),
     ] {
         let early = T0.plus(grace - Duration::from_millis(1));
         let s = step(&ctx, &state, input.clone(), early).unwrap();
@@ -1054,7 +1054,7 @@ fn not_found_during_cleanup_is_believed_only_after_the_grace() {
         );
     }
     // A sweep with no launch time (a refused launch made nothing) is believed at once.
-    let mut refused = terminating(None);
+    let mut refused = terminating(None, T0);
     if let ProvisionPhase::TerminatingInstance(t) = &mut refused.phase {
         t.launched_at = None;
     }
@@ -1068,14 +1068,6 @@ fn not_found_during_cleanup_is_believed_only_after_the_grace() {
 /// next points. A launch time ahead of the clock counts from the clock.
 #[test]
 fn cleanup_looks_again_at_doubling_spans_until_the_grace_ends() {
-    let terminating = |instance_id: Option<&str>, launched_at| {
-        SessionState::fresh(ProvisionPhase::TerminatingInstance(TerminatingInstance {
-            instance_id: instance_id.map(str::to_string),
-            launched_at: Some(launched_at),
-            key: None,
-            cause: CleanupCause::Teardown,
-        }))
-    };
     let swept = (terminating(None, T0), Input::NoInstanceFound);
     let by_id = (terminating(Some("i-1"), T0), Input::InstanceNotFound);
     let ahead = (
@@ -1121,10 +1113,7 @@ fn cleanup_looks_again_at_doubling_spans_until_the_grace_ends() {
 #[test]
 fn a_refused_launch_is_swept_once_unless_an_answer_may_be_lost() {
     let ctx = ctx(shapes()[0]);
-    let launching = phases(&ctx)
-        .into_iter()
-        .find(|p| p.kind() == PhaseKind::Launching)
-        .unwrap();
+    let launching = phase_of(&ctx, PhaseKind::Launching);
     let refused = sample_input(InputKind::LaunchRefused);
     let launched_at = |state: &SessionState| match &state.phase {
         ProvisionPhase::TerminatingInstance(t) => t.launched_at,
