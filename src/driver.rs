@@ -855,11 +855,8 @@ impl<E: Effects> Engine<E> {
                 }
             }
             // Closed only when its engine is dropped, which ends this drive anyway.
-            let slot = match effect_slots {
-                Some(slots) => match slots.for_effect(&intent.effect) {
-                    Some(slots) => slots.acquire().await.ok(),
-                    None => None,
-                },
+            let slot = match effect_slots.and_then(|slots| slots.for_effect(&intent.effect)) {
+                Some(pool) => pool.acquire().await.ok(),
                 None => None,
             };
             // Checked after any wait for a slot, right before the effect:
