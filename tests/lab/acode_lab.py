@@ -1006,7 +1006,8 @@ class Lab:
         with self.lock:
             if "spot_prices" in valid and valid["spot_prices"] != self.config["spot_prices"]:
                 self.spot_prices_at = utc_now().replace(microsecond=0)
-            self.config.update(valid)
+            with self.gate_lock:
+                self.config.update(valid)
             if "throttle" in valid:
                 # Every setting starts full buckets, as a fresh account would have.
                 self.buckets = full_buckets(valid["throttle"])
@@ -1191,7 +1192,8 @@ class Lab:
                     self._attach_spot_request(backend, instance, form, fulfill_at, now)
             if token:
                 self.tokens[token] = TokenRecord(request_fingerprint(form), reservation)
-            self.last_launch_at = now
+            with self.gate_lock:
+                self.last_launch_at = now
             self.on_gate_change()
             self._install_key(backend, kwargs.get("key_name"), reservation.instances)
             log.info("launched %s (token %s)", [i.id for i in reservation.instances], token)
@@ -1514,7 +1516,7 @@ class Lab:
     def ssh_gate_mode(self) -> str:
         """"closed" (refused), "reset" (accepted then reset) or "open": as set by POST /_lab/ssh, or
         in "auto" measured from the latest launch."""
-        with self.lock:
+        with self.gate_lock:
             if self.ssh_mode != "auto":
                 return self.ssh_mode
             if self.last_launch_at is None:
@@ -1528,7 +1530,7 @@ class Lab:
 
     def set_ssh_mode(self, mode: str, drop_sessions: bool) -> dict[str, Any]:
         """POST /_lab/ssh: takes SSH down (or up) at run time, e.g. for an instance that is already Ready."""
-        with self.lock:
+        with self.gate_lock:
             self.ssh_mode = mode
         # The new mode holds from this answer on, not from the gate's next poll.
         self.on_gate_change()
@@ -1538,8 +1540,9 @@ class Lab:
         return {"mode": mode, "effective": self.ssh_gate_mode(), "dropped_sessions": dropped}
 
     def ssh_view(self) -> dict[str, Any]:
-        with self.lock:
-            return {"mode": self.ssh_mode, "effective": self.ssh_gate_mode()}
+        with self.gate_lock:
+            mode = self.ssh_mode
+        return {"mode": mode, "effective": self.ssh_gate_mode()}
 
     def instances_view(self) -> list[dict[str, Any]]:
         self.advance()
