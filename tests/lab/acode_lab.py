@@ -963,6 +963,10 @@ class Lab:
         authorized_keys_path: Path,
     ):
         self.lock = threading.RLock()
+        # Guards what the SSH gate reads per connection (ssh_mode, last_launch_at and the config's
+        # SSH windows), so an accept never waits on `lock`, which each moto call holds. Taken
+        # inside `lock` where both are needed, never the other way round.
+        self.gate_lock = threading.Lock()
         self.backend = backend
         self.config = config
         self.host_keys = host_keys
@@ -1798,6 +1802,17 @@ def install_moto_patches(lab: Lab) -> None:
     moto_backends.list_of_moto_modules = functools.cache(lambda: tuple(_list_of_moto_modules()))
 
 
+def warm_moto_backends() -> None:
+    """Builds the backends moto's TerminateInstances notifies on first use. Building one reads a
+    botocore service model (about half a second under the GIL), which would stall every request
+    behind the lab's first TerminateInstances."""
+    from moto.autoscaling import autoscaling_backends
+    from moto.elbv2 import elbv2_backends
+
+    for backends in (autoscaling_backends, elbv2_backends):
+        _ = backends[DEFAULT_ACCOUNT_ID][REGION]
+
+
 def _plain_values(values: list[str]) -> frozenset[str] | None:
     """The filter's values as a set, when none holds a character EC2's wildcards (or moto's fnmatch
     translation of them) treat specially: then matching a value is equality."""
@@ -2519,6 +2534,9 @@ def setup_logging(state_dir: Path) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         handlers=[file_handler, stderr_handler],
     )
+    # werkzeug's line per request took about 7% of the lab's Python time under a fleet; the lab logs what
+    # it decides, and the engine logs every call it makes.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -2615,6 +2633,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
     lab = Lab(backend, config, host_keys, mitm_keys, state_dir / "authorized_keys")
     install_moto_patches(lab)
+    warm_moto_backends()
 
     gate = SshGate(lab, sshd.port)
     lab.on_gate_change = gate.on_mode_change
