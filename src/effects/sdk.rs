@@ -413,18 +413,31 @@ fn not_ec2s_answer(action: &'static str, status: u16, message: &str) -> Ec2Failu
 }
 
 /// Server text as one safe line: control characters (line breaks,
-/// terminal escapes) written out, so an answer cannot forge progress lines
-/// or drive the terminal.
+/// terminal escapes) and bidirectional controls written out, so an answer
+/// cannot forge progress lines, drive the terminal, or show text in an
+/// order other than it holds.
 fn printable(text: &str) -> String {
     let mut line = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() {
             line.extend(c.escape_debug());
+        } else if is_bidi_control(c) {
+            line.extend(c.escape_unicode());
         } else {
             line.push(c);
         }
     }
     line
+}
+
+/// Unicode's bidirectional marks, embeddings, overrides and isolates: not
+/// control characters to `char::is_control`, yet they reorder the rest of
+/// a terminal line ("Trojan Source", CVE-2021-42574).
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 fn tags_of(tags: &[(String, String)]) -> Vec<Tag> {

@@ -132,8 +132,9 @@ async fn a_proxys_later_is_retried() {
 
 #[tokio::test]
 async fn server_text_cannot_forge_lines_or_drive_the_terminal() {
-    // A line break and a C1 control (CSI), both valid in XML 1.0.
-    let message = "line one\n[   9.9s] Ready               forged\u{9b}31m";
+    // A line break, a C1 control (CSI) and a right-to-left override, all
+    // valid in XML 1.0.
+    let message = "line one\n[   9.9s] Ready               forged\u{9b}31m \u{202e}deredro";
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>AuthFailure</Code>\
          <Message>{message}</Message></Error></Errors><RequestID>r-1</RequestID></Response>"
@@ -147,6 +148,10 @@ async fn server_text_cannot_forge_lines_or_drive_the_terminal() {
         "control characters reach the terminal: {said:?}"
     );
     assert!(said.contains("line one\\n[   9.9s] Ready"), "{said}");
+    assert!(
+        !said.contains('\u{202e}') && said.contains("\\u{202e}deredro"),
+        "a bidirectional override reaches the terminal: {said:?}"
+    );
 }
 
 /// A refused launch is proof that it made nothing only when EC2 itself
