@@ -514,12 +514,19 @@ fn abandoning_spot(
             Decision::go(ProvisionPhase::AbandoningSpot(next))
         }
         Input::InstanceTerminated => replace(),
-        Input::InstanceNotFound if just_launched(p.instance.launched_at, now) => Decision::poll(
-            &ProvisionPhase::AbandoningSpot(p.clone()),
-            poll_at(ctx, now),
-        )
-        .because(Guard::JustLaunched),
-        Input::InstanceNotFound => replace().because(Guard::GraceOver),
+        // EC2 does not know the id: a new instance may not be visible yet.
+        Input::InstanceNotFound => match p
+            .instance
+            .launched_at
+            .filter(|at| now < at.plus(LAUNCH_VISIBILITY_GRACE))
+        {
+            Some(launched_at) => Decision::poll(
+                &ProvisionPhase::AbandoningSpot(p.clone()),
+                next_look(ctx, launched_at, LAUNCH_VISIBILITY_GRACE, now),
+            )
+            .because(Guard::JustLaunched),
+            None => replace().because(Guard::GraceOver),
+        },
         _ => return None,
     })
 }
@@ -749,9 +756,9 @@ fn terminating_instance(
     Some(Decision::poll(&phase, next).because(Guard::JustLaunched))
 }
 
-/// When cleanup looks again for an instance EC2 may not show yet: 1, 2,
-/// 4, 8 and 16 s after its launch, then every [`SWEEP_SETTLE`] at most,
-/// and last when `grace` ends; each on the poll grid (so the looks of a
+/// When cleanup (or giving up a spot instance) looks again for an
+/// instance EC2 may not show yet: 1, 2, 4, 8 and 16 s after its launch,
+/// then every [`SWEEP_SETTLE`] at most, and last when `grace` ends; each on the poll grid (so the looks of a
 /// process's sessions batch) and never sooner than its next point. EC2
 /// shows most new instances within seconds; looking every poll interval
 /// for the whole grace spent a Describe call per interval (from the
@@ -1100,11 +1107,6 @@ fn poll_at(ctx: &SessionContext, now: Timestamp) -> Timestamp {
         .unwrap_or(u64::MAX)
         .max(1);
     Timestamp((now.0 / every).saturating_add(1).saturating_mul(every))
-}
-
-/// Whether an instance launched at `at` may still be invisible to EC2.
-fn just_launched(at: Option<Timestamp>, now: Timestamp) -> bool {
-    at.is_some_and(|at| now < at.plus(LAUNCH_VISIBILITY_GRACE))
 }
 
 /// `host:port` to probe: the override, else the address `ssh.address`

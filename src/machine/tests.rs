@@ -1066,6 +1066,7 @@ fn not_found_during_cleanup_is_believed_only_after_the_grace() {
 /// and 16 s after the launch, then at most 30 s apart, and last when the
 /// grace ends, not every poll interval; on a coarser poll grid, at its
 /// next points. A launch time ahead of the clock counts from the clock.
+/// A spot instance being given up for on-demand is looked for the same way.
 #[test]
 fn cleanup_looks_again_at_doubling_spans_until_the_grace_ends() {
     let swept = (terminating(None, T0), Input::NoInstanceFound);
@@ -1074,29 +1075,44 @@ fn cleanup_looks_again_at_doubling_spans_until_the_grace_ends() {
         terminating(None, T0.plus(Duration::from_secs(3))),
         Input::NoInstanceFound,
     );
+    // A spot instance being given up for on-demand, launched at T0.
+    let spot = ctx(Shape {
+        spot: Some(true),
+        subnets: 1,
+        owned_key: true,
+        policy: 0,
+    });
+    let abandoning = (
+        SessionState::fresh(phase_of(&spot, PhaseKind::AbandoningSpot)),
+        Input::InstanceNotFound,
+    );
+    let by_id_looks = vec![
+        1, 2, 4, 8, 16, 32, 62, 92, 122, 152, 182, 212, 242, 272, 300,
+    ];
     for ((state, input), every, expected) in [
         (swept.clone(), 1, vec![1, 2, 4, 8, 16, 30]),
         (swept.clone(), 5, vec![5, 10, 20, 30]),
         (swept.clone(), 10, vec![10, 20, 30]),
         // A poll interval longer than the grace: one look, past it.
         (swept, 50, vec![50]),
-        (
-            by_id,
-            1,
-            vec![
-                1, 2, 4, 8, 16, 32, 62, 92, 122, 152, 182, 212, 242, 272, 300,
-            ],
-        ),
+        (by_id, 1, by_id_looks.clone()),
         // Every second until the clock reaches the launch time, then doubling.
         (ahead, 1, vec![1, 2, 3, 4, 5, 7, 11, 19, 33]),
+        (abandoning, 1, by_id_looks),
     ] {
-        let mut ctx = ctx(shapes()[0]);
+        let mut ctx = spot.clone();
         ctx.request.timeouts.poll_interval = Duration::from_secs(every);
         let (mut now, mut looks) = (T0, Vec::new());
         loop {
             let s = step(&ctx, &state, input.clone(), now).unwrap();
             let Some(wake) = s.wake_at else {
-                assert_eq!(s.state.phase.kind(), PhaseKind::TornDown);
+                // Cleanup ends the session; a spot instance given up, in
+                // the on-demand launch after it.
+                let end = match state.phase {
+                    ProvisionPhase::AbandoningSpot(_) => PhaseKind::Launching,
+                    _ => PhaseKind::TornDown,
+                };
+                assert_eq!(s.state.phase.kind(), end);
                 break;
             };
             assert!(wake > now, "{wake:?} after {now:?}");
