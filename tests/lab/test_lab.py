@@ -1325,17 +1325,31 @@ class LabLifetimeTest(unittest.TestCase):
                 config = json.load(response)
             self.assertEqual((config["boot_delay_s"], config["console_lag_s"]), (1.5, 2.0))
             sshd_pid = int((state_dir / "sshd.pid").read_text())
+            keys_dirs = list(Path("/dev/shm").glob(f"acode-lab-keys-{proc.pid}-*"))
+            self.assertEqual(len(keys_dirs), 1, "the lab keeps authorized_keys on tmpfs")
             end(proc)
             proc.wait(timeout=10)
             proc.stdin.close()
             proc.stdout.close()
             self.assertTrue(wait_for(lambda: not pid_alive(sshd_pid)), "sshd outlived the lab")
+            return keys_dirs[0]
 
     def test_sigterm(self) -> None:
-        self.check_end(lambda proc: proc.send_signal(signal.SIGTERM))
+        keys_dir = self.check_end(lambda proc: proc.send_signal(signal.SIGTERM))
+        self.assertFalse(keys_dir.exists(), "the lab left its keys folder")
 
     def test_sigkill_reaches_sshd_through_pdeathsig(self) -> None:
-        self.check_end(lambda proc: proc.kill())
+        keys_dir = self.check_end(lambda proc: proc.kill())
+        # A killed lab cannot clean up: the next lab to start removes its folder.
+        self.assertTrue(keys_dir.exists())
+        with tempfile.TemporaryDirectory(prefix="acode-lab-life-") as tmp:
+            proc, _ = start_lab(Path(tmp) / "state")
+            try:
+                self.assertFalse(keys_dir.exists(), "a killed lab's keys folder outlived the next start")
+            finally:
+                proc.stdin.close()
+                proc.wait(timeout=10)
+                proc.stdout.close()
 
 
 if __name__ == "__main__":
