@@ -26,6 +26,7 @@ import collections
 import contextlib
 import copy
 import ctypes
+import fcntl
 import functools
 import dataclasses
 import datetime
@@ -998,7 +999,7 @@ class Lab:
         self.spot_prices_at = utc_now().replace(microsecond=0)
         self.ssh_mode = "auto"  # POST /_lab/ssh; "auto" leaves the gate to the launch-timed windows
         # The SSH gate's hooks: apply a mode change at once (settle: and wait until it holds;
-        # never under `lock`), and cut the sessions it carries.
+        # never under `gate_lock`), and cut the sessions it carries.
         self.on_gate_change: Callable[[], None] = lambda: None
         self.settle_gate: Callable[[], None] = lambda: None
         self.drop_ssh_sessions: Callable[[], int] = lambda: 0
@@ -1523,16 +1524,19 @@ class Lab:
         """"closed" (refused), "reset" (accepted then reset) or "open": as set by POST /_lab/ssh, or
         in "auto" measured from the latest launch."""
         with self.gate_lock:
-            if self.ssh_mode != "auto":
-                return self.ssh_mode
-            if self.last_launch_at is None:
-                return "open"
-            age = time.monotonic() - self.last_launch_at
-            if age < self.config["ssh_start_delay_s"]:
-                return "closed"
-            if age < self.config["ssh_refuse_s"]:
-                return "reset"
+            return self._gate_mode_locked()
+
+    def _gate_mode_locked(self) -> str:
+        if self.ssh_mode != "auto":
+            return self.ssh_mode
+        if self.last_launch_at is None:
             return "open"
+        age = time.monotonic() - self.last_launch_at
+        if age < self.config["ssh_start_delay_s"]:
+            return "closed"
+        if age < self.config["ssh_refuse_s"]:
+            return "reset"
+        return "open"
 
     def set_ssh_mode(self, mode: str, drop_sessions: bool) -> dict[str, Any]:
         """POST /_lab/ssh: takes SSH down (or up) at run time, e.g. for an instance that is already Ready."""
@@ -1547,8 +1551,7 @@ class Lab:
 
     def ssh_view(self) -> dict[str, Any]:
         with self.gate_lock:
-            mode = self.ssh_mode
-        return {"mode": mode, "effective": self.ssh_gate_mode()}
+            return {"mode": self.ssh_mode, "effective": self._gate_mode_locked()}
 
     def instances_view(self) -> list[dict[str, Any]]:
         self.advance()
@@ -2460,7 +2463,7 @@ class SshGate(threading.Thread):
 
     def settle(self, timeout_s: float = 2.0) -> None:
         """Waits until this thread has applied the current mode, so POST /_lab/ssh answers only
-        once connections meet the new mode. Never call it holding the lab's lock: this thread needs it."""
+        once connections meet the new mode. Never call it holding the lab's gate_lock: this thread needs it."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             closed = self.lab.ssh_gate_mode() == "closed"
@@ -2610,27 +2613,45 @@ def keys_dir(state_dir: Path) -> Path:
     shm = Path("/dev/shm")
     if not (shm.is_dir() and os.access(shm, os.W_OK)):
         return state_dir
-    # A lab killed by SIGKILL leaves its folder: the next lab removes those of labs now gone.
+    # A lab killed by SIGKILL leaves its folder: the next lab removes those no live lab holds.
     for stale in shm.glob(KEYS_DIR_PREFIX + "*"):
-        pid = stale.name[len(KEYS_DIR_PREFIX) :].split("-")[0]
-        if pid.isdigit() and not process_exists(int(pid)):
+        if not keys_dir_held(stale):
             shutil.rmtree(stale, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{KEYS_DIR_PREFIX}{os.getpid()}-", dir=shm))  # mode 0700
+    try:
+        path = Path(tempfile.mkdtemp(prefix=KEYS_DIR_PREFIX, dir=shm))  # mode 0700
+        # Held (never closed) while this lab lives; the kernel lets go when the process ends.
+        holder = os.open(path / KEYS_DIR_HOLD, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:  # /dev/shm full, or no flock there
+        log.warning("keeping authorized_keys in the state dir: %s", error)
+        return state_dir
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
 KEYS_DIR_PREFIX = "acode-lab-keys-"
+KEYS_DIR_HOLD = "held-by-a-live-lab"
 
 
-def process_exists(pid: int) -> bool:
+def keys_dir_held(path: Path) -> bool:
+    """Whether a live lab holds the folder: another lab, maybe in another pid namespace, is
+    seen by its lock, not by its pid. A folder without its lock file yet is being made: held."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's
-    return True
+        probe = os.open(path / KEYS_DIR_HOLD, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            return time.time() - path.stat().st_mtime < 60
+        except OSError:
+            return False  # gone already
+    except OSError:
+        return True
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(probe)
+    return False
 
 
 def watch_stdin(shutdown: threading.Event) -> None:
@@ -2653,6 +2674,10 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: shutdown.set())
 
+    # moto's imports and models for the warm-up take about 1.4 s of Python; ssh-keygen and sshd's
+    # start (other processes) overlap them. Nothing else touches moto until the join.
+    warming = threading.Thread(target=warm_moto_backends, name="warm-moto", daemon=True)
+    warming.start()
     host_keys = generate_key_pair(state_dir / "ssh_host")
     # The keys a man in the middle would show: fresh for every lab run.
     for stale in state_dir.glob("mitm_*"):
@@ -2666,10 +2691,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = json.loads(json.dumps(DEFAULT_CONFIG))
     config.update({key: getattr(args, key) for key in CLI_CONFIG_KEYS})
+    warming.join()
     backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
     lab = Lab(backend, config, host_keys, mitm_keys, authorized_keys_path)
     install_moto_patches(lab)
-    warm_moto_backends()
 
     gate = SshGate(lab, sshd.port)
     lab.on_gate_change = gate.on_mode_change
