@@ -330,7 +330,8 @@ where
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
             let message = printable(err.message().unwrap_or_default());
-            match err.code().map(AwsErrorCode::parse) {
+            // The code is server text too: a foreign endpoint's is shown as it came.
+            match err.code().map(|code| AwsErrorCode::parse(&printable(code))) {
                 Some(code) => Ec2Failure {
                     answer_lost_before: false,
                     action,

@@ -152,6 +152,19 @@ async fn server_text_cannot_forge_lines_or_drive_the_terminal() {
         !said.contains('\u{202e}') && said.contains("\\u{202e}deredro"),
         "a bidirectional override reaches the terminal: {said:?}"
     );
+
+    // The error code is server text too.
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
+                <Code>Forged\u{9b}2J\u{202e}</Code><Message>m</Message></Error></Errors>\
+                <RequestID>r-2</RequestID></Response>"
+        .to_string();
+    let (url, _) = serve("400 Bad Request", "text/xml", body);
+    let said = describe_failure(&url, "refused").await.to_string();
+    assert!(
+        !said.contains('\u{9b}') && !said.contains('\u{202e}'),
+        "a foreign error code reaches the terminal as it came: {said:?}"
+    );
+    assert!(said.contains("Forged\\u{9b}2J\\u{202e}"), "{said}");
 }
 
 /// A refused launch is proof that it made nothing only when EC2 itself
