@@ -1075,15 +1075,19 @@ fn cleanup_looks_again_at_doubling_spans_until_the_grace_ends() {
         terminating(None, T0.plus(Duration::from_secs(3))),
         Input::NoInstanceFound,
     );
-    // A spot instance being given up for on-demand, launched at T0.
+    // A spot instance being given up for on-demand, launched at T0, its
+    // request cancelled (the terminate comes after the cancel).
     let spot = ctx(Shape {
         spot: Some(true),
         subnets: 1,
         owned_key: true,
         policy: 0,
     });
+    let cancelled = phases(&spot)
+        .into_iter()
+        .find(|p| matches!(p, ProvisionPhase::AbandoningSpot(a) if a.request_cancelled));
     let abandoning = (
-        SessionState::fresh(phase_of(&spot, PhaseKind::AbandoningSpot)),
+        SessionState::fresh(cancelled.expect("a sample AbandoningSpot, request cancelled")),
         Input::InstanceNotFound,
     );
     let by_id_looks = vec![
