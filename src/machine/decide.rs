@@ -515,18 +515,13 @@ fn abandoning_spot(
         }
         Input::InstanceTerminated => replace(),
         // EC2 does not know the id: a new instance may not be visible yet.
-        Input::InstanceNotFound => match p
-            .instance
-            .launched_at
-            .filter(|at| now < at.plus(LAUNCH_VISIBILITY_GRACE))
-        {
-            Some(launched_at) => Decision::poll(
-                &ProvisionPhase::AbandoningSpot(p.clone()),
-                next_look(ctx, launched_at, LAUNCH_VISIBILITY_GRACE, now),
-            )
-            .because(Guard::JustLaunched),
-            None => replace().because(Guard::GraceOver),
-        },
+        Input::InstanceNotFound => {
+            match next_look(ctx, p.instance.launched_at, LAUNCH_VISIBILITY_GRACE, now) {
+                Some(at) => Decision::poll(&ProvisionPhase::AbandoningSpot(p.clone()), at)
+                    .because(Guard::JustLaunched),
+                None => replace().because(Guard::GraceOver),
+            }
+        }
         _ => return None,
     })
 }
@@ -748,28 +743,30 @@ fn terminating_instance(
         Input::NoInstanceFound => SWEEP_SETTLE,
         _ => return None,
     };
-    let Some(launched_at) = p.launched_at.filter(|at| now < at.plus(grace)) else {
+    let Some(next) = next_look(ctx, p.launched_at, grace, now) else {
         return Some(next_cleanup_step(p, Guard::GraceOver.into()));
     };
     let phase = ProvisionPhase::TerminatingInstance(p.clone());
-    let next = next_look(ctx, launched_at, grace, now);
     Some(Decision::poll(&phase, next).because(Guard::JustLaunched))
 }
 
 /// When cleanup (or giving up a spot instance) looks again for an
 /// instance EC2 may not show yet: 1, 2, 4, 8 and 16 s after its launch,
-/// then every [`SWEEP_SETTLE`] at most, and last when `grace` ends; each on the poll grid (so the looks of a
-/// process's sessions batch) and never sooner than its next point. EC2
+/// then every [`SWEEP_SETTLE`] at most, and last when `grace` ends; each
+/// on the poll grid (so the looks of a process's sessions batch) and never
+/// sooner than its next point. `None` once `grace` has passed since the
+/// launch, or with no launch time: then EC2's answer is believed. EC2
 /// shows most new instances within seconds; looking every poll interval
-/// for the whole grace spent a Describe call per interval (from the
-/// account's shared bucket) and two checkpoints each. A launch time ahead
-/// of `now` (another host's clock) counts from `now`.
+/// for the whole grace spent a call per interval (from the account's
+/// shared bucket) and two checkpoints each. A launch time ahead of `now`
+/// (another host's clock) counts from `now`.
 fn next_look(
     ctx: &SessionContext,
-    launched_at: Timestamp,
+    launched_at: Option<Timestamp>,
     grace: Duration,
     now: Timestamp,
-) -> Timestamp {
+) -> Option<Timestamp> {
+    let launched_at = launched_at.filter(|at| now < at.plus(grace))?;
     let from = launched_at.min(now);
     let mut after = Duration::from_secs(1);
     while after < grace && from.plus(after) <= now {
@@ -777,7 +774,7 @@ fn next_look(
     }
     let at = from.plus(after).min(launched_at.plus(grace));
     // The grid point at or after `at`: `poll_at` gives the one after its argument.
-    poll_at(ctx, Timestamp(at.0.saturating_sub(1))).max(poll_at(ctx, now))
+    Some(poll_at(ctx, Timestamp(at.0.saturating_sub(1))).max(poll_at(ctx, now)))
 }
 
 /// How long before EC2 acts on a notice the shutdown command must have
