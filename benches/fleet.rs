@@ -100,9 +100,16 @@ fn engine<E: Effects>(effects: E, store: Arc<SqliteStore>, dir: &std::path::Path
 /// The sessions' poll interval: 1 s, or `--poll-interval=5s` (the
 /// specification's default), which batches more sessions per Describe call.
 fn poll_interval() -> String {
-    std::env::args()
-        .find_map(|a| a.strip_prefix("--poll-interval=").map(str::to_string))
-        .unwrap_or_else(|| "1s".into())
+    flag("--poll-interval").unwrap_or_else(|| "1s".into())
+}
+
+/// The value of `--name=value` on the command line.
+fn flag(name: &str) -> Option<String> {
+    std::env::args().find_map(|a| {
+        a.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('='))
+            .map(str::to_string)
+    })
 }
 
 fn request(lab: &Lab, extra: &str) -> acode_ec2::request::ProvisionRequest {
@@ -378,11 +385,8 @@ async fn recover_fleet(before: bool) {
     let concurrency = if before {
         1
     } else {
-        std::env::args()
-            .find_map(|a| {
-                a.strip_prefix("--concurrency=")
-                    .and_then(|n| n.parse().ok())
-            })
+        flag("--concurrency")
+            .and_then(|n| n.parse().ok())
             .unwrap_or(acode_ec2::driver::RECOVER_CONCURRENCY)
     };
     // This process's own CPU: the lab is its child.
