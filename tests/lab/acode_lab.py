@@ -68,7 +68,7 @@ from moto import backends as moto_backends  # noqa: E402
 from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.iam.models import iam_backends  # noqa: E402
 from moto.core import responses as moto_core_responses  # noqa: E402
-from moto.core.serialize import return_if_not_empty  # noqa: E402
+from moto.core.serialize import XFormedAttributePicker, return_if_not_empty  # noqa: E402
 from moto.ec2 import utils as moto_ec2_utils  # noqa: E402
 from moto.ec2.exceptions import InvalidInstanceIdError  # noqa: E402
 from moto.ec2.models import EC2Backend, ec2_backends  # noqa: E402
@@ -1797,8 +1797,14 @@ def install_moto_patches(lab: Lab) -> None:
     EC2Backend.get_multi_instances_by_id = _multi_instances_by_id
     # A filtered DescribeInstances copied every reservation before filtering the copies.
     EC2Backend.all_reservations = _all_reservations
-    # Each new Instance finds its AMI by matching a pattern against every image.
+    # Each new Instance finds its AMI by matching a pattern against every image, and
+    # run_instances checks its AMI, key pair and each new volume by a walk over all of them.
     EC2Backend.describe_images = _describe_images
+    EC2Backend.describe_key_pairs = _describe_key_pairs
+    EC2Backend.describe_volumes = _describe_volumes
+    # Serializing an answer asks, for every member of every object written, which attribute may
+    # hold it: six alias objects made and asked each time, a tenth of the lab's time under a fleet.
+    XFormedAttributePicker.get_possible_keys = _remembered_possible_keys(XFormedAttributePicker.get_possible_keys)
     # A tag filter compiles a pattern per value for every instance it looks at: a sweep naming
     # 200 sessions over 2,000 instances compiled 400,000. Plain values need only a set.
     moto_ec2_utils.tag_filter_matches = _tag_filter_matches
@@ -1873,14 +1879,61 @@ def _describe_images(
     exec_users: list[str] | None = None,
     owners: list[str] | None = None,
 ) -> list[Any]:
-    """moto's describe_images; the look-up of one image by a plain `image-id` filter, which every
-    Instance makes of its AMI, by key instead of by a pattern match against every image."""
+    """moto's describe_images; the look-ups of one image by a plain `image-id` filter, which every
+    Instance makes of its AMI, and of one known id, which run_instances makes, by key instead of
+    by a walk over every image."""
+    if ami_ids and len(ami_ids) == 1 and not (filters or exec_users or owners):
+        ami = backend.amis.get(ami_ids[0])
+        if ami is not None:
+            return [ami]
     wanted = (filters or {}).get("image-id")
     one_plain_id = isinstance(wanted, str) and _plain_values([wanted]) is not None
     if one_plain_id and list(filters or {}) == ["image-id"] and not (ami_ids or exec_users or owners):
         ami = backend.amis.get(wanted)
         return [ami] if ami is not None else []
     return _moto_describe_images(backend, ami_ids, filters, exec_users, owners)
+
+
+_moto_describe_key_pairs = EC2Backend.describe_key_pairs
+_moto_describe_volumes = EC2Backend.describe_volumes
+
+
+def _describe_key_pairs(backend: EC2Backend, key_names: list[str], filters: Any = None) -> list[Any]:
+    """moto's describe_key_pairs; one known name, unfiltered, by key (moto keys them by name)."""
+    if len(key_names) == 1 and not filters and (found := backend.key_pairs.get(key_names[0])) is not None:
+        return [found]
+    return _moto_describe_key_pairs(backend, key_names, filters)
+
+
+def _describe_volumes(backend: EC2Backend, volume_ids: list[str] | None = None, filters: Any = None) -> list[Any]:
+    """moto's describe_volumes; one known id, unfiltered, by key."""
+    if volume_ids and len(volume_ids) == 1 and not filters and (found := backend.volumes.get(volume_ids[0])):
+        return [found]
+    return _moto_describe_volumes(backend, volume_ids, filters)
+
+
+def _remembered_possible_keys(possible_keys: Callable[[Any, Any], Any]) -> Callable[[Any, Any], tuple[str, ...]]:
+    """moto's AttributePicker.get_possible_keys, worked out once per question. Its alias providers
+    read only the object's class (its name, its Meta), the key and the member's shape with its
+    parent, so those, with the picker's providers, name the answer."""
+    remembered: dict[tuple[Any, ...], tuple[str, ...]] = {}
+
+    def get_possible_keys(picker: Any, context: Any) -> tuple[str, ...]:
+        obj, shape = context.obj, context.shape
+        question = (
+            tuple(picker.alias_providers),
+            type(obj),
+            getattr(obj, "Meta", None),
+            context.key,
+            shape,
+            getattr(shape, "parent", None),
+        )
+        keys = remembered.get(question)
+        if keys is None:
+            keys = remembered[question] = tuple(possible_keys(picker, context))
+        return keys
+
+    return get_possible_keys
 
 
 def _all_instances(backend: EC2Backend, filters: Any = None) -> list[Instance]:

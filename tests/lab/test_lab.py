@@ -25,6 +25,7 @@ import unittest
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 os.environ.update(
     AWS_ACCESS_KEY_ID="testing",
@@ -1371,6 +1372,83 @@ class LabLifetimeTest(unittest.TestCase):
         finally:
             os.close(holder)
             shutil.rmtree(held, ignore_errors=True)
+
+
+class MotoSpeedupTest(unittest.TestCase):
+    """The lab's short cuts through moto change no answer: each is run beside moto's own code."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        sys.path.insert(0, str(LAB.parent))
+        import acode_lab  # noqa: E402  (sets moto's validation settings before moto is imported)
+
+        cls.lab_module = acode_lab
+
+    def test_remembered_aliases_serialize_every_answer_as_moto_does(self) -> None:
+        from moto import mock_aws
+        from moto.core import responses
+        from moto.core.serialize import XFormedAttributePicker
+
+        original = XFormedAttributePicker.get_possible_keys
+        remembered = self.lab_module._remembered_possible_keys(original)
+        execute = responses.ActionResult.execute_result
+        compared: list[str] = []
+
+        def both(result: Any, context: Any) -> Any:
+            answers = []
+            for picker in (original, remembered, remembered):  # the second time from memory
+                XFormedAttributePicker.get_possible_keys = picker
+                answers.append(execute(result, context))
+            XFormedAttributePicker.get_possible_keys = original
+            self.assertEqual(answers[1], answers[0], context.operation_model.name)
+            self.assertEqual(answers[2], answers[0], context.operation_model.name)
+            compared.append(context.operation_model.name)
+            return answers[0]
+
+        responses.ActionResult.execute_result = both
+        try:
+            with mock_aws():
+                ec2 = boto3.client("ec2", region_name="us-east-1")
+                image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+                ec2.create_key_pair(KeyName="k1", KeyType="ed25519")
+                subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+                tags = [{"ResourceType": "instance", "Tags": [{"Key": "acode-session", "Value": "s1"}]}]
+                launch = dict(ImageId=image, MinCount=1, MaxCount=1, InstanceType="t3.micro", KeyName="k1")
+                ids = [ec2.run_instances(**launch, SubnetId=subnet, TagSpecifications=tags)["Instances"][0]["InstanceId"]]
+                ids += [ec2.run_instances(**launch, InstanceMarketOptions=SPOT_MARKET)["Instances"][0]["InstanceId"]]
+                ec2.describe_instances(InstanceIds=ids)
+                ec2.describe_instance_status(InstanceIds=ids, IncludeAllInstances=True)
+                ec2.describe_key_pairs(KeyNames=["k1"])
+                ec2.describe_security_groups()
+                ec2.describe_spot_instance_requests()
+                ec2.describe_volumes()
+                ec2.terminate_instances(InstanceIds=ids)
+                ec2.describe_instances(Filters=[{"Name": "tag:acode-session", "Values": ["s1"]}])
+        finally:
+            responses.ActionResult.execute_result = execute
+        self.assertGreaterEqual(len(compared), 13, compared)
+
+    def test_look_ups_by_key_answer_as_moto_does(self) -> None:
+        from moto.ec2.exceptions import InvalidAMIIdError, InvalidKeyPairNameError, InvalidVolumeIdError
+        from moto.ec2.models import EC2Backend, ec2_backends
+
+        lab = self.lab_module
+        backend = ec2_backends["123456789012"]["eu-west-3"]
+        backend.create_key_pair("k1", "ed25519", tags={})
+        volume = backend.create_volume(size=8, zone_name="eu-west-3a")
+        image = next(iter(backend.amis))
+        for mine, moto, known, error in (
+            (lab._describe_key_pairs, EC2Backend.describe_key_pairs, "k1", InvalidKeyPairNameError),
+            (lab._describe_volumes, EC2Backend.describe_volumes, volume.id, InvalidVolumeIdError),
+            (lab._describe_images, EC2Backend.describe_images, image, InvalidAMIIdError),
+        ):
+            self.assertEqual(mine(backend, [known]), moto(backend, [known]))
+            self.assertEqual(len(mine(backend, [known])), 1)
+            unknown = "ami-00000000" if mine is lab._describe_images else "vol-00000000"
+            with self.assertRaises(error):
+                mine(backend, [unknown])
+            with self.assertRaises(error):
+                moto(backend, [unknown])
 
 
 if __name__ == "__main__":
