@@ -1384,22 +1384,63 @@ class MotoSpeedupTest(unittest.TestCase):
 
         cls.lab_module = acode_lab
 
+    def test_joined_xml_writes_what_xmltodict_writes(self) -> None:
+        import xmltodict
+
+        lab = self.lab_module
+        options = {"full_document": True, "pretty": False, "short_empty_elements": True}
+        documents = [
+            {"R": {"@xmlns": "http://ec2/", "a": "x & <y> 'z' \"q\"", "b": None, "c": [], "d": [1, True, False, None]}},
+            {"R": {"@a": "it's \"quoted\"", "@b": None, "@c": 3, "#text": "t", "k": {"#text": ""}, "e": {}}},
+            {"R": {"s": [{"i": "1"}, {"i": {"@x": "\n\t\r"}}], "n": 0, "f": 1.5}},
+            {"R": {"#text": None, "x": {"#text": None, "@y": ""}}},
+        ]
+        for document in documents:
+            self.assertEqual(lab._joined_xml(document), xmltodict.unparse(document, **options))
+        # Left to xmltodict, which writes (or refuses) them as before.
+        for unusual in (
+            {"R": {"#comment": "c"}},
+            {"R": {"b": b"bytes"}},
+            {"R": {"t": ("a", "b")}},
+            {"R": {"@xmlns": {"p": "u"}}},
+            {"R": [{"a": "1"}, {"a": "2"}]},
+            {"R": {}, "S": {}},
+        ):
+            with self.assertRaises(lab._UnusualXml):
+                lab._joined_xml(unusual)
+            try:
+                expected = xmltodict.unparse(unusual, **options)
+            except ValueError as refused:
+                with self.assertRaises(type(refused)):
+                    lab._JoinedXml.unparse(unusual, **options)
+            else:
+                self.assertEqual(lab._JoinedXml.unparse(unusual, **options), expected)
+        for bad_name in ({"R": {"a b": "1"}}, {"R": {"@a=b": "1"}}):
+            with self.assertRaises(ValueError):
+                xmltodict.unparse(bad_name, **options)
+            with self.assertRaises(ValueError):
+                lab._joined_xml(bad_name)
+
     def test_remembered_aliases_serialize_every_answer_as_moto_does(self) -> None:
         from moto import mock_aws
         from moto.core import responses
+        from moto.core import serialize
         from moto.core.serialize import XFormedAttributePicker
 
-        original = XFormedAttributePicker.get_possible_keys
-        remembered = self.lab_module._remembered_possible_keys(original)
+        original = (XFormedAttributePicker.get_possible_keys, serialize.xmltodict)
+        lab_ways = (
+            self.lab_module._remembered_possible_keys(original[0]),
+            self.lab_module._JoinedXml(),
+        )
         execute = responses.ActionResult.execute_result
         compared: list[str] = []
 
         def both(result: Any, context: Any) -> Any:
             answers = []
-            for picker in (original, remembered, remembered):  # the second time from memory
-                XFormedAttributePicker.get_possible_keys = picker
+            for picker, xml in (original, lab_ways, lab_ways):  # the second time from memory
+                XFormedAttributePicker.get_possible_keys, serialize.xmltodict = picker, xml
                 answers.append(execute(result, context))
-            XFormedAttributePicker.get_possible_keys = original
+            XFormedAttributePicker.get_possible_keys, serialize.xmltodict = original
             self.assertEqual(answers[1], answers[0], context.operation_model.name)
             self.assertEqual(answers[2], answers[0], context.operation_model.name)
             compared.append(context.operation_model.name)
