@@ -1425,11 +1425,9 @@ class MotoSpeedupTest(unittest.TestCase):
         from moto import mock_aws
         from moto.core import responses
         from moto.core import serialize
-        from moto.core.serialize import XFormedAttributePicker
-
-        original = (XFormedAttributePicker.get_possible_keys, serialize.xmltodict)
+        original = (serialize.ResponseSerializer.get_value, serialize.xmltodict)
         lab_ways = (
-            self.lab_module._remembered_possible_keys(original[0]),
+            self.lab_module._remembered_get_value(original[0]),
             self.lab_module._JoinedXml(),
         )
         execute = responses.ActionResult.execute_result
@@ -1437,10 +1435,10 @@ class MotoSpeedupTest(unittest.TestCase):
 
         def both(result: Any, context: Any) -> Any:
             answers = []
-            for picker, xml in (original, lab_ways, lab_ways):  # the second time from memory
-                XFormedAttributePicker.get_possible_keys, serialize.xmltodict = picker, xml
+            for get_value, xml in (original, lab_ways, lab_ways):  # the second time from memory
+                serialize.ResponseSerializer.get_value, serialize.xmltodict = get_value, xml
                 answers.append(execute(result, context))
-            XFormedAttributePicker.get_possible_keys, serialize.xmltodict = original
+            serialize.ResponseSerializer.get_value, serialize.xmltodict = original
             self.assertEqual(answers[1], answers[0], context.operation_model.name)
             self.assertEqual(answers[2], answers[0], context.operation_model.name)
             compared.append(context.operation_model.name)
