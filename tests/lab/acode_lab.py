@@ -1888,10 +1888,9 @@ def _describe_images(
     """moto's describe_images; the look-ups of one image by a plain `image-id` filter, which every
     Instance makes of its AMI, and of one known id, which run_instances makes, by key instead of
     by a walk over every image."""
-    if ami_ids and len(ami_ids) == 1 and not (filters or exec_users or owners):
-        ami = backend.amis.get(ami_ids[0])
-        if ami is not None:
-            return [ami]
+    known = _one_known(backend.amis, ami_ids, filters or exec_users or owners)
+    if known is not None:
+        return known
     wanted = (filters or {}).get("image-id")
     one_plain_id = isinstance(wanted, str) and _plain_values([wanted]) is not None
     if one_plain_id and list(filters or {}) == ["image-id"] and not (ami_ids or exec_users or owners):
@@ -1904,18 +1903,26 @@ _moto_describe_key_pairs = EC2Backend.describe_key_pairs
 _moto_describe_volumes = EC2Backend.describe_volumes
 
 
+def _one_known(objects: dict[str, Any], keys: list[str] | None, narrowed: Any) -> list[Any] | None:
+    """What moto's walk over `objects` answers for a single known key with nothing else narrowing
+    the answer (`narrowed` falsy), by look-up; None when the walk must answer (unknown keys raise
+    moto's own errors there)."""
+    if not keys or len(keys) != 1 or narrowed:
+        return None
+    found = objects.get(keys[0])
+    return None if found is None else [found]
+
+
 def _describe_key_pairs(backend: EC2Backend, key_names: list[str], filters: Any = None) -> list[Any]:
-    """moto's describe_key_pairs; one known name, unfiltered, by key (moto keys them by name)."""
-    if len(key_names) == 1 and not filters and (found := backend.key_pairs.get(key_names[0])) is not None:
-        return [found]
-    return _moto_describe_key_pairs(backend, key_names, filters)
+    """moto's describe_key_pairs; one known name by key (moto keys them by name)."""
+    known = _one_known(backend.key_pairs, key_names, filters)
+    return known if known is not None else _moto_describe_key_pairs(backend, key_names, filters)
 
 
 def _describe_volumes(backend: EC2Backend, volume_ids: list[str] | None = None, filters: Any = None) -> list[Any]:
-    """moto's describe_volumes; one known id, unfiltered, by key."""
-    if volume_ids and len(volume_ids) == 1 and not filters and (found := backend.volumes.get(volume_ids[0])):
-        return [found]
-    return _moto_describe_volumes(backend, volume_ids, filters)
+    """moto's describe_volumes; one known id by key."""
+    known = _one_known(backend.volumes, volume_ids, filters)
+    return known if known is not None else _moto_describe_volumes(backend, volume_ids, filters)
 
 
 def _remembered_get_value(get_value: Callable[..., Any]) -> Callable[..., Any]:

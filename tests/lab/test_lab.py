@@ -1421,10 +1421,10 @@ class MotoSpeedupTest(unittest.TestCase):
             with self.assertRaises(ValueError):
                 lab._joined_xml(bad_name)
 
-    def test_remembered_aliases_serialize_every_answer_as_moto_does(self) -> None:
+    def test_every_answer_serializes_as_moto_writes_it(self) -> None:
         from moto import mock_aws
-        from moto.core import responses
-        from moto.core import serialize
+        from moto.core import responses, serialize
+
         original = (serialize.ResponseSerializer.get_value, serialize.xmltodict)
         lab_ways = (
             self.lab_module._remembered_get_value(original[0]),
