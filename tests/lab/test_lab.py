@@ -1374,6 +1374,16 @@ class LabLifetimeTest(unittest.TestCase):
             shutil.rmtree(held, ignore_errors=True)
 
 
+def differs(action: str, moto_answer: Any, lab_answer: Any) -> str:
+    """Where two answers part, without their key material: a CreateKeyPair answer holds a private key,
+    which test output must not show."""
+    texts = [re.sub(r"<keyMaterial>.*?</keyMaterial>", "<keyMaterial>…</keyMaterial>", str(a), flags=re.S)
+             for a in (moto_answer, lab_answer)]
+    at = next((i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(map(len, texts)))
+    near = slice(max(0, at - 60), at + 60)
+    return f"{action}: the lab's answer parts from moto's at {at}: {texts[0][near]!r} / {texts[1][near]!r}"
+
+
 class MotoSpeedupTest(unittest.TestCase):
     """The lab's short cuts through moto change no answer: each is run beside moto's own code."""
 
@@ -1439,8 +1449,8 @@ class MotoSpeedupTest(unittest.TestCase):
                 serialize.ResponseSerializer.get_value, serialize.xmltodict = get_value, xml
                 answers.append(execute(result, context))
             serialize.ResponseSerializer.get_value, serialize.xmltodict = original
-            self.assertEqual(answers[1], answers[0], context.operation_model.name)
-            self.assertEqual(answers[2], answers[0], context.operation_model.name)
+            for answer in answers[1:]:
+                self.assertTrue(answer == answers[0], differs(context.operation_model.name, answers[0], answer))
             compared.append(context.operation_model.name)
             return answers[0]
 
